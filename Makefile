@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - create .venv, install pinned deps, run the default pipeline end to end
+#   make test   - create .venv, install pinned deps, run the test suite (.ci/run calls this)
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kdpipe-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all bench pipelines clean
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first: the CPU wheel found locally; the constraints file keeps every other package on it.
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/kdpipe run pipelines/digits_kd.yaml
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf .kdpipe mlruns.db mlartifacts

@@ -1,0 +1,3 @@
+"""kdpipe: teach -> cache -> distil -> track, on Ray and MLflow."""
+
+__version__ = "0.1.0"

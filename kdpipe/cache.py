@@ -1,0 +1,159 @@
+"""The teacher-output cache: versioned Parquet parts + a manifest written last.
+
+Layout: ``<cache_root>/<teacher_id>/<fingerprint>/``
+  ``parts/<part>/*.parquet``  one part per teach run that added rows (incremental cache)
+  ``MANIFEST.json``           teacher id, weights digest, output spec, schema, parts + checksums
+  ``.staging/``               where a running teach stage writes; never read
+
+A cache (or a part) exists only once the manifest names it; the manifest is replaced
+atomically (write + fsync + rename), so an interrupted run leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "MANIFEST.json"
+FORMAT_VERSION = 1
+
+
+class CacheCorruptError(RuntimeError):
+    """A cache file does not match its manifest checksum, or is missing."""
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    """Stable hash of everything that determines a teacher's outputs for a given row id."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class TeacherCache:
+    dir: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / MANIFEST
+
+    def manifest(self) -> dict[str, Any] | None:
+        if not self.manifest_path.exists():
+            return None
+        return json.loads(self.manifest_path.read_text())
+
+    def is_complete(self) -> bool:
+        return self.manifest() is not None
+
+    def files(self, verify: bool = True) -> list[Path]:
+        """Parquet files named by the manifest (checked against their sha256 when verify)."""
+        m = self.manifest()
+        if m is None:
+            raise CacheCorruptError(f"cache {self.dir} has no {MANIFEST}: it is incomplete; rerun `kdpipe teach`")
+        out = []
+        for part in m["parts"]:
+            for f in part["files"]:
+                p = self.dir / f["path"]
+                if not p.exists():
+                    raise CacheCorruptError(f"cache file {p} named in {self.manifest_path} is missing; delete {self.dir} and rerun `kdpipe teach`")
+                if verify and sha256_file(p) != f["sha256"]:
+                    raise CacheCorruptError(
+                        f"cache file {p} does not match its checksum in {self.manifest_path} (corrupt or truncated); "
+                        f"delete {self.dir / 'parts' / part['name']} and its entry, or the whole cache dir, and rerun `kdpipe teach`"
+                    )
+                out.append(p)
+        return out
+
+    def read(self, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
+        files = self.files(verify=verify)
+        m = self.manifest() or {}
+        schema = pa.schema([pa.field(n, _type_from_str(t)) for n, t in m.get("schema", {}).items()]) if m.get("schema") else None
+        tables = []
+        for f in files:
+            try:
+                tables.append(pq.read_table(f, columns=columns))
+            except (pa.ArrowInvalid, OSError) as e:
+                raise CacheCorruptError(f"cache file {f} cannot be read ({e}); delete {self.dir} and rerun `kdpipe teach`") from None
+        if not tables:
+            return schema.empty_table() if schema is not None else pa.table({"id": pa.array([], pa.string())})
+        return pa.concat_tables(tables)
+
+    def ids(self) -> set[str]:
+        if not self.is_complete():
+            return set()
+        return set(self.read(columns=["id"], verify=False)["id"].to_pylist())
+
+    def new_staging(self) -> Path:
+        """A fresh staging dir; leftovers of crashed runs are removed first (one teach stage per cache at a time)."""
+        staging_root = self.dir / ".staging"
+        if staging_root.exists():
+            for old in staging_root.iterdir():
+                shutil.rmtree(old, ignore_errors=True)
+        path = staging_root / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        return path
+
+    def commit(self, staging: Path, header: dict[str, Any], source_fingerprint: str) -> dict[str, Any]:
+        """Move a staged part into parts/ and publish it in the manifest (atomically, manifest last)."""
+        files = sorted(staging.glob("*.parquet"))
+        m = self.manifest() or {**header, "format": FORMAT_VERSION, "parts": [], "created": _now()}
+        name = f"{len(m['parts']) + 1:04d}-{uuid.uuid4().hex[:8]}"
+        part_dir = self.dir / "parts" / name
+        part_dir.parent.mkdir(parents=True, exist_ok=True)
+        entries = []
+        rows = 0
+        schema = None
+        for f in files:
+            meta = pq.read_metadata(f)
+            rows += meta.num_rows
+            schema = schema or pq.read_schema(f)
+            entries.append({"path": f"parts/{name}/{f.name}", "sha256": sha256_file(f), "rows": meta.num_rows})
+        os.replace(staging, part_dir)
+        m["parts"].append({"name": name, "files": entries, "rows": rows, "source_fingerprint": source_fingerprint, "created": _now()})
+        m["rows"] = sum(p["rows"] for p in m["parts"])
+        if schema is not None and not m.get("schema"):
+            m["schema"] = {fld.name: str(fld.type) for fld in schema}
+        m["updated"] = _now()
+        _atomic_write_json(self.manifest_path, m)
+        return m
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _type_from_str(s: str) -> pa.DataType:
+    """Parse the few Arrow type strings the manifest records (for empty reads)."""
+    simple = {"string": pa.string(), "float": pa.float32(), "int32": pa.int32(), "int64": pa.int64(), "halffloat": pa.float16()}
+    if s in simple:
+        return simple[s]
+    if s.startswith("fixed_size_list<"):
+        inner, size = s[len("fixed_size_list<") :].rsplit(">[", 1)
+        item = inner.split(":", 1)[1].strip()
+        return pa.list_(_type_from_str(item), int(size.rstrip("]")))
+    return pa.string()

@@ -1,0 +1,147 @@
+"""`kdpipe run | teach | distil | eval | promote | models | submit | retrain | schedule`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from kdpipe.config import SpecError, load_spec, parse_override
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="pipeline spec YAML, e.g. pipelines/digits_kd.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded local Ray)")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    overrides = dict(parse_override(o) for o in args.overrides)
+    return load_spec(args.spec, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kdpipe.pipeline import run
+
+    cfg = _load(args)
+    res = run(cfg, address=args.address)
+    _print_result(res)
+    return 0
+
+
+def _print_result(res: Any) -> None:
+    for tid, t in res.teach.items():
+        state = "reused" if t.reused else f"taught {t.rows_taught} rows"
+        print(f"cache[{tid}]: {t.cache.dir} ({state}, fingerprint {t.fingerprint})")
+    print(f"MLflow run: {res.run_id}  (tracking URI {res.tracking_uri}; browse with `mlflow ui --backend-store-uri {res.tracking_uri}`)")
+    print(f"registered model: models:/{res.model_name}/{res.model_version}  "
+          f"{'promoted to alias' if res.promoted else 'NOT promoted'}: {res.gate_reasons}")
+    print()
+    print(res.table)
+
+
+def cmd_teach(args: argparse.Namespace) -> int:
+    from kdpipe.pipeline import prepare, teach
+
+    cfg = _load(args)
+    source, _ = prepare(cfg, args.address)
+    for tid, r in teach(cfg, source).items():
+        m = r.manifest()
+        print(f"cache[{tid}]: {r.cache.dir} rows={m.get('rows')} parts={len(m.get('parts', []))} "
+              f"{'reused' if r.reused else f'taught {r.rows_taught} new rows'}")
+    return 0
+
+
+def cmd_distil(args: argparse.Namespace) -> int:
+    from kdpipe.pipeline import distil_and_ship, locate_caches, prepare
+
+    cfg = _load(args)
+    source, uri = prepare(cfg, args.address)
+    res = distil_and_ship(cfg, source, locate_caches(cfg, source), uri)
+    _print_result(res)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kdpipe.ops import evaluate_registered
+
+    cfg = _load(args)
+    for k, v in evaluate_registered(cfg, args.alias, args.address).items():
+        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from kdpipe.model_registry import promote
+    from kdpipe.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    promote(MlflowClient(uri), args.name, args.version, args.alias)
+    print(f"{args.name}: alias '{args.alias}' -> version {args.version}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from kdpipe.ops import list_models
+
+    print(list_models(args.name, args.tracking_uri))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kdpipe", description="Knowledge distillation on Ray: teach -> cache -> distil -> track.")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run", help="teach (reusing caches), distil, evaluate, register, gate and promote")
+    _spec_args(p)
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("teach", help="run the teachers over the source and fill the Parquet cache")
+    _spec_args(p)
+    p.set_defaults(fn=cmd_teach)
+    p = sub.add_parser("distil", help="train the student from an existing cache, evaluate, register")
+    _spec_args(p)
+    p.set_defaults(fn=cmd_distil)
+    p = sub.add_parser("eval", help="evaluate the registered model at an alias on the held-out test split")
+    _spec_args(p)
+    p.add_argument("--alias", default=None, help="alias to evaluate (default: the spec's tracking.alias)")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("promote", help="point an alias at a registered model version")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(fn=cmd_promote)
+    p = sub.add_parser("models", help="list registered versions with their metrics and aliases")
+    p.add_argument("name")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(fn=cmd_models)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("ray", "mlflow", "alembic", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.fn(args) or 0)
+    except SpecError as e:
+        print(f"kdpipe: spec error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        from kdpipe.cache import CacheCorruptError
+        from kdpipe.sources import BadInputError
+        from kdpipe.tracking import TrackingUnavailableError
+
+        if isinstance(e, (BadInputError, CacheCorruptError, TrackingUnavailableError, FileNotFoundError)):
+            print(f"kdpipe: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The pipeline spec: typed, validated at load time, errors point at the YAML key.
+
+A spec is a YAML file; `load_spec` turns it into a `PipelineConfig` or raises
+`SpecError` naming the key (``losses[0].temperature``), what is wrong and what is allowed,
+before any Ray or MLflow work starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(ValueError):
+    """A spec problem, with the YAML key and the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class SplitConfig(Strict):
+    """Hash-based split: a row's split depends only on its id, so new rows never reshuffle old ones."""
+
+    val: float = Field(0.15, ge=0.0, lt=1.0)
+    test: float = Field(0.25, ge=0.0, lt=1.0)
+    labeled_fraction: float = Field(0.1, gt=0.0, le=1.0, description="share of train rows whose label the student may see")
+    salt: str = "kdpipe"
+
+    @model_validator(mode="after")
+    def _sum(self) -> "SplitConfig":
+        if self.val + self.test >= 1.0:
+            raise ValueError("val + test must be < 1 (the rest is the train split)")
+        return self
+
+
+class SourceConfig(Strict):
+    kind: Literal["sklearn_digits", "parquet", "jsonl", "csv", "text"]
+    path: str | None = Field(None, description="file, directory or glob (not for sklearn_digits)")
+    features: str | None = Field(None, description="column holding a numeric vector")
+    text: str | None = Field(None, description="column holding text")
+    label: str | None = Field(None, description="column holding an integer class label (optional)")
+    num_classes: int | None = Field(None, ge=2)
+    split: SplitConfig = SplitConfig()
+    on_bad_rows: Literal["fail", "skip"] = "fail"
+    max_text_chars: int = Field(4000, ge=1)
+    limit: int | None = Field(None, ge=1, description="read at most this many rows (smoke runs)")
+
+    @model_validator(mode="after")
+    def _paths(self) -> "SourceConfig":
+        if self.kind == "sklearn_digits":
+            if self.path is not None:
+                raise ValueError("sklearn_digits takes no path (the data ships with scikit-learn)")
+            return self
+        if not self.path:
+            raise ValueError(f"source kind '{self.kind}' needs `path:` (a file, directory or glob)")
+        if self.kind != "text" and not (self.features or self.text):
+            raise ValueError("set `features:` (numeric vector column) or `text:` (text column)")
+        return self
+
+
+class TeacherConfig(Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    kind: str
+    path: str | None = Field(None, description="weights directory (created by `fit` for trainable teachers)")
+    params: dict[str, Any] = Field(default_factory=dict)
+    outputs: list[Literal["logits", "topk", "features", "embedding", "aspects", "attn_rel"]] = ["logits"]
+    topk: int | None = Field(None, ge=1)
+    trust_remote_code: bool = False
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        from teachers import TEACHERS
+
+        if v not in TEACHERS:
+            raise ValueError(f"unknown teacher kind '{v}'; available: {', '.join(TEACHERS.names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _params(self) -> "TeacherConfig":
+        from teachers import TEACHERS
+
+        cls_ = TEACHERS.get(self.kind)
+        self.params = _validate_params(cls_.Params, self.params, "params")
+        if "topk" in self.outputs and self.topk is None:
+            raise ValueError("outputs include 'topk': set `topk: K` (number of logits kept per row)")
+        cls_.check_config(self)
+        return self
+
+
+class FusionConfig(Strict):
+    """Teacher-side logit fusion written as an extra `fused` teacher in the cache join."""
+
+    mode: Literal["static", "uniform", "dynamic"] = "dynamic"
+    teachers: list[str]
+    weights: list[float] | None = None
+    steps: int = Field(50, ge=1)
+    temperature: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _w(self) -> "FusionConfig":
+        if self.mode == "static":
+            if self.weights is None or len(self.weights) != len(self.teachers):
+                raise ValueError("fusion mode 'static' needs `weights:` with one weight per teacher")
+        return self
+
+
+class TeachConfig(Strict):
+    concurrency: int = Field(1, ge=1, description="teacher actors per teacher (actor pool size)")
+    batch_size: int = Field(256, ge=1)
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per teacher actor")
+    cache_root: str = ".kdpipe/cache"
+    verify: bool = Field(True, description="check part checksums from the manifest before use")
+    fusion: FusionConfig | None = None
+
+
+class StudentConfig(Strict):
+    kind: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        from students import STUDENTS
+
+        if v not in STUDENTS:
+            raise ValueError(f"unknown student kind '{v}'; available: {', '.join(STUDENTS.names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _params(self) -> "StudentConfig":
+        from students import STUDENTS
+
+        self.params = _validate_params(STUDENTS.get(self.kind).Params, self.params, "params")
+        return self
+
+
+class LossConfig(BaseModel):
+    """`{name, weight, **params}`; params are validated by the loss's own `Params` model."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    weight: float = 1.0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        from kdpipe.losses import LOSSES
+
+        if v not in LOSSES:
+            raise ValueError(f"unknown loss '{v}'; available: {', '.join(LOSSES.names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _params(self) -> "LossConfig":
+        from kdpipe.losses import LOSSES
+
+        _validate_params(LOSSES.get(self.name).Params, self.params(), "")
+        return self
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="default: half the cluster's CPUs split across workers, so Ray Data keeps CPUs to feed them"
+    )
+    use_gpu: bool = False
+    max_failures: int = Field(1, ge=0)
+    storage_path: str = ".kdpipe/ray_results"
+    checkpoint_every: int = Field(5, ge=1, description="epochs between Ray Train checkpoints (the last epoch always checkpoints)")
+    unlabeled_split: Literal["train"] = "train"
+
+
+class EvaluateConfig(Strict):
+    baseline: bool = Field(True, description="also train the same student on the labeled rows alone")
+    baseline_epochs: int | None = Field(None, ge=1)
+
+
+class GateConfig(Strict):
+    metric: str = "test_acc"
+    min_value: float | None = None
+    min_gain_over_baseline: float | None = 0.0
+    min_gain_over_champion: float = 0.0
+
+
+class TrackingConfig(Strict):
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlruns.db")
+    experiment: str = "kdpipe"
+    model_name: str = Field(pattern=r"^[A-Za-z0-9_\-\.]+$")
+    alias: str = "champion"
+    gates: GateConfig = GateConfig()
+
+
+class PipelineConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    seed: int = 0
+    source: SourceConfig
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    teach: TeachConfig = TeachConfig()
+    student: StudentConfig
+    losses: list[LossConfig] = Field(min_length=1)
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig
+
+    @model_validator(mode="after")
+    def _refs(self) -> "PipelineConfig":
+        ids = [t.id for t in self.teachers]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"teacher ids must be unique, got {ids}")
+        known = set(ids) | ({"fused"} if self.teach.fusion else set())
+        if self.teach.fusion:
+            for t in self.teach.fusion.teachers:
+                if t not in ids:
+                    raise ValueError(f"teach.fusion.teachers names unknown teacher '{t}'; defined: {ids}")
+        for i, loss in enumerate(self.losses):
+            ref = loss.params().get("teacher")
+            if ref is not None and ref not in known:
+                raise ValueError(f"losses[{i}].teacher '{ref}' is not a teacher id; defined: {sorted(known)}")
+            for ref in loss.params().get("teachers", []) or []:
+                if ref not in known:
+                    raise ValueError(f"losses[{i}].teachers names unknown teacher '{ref}'; defined: {sorted(known)}")
+        return self
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+    def teacher(self, tid: str) -> TeacherConfig:
+        return next(t for t in self.teachers if t.id == tid)
+
+
+def _validate_params(model: type[BaseModel], params: dict[str, Any], where: str) -> dict[str, Any]:
+    try:
+        return model(**params).model_dump()
+    except ValidationError as e:
+        raise ValueError(_format_errors(e, prefix=where)) from None
+
+
+def _format_errors(e: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in e.errors():
+        loc = _loc(err["loc"], prefix)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see README 'Pipeline spec')"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        got = err.get("input")
+        tail = f" (got {got!r})" if err["type"] not in ("missing",) and not isinstance(got, dict) and got is not None else ""
+        lines.append(f"{loc}: {msg}{tail}" if loc else f"{msg}{tail}")
+    return "; ".join(lines)
+
+
+def _loc(loc: tuple[Any, ...], prefix: str = "") -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith("function-") or part in ("model", "after"):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (`train.epochs=3`, `losses.0.weight=2`) on the raw YAML mapping."""
+    data = copy.deepcopy(data)
+    for key, value in overrides.items():
+        node: Any = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with a YAML-typed value (`train.epochs=3` gives the int 3)."""
+    if "=" not in text:
+        raise SpecError(f"override '{text}' must look like key=value, e.g. train.epochs=3")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def load_spec(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read and validate a pipeline spec; raises SpecError before any compute starts."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file '{path}' not found; pass a YAML file such as pipelines/digits_kd.yaml")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: the spec must be a YAML mapping with keys name, source, teachers, student, losses, tracking")
+    return parse_spec(raw, overrides, origin=str(path))
+
+
+def parse_spec(raw: dict[str, Any], overrides: dict[str, Any] | None = None, origin: str = "<spec>") -> PipelineConfig:
+    if overrides:
+        try:
+            raw = _apply_overrides(raw, overrides)
+        except (KeyError, IndexError, ValueError, TypeError) as e:
+            raise SpecError(f"{origin}: cannot apply overrides {overrides}: {e}") from None
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(f"{origin}: {_format_errors(e)}") from None

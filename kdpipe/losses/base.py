@@ -1,0 +1,70 @@
+"""Loss interface and the weighted composition the train loop calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+
+@dataclass
+class LossContext:
+    """What a loss may need to size itself: label space, teachers, output widths."""
+
+    num_classes: int
+    teachers: list[str]
+    widths: dict[str, int] = field(default_factory=dict)  # e.g. {"<tid>.embedding": 384, "student.hidden": 64}
+
+    def teacher(self, tid: str | None) -> str:
+        if tid is not None:
+            return tid
+        if len(self.teachers) != 1:
+            raise ValueError(f"several teachers {self.teachers}: set `teacher:` on the loss")
+        return self.teachers[0]
+
+
+class Loss(nn.Module):
+    Params: ClassVar[type[BaseModel]]
+
+    def __init__(self, params: BaseModel, ctx: LossContext) -> None:
+        super().__init__()
+        self.p = params
+        self.ctx = ctx
+
+    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class LossSuite(nn.Module):
+    """Σ weight_i · loss_i, with every part reported under the loss's name."""
+
+    def __init__(self, specs: list[dict[str, Any]], ctx: LossContext) -> None:
+        from kdpipe.losses import LOSSES
+
+        super().__init__()
+        self.items = nn.ModuleList()
+        self.weights: list[float] = []
+        self.names: list[str] = []
+        for spec in specs:
+            spec = dict(spec)
+            name, weight = spec.pop("name"), float(spec.pop("weight", 1.0))
+            cls = LOSSES.get(name)
+            self.items.append(cls(cls.Params(**spec), ctx))
+            self.weights.append(weight)
+            label = name if name not in self.names else f"{name}_{len(self.names)}"
+            self.names.append(label)
+
+    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total: torch.Tensor | None = None
+        parts: dict[str, torch.Tensor] = {}
+        for name, w, loss in zip(self.names, self.weights, self.items):
+            value, sub = loss(student, batch)
+            parts[name] = value.detach()
+            for k, v in sub.items():
+                parts[f"{name}.{k}"] = v.detach()
+            total = w * value if total is None else total + w * value
+        assert total is not None
+        return total, parts

@@ -1,0 +1,99 @@
+"""Ship: log the student, register a version with lineage tags, promote an alias only past the gates."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdpipe.config import GateConfig
+
+log = logging.getLogger("kdpipe.registry")
+
+
+class InferenceModel(nn.Module):
+    """Serving signature: a float tensor of inputs -> class logits (what `models:/NAME@ALIAS` returns)."""
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student({"x": x})["logits"]
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def reasons(self) -> str:
+        bad = [f"{k}: {v['value']:.4f} < {v['threshold']:.4f}" for k, v in self.checks.items() if not v["passed"]]
+        return "all gates passed" if not bad else "; ".join(bad)
+
+
+def evaluate_gates(metrics: dict[str, float], gates: GateConfig, baseline: float | None, champion: float | None) -> GateResult:
+    value = metrics[gates.metric]
+    checks: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, threshold: float) -> None:
+        checks[name] = {"value": value, "threshold": threshold, "passed": bool(value >= threshold)}
+
+    if gates.min_value is not None:
+        add("min_value", gates.min_value)
+    if gates.min_gain_over_baseline is not None and baseline is not None:
+        add("over_baseline", baseline + gates.min_gain_over_baseline)
+    if champion is not None:
+        add("over_champion", champion + gates.min_gain_over_champion)
+    return GateResult(all(c["passed"] for c in checks.values()), checks)
+
+
+def log_and_register(
+    run_id: str, student: nn.Module, example: np.ndarray, model_name: str, tags: dict[str, str]
+) -> Any:
+    """Log with `mlflow.pytorch` (signature from the example) and register a new version."""
+    import mlflow
+    from mlflow.models import infer_signature
+    from mlflow.tracking import MlflowClient
+
+    model = InferenceModel(student).eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(example)).numpy()
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model, name="student", input_example=example, signature=infer_signature(example, out),
+            registered_model_name=model_name, await_registration_for=60,
+        )
+    client = MlflowClient()
+    version = info.registered_model_version
+    for k, v in tags.items():
+        client.set_model_version_tag(model_name, str(version), k, str(v))
+    return client.get_model_version(model_name, str(version))
+
+
+def alias_version(client: Any, name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def version_metric(client: Any, version: Any, metric: str) -> float | None:
+    """The gate metric a version was registered with (its tag), or its run's metric."""
+    tag = (version.tags or {}).get(f"metric.{metric}")
+    if tag is not None:
+        return float(tag)
+    run = client.get_run(version.run_id)
+    v = run.data.metrics.get(metric)
+    return float(v) if v is not None else None
+
+
+def promote(client: Any, name: str, version: str, alias: str) -> None:
+    client.set_registered_model_alias(name, alias, str(version))
+    log.info("model %s: alias '%s' -> version %s", name, alias, version)

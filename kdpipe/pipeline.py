@@ -1,0 +1,196 @@
+"""Stages wired together: teach -> distil -> evaluate -> track/ship. The CLI calls these."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import yaml
+
+from kdpipe.config import PipelineConfig
+from kdpipe.sources import SourceData, load_source
+from kdpipe.teach import TeachResult
+
+log = logging.getLogger("kdpipe")
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    model_name: str
+    model_version: str | None
+    promoted: bool
+    gate_reasons: str
+    teach: dict[str, TeachResult] = field(default_factory=dict)
+    table: str = ""
+
+
+def quarantine_dir(cfg: PipelineConfig) -> Path:
+    return Path(cfg.teach.cache_root).parent / "quarantine"
+
+
+def prepare(cfg: PipelineConfig, address: str | None = None) -> tuple[SourceData, str]:
+    """Everything that can fail fast happens before Ray starts: tracking reachable, data valid."""
+    from kdpipe.runtime import init_ray
+    from kdpipe.tracking import check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    check_reachable(uri)
+    source = load_source(cfg.source, quarantine_dir(cfg))
+    if source.bad_rows:
+        log.warning("%d bad input rows skipped; quarantined to %s", source.bad_rows, source.quarantine_path)
+    init_ray(address)
+    return source, uri
+
+
+def teach(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachResult]:
+    from kdpipe.teach import teach_all
+
+    return teach_all(cfg, source)
+
+
+def student_meta(cfg: PipelineConfig, source: SourceData, table: pa.Table) -> Any:
+    from kdpipe.train import StudentMeta
+
+    teachers = [t.id for t in cfg.teachers] + (["fused"] if cfg.teach.fusion else [])
+    widths = {}
+    for name in table.column_names:
+        if "." in name and pa.types.is_fixed_size_list(table[name].type):
+            widths[name] = table[name].type.list_size
+    if source.num_classes is None:
+        raise ValueError("the source has no labels and no `source.num_classes`; set source.num_classes")
+    return StudentMeta(in_dim=source.dim, num_classes=source.num_classes, teachers=teachers, widths=widths)
+
+
+def distil_and_ship(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult], uri: str,
+                    fail_at_epoch: int | None = None, init_state: dict[str, Any] | None = None,
+                    spec_path: str | None = None, extra_tags: dict[str, str] | None = None) -> RunResult:
+    """One MLflow run: train the student (and its label-only twin), evaluate, register, gate, promote."""
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from kdpipe import model_registry as reg
+    from kdpipe.data import hide_unlabeled, join_teacher_outputs, labeled_only, split_tables
+    from kdpipe.evaluate import as_numpy_example, results_table, student_metrics, teacher_accuracy
+    from kdpipe.tracking import ensure_experiment, flatten, git_commit
+    from kdpipe.train import build_student, fit
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp_id = ensure_experiment(client, cfg.tracking.experiment, uri)
+    table = hide_unlabeled(join_teacher_outputs(source.table, {k: r.cache for k, r in taught.items()}, cfg.teach.verify))
+    splits = split_tables(table)
+    meta = student_meta(cfg, source, table)
+    lineage = {
+        "kdpipe.spec_hash": cfg.spec_hash(), "kdpipe.source_fingerprint": source.fingerprint,
+        "kdpipe.git_commit": git_commit(), "kdpipe.teachers": ",".join(sorted(taught)),
+        **{f"kdpipe.cache.{tid}": r.fingerprint for tid, r in taught.items()},
+        **(extra_tags or {}),
+    }
+    run = client.create_run(exp_id, run_name=cfg.name, tags={**lineage, "mlflow.runName": cfg.name})
+    run_id = run.info.run_id
+    try:
+        params = flatten(cfg.model_dump(mode="json"))
+        items = list(params.items())
+        from mlflow.entities import Param
+
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+        client.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "spec.yaml")
+        for tid, r in taught.items():
+            client.log_text(run_id, json.dumps(r.manifest(), indent=2), f"caches/{tid}/MANIFEST.json")
+        counts = {f"rows_{k}": v.num_rows for k, v in splits.items()}
+        counts["rows_train_labeled"] = labeled_only(splits["train"]).num_rows
+        counts["rows_bad_skipped"] = source.bad_rows
+        counts.update({f"rows_taught_{tid}": r.rows_taught for tid, r in taught.items()})
+        _log_metrics(client, run_id, counts)
+
+        common = dict(meta=meta, student_kind=cfg.student.kind, student_params=cfg.student.params, train_cfg=cfg.train,
+                      seed=cfg.seed, tracking_uri=uri, run_id=run_id)
+        losses = [{"name": l.name, "weight": l.weight, **l.params()} for l in cfg.losses]
+        res = fit(name=f"{cfg.name}-student", train=splits["train"], val=splits["val"], losses=losses,
+                  fail_at_epoch=fail_at_epoch, init_state=init_state, **common)
+        student = build_student(cfg.student.kind, cfg.student.params, meta)
+        student.load_state_dict(res.state)
+        metrics = student_metrics(student, splits["test"])
+        rows: dict[str, Any] = {}
+        for tid in taught:
+            acc = teacher_accuracy(splits["test"], tid)
+            if acc is not None:
+                metrics[f"teacher_{tid}_test_acc"] = acc
+                rows[f"teacher {tid}"] = acc
+        rows[f"student ({'+'.join(l.name for l in cfg.losses)})"] = metrics["test_acc"]
+        baseline = None
+        if cfg.evaluate.baseline:
+            base_losses = [{"name": "ce", "weight": 1.0}]
+            bres = fit(name=f"{cfg.name}-baseline", train=labeled_only(splits["train"]), val=splits["val"],
+                       losses=base_losses, prefix="baseline_", epochs=cfg.evaluate.baseline_epochs, **common)
+            bstudent = build_student(cfg.student.kind, cfg.student.params, meta)
+            bstudent.load_state_dict(bres.state)
+            bm = student_metrics(bstudent, splits["test"], prefix="baseline_test_")
+            metrics.update(bm)
+            baseline = bm.get("baseline_" + cfg.tracking.gates.metric)
+            rows["label-only student (ce)"] = bm["baseline_test_acc"]
+        for k in [m for m in metrics if m.startswith("test_acc_exit")]:
+            rows[f"student exit {k.removeprefix('test_acc_exit')}"] = metrics[k]
+        _log_metrics(client, run_id, metrics)
+
+        champ_v = reg.alias_version(client, cfg.tracking.model_name, cfg.tracking.alias)
+        champion = reg.version_metric(client, champ_v, cfg.tracking.gates.metric) if champ_v else None
+        gate = reg.evaluate_gates(metrics, cfg.tracking.gates, baseline, champion)
+        tags = {**lineage, "kdpipe.run_id": run_id, "kdpipe.gates": json.dumps(gate.checks), "kdpipe.gates_passed": str(gate.passed),
+                f"metric.{cfg.tracking.gates.metric}": repr(float(metrics[cfg.tracking.gates.metric]))}
+        version = reg.log_and_register(run_id, student, as_numpy_example(splits["test"]), cfg.tracking.model_name, tags)
+        if gate.passed:
+            reg.promote(client, cfg.tracking.model_name, version.version, cfg.tracking.alias)
+        client.set_tag(run_id, "kdpipe.promoted", str(gate.passed))
+        client.set_tag(run_id, "kdpipe.gate_reasons", gate.reasons())
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    torch.set_grad_enabled(True)
+    table_txt = results_table(rows)
+    return RunResult(run_id, uri, metrics, cfg.tracking.model_name, str(version.version), gate.passed, gate.reasons(), taught, table_txt)
+
+
+def _log_metrics(client: Any, run_id: str, metrics: dict[str, float]) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+
+
+def locate_caches(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachResult]:
+    """Find the complete caches for this spec without teaching (for `kdpipe distil`)."""
+    from kdpipe.cache import TeacherCache
+    from kdpipe.teach import teacher_fingerprint
+    from teachers import TEACHERS
+
+    out: dict[str, TeachResult] = {}
+    for t in cfg.teachers:
+        fp = teacher_fingerprint(t, TEACHERS.get(t.kind).weights_digest(t))
+        cache = TeacherCache(Path(cfg.teach.cache_root) / t.id / fp)
+        if not cache.is_complete():
+            raise RuntimeError(f"no complete cache for teacher '{t.id}' at {cache.dir}; run `kdpipe teach SPEC` first")
+        out[t.id] = TeachResult(t.id, cache, fp, 0, True)
+    if cfg.teach.fusion is not None:
+        from kdpipe.fusion import fuse_caches
+
+        out["fused"] = fuse_caches(cfg, source, out)
+    return out
+
+
+def run(cfg: PipelineConfig, address: str | None = None, fail_at_epoch: int | None = None) -> RunResult:
+    source, uri = prepare(cfg, address)
+    taught = teach(cfg, source)
+    return distil_and_ship(cfg, source, taught, uri, fail_at_epoch=fail_at_epoch)

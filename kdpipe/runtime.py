@@ -1,0 +1,41 @@
+"""The one place Ray is started: embedded local Ray by default, a cluster when an address is given."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("kdpipe")
+
+
+def init_ray(address: str | None = None, verbose: bool = False) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Local: the dashboard stays off (and would bind to 127.0.0.1 only); all the machine's CPUs.
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
+                 log_to_driver=verbose or os.environ.get("KDPIPE_RAY_LOGS") == "1",
+                 logging_level=logging.WARNING)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def default_cpus_per_worker(num_workers: int) -> float:
+    """Half the cluster's CPUs for training, the rest for Ray Data feeding it.
+
+    Giving the workers every CPU starves the read/map tasks behind `get_dataset_shard`, and
+    the fit hangs silently (measured on 2 CPUs: see PLATFORM_NOTES).
+    """
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 2))
+    return max(0.25, min(1.0, cpus / 2 / num_workers)) if cpus <= 4 else max(1.0, (cpus - 2) // num_workers)

@@ -1,0 +1,183 @@
+"""The teach stage: Ray Data streams rows through one actor pool per teacher into the cache."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from kdpipe.arrays import to_fixed_list
+from kdpipe.cache import TeacherCache, fingerprint
+from kdpipe.config import PipelineConfig, TeacherConfig
+from kdpipe.sources import SourceData
+
+log = logging.getLogger("kdpipe.teach")
+
+# Bumped when the way outputs are computed/stored changes, so old caches are not reused.
+OUTPUT_FORMAT = 1
+
+
+def topk_compress(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k logits (indices int32, values fp16) and the log-sum-exp of the rest (fp32).
+
+    The tail log-sum-exp lets the KD loss keep the remaining probability mass as one bucket,
+    so the teacher distribution stays normalised; it is -inf when k covers every class.
+    """
+    logits = logits.astype(np.float32)
+    c = logits.shape[1]
+    k = min(k, c)
+    idx = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    val = np.take_along_axis(logits, idx, axis=1)
+    if k == c:
+        tail = np.full(len(logits), -np.inf, np.float32)
+    else:
+        mask = np.ones_like(logits, bool)
+        np.put_along_axis(mask, idx, False, axis=1)
+        rest = np.where(mask, logits, -np.inf)
+        m = rest.max(axis=1, keepdims=True)
+        tail = (m[:, 0] + np.log(np.exp(rest - m).sum(axis=1))).astype(np.float32)
+    return idx.astype(np.int32), val.astype(np.float16), tail
+
+
+def output_columns(out: dict[str, np.ndarray], outputs: list[str], topk: int | None) -> dict[str, pa.Array]:
+    """Teacher forward outputs -> cache columns, per the spec's `outputs`."""
+    cols: dict[str, pa.Array] = {}
+    for name in outputs:
+        if name == "logits":
+            cols["logits"] = to_fixed_list(out["logits"].astype(np.float32))
+        elif name == "topk":
+            idx, val, tail = topk_compress(out["logits"], int(topk))  # type: ignore[arg-type]
+            cols["topk_idx"] = to_fixed_list(idx)
+            cols["topk_val"] = to_fixed_list(val)
+            cols["tail_lse"] = pa.array(tail)
+        elif name == "features":
+            for key, arr in out.items():
+                if key.startswith("features."):
+                    cols["feat." + key.split(".", 1)[1]] = to_fixed_list(arr.astype(np.float16))
+        else:
+            if name not in out:
+                raise KeyError(f"teacher produced no '{name}' output (it produces {sorted(out)})")
+            cols[name] = to_fixed_list(out[name].astype(np.float32))
+    return cols
+
+
+class TeacherActor:
+    """Callable class for `map_batches`: loads the teacher once per actor, then maps Arrow batches."""
+
+    def __init__(self, teacher_cfg: dict[str, Any], device: str = "cpu") -> None:
+        from kdpipe.config import TeacherConfig
+        from teachers import TEACHERS
+
+        self.cfg = TeacherConfig.model_validate(teacher_cfg)
+        self.teacher = TEACHERS.get(self.cfg.kind).load(self.cfg, device=device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        inputs: dict[str, Any] = {}
+        if "x" in batch.column_names:
+            from kdpipe.arrays import to_numpy
+
+            inputs["x"] = to_numpy(batch["x"], np.float32)
+        if "text" in batch.column_names:
+            inputs["text"] = batch["text"].to_pylist()
+        out = self.teacher.forward(inputs)
+        cols = {"id": batch["id"], **output_columns(out, self.cfg.outputs, self.cfg.topk)}
+        return pa.table(cols)
+
+
+@dataclass
+class TeachResult:
+    teacher_id: str
+    cache: TeacherCache
+    fingerprint: str
+    rows_taught: int
+    reused: bool
+
+    def manifest(self) -> dict[str, Any]:
+        return self.cache.manifest() or {}
+
+
+def teacher_fingerprint(tcfg: TeacherConfig, digest: str) -> str:
+    return fingerprint(
+        {"teacher_id": tcfg.id, "kind": tcfg.kind, "params": tcfg.params, "weights": digest,
+         "outputs": sorted(tcfg.outputs), "topk": tcfg.topk, "format": OUTPUT_FORMAT}
+    )
+
+
+def teach_one(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData) -> TeachResult:
+    """Teach the rows of `source` that the cache does not hold yet; reuse the rest."""
+    import ray
+
+    from teachers import TEACHERS
+
+    cls = TEACHERS.get(tcfg.kind)
+    cls.prepare(tcfg, source)
+    digest = cls.weights_digest(tcfg)
+    fp = teacher_fingerprint(tcfg, digest)
+    cache = TeacherCache(Path(cfg.teach.cache_root) / tcfg.id / fp)
+    have = cache.ids()
+    input_col = "x" if source.input_kind == "features" else "text"
+    todo = source.table.select(["id", input_col])
+    if have:
+        todo = todo.filter(pc.invert(pc.is_in(todo["id"], value_set=pa.array(sorted(have), pa.string()))))
+    if todo.num_rows == 0:
+        log.info("teacher %s: reusing cache %s (%d rows, fingerprint %s)", tcfg.id, cache.dir, len(have), fp)
+        return TeachResult(tcfg.id, cache, fp, 0, True)
+    log.info("teacher %s: teaching %d new rows (%d cached) -> %s", tcfg.id, todo.num_rows, len(have), cache.dir)
+
+    t = cfg.teach
+    n_blocks = max(t.concurrency * 2, math.ceil(todo.num_rows / t.batch_size))
+    step = math.ceil(todo.num_rows / n_blocks)
+    blocks = [todo.slice(i, step) for i in range(0, todo.num_rows, step)]
+    header = {"teacher_id": tcfg.id, "teacher_kind": tcfg.kind, "weights_digest": digest, "fingerprint": fp,
+              "output_spec": {"outputs": tcfg.outputs, "topk": tcfg.topk, "format": OUTPUT_FORMAT},
+              "params": tcfg.params, "path": tcfg.path}
+    staging = cache.new_staging()
+    try:
+        ds = ray.data.from_arrow(blocks).map_batches(
+            TeacherActor,
+            fn_constructor_kwargs={"teacher_cfg": tcfg.model_dump(), "device": "cuda" if t.num_gpus > 0 else "cpu"},
+            batch_size=t.batch_size,
+            batch_format="pyarrow",
+            concurrency=t.concurrency,
+            num_cpus=t.num_cpus,
+            num_gpus=t.num_gpus or None,
+        )
+        ds.write_parquet(str(staging))
+        _check_staged(staging, todo)
+        manifest = cache.commit(staging, header, source.fingerprint)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("teacher %s: cache now %d rows in %d part(s)", tcfg.id, manifest["rows"], len(manifest["parts"]))
+    return TeachResult(tcfg.id, cache, fp, todo.num_rows, False)
+
+
+def _check_staged(staging: Path, todo: pa.Table) -> None:
+    """Every requested row exactly once, before the part may be published."""
+    files = sorted(staging.glob("*.parquet"))
+    ids = pa.concat_tables([pq.read_table(f, columns=["id"]) for f in files])["id"] if files else pa.array([], pa.string())
+    got = pc.value_counts(ids)
+    dup = [v["values"] for v in got.to_pylist() if v["counts"] > 1]
+    if dup:
+        raise RuntimeError(f"teach stage produced duplicate rows (e.g. id {dup[0]}); the part was discarded")
+    want = set(todo["id"].to_pylist())
+    have = set(ids.to_pylist())
+    if want != have:
+        raise RuntimeError(f"teach stage returned {len(have)} of {len(want)} rows; the part was discarded, rerun `kdpipe teach`")
+
+
+def teach_all(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachResult]:
+    results = {t.id: teach_one(cfg, t, source) for t in cfg.teachers}
+    if cfg.teach.fusion is not None:
+        from kdpipe.fusion import fuse_caches
+
+        results["fused"] = fuse_caches(cfg, source, results)
+    return results

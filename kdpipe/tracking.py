@@ -1,0 +1,108 @@
+"""MLflow: where runs go, tolerant metric logging from rank 0, and model logging."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("kdpipe.tracking")
+
+
+class TrackingUnavailableError(RuntimeError):
+    pass
+
+
+def resolve_tracking_uri(spec_uri: str | None) -> str:
+    """Spec > $MLFLOW_TRACKING_URI > a sqlite store in the working directory."""
+    uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path('mlruns.db').resolve()}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail before any compute when the tracking server cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise TrackingUnavailableError(f"MLflow at {uri} answered {r.status} on /health")
+        except (urllib.error.URLError, OSError) as e:
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {uri} is unreachable ({e}); start it, or unset MLFLOW_TRACKING_URI / "
+                "tracking.tracking_uri to use the local sqlite store"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def ensure_experiment(client: Any, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):  # keep artifacts beside the local store, not in the cwd
+        artifact_location = Path(uri.removeprefix("sqlite:///")).with_name("mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+class MetricsLogger:
+    """Per-epoch metrics from rank 0; if MLflow goes away mid-run, training continues and the
+    metrics stay buffered (retried at the next epoch and at the end)."""
+
+    def __init__(self, uri: str, run_id: str, prefix: str = "") -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+        self.prefix = prefix
+        self.buffer: list[Any] = []
+        self.failures = 0
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.buffer += [Metric(f"{self.prefix}{k}", float(v), ts, step) for k, v in metrics.items() if k != "epoch"]
+        self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        try:
+            for i in range(0, len(self.buffer), 500):
+                self.client.log_batch(self.run_id, metrics=self.buffer[i : i + 500])
+            self.buffer.clear()
+        except Exception as e:  # noqa: BLE001 - tracking must never kill training
+            self.failures += 1
+            log.warning("MLflow logging failed (%s); %d metrics buffered, training continues", e, len(self.buffer))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(flatten(x, f"{key}.{i}."))
+        else:
+            out[key] = json.dumps(v) if not isinstance(v, str) else v
+    return {k: v[:6000] for k, v in out.items()}
+
+
+def git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -1,0 +1,208 @@
+"""The distil stage: a Ray Train `TorchTrainer` (DDP) over the cached teacher outputs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+log = logging.getLogger("kdpipe.train")
+
+
+@dataclass
+class StudentMeta:
+    """What a student and its losses need to be built, independent of the data."""
+
+    in_dim: int | None
+    num_classes: int
+    teachers: list[str]
+    widths: dict[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def build_student(kind: str, params: dict[str, Any], meta: StudentMeta) -> nn.Module:
+    from students import STUDENTS
+
+    cls = STUDENTS.get(kind)
+    return cls(in_dim=meta.in_dim, num_classes=meta.num_classes, **cls.Params(**params).model_dump())
+
+
+class DistilModule(nn.Module):
+    """Student + losses in one module, so DDP also syncs learned loss parameters (projections)."""
+
+    def __init__(self, student: nn.Module, losses: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+        self.losses = losses
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.losses(self.student(batch), batch)
+
+
+def accuracy_counts(out: dict[str, Any], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Correct-prediction counts for the final output and every exit (labeled rows only)."""
+    mask = labels >= 0
+    counts = {"acc": (out["logits"].argmax(1)[mask] == labels[mask]).sum().float()}
+    for i, z in enumerate(out.get("exits") or []):
+        counts[f"acc_exit{i}"] = (z.argmax(1)[mask] == labels[mask]).sum().float()
+    counts["n"] = mask.sum().float()
+    return counts
+
+
+def _allreduce(sums: dict[str, float]) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return sums
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: shard, step, evaluate, report + checkpoint each epoch."""
+    import ray.train
+    import ray.train.torch
+
+    from kdpipe.losses import LossContext, LossSuite
+    from kdpipe.tracking import MetricsLogger
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    meta = StudentMeta(**config["meta"])
+    torch.manual_seed(config["seed"])
+    student = build_student(config["student_kind"], config["student_params"], meta)
+    losses = LossSuite(config["losses"], LossContext(meta.num_classes, meta.teachers, meta.widths))
+    module = DistilModule(student, losses)
+    if config.get("init_state"):
+        module.student.load_state_dict(config["init_state"])
+    model = ray.train.torch.prepare_model(module)
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", weights_only=True)
+        _unwrap(model).load_state_dict(state["module"])
+        opt.load_state_dict(state["opt"])
+        start = int(state["epoch"]) + 1
+    tracker = MetricsLogger(config["tracking_uri"], config["run_id"], prefix=config["prefix"]) if rank == 0 else None
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    fail_at = config.get("fail_at_epoch")
+    for epoch in range(start, config["epochs"]):
+        if fail_at is not None and epoch == fail_at and ckpt is None and rank == 0:
+            os._exit(1)  # fault-injection hook used by the tests (kills this worker process)
+        model.train()
+        sums: dict[str, float] = defaultdict(float)
+        for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"]):
+            loss, parts = model(batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n = float(batch["label"].shape[0])
+            sums["loss"] += float(loss) * n
+            for k, v in parts.items():
+                sums[k] += float(v) * n
+            sums["rows"] += n
+        model.eval()
+        vs: dict[str, float] = defaultdict(float)
+        with torch.no_grad():
+            for batch in val_shard.iter_torch_batches(batch_size=512):
+                for k, v in accuracy_counts(_unwrap(model).student(batch), batch["label"]).items():
+                    vs[k] += float(v)
+        sums = _allreduce(dict(sums))
+        vs = _allreduce(dict(vs))
+        metrics = {f"train_{k}": v / max(sums["rows"], 1) for k, v in sums.items() if k != "rows"}
+        metrics.update({f"val_{k}": v / max(vs["n"], 1) for k, v in vs.items() if k != "n"})
+        metrics["epoch"] = epoch
+        if tracker is not None:
+            tracker.log(metrics, step=epoch)
+        # `ray.train.report` is a barrier across workers (~1.7 s on 2 CPUs), so report only with checkpoints.
+        if epoch == config["epochs"] - 1 or (epoch + 1) % config["checkpoint_every"] == 0:
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as d:
+                    state = {"module": _unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch}
+                    torch.save(state, Path(d) / "state.pt")
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+    if tracker is not None:
+        tracker.flush()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+@dataclass
+class FitResult:
+    state: dict[str, torch.Tensor]  # the student's state dict
+    metrics: dict[str, Any]
+    checkpoint_path: str
+
+
+def fit(
+    *,
+    name: str,
+    train: pa.Table,
+    val: pa.Table,
+    meta: StudentMeta,
+    student_kind: str,
+    student_params: dict[str, Any],
+    losses: list[dict[str, Any]],
+    train_cfg: Any,
+    seed: int,
+    tracking_uri: str,
+    run_id: str,
+    prefix: str = "",
+    epochs: int | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
+    fail_at_epoch: int | None = None,
+) -> FitResult:
+    """Train one student with `TorchTrainer`; returns its final weights and metrics."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from kdpipe.data import tensor_columns
+    from kdpipe.runtime import default_cpus_per_worker
+
+    cpus = train_cfg.cpus_per_worker or default_cpus_per_worker(train_cfg.num_workers)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "meta": meta.as_dict(), "student_kind": student_kind, "student_params": student_params, "losses": losses,
+            "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay, "batch_size": train_cfg.batch_size,
+            "epochs": epochs or train_cfg.epochs, "seed": seed, "tracking_uri": tracking_uri, "run_id": run_id,
+            "prefix": prefix, "checkpoint_every": train_cfg.checkpoint_every, "init_state": init_state, "fail_at_epoch": fail_at_epoch,
+        },
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(
+            name=f"{name}-{uuid.uuid4().hex[:8]}",
+            storage_path=str(Path(train_cfg.storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": ray.data.from_arrow(tensor_columns(train)), "val": ray.data.from_arrow(tensor_columns(val))},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training '{name}' finished without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", weights_only=True)
+    student_state = {k.removeprefix("student."): v for k, v in state["module"].items() if k.startswith("student.")}
+    return FitResult(student_state, dict(result.metrics or {}), result.checkpoint.path)

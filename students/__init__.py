@@ -1,0 +1,13 @@
+"""Student architectures, registered by kind.
+
+A student is an `nn.Module` built as ``cls(in_dim=..., num_classes=..., **params)`` whose
+``forward(batch)`` takes the batch dict and returns a dict with at least ``logits``; optional
+keys (``aspects``, ``exits``, ``hidden``, ``features.<layer>``) feed the losses that need them.
+"""
+
+from kdpipe.registry import Registry
+
+STUDENTS: Registry = Registry("student kind")
+
+from students import mlp as _mlp  # noqa: E402,F401
+from students import multi_exit as _multi_exit  # noqa: E402,F401

@@ -1,0 +1,122 @@
+"""A trainable MLP classifier teacher for vector inputs (the digits demo).
+
+When its weights directory does not exist, `prepare` trains it on the labeled train rows
+(optionally only some classes, to make specialised experts for logit fusion) and saves it with
+safetensors; afterwards the weights digest makes every cache reuse explicit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdpipe.arrays import to_numpy
+from teachers import TEACHERS
+from teachers.base import Teacher
+
+if TYPE_CHECKING:
+    from kdpipe.config import TeacherConfig
+    from kdpipe.sources import SourceData
+
+
+class MLPParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hidden: list[int] = [256, 256]
+    dropout: float = Field(0.1, ge=0, lt=1)
+    epochs: int = Field(300, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    classes: list[int] | None = Field(None, description="train only on these classes (a specialised expert)")
+    train_on: str = Field("labeled", pattern="^(labeled|all_train)$", description="labeled train rows, or all train rows")
+    seed: int = 0
+
+
+def build_mlp(in_dim: int, hidden: list[int], out_dim: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    d = in_dim
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU(), nn.Dropout(dropout)]
+        d = h
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+@TEACHERS.register("mlp_classifier")
+class MLPTeacher(Teacher):
+    Params = MLPParams
+
+    def __init__(self, net: nn.Module, device: str) -> None:
+        self.net = net.eval().to(device)
+        self.device = device
+
+    @classmethod
+    def check_config(cls, cfg: "TeacherConfig") -> None:
+        if not cfg.path:
+            raise ValueError("mlp_classifier needs `path:` (its weights directory; trained there when missing)")
+
+    @classmethod
+    def prepare(cls, cfg: "TeacherConfig", source: "SourceData") -> None:
+        path = Path(cfg.path)  # type: ignore[arg-type]
+        if (path / "model.safetensors").exists():
+            return
+        p = MLPParams(**cfg.params)
+        t = source.table
+        mask = pc.equal(t["split"], "train")
+        if p.train_on == "labeled":
+            mask = pc.and_(mask, t["labeled"])
+        t = t.filter(mask)
+        x = to_numpy(t["x"], np.float32)
+        y = t["label"].to_numpy()
+        if p.classes is not None:
+            keep = np.isin(y, p.classes)
+            x, y = x[keep], y[keep]
+        if len(y) == 0 or (y < 0).any():
+            raise ValueError(f"teacher '{cfg.id}': no labeled rows to train on; raise source.split.labeled_fraction")
+        num_classes = source.num_classes
+        torch.manual_seed(p.seed)
+        net = build_mlp(x.shape[1], p.hidden, num_classes, p.dropout)  # type: ignore[arg-type]
+        opt = torch.optim.AdamW(net.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        xt, yt = torch.tensor(x), torch.tensor(y)
+        g = torch.Generator().manual_seed(p.seed)
+        net.train()
+        for _ in range(p.epochs):
+            perm = torch.randperm(len(yt), generator=g)
+            for i in range(0, len(perm), 64):
+                idx = perm[i : i + 64]
+                loss = nn.functional.cross_entropy(net(xt[idx]), yt[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / "model.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+        (path / "config.json").write_text(
+            json.dumps({"in_dim": int(x.shape[1]), "num_classes": num_classes, "hidden": p.hidden, "dropout": p.dropout,
+                        "trained_rows": int(len(y)), "classes": p.classes}, indent=2)
+        )
+        tmp.rename(path / "model.safetensors")  # the weights file appears last: a crash leaves no half teacher
+
+    @classmethod
+    def load(cls, cfg: "TeacherConfig", device: str = "cpu") -> "MLPTeacher":
+        path = Path(cfg.path)  # type: ignore[arg-type]
+        if not (path / "model.safetensors").exists():
+            raise FileNotFoundError(
+                f"teacher '{cfg.id}': no weights at {path}/model.safetensors; run `kdpipe teach SPEC` to train it"
+            )
+        meta = json.loads((path / "config.json").read_text())
+        net = build_mlp(meta["in_dim"], meta["hidden"], meta["num_classes"], meta["dropout"])
+        net.load_state_dict(load_file(str(path / "model.safetensors")))
+        return cls(net, device)
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.as_tensor(batch["x"], dtype=torch.float32, device=self.device)
+        return {"logits": self.net(x).float().cpu().numpy()}

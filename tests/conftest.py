@@ -1,0 +1,46 @@
+"""Shared fixtures: one real local Ray for the session, specs that write only under tmp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from kdpipe.runtime import init_ray
+
+    init_ray()
+    yield ray
+    ray.shutdown()
+
+
+def tiny_overrides(tmp: Path, **extra: Any) -> dict[str, Any]:
+    """Small, fast settings for pipelines/digits_kd.yaml, every output under `tmp`."""
+    o = {
+        "teach.cache_root": str(tmp / "cache"),
+        "teachers.0.path": str(tmp / "teachers" / "digits_mlp"),
+        "teachers.0.params.epochs": 40,
+        "teachers.0.params.hidden": [128],
+        "train.storage_path": str(tmp / "ray_results"),
+        "train.epochs": 4,
+        "train.checkpoint_every": 2,
+        "evaluate.baseline_epochs": 2,
+        "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}",
+    }
+    o.update(extra)
+    return o
+
+
+@pytest.fixture
+def digits_spec_raw() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "pipelines" / "digits_kd.yaml").read_text())

@@ -1,0 +1,85 @@
+"""Spec validation: every error names the YAML key and what is allowed, before Ray starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdpipe.config import SpecError, load_spec, parse_spec
+
+
+def _err(raw, overrides=None) -> str:
+    with pytest.raises(SpecError) as e:
+        parse_spec(raw, overrides)
+    return str(e.value)
+
+
+def test_default_pipeline_validates() -> None:
+    cfg = load_spec("pipelines/digits_kd.yaml")
+    assert cfg.losses[0].name == "kd" and cfg.losses[0].params()["temperature"] == 4.0
+    assert cfg.teachers[0].topk == 4
+
+
+def test_unknown_key_names_the_key(digits_spec_raw) -> None:
+    digits_spec_raw["train"]["epochz"] = 3
+    msg = _err(digits_spec_raw)
+    assert "train.epochz" in msg and "unknown key" in msg
+
+
+def test_unknown_loss_lists_available(digits_spec_raw) -> None:
+    msg = _err(digits_spec_raw, {"losses.0.name": "kdd"})
+    assert "losses[0].name" in msg and "unknown loss 'kdd'" in msg and "kd" in msg and "ce" in msg
+
+
+def test_bad_loss_param_type(digits_spec_raw) -> None:
+    msg = _err(digits_spec_raw, {"losses.0.temperature": "hot"})
+    assert "losses[0]" in msg and "temperature" in msg
+
+
+def test_unknown_loss_param(digits_spec_raw) -> None:
+    msg = _err(digits_spec_raw, {"losses.0.temprature": 2.0})
+    assert "temprature" in msg
+
+
+def test_unknown_teacher_and_student_kind(digits_spec_raw) -> None:
+    assert "unknown teacher kind 'gpt9'" in _err(digits_spec_raw, {"teachers.0.kind": "gpt9"})
+    msg = _err(digits_spec_raw, {"student.kind": "resnet1000"})
+    assert "student.kind" in msg and "mlp" in msg
+
+
+def test_bad_type_names_key(digits_spec_raw) -> None:
+    msg = _err(digits_spec_raw, {"train.epochs": "many"})
+    assert "train.epochs" in msg and "'many'" in msg
+
+
+def test_topk_output_requires_k(digits_spec_raw) -> None:
+    msg = _err(digits_spec_raw, {"teachers.0.topk": None})
+    assert "teachers[0]" in msg and "topk" in msg
+
+
+def test_loss_teacher_reference_checked(digits_spec_raw) -> None:
+    msg = _err(digits_spec_raw, {"losses.0.teacher": "nobody"})
+    assert "losses[0].teacher 'nobody'" in msg
+
+
+def test_file_source_needs_path(digits_spec_raw) -> None:
+    digits_spec_raw["source"] = {"kind": "parquet", "features": "x"}
+    assert "source" in (msg := _err(digits_spec_raw)) and "path" in msg
+
+
+def test_missing_spec_file() -> None:
+    with pytest.raises(SpecError, match="not found"):
+        load_spec("pipelines/nope.yaml")
+
+
+def test_cli_reports_spec_error_before_ray(tmp_path, capsys) -> None:
+    import ray
+
+    from kdpipe.cli import main
+
+    was_up = ray.is_initialized()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsource: {kind: sklearn_digits}\nteachers: []\nstudent: {kind: mlp}\nlosses: [{name: nope}]\ntracking: {model_name: m}\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "spec error" in err and "teachers" in err and "losses[0].name" in err
+    assert ray.is_initialized() == was_up  # failed before starting Ray

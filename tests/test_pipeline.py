@@ -1,0 +1,92 @@
+"""The whole tiny pipeline on a real local Ray, real Parquet and a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kdpipe.cache import MANIFEST, CacheCorruptError, TeacherCache
+from kdpipe.config import load_spec
+from kdpipe.pipeline import distil_and_ship, locate_caches, prepare, run, teach
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_full_pipeline_teach_cache_distil_track(ray_local, tmp_path: Path) -> None:
+    cfg = load_spec("pipelines/digits_kd.yaml", tiny_overrides(tmp_path))
+    res = run(cfg)
+
+    # cache: manifest written, one part, every source row once, dense + top-k columns
+    t = res.teach["digits_mlp"]
+    assert not t.reused and t.rows_taught > 1700
+    m = json.loads((t.cache.dir / MANIFEST).read_text())
+    assert m["teacher_id"] == "digits_mlp" and m["fingerprint"] == t.fingerprint and len(m["weights_digest"]) == 16
+    assert m["rows"] == t.rows_taught and len(m["parts"]) == 1
+    assert {"id", "logits", "topk_idx", "topk_val", "tail_lse"} <= set(m["schema"])
+    table = t.cache.read()
+    assert table.num_rows == m["rows"] and len(set(table["id"].to_pylist())) == m["rows"]
+    assert str(table.schema.field("topk_val").type.value_type) == "halffloat"
+
+    # MLflow: one finished run with params, per-epoch metrics, artifacts, a registered version with lineage
+    client = MlflowClient(res.tracking_uri)
+    run_ = client.get_run(res.run_id)
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["losses.0.name"] == "kd" and "test_acc" in run_.data.metrics
+    history = client.get_metric_history(res.run_id, "val_acc")
+    assert [h.step for h in history] == list(range(4))
+    arts = {a.path for a in client.list_artifacts(res.run_id)}
+    assert {"spec.yaml", "caches"} <= arts
+    mv = client.get_model_version(cfg.tracking.model_name, res.model_version)
+    assert mv.tags["kdpipe.cache.digits_mlp"] == t.fingerprint and mv.run_id == res.run_id
+    assert mv.tags["kdpipe.source_fingerprint"] and mv.tags["kdpipe.spec_hash"] == cfg.spec_hash()
+    # alias follows the gate, whichever way it went
+    gates = json.loads(mv.tags["kdpipe.gates"])
+    assert "over_baseline" in gates
+    aliases = client.get_registered_model(cfg.tracking.model_name).aliases
+    assert (str(aliases.get("champion")) == res.model_version) == res.promoted == all(g["passed"] for g in gates.values())
+    assert "baseline_test_acc" in res.metrics and "teacher_digits_mlp_test_acc" in res.metrics
+
+    # the registered model serves: models:/NAME@ALIAS or /VERSION predicts logits
+    import mlflow.pytorch
+    import torch
+
+    mlflow.set_tracking_uri(res.tracking_uri)
+    served = mlflow.pytorch.load_model(f"models:/{cfg.tracking.model_name}/{res.model_version}")
+    assert tuple(served(torch.zeros(3, 64)).shape) == (3, 10)
+
+    # a second run reuses the cache: nothing taught, same fingerprint
+    source, _ = prepare(cfg)
+    again = teach(cfg, source)["digits_mlp"]
+    assert again.reused and again.rows_taught == 0 and again.fingerprint == t.fingerprint
+
+
+def test_incomplete_cache_is_never_reused(ray_local, tmp_path: Path) -> None:
+    cfg = load_spec("pipelines/digits_kd.yaml", tiny_overrides(tmp_path, **{"source.limit": 300}))
+    source, uri = prepare(cfg)
+    first = teach(cfg, source)["digits_mlp"]
+    # simulate an interrupted teach stage: parts on disk but no manifest
+    (first.cache.dir / MANIFEST).unlink()
+    with pytest.raises(RuntimeError, match="no complete cache"):
+        locate_caches(cfg, source)
+    assert not TeacherCache(first.cache.dir).is_complete()
+    redo = teach(cfg, source)["digits_mlp"]
+    assert not redo.reused and redo.rows_taught == 300
+    assert redo.manifest()["rows"] == 300
+
+
+def test_corrupt_cache_part_is_detected(ray_local, tmp_path: Path) -> None:
+    cfg = load_spec("pipelines/digits_kd.yaml", tiny_overrides(tmp_path, **{"source.limit": 200}))
+    source, uri = prepare(cfg)
+    r = teach(cfg, source)["digits_mlp"]
+    part = r.cache.files()[0]
+    data = part.read_bytes()
+    part.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CacheCorruptError, match=str(part)):
+        distil_and_ship(cfg, source, locate_caches(cfg, source), uri)
+    with pytest.raises(Exception):
+        pq.read_table(part)

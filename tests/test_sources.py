@@ -1,0 +1,85 @@
+"""Source readers: stable ids and splits, bad rows fail with the row and reason, or are quarantined."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kdpipe.config import SourceConfig
+from kdpipe.sources import BadInputError, load_source
+
+
+def test_digits_ids_and_splits_are_stable() -> None:
+    cfg = SourceConfig(kind="sklearn_digits")
+    a, b = load_source(cfg), load_source(cfg)
+    assert a.table.equals(b.table) and a.fingerprint == b.fingerprint
+    assert a.dim == 64 and a.num_classes == 10 and a.input_kind == "features"
+    n = a.table.num_rows
+    assert n > 1700 and len(set(a.table["id"].to_pylist())) == n
+    counts = {s: a.rows(s).num_rows for s in ("train", "val", "test")}
+    assert 0.18 < counts["test"] / n < 0.32 and 0.10 < counts["val"] / n < 0.20
+    train = a.rows("train")
+    frac = sum(train["labeled"].to_pylist()) / train.num_rows
+    assert 0.05 < frac < 0.15
+
+
+def _write_jsonl(path, rows) -> None:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_appending_rows_keeps_old_splits(tmp_path) -> None:
+    d = tmp_path / "data"
+    d.mkdir()
+    _write_jsonl(d / "a.jsonl", [{"text": f"sentence number {i}"} for i in range(50)])
+    cfg = SourceConfig(kind="jsonl", path=str(d), text="text", num_classes=2)
+    before = load_source(cfg)
+    _write_jsonl(d / "b.jsonl", [{"text": f"another sentence {i}"} for i in range(20)])
+    after = load_source(cfg)
+    old = dict(zip(before.table["id"].to_pylist(), before.table["split"].to_pylist()))
+    new = dict(zip(after.table["id"].to_pylist(), after.table["split"].to_pylist()))
+    assert after.table.num_rows == 70 and all(new[k] == v for k, v in old.items())
+    assert before.fingerprint != after.fingerprint
+
+
+@pytest.mark.parametrize(
+    "row,reason",
+    [
+        ({"x": [1.0, float("nan"), 0.0], "label": 1}, "NaN or inf"),
+        ({"x": [1.0, 2.0], "label": 1}, "length 2, expected 3"),
+        ({"x": ["a", "b", "c"], "label": 1}, "not numeric"),
+        ({"x": [1.0, 2.0, 3.0], "label": "cat"}, "not an integer"),
+    ],
+)
+def test_bad_feature_rows_fail_with_row_and_reason(tmp_path, row, reason) -> None:
+    f = tmp_path / "d.jsonl"
+    _write_jsonl(f, [{"x": [0.0, 1.0, 2.0], "label": 0}, row])
+    cfg = SourceConfig(kind="jsonl", path=str(f), features="x", label="label")
+    with pytest.raises(BadInputError, match=rf"row 1: .*{reason}.*on_bad_rows: skip"):
+        load_source(cfg, tmp_path / "q")
+
+
+def test_bad_text_rows_are_quarantined_with_skip(tmp_path) -> None:
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(
+        b'{"text": "a fine sentence"}\n{"text": ""}\n{"text": "' + b"x" * 50 + b'"}\n{"text": 5}\nnot json\n{"text": "ok too"}\n'
+    )
+    cfg = SourceConfig(kind="jsonl", path=str(f), text="text", on_bad_rows="skip", max_text_chars=40, num_classes=2)
+    src = load_source(cfg, tmp_path / "q")
+    assert src.table["text"].to_pylist() == ["a fine sentence", "ok too"]
+    assert src.bad_rows == 4
+    reasons = [json.loads(l)["reason"] for l in open(src.quarantine_path)]
+    assert any("empty" in r for r in reasons) and any("max_text_chars" in r for r in reasons)
+    assert any("must be a string" in r for r in reasons) and any("not valid JSON" in r for r in reasons)
+
+
+def test_non_utf8_text_file_is_bad_input(tmp_path) -> None:
+    f = tmp_path / "d.txt"
+    f.write_bytes(b"good line\n\xff\xfe broken\n")
+    with pytest.raises(BadInputError, match="row 1: text is not valid UTF-8"):
+        load_source(SourceConfig(kind="text", path=str(f), num_classes=2), tmp_path / "q")
+
+
+def test_missing_path_is_clear(tmp_path) -> None:
+    with pytest.raises(BadInputError, match="matches no"):
+        load_source(SourceConfig(kind="parquet", path=str(tmp_path / "nope"), features="x"))
