@@ -188,8 +188,33 @@ class TrainConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    baseline: bool = Field(True, description="also train the same student on the labeled rows alone")
+    """Held-out evaluation, and the twin the student must beat (by default: same student, labels only)."""
+
+    task: str = Field("classification", description="evaluator name: classification | embedding | ...")
+    baseline: bool = Field(True, description="also train a baseline twin of the student")
     baseline_epochs: int | None = Field(None, ge=1)
+    baseline_losses: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "ce", "weight": 1.0}])
+    baseline_student_params: dict[str, Any] = Field(default_factory=dict, description="overrides of student.params for the twin")
+    baseline_labeled_only: bool = Field(True, description="train the twin on the labeled train rows only")
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        from kdpipe.evaluate import EVALUATORS
+
+        if v not in EVALUATORS:
+            raise ValueError(f"unknown evaluate.task '{v}'; available: {', '.join(EVALUATORS.names())}")
+        return v
+
+    @field_validator("baseline_losses")
+    @classmethod
+    def _losses(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, item in enumerate(v):
+            try:
+                LossConfig.model_validate(item)
+            except ValidationError as e:
+                raise ValueError(f"[{i}]: {_format_errors(e)}") from None
+        return v
 
 
 class GateConfig(Strict):

@@ -11,8 +11,13 @@ from torch import nn
 
 from kdpipe.arrays import to_numpy
 from kdpipe.data import torch_batch
+from kdpipe.registry import Registry
+
+# name -> fn(student, table, prefix) -> metrics; chosen by `evaluate.task` in the spec
+EVALUATORS: Registry = Registry("evaluator")
 
 
+@EVALUATORS.register("classification")
 @torch.no_grad()
 def student_metrics(student: nn.Module, table: pa.Table, prefix: str = "test_") -> dict[str, float]:
     """Accuracy of the final output and of every exit on the labeled rows of `table`."""
@@ -44,14 +49,16 @@ def teacher_accuracy(table: pa.Table, tid: str) -> float | None:
     return float((pred[mask] == labels[mask]).mean())
 
 
-def results_table(rows: dict[str, Any]) -> str:
+def results_table(rows: dict[str, Any], metric: str = "test accuracy") -> str:
     """A small aligned text table: model -> metric."""
     width = max(len(k) for k in rows)
-    lines = [f"{'model'.ljust(width)}  test accuracy", f"{'-' * width}  -------------"]
+    lines = [f"{'model'.ljust(width)}  {metric}", f"{'-' * width}  {'-' * len(metric)}"]
     for k, v in rows.items():
         lines.append(f"{k.ljust(width)}  {v:.4f}" if isinstance(v, float) else f"{k.ljust(width)}  {v}")
     return "\n".join(lines)
 
 
-def as_numpy_example(table: pa.Table, n: int = 2) -> np.ndarray:
-    return to_numpy(table.slice(0, n)["x"], np.float32)
+def serving_example(student: nn.Module, table: pa.Table, n: int = 2) -> dict[str, np.ndarray]:
+    """The first rows of the columns the student serves on (its `serving_inputs`, default `x`)."""
+    names = getattr(student, "serving_inputs", ["x"])
+    return {k: np.array(to_numpy(table.slice(0, n)[k])) for k in names}

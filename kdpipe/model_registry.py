@@ -16,14 +16,24 @@ log = logging.getLogger("kdpipe.registry")
 
 
 class InferenceModel(nn.Module):
-    """Serving signature: a float tensor of inputs -> class logits (what `models:/NAME@ALIAS` returns)."""
+    """Serving signature: the student's `serving_inputs` tensors (default `x`) -> its `serving_output`
+    (default `logits`); this is what `models:/NAME@ALIAS` returns."""
 
     def __init__(self, student: nn.Module) -> None:
         super().__init__()
         self.student = student
+        self.inputs = list(getattr(student, "serving_inputs", ["x"]))
+        self.output = getattr(student, "serving_output", "logits")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.student({"x": x})["logits"]
+        return self.student({self.inputs[0]: x})[self.output]
+
+
+class MultiInputModel(InferenceModel):
+    """For students that serve on several tensors (token ids + mask); logged with pickle serialization."""
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.student(dict(zip(self.inputs, tensors)))[self.output]
 
 
 @dataclass
@@ -53,19 +63,22 @@ def evaluate_gates(metrics: dict[str, float], gates: GateConfig, baseline: float
 
 
 def log_and_register(
-    run_id: str, student: nn.Module, example: np.ndarray, model_name: str, tags: dict[str, str]
+    run_id: str, student: nn.Module, example: dict[str, np.ndarray], model_name: str, tags: dict[str, str]
 ) -> Any:
     """Log with `mlflow.pytorch` (signature from the example) and register a new version."""
     import mlflow
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
-    model = InferenceModel(student).eval()
+    single = len(getattr(student, "serving_inputs", ["x"])) == 1
+    model = (InferenceModel(student) if single else MultiInputModel(student)).eval()
+    arrays = [example[k] for k in model.inputs]
     with torch.no_grad():
-        out = model(torch.from_numpy(example)).numpy()
+        out = model(*[torch.from_numpy(a) for a in arrays]).numpy()
+    extra: dict[str, Any] = {"input_example": arrays[0]} if single else {"serialization_format": "pickle"}
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
-            model, name="student", input_example=example, signature=infer_signature(example, out),
+            model, name="student", signature=infer_signature(arrays[0] if single else example, out), **extra,
             registered_model_name=model_name, await_registration_for=60,
         )
     client = MlflowClient()

@@ -78,7 +78,7 @@ def distil_and_ship(cfg: PipelineConfig, source: SourceData, taught: dict[str, T
 
     from kdpipe import model_registry as reg
     from kdpipe.data import hide_unlabeled, join_teacher_outputs, labeled_only, split_tables
-    from kdpipe.evaluate import as_numpy_example, results_table, student_metrics, teacher_accuracy
+    from kdpipe.evaluate import EVALUATORS, results_table, serving_example, teacher_accuracy
     from kdpipe.tracking import ensure_experiment, flatten, git_commit
     from kdpipe.train import build_student, fit
 
@@ -117,27 +117,31 @@ def distil_and_ship(cfg: PipelineConfig, source: SourceData, taught: dict[str, T
         losses = [{"name": l.name, "weight": l.weight, **l.params()} for l in cfg.losses]
         res = fit(name=f"{cfg.name}-student", train=splits["train"], val=splits["val"], losses=losses,
                   fail_at_epoch=fail_at_epoch, init_state=init_state, **common)
+        evaluator = EVALUATORS.get(cfg.evaluate.task)
         student = build_student(cfg.student.kind, cfg.student.params, meta)
         student.load_state_dict(res.state)
-        metrics = student_metrics(student, splits["test"])
+        metrics = evaluator(student, splits["test"], prefix="test_")
         rows: dict[str, Any] = {}
         for tid in taught:
             acc = teacher_accuracy(splits["test"], tid)
             if acc is not None:
                 metrics[f"teacher_{tid}_test_acc"] = acc
                 rows[f"teacher {tid}"] = acc
-        rows[f"student ({'+'.join(l.name for l in cfg.losses)})"] = metrics["test_acc"]
+        gate_metric = cfg.tracking.gates.metric
+        rows[f"student ({'+'.join(l.name for l in cfg.losses)})"] = metrics[gate_metric]
         baseline = None
-        if cfg.evaluate.baseline:
-            base_losses = [{"name": "ce", "weight": 1.0}]
-            bres = fit(name=f"{cfg.name}-baseline", train=labeled_only(splits["train"]), val=splits["val"],
-                       losses=base_losses, prefix="baseline_", epochs=cfg.evaluate.baseline_epochs, **common)
-            bstudent = build_student(cfg.student.kind, cfg.student.params, meta)
+        ev = cfg.evaluate
+        if ev.baseline:
+            bparams = {**cfg.student.params, **ev.baseline_student_params}
+            btrain = labeled_only(splits["train"]) if ev.baseline_labeled_only else splits["train"]
+            bres = fit(name=f"{cfg.name}-baseline", train=btrain, val=splits["val"], losses=ev.baseline_losses,
+                       prefix="baseline_", epochs=ev.baseline_epochs, **{**common, "student_params": bparams})
+            bstudent = build_student(cfg.student.kind, bparams, meta)
             bstudent.load_state_dict(bres.state)
-            bm = student_metrics(bstudent, splits["test"], prefix="baseline_test_")
+            bm = evaluator(bstudent, splits["test"], prefix="baseline_test_")
             metrics.update(bm)
-            baseline = bm.get("baseline_" + cfg.tracking.gates.metric)
-            rows["label-only student (ce)"] = bm["baseline_test_acc"]
+            baseline = bm.get("baseline_" + gate_metric)
+            rows[f"baseline twin ({'+'.join(l['name'] for l in ev.baseline_losses)})"] = baseline
         for k in [m for m in metrics if m.startswith("test_acc_exit")]:
             rows[f"student exit {k.removeprefix('test_acc_exit')}"] = metrics[k]
         _log_metrics(client, run_id, metrics)
@@ -147,7 +151,7 @@ def distil_and_ship(cfg: PipelineConfig, source: SourceData, taught: dict[str, T
         gate = reg.evaluate_gates(metrics, cfg.tracking.gates, baseline, champion)
         tags = {**lineage, "kdpipe.run_id": run_id, "kdpipe.gates": json.dumps(gate.checks), "kdpipe.gates_passed": str(gate.passed),
                 f"metric.{cfg.tracking.gates.metric}": repr(float(metrics[cfg.tracking.gates.metric]))}
-        version = reg.log_and_register(run_id, student, as_numpy_example(splits["test"]), cfg.tracking.model_name, tags)
+        version = reg.log_and_register(run_id, student, serving_example(student, splits["test"]), cfg.tracking.model_name, tags)
         if gate.passed:
             reg.promote(client, cfg.tracking.model_name, version.version, cfg.tracking.alias)
         client.set_tag(run_id, "kdpipe.promoted", str(gate.passed))
@@ -157,7 +161,7 @@ def distil_and_ship(cfg: PipelineConfig, source: SourceData, taught: dict[str, T
         client.set_terminated(run_id, "FAILED")
         raise
     torch.set_grad_enabled(True)
-    table_txt = results_table(rows)
+    table_txt = results_table(rows, cfg.tracking.gates.metric)
     return RunResult(run_id, uri, metrics, cfg.tracking.model_name, str(version.version), gate.passed, gate.reasons(), taught, table_txt)
 
 

@@ -33,3 +33,17 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+
+def import_submodules(package: str) -> None:
+    """Import every module of a package so their `@REGISTRY.register` decorators run.
+
+    Adding a method is then one new file: nothing else to edit.
+    """
+    import importlib
+    import pkgutil
+
+    pkg = importlib.import_module(package)
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")

@@ -5,9 +5,8 @@ A student is an `nn.Module` built as ``cls(in_dim=..., num_classes=..., **params
 keys (``aspects``, ``exits``, ``hidden``, ``features.<layer>``) feed the losses that need them.
 """
 
-from kdpipe.registry import Registry
+from kdpipe.registry import Registry, import_submodules
 
 STUDENTS: Registry = Registry("student kind")
 
-from students import mlp as _mlp  # noqa: E402,F401
-from students import multi_exit as _multi_exit  # noqa: E402,F401
+import_submodules(__name__)

@@ -1,11 +1,11 @@
-"""Teacher adapters, registered by kind. A new adapter is one module that registers itself here."""
+"""Teacher adapters, registered by kind. A new adapter is one module here that registers itself."""
 
-from kdpipe.registry import Registry
+from kdpipe.registry import Registry, import_submodules
 
 TEACHERS: Registry = Registry("teacher kind")
 
-from teachers import base as _base  # noqa: E402,F401
-from teachers import mlp as _mlp  # noqa: E402,F401
-from teachers import aspects as _aspects  # noqa: E402,F401
+from teachers.base import Teacher  # noqa: E402
 
-Teacher = _base.Teacher
+import_submodules(__name__)
+
+__all__ = ["TEACHERS", "Teacher"]

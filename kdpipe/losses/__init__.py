@@ -6,11 +6,12 @@ outputs arrive in the batch as ``"<teacher_id>.<column>"`` tensors, labels as ``
 (-1 where the row is unlabeled).
 """
 
-from kdpipe.registry import Registry
+from kdpipe.registry import Registry, import_submodules
 
 LOSSES: Registry = Registry("loss")
 
 from kdpipe.losses.base import Loss, LossContext, LossSuite  # noqa: E402
-from kdpipe.losses import kd as _kd, ce as _ce  # noqa: E402,F401
+
+import_submodules(__name__)
 
 __all__ = ["LOSSES", "Loss", "LossContext", "LossSuite"]
