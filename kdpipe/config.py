@@ -42,7 +42,7 @@ class SplitConfig(Strict):
 
 
 class SourceConfig(Strict):
-    kind: Literal["sklearn_digits", "parquet", "jsonl", "csv", "text"]
+    kind: Literal["sklearn_digits", "parquet", "jsonl", "csv", "text", "wordnet"]
     path: str | None = Field(None, description="file, directory or glob (not for sklearn_digits)")
     features: str | None = Field(None, description="column holding a numeric vector")
     text: str | None = Field(None, description="column holding text")
@@ -55,9 +55,7 @@ class SourceConfig(Strict):
 
     @model_validator(mode="after")
     def _paths(self) -> "SourceConfig":
-        if self.kind == "sklearn_digits":
-            if self.path is not None:
-                raise ValueError("sklearn_digits takes no path (the data ships with scikit-learn)")
+        if self.kind in ("sklearn_digits", "wordnet"):
             return self
         if not self.path:
             raise ValueError(f"source kind '{self.kind}' needs `path:` (a file, directory or glob)")
@@ -71,7 +69,7 @@ class TeacherConfig(Strict):
     kind: str
     path: str | None = Field(None, description="weights directory (created by `fit` for trainable teachers)")
     params: dict[str, Any] = Field(default_factory=dict)
-    outputs: list[Literal["logits", "topk", "features", "embedding", "aspects", "attn_rel"]] = ["logits"]
+    outputs: list[Literal["logits", "topk", "features", "embedding", "aspects", "attn_rel", "value_rel", "tokens", "hidden"]] = ["logits"]
     topk: int | None = Field(None, ge=1)
     trust_remote_code: bool = False
 
@@ -217,6 +215,18 @@ class EvaluateConfig(Strict):
         return v
 
 
+class M2MConfig(Strict):
+    """Module-to-module KD: split the teacher into `modules` consecutive blocks and pre-train each
+    student module on the cached boundary states, in parallel, before end-to-end training."""
+
+    teacher: str
+    modules: int = Field(3, ge=1)
+    epochs: int = Field(5, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    loss: Literal["mse", "cosine"] = "mse"
+
+
 class GateConfig(Strict):
     metric: str = "test_acc"
     min_value: float | None = None
@@ -242,6 +252,7 @@ class PipelineConfig(Strict):
     losses: list[LossConfig] = Field(min_length=1)
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    m2mkd: M2MConfig | None = None
     tracking: TrackingConfig
 
     @model_validator(mode="after")

@@ -58,14 +58,25 @@ def teach(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachResult]:
 def student_meta(cfg: PipelineConfig, source: SourceData, table: pa.Table) -> Any:
     from kdpipe.train import StudentMeta
 
+    import torch
+
+    from kdpipe.data import torch_batch
+    from kdpipe.train import build_student
+
     teachers = [t.id for t in cfg.teachers] + (["fused"] if cfg.teach.fusion else [])
     widths = {}
     for name in table.column_names:
         if "." in name and pa.types.is_fixed_size_list(table[name].type):
             widths[name] = table[name].type.list_size
-    if source.num_classes is None:
-        raise ValueError("the source has no labels and no `source.num_classes`; set source.num_classes")
-    return StudentMeta(in_dim=source.dim, num_classes=source.num_classes, teachers=teachers, widths=widths)
+    num_classes = source.num_classes or cfg.source.num_classes or 0
+    meta = StudentMeta(in_dim=source.dim, num_classes=num_classes, teachers=teachers, widths=widths)
+    # one forward pass on two rows tells losses the student's output widths ("student.hidden": 64, ...)
+    with torch.no_grad():
+        out = build_student(cfg.student.kind, cfg.student.params, meta).eval()(torch_batch(table.slice(0, 2)))
+    for k, v in out.items():
+        if isinstance(v, torch.Tensor) and v.ndim >= 2:
+            meta.widths[f"student.{k}"] = int(v.shape[-1])
+    return meta
 
 
 def distil_and_ship(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult], uri: str,
@@ -112,6 +123,10 @@ def distil_and_ship(cfg: PipelineConfig, source: SourceData, taught: dict[str, T
         counts.update({f"rows_taught_{tid}": r.rows_taught for tid, r in taught.items()})
         _log_metrics(client, run_id, counts)
 
+        if cfg.m2mkd is not None:  # module-to-module pre-training, then end-to-end from those weights
+            from kdpipe.m2mkd import pretrain_modules
+
+            init_state = pretrain_modules(cfg, meta, splits, run_id=run_id, tracking_uri=uri)
         common = dict(meta=meta, student_kind=cfg.student.kind, student_params=cfg.student.params, train_cfg=cfg.train,
                       seed=cfg.seed, tracking_uri=uri, run_id=run_id)
         losses = [{"name": l.name, "weight": l.weight, **l.params()} for l in cfg.losses]

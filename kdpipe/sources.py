@@ -70,6 +70,10 @@ def _read_raw(cfg: SourceConfig) -> tuple[list[dict[str, Any]], list[str]]:
         d = load_digits()
         x = (d.data / 16.0).astype(np.float32)
         return [{"x": x[i], "label": int(d.target[i])} for i in range(len(x))], ["sklearn:digits"]
+    if cfg.kind == "wordnet":
+        from kdpipe.datasets.wordnet import read_wordnet
+
+        return read_wordnet(cfg)
     assert cfg.path is not None
     if cfg.kind == "text":
         files = _resolve_files(cfg.path, (".txt",))
