@@ -92,6 +92,39 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from kdpipe.ops import retrain
+
+    res = retrain(_load(args), address=args.address, force=args.force, warm_start=args.warm_start)
+    if res.skipped:
+        print(f"retrain: skipped: {res.reason}")
+    else:
+        _print_result(res.run)
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from kdpipe.ops import build_scheduler
+
+    overrides = dict(parse_override(o) for o in args.overrides)
+    sched = build_scheduler(args.spec, args.cron, overrides, args.address, args.warm_start, args.timezone)
+    print(f"kdpipe schedule: retrain cycles of {args.spec} on '{args.cron}' ({args.timezone}); Ctrl-C stops", flush=True)
+    try:
+        sched.start()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from kdpipe.ops import submit
+
+    load_spec(args.spec, dict(parse_override(o) for o in args.overrides))  # validate locally first
+    job_id, status = submit(args.spec, args.address, args.overrides, follow=not args.no_follow)
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" or args.no_follow else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kdpipe", description="Knowledge distillation on Ray: teach -> cache -> distil -> track.")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -109,6 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_args(p)
     p.add_argument("--alias", default=None, help="alias to evaluate (default: the spec's tracking.alias)")
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("retrain", help="one idempotent retraining cycle: new rows only, challenger vs champion")
+    _spec_args(p)
+    p.add_argument("--force", action="store_true", help="train even when no new source data arrived")
+    p.add_argument("--warm-start", action="store_true", help="initialise the challenger from the champion's weights")
+    p.set_defaults(fn=cmd_retrain)
+    p = sub.add_parser("schedule", help="run retrain cycles on a cron schedule in this process (APScheduler)")
+    _spec_args(p)
+    p.add_argument("--cron", required=True, help='5-field crontab expression, e.g. "0 3 * * *"')
+    p.add_argument("--timezone", default="UTC")
+    p.add_argument("--warm-start", action="store_true")
+    p.set_defaults(fn=cmd_schedule)
+    p = sub.add_parser("submit", help="submit `kdpipe run SPEC` to a Ray cluster as a Ray job and follow it")
+    p.add_argument("spec")
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    p.set_defaults(fn=cmd_submit)
     p = sub.add_parser("promote", help="point an alias at a registered model version")
     p.add_argument("name")
     p.add_argument("version")
@@ -132,12 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"kdpipe: spec error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
         from kdpipe.cache import CacheCorruptError
         from kdpipe.sources import BadInputError
         from kdpipe.tracking import TrackingUnavailableError
 
-        if isinstance(e, (BadInputError, CacheCorruptError, TrackingUnavailableError, FileNotFoundError)):
+        if isinstance(e, (BadInputError, CacheCorruptError, TrackingUnavailableError, FileNotFoundError, TimeoutError)):
             print(f"kdpipe: error: {e}", file=sys.stderr)
             return 1
         raise

@@ -110,3 +110,57 @@ def version_metric(client: Any, version: Any, metric: str) -> float | None:
 def promote(client: Any, name: str, version: str, alias: str) -> None:
     client.set_registered_model_alias(name, alias, str(version))
     log.info("model %s: alias '%s' -> version %s", name, alias, version)
+
+
+class ServedStudent(nn.Module):
+    """A registered model (as `mlflow.pytorch.load_model` returns it) behind the student interface,
+    so the champion is evaluated by the same evaluator, on the same rows, as the challenger."""
+
+    def __init__(self, model: nn.Module, inputs: list[str], output: str) -> None:
+        super().__init__()
+        self.model, self.inputs, self.output = model, inputs, output
+
+    def train(self, mode: bool = True) -> "ServedStudent":
+        # exported (pt2) programs refuse .train()/.eval(); they are inference-only already
+        self.training = mode
+        return self
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self.output: self.model(*[batch[k] for k in self.inputs])}
+
+
+def load_served(version: Any) -> ServedStudent:
+    import json
+
+    import mlflow.pytorch
+
+    tags = version.tags or {}
+    inputs = json.loads(tags.get("kdpipe.serving_inputs", '["x"]'))
+    output = tags.get("kdpipe.serving_output", "logits")
+    model = mlflow.pytorch.load_model(f"models:/{version.name}/{version.version}")
+    return ServedStudent(model, inputs, output)
+
+
+STATE_ARTIFACT = "student_state/model.safetensors"
+
+
+def log_student_state(client: Any, run_id: str, state: dict[str, torch.Tensor]) -> None:
+    """The raw student weights beside the served model: what a warm-started retrain loads."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        client.log_artifact(run_id, str(path), "student_state")
+
+
+def load_student_state(client: Any, run_id: str) -> dict[str, torch.Tensor]:
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as d:
+        return load_file(client.download_artifacts(run_id, STATE_ARTIFACT, d))

@@ -161,11 +161,21 @@ def distil_and_ship(cfg: PipelineConfig, source: SourceData, taught: dict[str, T
             rows[f"student exit {k.removeprefix('test_acc_exit')}"] = metrics[k]
         _log_metrics(client, run_id, metrics)
 
+        champion = None
         champ_v = reg.alias_version(client, cfg.tracking.model_name, cfg.tracking.alias)
-        champion = reg.version_metric(client, champ_v, cfg.tracking.gates.metric) if champ_v else None
+        if champ_v is not None:  # re-evaluate the champion on today's held-out rows, not its old score
+            champ_metrics = evaluator(reg.load_served(champ_v), splits["test"], prefix="champion_test_")
+            champion = champ_metrics.get("champion_" + gate_metric)
+            metrics.update(champ_metrics)
+            metrics["champion_version"] = float(champ_v.version)
+            rows[f"champion v{champ_v.version}"] = champion
+            _log_metrics(client, run_id, champ_metrics)
         gate = reg.evaluate_gates(metrics, cfg.tracking.gates, baseline, champion)
+        reg.log_student_state(client, run_id, res.state)
         tags = {**lineage, "kdpipe.run_id": run_id, "kdpipe.gates": json.dumps(gate.checks), "kdpipe.gates_passed": str(gate.passed),
-                f"metric.{cfg.tracking.gates.metric}": repr(float(metrics[cfg.tracking.gates.metric]))}
+                f"metric.{gate_metric}": repr(float(metrics[gate_metric])),
+                "kdpipe.serving_inputs": json.dumps(list(getattr(student, "serving_inputs", ["x"]))),
+                "kdpipe.serving_output": getattr(student, "serving_output", "logits")}
         version = reg.log_and_register(run_id, student, serving_example(student, splits["test"]), cfg.tracking.model_name, tags)
         if gate.passed:
             reg.promote(client, cfg.tracking.model_name, version.version, cfg.tracking.alias)

@@ -86,8 +86,8 @@ def train_loop(config: dict[str, Any]) -> None:
     student = build_student(config["student_kind"], config["student_params"], meta)
     losses = LossSuite(config["losses"], LossContext(meta.num_classes, meta.teachers, meta.widths))
     module = DistilModule(student, losses)
-    if config.get("init_state"):
-        module.student.load_state_dict(config["init_state"])
+    if config.get("init_state"):  # warm start / m2mKD modules; numpy across the Ray boundary
+        module.student.load_state_dict({k: torch.as_tensor(v) for k, v in config["init_state"].items()})
     model = ray.train.torch.prepare_model(module)
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     start = 0
@@ -169,7 +169,7 @@ def fit(
     run_id: str,
     prefix: str = "",
     epochs: int | None = None,
-    init_state: dict[str, torch.Tensor] | None = None,
+    init_state: dict[str, Any] | None = None,
     fail_at_epoch: int | None = None,
 ) -> FitResult:
     """Train one student with `TorchTrainer`; returns its final weights and metrics."""
@@ -187,7 +187,9 @@ def fit(
             "meta": meta.as_dict(), "student_kind": student_kind, "student_params": student_params, "losses": losses,
             "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay, "batch_size": train_cfg.batch_size,
             "epochs": epochs or train_cfg.epochs, "seed": seed, "tracking_uri": tracking_uri, "run_id": run_id,
-            "prefix": prefix, "checkpoint_every": train_cfg.checkpoint_every, "init_state": init_state, "fail_at_epoch": fail_at_epoch,
+            "prefix": prefix, "checkpoint_every": train_cfg.checkpoint_every,
+            "init_state": {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in init_state.items()}
+            if init_state else None, "fail_at_epoch": fail_at_epoch,
         },
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus}),

@@ -1,0 +1,165 @@
+"""Operating kdpipe: evaluate/list registered models, retraining cycles, schedules, cluster jobs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdpipe.config import PipelineConfig, load_spec
+
+log = logging.getLogger("kdpipe.ops")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def evaluate_registered(cfg: PipelineConfig, alias: str | None = None, address: str | None = None) -> dict[str, Any]:
+    """Score the registered model at `alias` on the spec's held-out test rows."""
+    from mlflow.tracking import MlflowClient
+
+    import mlflow
+
+    from kdpipe import model_registry as reg
+    from kdpipe.data import hide_unlabeled, join_teacher_outputs, split_tables
+    from kdpipe.evaluate import EVALUATORS
+    from kdpipe.pipeline import locate_caches, prepare
+
+    source, uri = prepare(cfg, address)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    alias = alias or cfg.tracking.alias
+    version = reg.alias_version(client, cfg.tracking.model_name, alias)
+    if version is None:
+        raise RuntimeError(f"model '{cfg.tracking.model_name}' has no alias '{alias}'; see `kdpipe models {cfg.tracking.model_name}`")
+    caches = locate_caches(cfg, source)
+    test = split_tables(hide_unlabeled(join_teacher_outputs(source.table, {k: r.cache for k, r in caches.items()})))["test"]
+    metrics: dict[str, Any] = {"model": f"{cfg.tracking.model_name}@{alias} (version {version.version})", "rows": test.num_rows}
+    metrics.update(EVALUATORS.get(cfg.evaluate.task)(reg.load_served(version), test, prefix="test_"))
+    return metrics
+
+
+def list_models(name: str, tracking_uri: str | None = None) -> str:
+    """One line per registered version: aliases, gate metric, gates, lineage."""
+    from mlflow.tracking import MlflowClient
+
+    from kdpipe.tracking import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    model = client.get_registered_model(name)
+    by_version: dict[str, list[str]] = {}
+    for alias, v in (model.aliases or {}).items():
+        by_version.setdefault(str(v), []).append(alias)
+    lines = [f"{'version':>7}  {'aliases':<12} {'metric':<24} {'gates':<6} {'source':<16} run"]
+    for v in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+        tags = v.tags or {}
+        metric = next(((k.removeprefix("metric."), float(val)) for k, val in tags.items() if k.startswith("metric.")), None)
+        mtxt = f"{metric[0]}={metric[1]:.4f}" if metric else "-"
+        lines.append(f"{v.version:>7}  {','.join(by_version.get(str(v.version), [])) or '-':<12} {mtxt:<24} "
+                     f"{tags.get('kdpipe.gates_passed', '-'):<6} {tags.get('kdpipe.source_fingerprint', '-'):<16} {v.run_id}")
+    return "\n".join(lines)
+
+
+@dataclass
+class CycleResult:
+    skipped: bool
+    reason: str
+    run: Any = None  # RunResult when a student was trained
+
+
+def retrain(cfg: PipelineConfig, address: str | None = None, force: bool = False, warm_start: bool = False) -> CycleResult:
+    """One idempotent retraining cycle.
+
+    New source rows (by source fingerprint, compared with the newest registered version) are
+    taught incrementally (cached rows are reused), a challenger is trained and registered, and
+    the alias moves only if it beats the champion re-scored on today's held-out rows.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from kdpipe import model_registry as reg
+    from kdpipe.pipeline import distil_and_ship, prepare, teach
+
+    source, uri = prepare(cfg, address)
+    client = MlflowClient(uri)
+    try:
+        versions = client.search_model_versions(f"name='{cfg.tracking.model_name}'")
+    except MlflowException:
+        versions = []
+    latest = max(versions, key=lambda v: int(v.version)) if versions else None
+    last_fp = (latest.tags or {}).get("kdpipe.source_fingerprint") if latest else None
+    if last_fp == source.fingerprint and not force:
+        reason = f"no new source data since version {latest.version} (source fingerprint {last_fp}); nothing to do"
+        log.info(reason)
+        return CycleResult(True, reason)
+    taught = teach(cfg, source)
+    init_state = None
+    if warm_start:
+        champ = reg.alias_version(client, cfg.tracking.model_name, cfg.tracking.alias)
+        if champ is not None:
+            init_state = reg.load_student_state(client, champ.run_id)
+            log.info("warm start from %s version %s", cfg.tracking.model_name, champ.version)
+    tags = {"kdpipe.cycle": "retrain", "kdpipe.previous_source_fingerprint": last_fp or "none"}
+    run = distil_and_ship(cfg, source, taught, uri, init_state=init_state, extra_tags=tags)
+    return CycleResult(False, run.gate_reasons, run)
+
+
+def build_scheduler(spec_path: str, cron: str, overrides: dict[str, Any] | None = None, address: str | None = None,
+                    warm_start: bool = False, timezone: str = "UTC") -> Any:
+    """An APScheduler `BlockingScheduler` running one `retrain` cycle per cron tick (5-field crontab)."""
+    from apscheduler.schedulers.blocking import BlockingScheduler
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        trigger = CronTrigger.from_crontab(cron, timezone=timezone)
+    except ValueError as e:
+        raise ValueError(f"--cron '{cron}' is not a 5-field crontab expression ({e}); e.g. \"0 3 * * *\"") from None
+    load_spec(spec_path, overrides)  # fail now, not at 3 am
+
+    def cycle() -> None:
+        cfg = load_spec(spec_path, overrides)  # re-read: the spec may change between cycles
+        res = retrain(cfg, address=address, warm_start=warm_start)
+        log.info("retrain cycle: %s", res.reason)
+
+    sched = BlockingScheduler(timezone=timezone)
+    sched.add_job(cycle, trigger, id="kdpipe-retrain", max_instances=1, coalesce=True, misfire_grace_time=3600)
+    return sched
+
+
+def submit(spec: str, address: str, overrides: list[str], follow: bool = True, extra_env: dict[str, str] | None = None,
+           timeout_s: float | None = None) -> tuple[str, str]:
+    """Submit `kdpipe run SPEC` as a Ray job that ships this project as its working_dir."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    env = {k: v for k, v in os.environ.items() if k in ("MLFLOW_TRACKING_URI",)}
+    env.update(extra_env or {})
+    sets = " ".join(f"--set {o}" for o in overrides)
+    job_id = client.submit_job(
+        entrypoint=f"python -m kdpipe.cli run {spec} {sets}".strip(),
+        runtime_env={
+            "working_dir": str(PROJECT_ROOT),
+            "excludes": [".venv", ".git", ".kdpipe", "mlruns.db", "mlartifacts", "**/__pycache__", "bench/results"],
+            "env_vars": env,
+        },
+    )
+    print(f"submitted job {job_id} to {address}", flush=True)
+    start = time.time()
+    status = client.get_job_status(job_id)
+    printed = 0
+    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if timeout_s is not None and time.time() - start > timeout_s:
+            client.stop_job(job_id)
+            raise TimeoutError(f"job {job_id} did not finish in {timeout_s:.0f} s; stopped it")
+        time.sleep(2)
+        if follow:
+            logs = client.get_job_logs(job_id)
+            sys.stdout.write(logs[printed:])
+            sys.stdout.flush()
+            printed = len(logs)
+        status = client.get_job_status(job_id)
+    if follow:
+        sys.stdout.write(client.get_job_logs(job_id)[printed:])
+    return job_id, str(status.value if hasattr(status, "value") else status)

@@ -1,0 +1,100 @@
+"""Real services started by tests (and stopped by them): an MLflow tracking server, a Ray cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 90.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not come up in {timeout:.0f} s")
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a sqlite store and served artifacts under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        root.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+            stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            wait_http(self.uri + "/health")
+        except TimeoutError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+class RayCluster:
+    """A head node plus a second worker node on this machine, isolated by their own temp dir;
+    teardown kills only processes of this cluster (never `ray stop`, which would kill every Ray)."""
+
+    def __init__(self, root: Path, head_cpus: int = 2, worker_cpus: int = 1) -> None:
+        self.tmp = Path("/tmp") / f"kdray{os.getpid()}{free_port()}"  # short: Ray's socket paths have a length limit
+        self.gcs_port, self.dash_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard = f"http://127.0.0.1:{self.dash_port}"
+        ray = str(BIN / "ray")
+        env = {**os.environ, "RAY_ADDRESS": ""}
+        subprocess.run([ray, "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={head_cpus}",
+                        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash_port}",
+                        f"--temp-dir={self.tmp}", "--disable-usage-stats"], check=True, env=env, capture_output=True)
+        subprocess.run([ray, "start", f"--address={self.address}", f"--num-cpus={worker_cpus}", "--disable-usage-stats"],
+                       check=True, env=env, capture_output=True)
+        wait_http(self.dashboard + "/api/version")
+
+    def stop(self) -> None:
+        import psutil
+
+        marker = str(self.tmp)
+        procs = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if marker in cmd or f"127.0.0.1:{self.gcs_port}" in cmd or f"--gcs-address=127.0.0.1:{self.gcs_port}" in cmd:
+                procs.append(p)
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=15)
+        shutil.rmtree(self.tmp, ignore_errors=True)

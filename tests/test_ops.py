@@ -1,0 +1,127 @@
+"""Operating kdpipe against a real `mlflow server`: retraining cycles with incremental caches,
+gated promotion in both directions, lineage tags, promote/models/eval, the cron schedule path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kdpipe.arrays import to_fixed_list
+from kdpipe.config import load_spec
+from kdpipe.ops import build_scheduler, evaluate_registered, list_models, retrain
+from tests.conftest import tiny_overrides
+from tests.servers import MlflowServer
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()
+
+
+def _write_digits(path: Path, lo: int, hi: int) -> None:
+    """Real digits rows [lo, hi) as one Parquet file of a growing source directory."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data[lo:hi] / 16.0).astype(np.float32)
+    pq.write_table(pa.table({"x": to_fixed_list(x), "label": pa.array(d.target[lo:hi].astype(np.int64))}), path)
+
+
+def _spec(tmp: Path, uri: str, **extra):
+    o = tiny_overrides(tmp, **{
+        "source": {"kind": "parquet", "path": str(tmp / "data"), "features": "x", "label": "label", "num_classes": 10,
+                   "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 0.3}},
+        "tracking.tracking_uri": uri, "tracking.model_name": "retrain-student",
+        "tracking.gates.min_gain_over_baseline": None, "evaluate.baseline": False,
+    })
+    o.update(extra)
+    return load_spec("pipelines/digits_kd.yaml", o)
+
+
+def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    _write_digits(tmp_path / "data" / "part-a.parquet", 0, 1000)
+    uri = mlflow_server.uri
+    client = MlflowClient(uri)
+
+    # cycle 1: a weak student (1 epoch), promoted because there is no champion yet
+    c1 = retrain(_spec(tmp_path, uri, **{"train.epochs": 1}))
+    assert not c1.skipped and c1.run.promoted
+    t1 = c1.run.teach["digits_mlp"]
+    assert t1.rows_taught == 1000
+
+    # nothing new: the cycle is a no-op (idempotent)
+    again = retrain(_spec(tmp_path, uri))
+    assert again.skipped and "no new source data" in again.reason
+
+    # cycle 2: new rows arrive; only they hit the teacher; a better student wins against the re-scored champion
+    _write_digits(tmp_path / "data" / "part-b.parquet", 1000, 1797)
+    c2 = retrain(_spec(tmp_path, uri, **{"train.epochs": 12}))
+    t2 = c2.run.teach["digits_mlp"]
+    assert t2.fingerprint == t1.fingerprint and t2.rows_taught == 797
+    parts = t2.manifest()["parts"]
+    assert [p["rows"] for p in parts] == [1000, 797] and parts[0]["source_fingerprint"] != parts[1]["source_fingerprint"]
+    assert c2.run.metrics["champion_version"] == 1.0
+    assert c2.run.promoted, c2.run.gate_reasons
+    assert client.get_model_version_by_alias("retrain-student", "champion").version == c2.run.model_version
+
+    # a deliberately worse challenger (tiny lr, 1 epoch) is registered but not promoted
+    c3 = retrain(_spec(tmp_path, uri, **{"train.epochs": 1, "train.lr": 1e-6}), force=True)
+    assert not c3.skipped and not c3.run.promoted and "over_champion" in c3.run.gate_reasons
+    mv3 = client.get_model_version("retrain-student", c3.run.model_version)
+    assert mv3.tags["kdpipe.gates_passed"] == "False"
+    assert client.get_model_version_by_alias("retrain-student", "champion").version == c2.run.model_version
+
+    # lineage on every version
+    for tag in ("kdpipe.cache.digits_mlp", "kdpipe.source_fingerprint", "kdpipe.spec_hash", "kdpipe.git_commit",
+                "kdpipe.teachers", "kdpipe.gates"):
+        assert mv3.tags.get(tag), tag
+
+    # `kdpipe models` lists versions with aliases; `kdpipe promote` moves the alias; `kdpipe eval` scores it
+    listing = list_models("retrain-student", uri)
+    assert "champion" in listing and len(listing.splitlines()) == 4
+    from kdpipe.cli import main
+
+    assert main(["promote", "retrain-student", c3.run.model_version, "--tracking-uri", uri]) == 0
+    assert client.get_model_version_by_alias("retrain-student", "champion").version == c3.run.model_version
+    ev = evaluate_registered(_spec(tmp_path, uri))
+    assert "version 3" in ev["model"] and 0.0 <= ev["test_acc"] <= 1.0
+    assert abs(ev["test_acc"] - c3.run.metrics["test_acc"]) < 1e-9  # same rows, same model, same number
+
+    # warm start loads the champion's raw weights from its run
+    c4 = retrain(_spec(tmp_path, uri, **{"train.epochs": 1}), force=True, warm_start=True)
+    assert c4.run.model_version == "4"
+
+
+def test_unreachable_tracking_server_fails_before_compute(tmp_path: Path) -> None:
+    from kdpipe.pipeline import prepare
+    from kdpipe.tracking import TrackingUnavailableError
+    from tests.servers import free_port
+
+    cfg = load_spec("pipelines/digits_kd.yaml", tiny_overrides(tmp_path, **{"tracking.tracking_uri": f"http://127.0.0.1:{free_port()}"}))
+    with pytest.raises(TrackingUnavailableError, match="unreachable"):
+        prepare(cfg)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_schedule_uses_cron_trigger(tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    sched = build_scheduler("pipelines/digits_kd.yaml", "0 3 * * *")
+    job = sched.get_jobs()[0]
+    now = datetime(2026, 11, 25, 7, 0, tzinfo=timezone.utc)
+    fire = job.trigger.get_next_fire_time(None, now)
+    assert (fire.hour, fire.minute, fire.day) == (3, 0, 26)
+    fire2 = build_scheduler("pipelines/digits_kd.yaml", "*/15 * * * *").get_jobs()[0].trigger.get_next_fire_time(None, now)
+    assert (fire2.hour, fire2.minute) == (7, 0) or (fire2.hour, fire2.minute) == (7, 15)
+    with pytest.raises(ValueError, match="5-field crontab"):
+        build_scheduler("pipelines/digits_kd.yaml", "every night")
