@@ -188,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         from kdpipe.tracking import TrackingUnavailableError
 
         if isinstance(e, (BadInputError, CacheCorruptError, TrackingUnavailableError, FileNotFoundError, TimeoutError)):
-            print(f"kdpipe: error: {e}", file=sys.stderr)
+            if args.verbose:
+                import traceback
+
+                traceback.print_exc()
+            where = f" ({e.filename})" if isinstance(e, FileNotFoundError) and e.filename else ""
+            print(f"kdpipe: error: {e}{where}", file=sys.stderr)
             return 1
         raise
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -136,15 +137,23 @@ def submit(spec: str, address: str, overrides: list[str], follow: bool = True, e
     client = JobSubmissionClient(address)
     env = {k: v for k, v in os.environ.items() if k in ("MLFLOW_TRACKING_URI",)}
     env.update(extra_env or {})
-    sets = " ".join(f"--set {o}" for o in overrides)
-    job_id = client.submit_job(
-        entrypoint=f"python -m kdpipe.cli run {spec} {sets}".strip(),
+    sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
+    kwargs = dict(
+        entrypoint=f"python -m kdpipe.cli -v run {shlex.quote(spec)} {sets}".strip(),
         runtime_env={
             "working_dir": str(PROJECT_ROOT),
             "excludes": [".venv", ".git", ".kdpipe", "mlruns.db", "mlartifacts", "**/__pycache__", "bench/results"],
             "env_vars": env,
         },
     )
+    for attempt in range(30):  # a just-started head has no job agent for a few seconds
+        try:
+            job_id = client.submit_job(**kwargs)
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or attempt == 29:
+                raise
+            time.sleep(2)
     print(f"submitted job {job_id} to {address}", flush=True)
     start = time.time()
     status = client.get_job_status(job_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,16 @@ def output_columns(out: dict[str, np.ndarray], outputs: list[str], topk: int | N
             for key, arr in out.items():
                 if key.startswith("features."):
                     cols["feat." + key.split(".", 1)[1]] = to_fixed_list(arr.astype(np.float16))
+        elif name == "tokens":  # token students read these instead of the text
+            for key in ("input_ids", "attention_mask"):
+                if key not in out:
+                    raise KeyError(f"teacher output 'tokens' needs '{key}' (it produces {sorted(out)})")
+                cols[key] = to_fixed_list(out[key].astype(np.int32))
+        elif name in ("attn_rel", "value_rel"):  # per-token relations: fp16 when the teacher stores fp16
+            if name not in out:
+                raise KeyError(f"teacher produced no '{name}' output (it produces {sorted(out)})")
+            arr = out[name]
+            cols[name] = to_fixed_list(arr if arr.dtype == np.float16 else arr.astype(np.float32))
         else:
             if name not in out:
                 raise KeyError(f"teacher produced no '{name}' output (it produces {sorted(out)})")
@@ -80,6 +91,7 @@ class TeacherActor:
         self.teacher = TEACHERS.get(self.cfg.kind).load(self.cfg, device=device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        _maybe_crash_for_test()
         inputs: dict[str, Any] = {}
         if "x" in batch.column_names:
             from kdpipe.arrays import to_numpy
@@ -90,6 +102,19 @@ class TeacherActor:
         out = self.teacher.forward(inputs)
         cols = {"id": batch["id"], **output_columns(out, self.cfg.outputs, self.cfg.topk)}
         return pa.table(cols)
+
+
+def _maybe_crash_for_test() -> None:
+    """Fault injection for the failure tests: with KDPIPE_FAULT_TEACHER_EXIT_ONCE=<marker path>,
+    the first actor to get here creates the marker and dies hard, as a crashed process would."""
+    marker = os.environ.get("KDPIPE_FAULT_TEACHER_EXIT_ONCE")
+    if marker:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os._exit(1)
 
 
 @dataclass

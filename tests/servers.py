@@ -71,18 +71,27 @@ class RayCluster:
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dash_port}"
         ray = str(BIN / "ray")
-        env = {**os.environ, "RAY_ADDRESS": ""}
+        # explicit: Ray turns token auth on by itself when ~/.ray/auth_token exists, and the CLI then cannot join
+        env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
+        try:
+            self._start(ray, env, head_cpus, worker_cpus)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, ray: str, env: dict[str, str], head_cpus: int, worker_cpus: int) -> None:
         subprocess.run([ray, "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={head_cpus}",
                         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash_port}",
                         f"--temp-dir={self.tmp}", "--disable-usage-stats"], check=True, env=env, capture_output=True)
-        subprocess.run([ray, "start", f"--address={self.address}", f"--num-cpus={worker_cpus}", "--disable-usage-stats"],
+        subprocess.run([ray, "start", f"--address={self.address}", f"--num-cpus={worker_cpus}", "--disable-usage-stats",
+                        f"--temp-dir={self.tmp}w"],
                        check=True, env=env, capture_output=True)
         wait_http(self.dashboard + "/api/version")
 
     def stop(self) -> None:
         import psutil
 
-        marker = str(self.tmp)
+        marker = str(self.tmp)  # also matches the worker node's "<tmp>w"
         procs = []
         for p in psutil.process_iter(["cmdline"]):
             try:
@@ -98,3 +107,4 @@ class RayCluster:
                 pass
         psutil.wait_procs(procs, timeout=15)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(f"{self.tmp}w", ignore_errors=True)

@@ -1,0 +1,25 @@
+"""Run every benchmark in one process group and print their ratios (`make bench`).
+Run on a quiet machine: the ratios are measured side by side, but other load still adds noise."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import cache_size, cached_vs_online, student_speed, teach_memory, teach_throughput  # noqa: E402
+
+if __name__ == "__main__":
+    for name, mod in [("cache size / fidelity", cache_size), ("cached vs online", cached_vs_online),
+                      ("student vs teacher speed", student_speed), ("teach throughput", teach_throughput),
+                      ("teach memory", teach_memory)]:
+        print(f"== {name}")
+        mod.main()
+    try:
+        from bench import minilm_speed  # written with the MiniLM pipelines
+
+        print("== MiniLM student vs teacher")
+        minilm_speed.main()
+    except ImportError:
+        pass

@@ -1,0 +1,104 @@
+"""Failures on real Ray and MLflow: crashed teacher actor, crashed training worker, MLflow outages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kdpipe.config import load_spec
+from tests.conftest import ROOT, tiny_overrides
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_teacher_actor_crash_mid_stage_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    """A teacher actor process dies after its first batch; Ray Data restarts it and retries the
+    batch; the published cache has every source row exactly once. (Own Ray in a subprocess, so
+    the fault-injection variable reaches the actor processes.)"""
+    marker = tmp_path / "crashed"
+    script = textwrap.dedent(f"""
+        import json, sys
+        from kdpipe.config import load_spec
+        from kdpipe.pipeline import prepare, teach
+        cfg = load_spec("pipelines/digits_kd.yaml", json.loads(sys.argv[1]))
+        source, _ = prepare(cfg)
+        r = teach(cfg, source)["digits_mlp"]
+        ids = r.cache.read(columns=None)["id"].to_pylist()
+        print(json.dumps({{"rows": len(ids), "unique": len(set(ids)), "source": source.table.num_rows,
+                          "same": sorted(ids) == sorted(source.table["id"].to_pylist())}}))
+    """)
+    o = tiny_overrides(tmp_path, **{"teach.batch_size": 64, "teach.concurrency": 2, "teach.num_cpus": 0.5})
+    env = {**os.environ, "KDPIPE_FAULT_TEACHER_EXIT_ONCE": str(marker), "RAY_ADDRESS": ""}
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(o)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert marker.exists(), "the fault was not injected"
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["rows"] == res["unique"] == res["source"] and res["same"]
+
+
+def test_training_worker_crash_resumes_from_checkpoint_in_one_mlflow_run(ray_local, tmp_path: Path) -> None:
+    from kdpipe.pipeline import distil_and_ship, prepare, teach
+
+    o = tiny_overrides(tmp_path, **{"train.epochs": 5, "train.checkpoint_every": 2, "train.max_failures": 1,
+                                    "evaluate.baseline": False, "source.limit": 600})
+    cfg = load_spec("pipelines/digits_kd.yaml", o)
+    source, uri = prepare(cfg)
+    taught = teach(cfg, source)
+    # rank 0 exits hard at the start of epoch 3; the last checkpoint is after epoch 1 (index)
+    res = distil_and_ship(cfg, source, taught, uri, fail_at_epoch=3)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == res.run_id and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(res.run_id, "val_acc")]
+    assert steps.count(2) == 2, steps  # epoch 2 ran before the crash and again after resuming from epoch 1's checkpoint
+    assert 0 in steps and 4 in steps and steps.count(0) == 1  # not restarted from scratch
+    assert res.model_version == "1"
+
+
+def test_metrics_logger_survives_mlflow_outage(tmp_path: Path, monkeypatch) -> None:
+    from kdpipe.tracking import MetricsLogger
+    from tests.servers import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    dead = MetricsLogger(f"http://127.0.0.1:{free_port()}", run_id="0" * 32)
+    dead.log({"loss": 1.0, "epoch": 0}, step=0)  # must not raise: training continues
+    dead.log({"loss": 0.5, "epoch": 1}, step=1)
+    assert dead.failures == 2 and len(dead.buffer) == 2
+
+    # when tracking comes back, buffered metrics are delivered in order
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("x"))
+    dead.client, dead.run_id = client, run.info.run_id
+    dead.flush()
+    assert dead.buffer == [] and [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [1.0, 0.5]
+
+
+def test_weights_are_never_unpickled() -> None:
+    """Every torch.load in the product passes weights_only=True; trust_remote_code defaults off."""
+    from kdpipe.config import TeacherConfig
+
+    offenders = []
+    for path in list((ROOT / "kdpipe").rglob("*.py")) + list((ROOT / "teachers").rglob("*.py")) + list((ROOT / "students").rglob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{path}:{n}")
+    assert offenders == []
+    assert TeacherConfig.model_fields["trust_remote_code"].default is False
+
+
+def test_missing_teacher_weights_name_the_fix(tmp_path: Path) -> None:
+    from kdpipe.config import TeacherConfig
+    from teachers import TEACHERS
+
+    t = TeacherConfig(id="t", kind="mlp_classifier", path=str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="kdpipe teach"):
+        TEACHERS.get("mlp_classifier").load(t)
