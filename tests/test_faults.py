@@ -39,26 +39,28 @@ def test_teacher_actor_crash_mid_stage_loses_and_duplicates_nothing(tmp_path: Pa
     out = subprocess.run([sys.executable, "-c", script, json.dumps(o)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert marker.exists(), "the fault was not injected"
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
     assert res["rows"] == res["unique"] == res["source"] and res["same"]
 
 
 def test_training_worker_crash_resumes_from_checkpoint_in_one_mlflow_run(ray_local, tmp_path: Path) -> None:
     from kdpipe.pipeline import distil_and_ship, prepare, teach
 
-    o = tiny_overrides(tmp_path, **{"train.epochs": 5, "train.checkpoint_every": 2, "train.max_failures": 1,
+    o = tiny_overrides(tmp_path, **{"train.epochs": 8, "train.checkpoint_every": 2, "train.max_failures": 1,
                                     "evaluate.baseline": False, "source.limit": 600})
     cfg = load_spec("pipelines/digits_kd.yaml", o)
     source, uri = prepare(cfg)
     taught = teach(cfg, source)
-    # rank 0 exits hard at the start of epoch 3; the last checkpoint is after epoch 1 (index)
-    res = distil_and_ship(cfg, source, taught, uri, fail_at_epoch=3)
+    # rank 0 exits hard at the start of epoch 5; checkpoints were reported after epochs 1 and 3.
+    # (Ray Train registers a checkpoint when its controller next polls the workers, so a crash
+    # right after a report may resume from the one before: the test only requires "not from scratch".)
+    res = distil_and_ship(cfg, source, taught, uri, fail_at_epoch=5)
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     assert len(runs) == 1 and runs[0].info.run_id == res.run_id and runs[0].info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(res.run_id, "val_acc")]
-    assert steps.count(2) == 2, steps  # epoch 2 ran before the crash and again after resuming from epoch 1's checkpoint
-    assert 0 in steps and 4 in steps and steps.count(0) == 1  # not restarted from scratch
+    steps = sorted(m.step for m in client.get_metric_history(res.run_id, "val_acc"))
+    assert steps.count(0) == 1 and steps.count(1) == 1, steps  # resumed from a checkpoint, not from scratch
+    assert steps.count(4) == 2 and steps[-1] == 7, steps  # epoch 4 ran before the crash and again after resuming
     assert res.model_version == "1"
 
 
