@@ -117,6 +117,8 @@ def distil_and_ship(cfg: PipelineConfig, source: SourceData, taught: dict[str, T
         client.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "spec.yaml")
         for tid, r in taught.items():
             client.log_text(run_id, json.dumps(r.manifest(), indent=2), f"caches/{tid}/MANIFEST.json")
+        if source.quarantine_path:  # the skipped rows and why, beside the run that skipped them
+            client.log_artifact(run_id, source.quarantine_path, "quarantine")
         counts = {f"rows_{k}": v.num_rows for k, v in splits.items()}
         counts["rows_train_labeled"] = labeled_only(splits["train"]).num_rows
         counts["rows_bad_skipped"] = source.bad_rows

@@ -27,18 +27,21 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
-def _write_digits(path: Path, lo: int, hi: int) -> None:
-    """Real digits rows [lo, hi) as one Parquet file of a growing source directory."""
+def _write_digits(path: Path, lo: int, hi: int, nan_rows: int = 0) -> None:
+    """Real digits rows [lo, hi) as one Parquet file of a growing source directory
+    (the first `nan_rows` of them corrupted with a NaN, as bad input)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = (d.data[lo:hi] / 16.0).astype(np.float32)
+    x[:nan_rows, 3] = np.nan
     pq.write_table(pa.table({"x": to_fixed_list(x), "label": pa.array(d.target[lo:hi].astype(np.int64))}), path)
 
 
 def _spec(tmp: Path, uri: str, **extra):
     o = tiny_overrides(tmp, **{
         "source": {"kind": "parquet", "path": str(tmp / "data"), "features": "x", "label": "label", "num_classes": 10,
+                   "on_bad_rows": "skip",
                    "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 0.3}},
         "tracking.tracking_uri": uri, "tracking.model_name": "retrain-student",
         "tracking.gates.min_gain_over_baseline": None, "evaluate.baseline": False,
@@ -49,7 +52,7 @@ def _spec(tmp: Path, uri: str, **extra):
 
 def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    _write_digits(tmp_path / "data" / "part-a.parquet", 0, 1000)
+    _write_digits(tmp_path / "data" / "part-a.parquet", 0, 1001, nan_rows=1)
     uri = mlflow_server.uri
     client = MlflowClient(uri)
 
@@ -57,19 +60,21 @@ def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tm
     c1 = retrain(_spec(tmp_path, uri, **{"train.epochs": 1}))
     assert not c1.skipped and c1.run.promoted
     t1 = c1.run.teach["digits_mlp"]
-    assert t1.rows_taught == 1000
+    assert t1.rows_taught == 1000  # the NaN row was quarantined, counted in MLflow, never taught
+    assert client.get_run(c1.run.run_id).data.metrics["rows_bad_skipped"] == 1
+    assert [a.path for a in client.list_artifacts(c1.run.run_id, "quarantine")]
 
     # nothing new: the cycle is a no-op (idempotent)
     again = retrain(_spec(tmp_path, uri))
     assert again.skipped and "no new source data" in again.reason
 
     # cycle 2: new rows arrive; only they hit the teacher; a better student wins against the re-scored champion
-    _write_digits(tmp_path / "data" / "part-b.parquet", 1000, 1797)
+    _write_digits(tmp_path / "data" / "part-b.parquet", 1001, 1797)
     c2 = retrain(_spec(tmp_path, uri, **{"train.epochs": 12}))
     t2 = c2.run.teach["digits_mlp"]
-    assert t2.fingerprint == t1.fingerprint and t2.rows_taught == 797
+    assert t2.fingerprint == t1.fingerprint and t2.rows_taught == 796
     parts = t2.manifest()["parts"]
-    assert [p["rows"] for p in parts] == [1000, 797] and parts[0]["source_fingerprint"] != parts[1]["source_fingerprint"]
+    assert [p["rows"] for p in parts] == [1000, 796] and parts[0]["source_fingerprint"] != parts[1]["source_fingerprint"]
     assert c2.run.metrics["champion_version"] == 1.0
     assert c2.run.promoted, c2.run.gate_reasons
     assert client.get_model_version_by_alias("retrain-student", "champion").version == c2.run.model_version
