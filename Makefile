@@ -15,6 +15,8 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	# real offline English text for pipelines/minilm_*.yaml (WordNet 3.0 glosses, 28 MB)
+	test -d /usr/share/wordnet || (apt-get update -qq && apt-get install -y -qq --no-install-recommends wordnet-base)
 	touch $@
 
 install: $(STAMP)

@@ -62,3 +62,4 @@ def serving_example(student: nn.Module, table: pa.Table, n: int = 2) -> dict[str
     """The first rows of the columns the student serves on (its `serving_inputs`, default `x`)."""
     names = getattr(student, "serving_inputs", ["x"])
     return {k: np.array(to_numpy(table.slice(0, n)[k])) for k in names}
+from kdpipe import eval_embedding  # noqa: E402,F401  (registers "embedding")
