@@ -51,7 +51,10 @@ class DistilModule(nn.Module):
 
 
 def accuracy_counts(out: dict[str, Any], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Correct-prediction counts for the final output and every exit (labeled rows only)."""
+    """Correct-prediction counts for the final output and every exit (labeled rows only);
+    nothing for students without class outputs (embedding students)."""
+    if "logits" not in out:
+        return {"n": labels.new_zeros((), dtype=torch.float)}
     mask = labels >= 0
     counts = {"acc": (out["logits"].argmax(1)[mask] == labels[mask]).sum().float()}
     for i, z in enumerate(out.get("exits") or []):
@@ -126,7 +129,7 @@ def train_loop(config: dict[str, Any]) -> None:
         sums = _allreduce(dict(sums))
         vs = _allreduce(dict(vs))
         metrics = {f"train_{k}": v / max(sums["rows"], 1) for k, v in sums.items() if k != "rows"}
-        metrics.update({f"val_{k}": v / max(vs["n"], 1) for k, v in vs.items() if k != "n"})
+        metrics.update({f"val_{k}": v / max(vs.get("n", 0), 1) for k, v in vs.items() if k != "n"})
         metrics["epoch"] = epoch
         if tracker is not None:
             tracker.log(metrics, step=epoch)

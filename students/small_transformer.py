@@ -8,8 +8,7 @@ student never tokenises during training and serves on exactly those two tensors.
   attn_logits     (N, heads, L, L)   last-layer attention logits  } only in training mode and with
   value_logits    (N, R, L, L)       last-layer value-relation logits } `relations: true` (minilm loss)
   logits          (N, C)             a linear probe on the detached embedding with `classifier: true`
-                                     (train it with the `ce` loss), else zeros: the train loop's
-                                     accuracy bookkeeping expects a `logits` key
+                                     (train it with the `ce` loss); absent otherwise
 """
 
 from __future__ import annotations
@@ -188,8 +187,6 @@ class SmallTransformer(nn.Module):
         out["embedding"] = emb
         if self.head is not None:
             out["logits"] = self.head(emb.detach())
-        else:
-            out["logits"] = emb.new_zeros(emb.shape[0], max(self.num_classes, 1))
         return out
 
     def _relation_logits(self, layer: nn.Module, h_in: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
