@@ -1,0 +1,247 @@
+"""Logit fusion of several teachers ("On Giant's Shoulders: ... Dynamic Logits Fusion"), as tensor
+functions (used at train time by the ``fusion_kd`` loss) and as a teacher-side combiner
+(``fuse_caches``) that writes an extra ``fused`` teacher cache.
+
+Fusion is logit arithmetic: ``z = Σ_i w_i · z_i`` (the paper's ``z_base + Σ_i w_i (z_i - z_base)``
+with the base folded into the members: with weights on the simplex the base cancels).
+
+- ``fuse_static``: fixed weights from the spec; ``fuse_uniform``: ``w_i = 1/n``.
+- ``fuse_dynamic``: per-example weights on the simplex, found by exponentiated-gradient (mirror
+  descent) steps on the KL-constrained problem
+
+      maximise  KL(q_w || uniform)              (move as far as possible: a decided answer ...)
+      s.t.      (1/n) Σ_i KL(q_w || p_i) <= ε    (... within a KL budget of every teacher)
+
+  with ``q_w = softmax(Σ_i w_i z_i / T)`` and ``p_i = softmax(z_i / T)``. Its Lagrangian is the
+  objective minimised here (λ = ``sharpness``, constants dropped):
+
+      J(w) = (1/n) Σ_i KL(q_w || p_i) + λ · H(q_w)
+
+  Why not the plain ``Σ_i KL(q_w || p_i)``: on the log-linear family it equals
+  ``n · KL(q_w || g) + const`` with ``g`` the normalised geometric mean of the p_i, which *is*
+  ``q_w`` at uniform weights, so its minimiser is always the uniform average and it can never
+  adapt per example. The KL-budget term keeps that uniform consensus as the anchor (λ = 0 gives
+  exactly ``fuse_uniform``); the λ·H term lets each example move weight towards the teachers that
+  agree on a confident answer and away from those that pull the fused distribution apart (e.g. a
+  specialist asked about classes it never saw). Each step is accepted only if it lowers J, so the
+  result's objective is never above the uniform average's.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from kdpipe.config import PipelineConfig
+    from kdpipe.sources import SourceData
+    from kdpipe.teach import TeachResult
+
+log = logging.getLogger("kdpipe.fusion")
+
+DEFAULT_SHARPNESS = 0.5  # λ of the dynamic objective (the spec's FusionConfig has no key for it yet)
+FUSION_FORMAT = 1  # bumped when the fused outputs change for the same inputs, so old caches are not reused
+
+Logits = torch.Tensor | np.ndarray
+
+
+def _stack(logits_list: Sequence[Logits]) -> torch.Tensor:
+    """(n teachers) x (N, C) -> one (n, N, C) float32 tensor (no gradient: teachers are frozen)."""
+    if len(logits_list) == 0:
+        raise ValueError("fusion needs at least one teacher's logits")
+    z = torch.stack([t.detach().float() if isinstance(t, torch.Tensor) else torch.tensor(np.asarray(t), dtype=torch.float32)
+                     for t in logits_list])
+    if z.ndim != 3:
+        raise ValueError(f"each teacher's logits must be (N, C); got stacked shape {tuple(z.shape)}")
+    return z
+
+
+def _combine(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("ni,inc->nc", w, z)
+
+
+def fuse_static(logits_list: Sequence[Logits], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Σ_i w_i z_i`` with the same weights for every row (used as given, not renormalised)."""
+    z = _stack(logits_list)
+    if len(weights) != z.shape[0]:
+        raise ValueError(f"{len(weights)} weights for {z.shape[0]} teachers")
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=z.device).expand(z.shape[1], -1).contiguous()
+    return _combine(z, w), w
+
+
+def fuse_uniform(logits_list: Sequence[Logits]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uniform average of the teachers' logits (the normalised geometric mean of their softmaxes)."""
+    n = len(logits_list)
+    return fuse_static(logits_list, [1.0 / n] * n)
+
+
+def fusion_objective(logits_list: Sequence[Logits] | torch.Tensor, weights: torch.Tensor, temperature: float = 1.0,
+                     sharpness: float = DEFAULT_SHARPNESS) -> torch.Tensor:
+    """Per-row ``J(w) = (1/n) Σ_i KL(q_w || p_i) + λ·H(q_w)`` (see the module docstring)."""
+    z = logits_list if isinstance(logits_list, torch.Tensor) and logits_list.ndim == 3 else _stack(logits_list)
+    lp = F.log_softmax(z / temperature, dim=-1)
+    return _objective(z, lp.mean(0), weights, temperature, sharpness)[0]
+
+
+def _objective(z: torch.Tensor, mean_lp: torch.Tensor, w: torch.Tensor, T: float, lam: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lq = F.log_softmax(_combine(z, w) / T, dim=-1)
+    q = lq.exp()
+    # (1/n) Σ_i KL(q || p_i) = Σ q log q - Σ q · mean_i log p_i ;  H(q) = -Σ q log q
+    v = (1.0 - lam) * lq - mean_lp
+    return (q * v).sum(-1), q, v
+
+
+def fuse_dynamic(logits_list: Sequence[Logits], temperature: float = 1.0, steps: int = 50,
+                 sharpness: float = DEFAULT_SHARPNESS, init: Sequence[float] | None = None,
+                 step_size: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example simplex weights minimising ``J(w)`` by exponentiated-gradient steps.
+
+    Returns ``(fused logits (N, C), weights (N, n))``. Starts at ``init`` (default uniform); each
+    row keeps its own step size, grown after an accepted step and halved after a rejected one, so
+    ``J`` never increases. The gradient is analytic: ``∂J/∂w_j = Cov_q(z_j, v) / T`` with
+    ``v = (1-λ)·log q - mean_i log p_i``.
+    """
+    z = _stack(logits_list)
+    n, N, _ = z.shape
+    T = float(temperature)
+    mean_lp = F.log_softmax(z / T, dim=-1).mean(0)
+    if init is None:
+        w = torch.full((N, n), 1.0 / n, device=z.device)
+    else:
+        w0 = torch.tensor([float(x) for x in init], dtype=torch.float32, device=z.device).clamp_min(0)
+        if len(w0) != n or float(w0.sum()) <= 0:
+            raise ValueError(f"init needs {n} non-negative weights with a positive sum")
+        w = (w0 / w0.sum()).expand(N, -1).contiguous()
+    J, q, v = _objective(z, mean_lp, w, T, sharpness)
+    eta = torch.full((N, 1), float(step_size), device=z.device)
+    for _ in range(int(steps)):
+        vc = v - (q * v).sum(-1, keepdim=True)
+        grad = torch.einsum("inc,nc->ni", z, q * vc) / T
+        grad = grad - grad.min(1, keepdim=True).values  # EG is shift-invariant per row; keeps exp() <= 1
+        cand = w * torch.exp(-eta * grad)
+        cand = cand / cand.sum(1, keepdim=True)
+        Jc, qc, vcand = _objective(z, mean_lp, cand, T, sharpness)
+        ok = (Jc <= J)[:, None]
+        w = torch.where(ok, cand, w)
+        J = torch.where(ok[:, 0], Jc, J)
+        q = torch.where(ok, qc, q)
+        v = torch.where(ok, vcand, v)
+        eta = torch.where(ok, eta * 1.5, eta * 0.5)
+    return _combine(z, w), w
+
+
+def fuse(logits_list: Sequence[Logits], mode: str, weights: Sequence[float] | None = None, temperature: float = 1.0,
+         steps: int = 50, sharpness: float = DEFAULT_SHARPNESS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch on the spec's fusion ``mode``: static | uniform | dynamic."""
+    if mode == "static":
+        if weights is None:
+            raise ValueError("fusion mode 'static' needs weights")
+        return fuse_static(logits_list, weights)
+    if mode == "uniform":
+        return fuse_uniform(logits_list)
+    if mode == "dynamic":
+        return fuse_dynamic(logits_list, temperature, steps, sharpness, init=weights)
+    raise ValueError(f"unknown fusion mode '{mode}' (static | uniform | dynamic)")
+
+
+# --- teacher-side combiner: the `fused` cache -------------------------------------------------------
+
+def fused_fingerprint(cfg: "PipelineConfig", results: dict[str, "TeachResult"]) -> str:
+    from kdpipe.cache import fingerprint
+
+    f = cfg.teach.fusion
+    assert f is not None
+    return fingerprint({"kind": "fusion", "members": {t: results[t].fingerprint for t in f.teachers},
+                        "fusion": f.model_dump(mode="json"), "sharpness": getattr(f, "sharpness", DEFAULT_SHARPNESS),
+                        "format": FUSION_FORMAT})
+
+
+def _member_logits(tid: str, result: "TeachResult", ids: Any, num_classes: int | None, verify: bool) -> np.ndarray:
+    """Dense logits of one member teacher for `ids` (rebuilt from top-k when only that is cached)."""
+    import pyarrow.compute as pc
+
+    from kdpipe.arrays import to_numpy
+    from kdpipe.losses.functional import dense_from_topk
+
+    schema = (result.cache.manifest() or {}).get("schema", {})
+    dense = "logits" in schema
+    cols = ["id", "logits"] if dense else ["id", "topk_idx", "topk_val", "tail_lse"]
+    if not dense and "topk_idx" not in schema:
+        raise ValueError(f"fusion: teacher '{tid}' cache {result.cache.dir} has neither `logits` nor `topk` outputs; "
+                         f"add `outputs: [logits]` to that teacher")
+    table = result.cache.read(columns=cols, verify=verify)
+    idx = pc.index_in(ids, value_set=table["id"])
+    if idx.null_count:
+        raise RuntimeError(f"fusion: teacher '{tid}' cache {result.cache.dir} lacks {idx.null_count} of {len(ids)} rows; "
+                           f"run `kdpipe teach SPEC` first")
+    table = table.take(idx)
+    if dense:
+        return to_numpy(table["logits"], np.float32)
+    if num_classes is None:
+        raise ValueError("fusion of top-k caches needs the number of classes (set source.num_classes)")
+    rebuilt = dense_from_topk(torch.tensor(to_numpy(table["topk_idx"]).astype(np.int64)),
+                              torch.tensor(to_numpy(table["topk_val"], np.float32)),
+                              torch.tensor(to_numpy(table["tail_lse"], np.float32)), num_classes)
+    return rebuilt.numpy()
+
+
+def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, "TeachResult"]) -> "TeachResult":
+    """Write (or reuse) the ``fused`` teacher cache: columns ``id``, ``logits`` (fused, fp32) and
+    ``weights`` (per-example fusion weights, in ``teach.fusion.teachers`` order).
+
+    Lives at ``<cache_root>/fused/<fingerprint>/``; the fingerprint covers the member caches'
+    fingerprints and the fusion config, so new teacher weights or settings never reuse old fusions.
+    Incremental like ``teach_one``: only source rows the fused cache lacks are computed (in-process,
+    it is cheap), staged, and published by ``TeacherCache.commit`` (manifest last).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from kdpipe.arrays import to_fixed_list
+    from kdpipe.cache import TeacherCache
+    from kdpipe.teach import TeachResult
+
+    f = cfg.teach.fusion
+    if f is None:
+        raise ValueError("fuse_caches needs `teach.fusion` in the spec")
+    missing = [t for t in f.teachers if t not in results]
+    if missing:
+        raise KeyError(f"fusion: no cache for teacher(s) {missing}; taught: {sorted(results)}")
+    fp = fused_fingerprint(cfg, results)
+    cache = TeacherCache(Path(cfg.teach.cache_root) / "fused" / fp)
+    have = cache.ids()
+    ids = source.table["id"]
+    if have:
+        ids = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=pa.array(sorted(have), pa.string()))))
+    if len(ids) == 0:
+        log.info("fused teacher: reusing cache %s (%d rows, fingerprint %s)", cache.dir, len(have), fp)
+        return TeachResult("fused", cache, fp, 0, True)
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    num_classes = source.num_classes or cfg.source.num_classes
+    logits = [_member_logits(t, results[t], ids, num_classes, cfg.teach.verify) for t in f.teachers]
+    sharpness = getattr(f, "sharpness", DEFAULT_SHARPNESS)
+    fused, weights = fuse(logits, f.mode, f.weights, f.temperature, f.steps, sharpness)
+    table = pa.table({"id": ids, "logits": to_fixed_list(fused.numpy().astype(np.float32)),
+                      "weights": to_fixed_list(weights.numpy().astype(np.float32))})
+    header = {"teacher_id": "fused", "teacher_kind": "fusion", "fingerprint": fp, "weights_digest": "fusion",
+              "members": {t: results[t].fingerprint for t in f.teachers},
+              "fusion": {**f.model_dump(mode="json"), "sharpness": sharpness},
+              "output_spec": {"outputs": ["logits", "weights"], "format": FUSION_FORMAT}}
+    staging = cache.new_staging()
+    try:
+        pq.write_table(table, staging / "part-00000.parquet")
+        manifest = cache.commit(staging, header, source.fingerprint)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("fused teacher (%s over %s): %d new rows -> %s (now %d rows)", f.mode, f.teachers, len(ids), cache.dir,
+             manifest["rows"])
+    return TeachResult("fused", cache, fp, len(ids), False)

@@ -1,0 +1,54 @@
+"""Train-time logit fusion: fuse the per-teacher cached logits of the batch (static, uniform or
+dynamic per-example weights, see `kdpipe.fusion`) and distil the student from the fused
+distribution with Hinton KD. The teacher-side alternative is `teach.fusion` (a `fused` cache)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kdpipe.fusion import DEFAULT_SHARPNESS, fuse
+from kdpipe.losses import LOSSES
+from kdpipe.losses.base import Loss
+from kdpipe.losses.functional import dense_from_topk, kd_dense
+
+
+class FusionKDParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    teachers: list[str] = Field(min_length=1, description="teacher ids whose cached logits are fused")
+    mode: Literal["static", "uniform", "dynamic"] = "dynamic"
+    weights: list[float] | None = Field(None, description="static weights (one per teacher); dynamic: starting weights")
+    temperature: float = Field(4.0, gt=0, description="KD temperature")
+    fusion_temperature: float = Field(1.0, gt=0, description="temperature of the dynamic fusion objective")
+    steps: int = Field(50, ge=1, description="exponentiated-gradient steps of dynamic fusion")
+    sharpness: float = Field(DEFAULT_SHARPNESS, ge=0, description="λ of the dynamic objective (0 = uniform average)")
+    use_topk: bool = Field(False, description="rebuild dense logits from the top-k cache columns")
+    output: str = "logits"
+
+    @model_validator(mode="after")
+    def _w(self) -> "FusionKDParams":
+        if self.weights is not None and len(self.weights) != len(self.teachers):
+            raise ValueError(f"`weights` needs one weight per teacher ({len(self.teachers)}), got {len(self.weights)}")
+        if self.mode == "static" and self.weights is None:
+            raise ValueError("mode 'static' needs `weights:` (one per teacher)")
+        return self
+
+
+@LOSSES.register("fusion_kd")
+class FusionKDLoss(Loss):
+    Params = FusionKDParams
+
+    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        s = student[self.p.output]
+        logits = []
+        for tid in self.p.teachers:
+            if self.p.use_topk:
+                logits.append(dense_from_topk(batch[f"{tid}.topk_idx"], batch[f"{tid}.topk_val"], batch[f"{tid}.tail_lse"], s.shape[1]))
+            else:
+                logits.append(batch[f"{tid}.logits"].float())
+        with torch.no_grad():
+            fused, w = fuse(logits, self.p.mode, self.p.weights, self.p.fusion_temperature, self.p.steps, self.p.sharpness)
+        parts = {f"w_{tid}": w[:, i].mean() for i, tid in enumerate(self.p.teachers)}
+        return kd_dense(s, fused.to(s.device), self.p.temperature), parts
