@@ -125,6 +125,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if status == "SUCCEEDED" or args.no_follow else 1
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from kdpipe.compare import compare
+
+    overrides = dict(parse_override(o) for o in args.overrides)
+    table, results = compare(args.spec, args.seeds, overrides, address=args.address)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kdpipe", description="Knowledge distillation on Ray: teach -> cache -> distil -> track.")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -159,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-follow", action="store_true", help="print the job id and return")
     p.set_defaults(fn=cmd_submit)
+    p = sub.add_parser("compare", help="a method vs its baselines over several seeds (mean ± std), logged to MLflow")
+    _spec_args(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default=None, help="write the per-seed results as JSON here")
+    p.set_defaults(fn=cmd_compare)
     p = sub.add_parser("promote", help="point an alias at a registered model version")
     p.add_argument("name")
     p.add_argument("version")

@@ -102,6 +102,7 @@ class FusionConfig(Strict):
     weights: list[float] | None = None
     steps: int = Field(50, ge=1)
     temperature: float = Field(1.0, gt=0)
+    sharpness: float = Field(0.5, ge=0, description="λ of dynamic fusion (how decided the fused answer may get); 0 = uniform average")
 
     @model_validator(mode="after")
     def _w(self) -> "FusionConfig":

@@ -159,7 +159,7 @@ def fused_fingerprint(cfg: "PipelineConfig", results: dict[str, "TeachResult"]) 
     f = cfg.teach.fusion
     assert f is not None
     return fingerprint({"kind": "fusion", "members": {t: results[t].fingerprint for t in f.teachers},
-                        "fusion": f.model_dump(mode="json"), "sharpness": getattr(f, "sharpness", DEFAULT_SHARPNESS),
+                        "fusion": f.model_dump(mode="json"), "sharpness": f.sharpness,
                         "format": FUSION_FORMAT})
 
 
@@ -227,7 +227,7 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
     ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
     num_classes = source.num_classes or cfg.source.num_classes
     logits = [_member_logits(t, results[t], ids, num_classes, cfg.teach.verify) for t in f.teachers]
-    sharpness = getattr(f, "sharpness", DEFAULT_SHARPNESS)
+    sharpness = f.sharpness
     fused, weights = fuse(logits, f.mode, f.weights, f.temperature, f.steps, sharpness)
     table = pa.table({"id": ids, "logits": to_fixed_list(fused.numpy().astype(np.float32)),
                       "weights": to_fixed_list(weights.numpy().astype(np.float32))})
