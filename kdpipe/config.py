@@ -78,9 +78,7 @@ class TeacherConfig(Strict):
     def _kind(cls, v: str) -> str:
         from teachers import TEACHERS
 
-        if v not in TEACHERS:
-            raise ValueError(f"unknown teacher kind '{v}'; available: {', '.join(TEACHERS.names())}")
-        return v
+        return TEACHERS.check(v)
 
     @model_validator(mode="after")
     def _params(self) -> "TeacherConfig":
@@ -131,9 +129,7 @@ class StudentConfig(Strict):
     def _kind(cls, v: str) -> str:
         from students import STUDENTS
 
-        if v not in STUDENTS:
-            raise ValueError(f"unknown student kind '{v}'; available: {', '.join(STUDENTS.names())}")
-        return v
+        return STUDENTS.check(v)
 
     @model_validator(mode="after")
     def _params(self) -> "StudentConfig":
@@ -155,9 +151,7 @@ class LossConfig(BaseModel):
     def _name(cls, v: str) -> str:
         from kdpipe.losses import LOSSES
 
-        if v not in LOSSES:
-            raise ValueError(f"unknown loss '{v}'; available: {', '.join(LOSSES.names())}")
-        return v
+        return LOSSES.check(v)
 
     @model_validator(mode="after")
     def _params(self) -> "LossConfig":
@@ -201,9 +195,7 @@ class EvaluateConfig(Strict):
     def _task(cls, v: str) -> str:
         from kdpipe.evaluate import EVALUATORS
 
-        if v not in EVALUATORS:
-            raise ValueError(f"unknown evaluate.task '{v}'; available: {', '.join(EVALUATORS.names())}")
-        return v
+        return EVALUATORS.check(v)
 
     @field_validator("baseline_losses")
     @classmethod

@@ -25,8 +25,17 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
-            raise KeyError(f"unknown {self.kind} '{name}'; available: {', '.join(self.names())}")
+            raise KeyError(self._unknown(name))
         return self._items[name]
+
+    def check(self, name: str) -> str:
+        """`name` if registered, else ValueError listing what is (for spec validators)."""
+        if name not in self._items:
+            raise ValueError(self._unknown(name))
+        return name
+
+    def _unknown(self, name: str) -> str:
+        return f"unknown {self.kind} '{name}'; available: {', '.join(self.names())}"
 
     def names(self) -> list[str]:
         return sorted(self._items)
