@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdpipe.config import KdpipeError
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -28,7 +30,7 @@ MANIFEST = "MANIFEST.json"
 FORMAT_VERSION = 1
 
 
-class CacheCorruptError(RuntimeError):
+class CacheCorruptError(KdpipeError):
     """A cache file does not match its manifest checksum, or is missing."""
 
 

@@ -196,25 +196,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("ray", "mlflow", "alembic", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from mlflow.exceptions import MlflowException
+
+    from kdpipe.config import KdpipeError
+
     try:
         return int(args.fn(args) or 0)
     except SpecError as e:
         print(f"kdpipe: spec error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
-        from kdpipe.cache import CacheCorruptError
-        from kdpipe.sources import BadInputError
-        from kdpipe.tracking import TrackingUnavailableError
+    except (KdpipeError, FileNotFoundError, TimeoutError, MlflowException) as e:
+        if args.verbose:
+            import traceback
 
-        if isinstance(e, (BadInputError, CacheCorruptError, TrackingUnavailableError, FileNotFoundError, TimeoutError)):
-            if args.verbose:
-                import traceback
-
-                traceback.print_exc()
-            where = f" ({e.filename})" if isinstance(e, FileNotFoundError) and e.filename else ""
-            print(f"kdpipe: error: {e}{where}", file=sys.stderr)
-            return 1
-        raise
+            traceback.print_exc()
+        where = f" ({e.filename})" if isinstance(e, FileNotFoundError) and e.filename else ""
+        print(f"kdpipe: error: {e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -136,7 +136,9 @@ def compare(spec_path: str, seeds: list[int], overrides: dict[str, Any] | None =
         resolved = {k: _resolve(v, best) for k, v in vover.items()}
         vname = f"{label} ({best})" if BEST_SINGLE in vover.values() else label
         for seed in seeds:
-            cfg = load_spec(spec_path, {**overrides, **resolved, "seed": seed})
+            # ablations register under "<model>-compare", never in the production model's registry
+            cfg = load_spec(spec_path, {**overrides, **resolved, "seed": seed,
+                                        "tracking.model_name": f"{base.tracking.model_name}-compare"})
             vt = teach(cfg, source)  # reuses every cache it can; a new fusion mode writes its own `fused` cache
             log.info("compare %s: variant '%s' seed %d", base.name, vname, seed)
             res = distil_and_ship(cfg, source, vt, uri, spec_path=spec_path,

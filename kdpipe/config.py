@@ -18,7 +18,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
-class SpecError(ValueError):
+class KdpipeError(RuntimeError):
+    """A user-facing failure: the message names the problem and the fix (the CLI prints it, no traceback)."""
+
+
+class SpecError(KdpipeError, ValueError):
     """A spec problem, with the YAML key and the fix."""
 
 
@@ -197,6 +201,13 @@ class EvaluateConfig(Strict):
 
         return EVALUATORS.check(v)
 
+    @field_validator("baseline_student_params")
+    @classmethod
+    def _bparams(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(v, dict):
+            raise ValueError("must be a mapping of student params")
+        return v
+
     @field_validator("baseline_losses")
     @classmethod
     def _losses(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -253,6 +264,14 @@ class PipelineConfig(Strict):
         ids = [t.id for t in self.teachers]
         if len(set(ids)) != len(ids):
             raise ValueError(f"teacher ids must be unique, got {ids}")
+        if self.evaluate.baseline_student_params:  # the twin's params must be valid for the same student kind
+            from students import STUDENTS
+
+            merged = {**self.student.params, **self.evaluate.baseline_student_params}
+            try:
+                _validate_params(STUDENTS.get(self.student.kind).Params, merged, "evaluate.baseline_student_params")
+            except ValueError as e:
+                raise ValueError(str(e)) from None
         known = set(ids) | ({"fused"} if self.teach.fusion else set())
         if self.teach.fusion:
             for t in self.teach.fusion.teachers:

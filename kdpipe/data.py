@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kdpipe.cache import TeacherCache
+from kdpipe.config import KdpipeError
 
 
 def join_teacher_outputs(base: pa.Table, caches: dict[str, TeacherCache], verify: bool = True) -> pa.Table:
@@ -18,7 +19,7 @@ def join_teacher_outputs(base: pa.Table, caches: dict[str, TeacherCache], verify
         idx = pc.index_in(base["id"], value_set=ct["id"])
         missing = idx.null_count
         if missing:
-            raise RuntimeError(
+            raise KdpipeError(
                 f"teacher cache {cache.dir} lacks {missing} of {base.num_rows} rows; run `kdpipe teach SPEC` first"
             )
         sub = ct.drop_columns(["id"]).take(idx)

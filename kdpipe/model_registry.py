@@ -42,7 +42,8 @@ class GateResult:
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def reasons(self) -> str:
-        bad = [f"{k}: {v['value']:.4f} < {v['threshold']:.4f}" for k, v in self.checks.items() if not v["passed"]]
+        bad = [f"{k}: {v['value']:.4f} {'<=' if v.get('strict') else '<'} {v['threshold']:.4f}"
+               for k, v in self.checks.items() if not v["passed"]]
         return "all gates passed" if not bad else "; ".join(bad)
 
 
@@ -50,15 +51,16 @@ def evaluate_gates(metrics: dict[str, float], gates: GateConfig, baseline: float
     value = metrics[gates.metric]
     checks: dict[str, dict[str, Any]] = {}
 
-    def add(name: str, threshold: float) -> None:
-        checks[name] = {"value": value, "threshold": threshold, "passed": bool(value >= threshold)}
+    def add(name: str, threshold: float, strict: bool = False) -> None:
+        ok = value > threshold if strict else value >= threshold
+        checks[name] = {"value": value, "threshold": threshold, "passed": bool(ok), "strict": strict}
 
     if gates.min_value is not None:
         add("min_value", gates.min_value)
     if gates.min_gain_over_baseline is not None and baseline is not None:
         add("over_baseline", baseline + gates.min_gain_over_baseline)
-    if champion is not None:
-        add("over_champion", champion + gates.min_gain_over_champion)
+    if champion is not None:  # a tie keeps the champion: the alias moves only for a real win
+        add("over_champion", champion + gates.min_gain_over_champion, strict=True)
     return GateResult(all(c["passed"] for c in checks.values()), checks)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdpipe.config import PipelineConfig, load_spec
+from kdpipe.config import KdpipeError, PipelineConfig, load_spec
 
 log = logging.getLogger("kdpipe.ops")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ def evaluate_registered(cfg: PipelineConfig, alias: str | None = None, address: 
     alias = alias or cfg.tracking.alias
     version = reg.alias_version(client, cfg.tracking.model_name, alias)
     if version is None:
-        raise RuntimeError(f"model '{cfg.tracking.model_name}' has no alias '{alias}'; see `kdpipe models {cfg.tracking.model_name}`")
+        raise KdpipeError(f"model '{cfg.tracking.model_name}' has no alias '{alias}'; see `kdpipe models {cfg.tracking.model_name}`")
     caches = locate_caches(cfg, source)
     test = split_tables(hide_unlabeled(join_teacher_outputs(source.table, {k: r.cache for k, r in caches.items()})))["test"]
     metrics: dict[str, Any] = {"model": f"{cfg.tracking.model_name}@{alias} (version {version.version})", "rows": test.num_rows}
@@ -89,6 +89,7 @@ def retrain(cfg: PipelineConfig, address: str | None = None, force: bool = False
         versions = client.search_model_versions(f"name='{cfg.tracking.model_name}'")
     except MlflowException:
         versions = []
+    versions = [v for v in versions if (v.tags or {}).get("kdpipe.cycle_complete") == "true"]
     latest = max(versions, key=lambda v: int(v.version)) if versions else None
     last_fp = (latest.tags or {}).get("kdpipe.source_fingerprint") if latest else None
     if last_fp == source.fingerprint and not force:

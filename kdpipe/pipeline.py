@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
-from kdpipe.config import PipelineConfig
+from kdpipe.config import KdpipeError, PipelineConfig
 from kdpipe.sources import SourceData, load_source
 from kdpipe.teach import TeachResult
 
@@ -181,11 +181,16 @@ def distil_and_ship(cfg: PipelineConfig, source: SourceData, taught: dict[str, T
         version = reg.log_and_register(run_id, student, serving_example(student, splits["test"]), cfg.tracking.model_name, tags)
         if gate.passed:
             reg.promote(client, cfg.tracking.model_name, version.version, cfg.tracking.alias)
+        # last: a version without this tag came from a cycle that crashed half-way (retrain ignores it)
+        client.set_model_version_tag(cfg.tracking.model_name, str(version.version), "kdpipe.cycle_complete", "true")
         client.set_tag(run_id, "kdpipe.promoted", str(gate.passed))
         client.set_tag(run_id, "kdpipe.gate_reasons", gate.reasons())
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        try:
+            client.set_terminated(run_id, "FAILED")
+        except Exception as e:  # noqa: BLE001 - never mask the original error
+            log.warning("could not mark MLflow run %s FAILED: %s", run_id, e)
         raise
     torch.set_grad_enabled(True)
     table_txt = results_table(rows, cfg.tracking.gates.metric)
@@ -212,7 +217,7 @@ def locate_caches(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachRes
         fp = teacher_fingerprint(t, TEACHERS.get(t.kind).weights_digest(t))
         cache = TeacherCache(Path(cfg.teach.cache_root) / t.id / fp)
         if not cache.is_complete():
-            raise RuntimeError(f"no complete cache for teacher '{t.id}' at {cache.dir}; run `kdpipe teach SPEC` first")
+            raise KdpipeError(f"no complete cache for teacher '{t.id}' at {cache.dir}; run `kdpipe teach SPEC` first")
         out[t.id] = TeachResult(t.id, cache, fp, 0, True)
     if cfg.teach.fusion is not None:
         from kdpipe.fusion import fuse_caches

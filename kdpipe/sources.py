@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kdpipe.config import SourceConfig
+from kdpipe.config import KdpipeError, SourceConfig
 
 
-class BadInputError(ValueError):
+class BadInputError(KdpipeError, ValueError):
     """A row the pipeline cannot use; the message names the row and the fix."""
 
 
@@ -38,6 +38,7 @@ class SourceData:
     files: list[str]
     bad_rows: int = 0
     quarantine_path: str | None = None
+    split: dict[str, Any] = field(default_factory=dict)  # the split settings these rows were split with
 
     def rows(self, split: str) -> pa.Table:
         return self.table.filter(pc.equal(self.table["split"], split))
@@ -108,6 +109,8 @@ def _read_raw(cfg: SourceConfig) -> tuple[list[dict[str, Any]], list[str]]:
             if "__error__" in r:
                 rows.append({"error": r["__error__"]})
                 continue
+            if cfg.label and cfg.label not in r:
+                raise BadInputError(f"{f}: column '{cfg.label}' (source.label) not found; columns are {sorted(r)}")
             row: dict[str, Any] = {"label": r.get(cfg.label) if cfg.label else None}
             if cfg.features:
                 if cfg.features not in r:
@@ -232,5 +235,7 @@ def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kd
     cols["labeled"] = pa.array(labeled, pa.bool_())
     table = pa.table(cols)
     num_classes = cfg.num_classes or (int(labels.max()) + 1 if (labels >= 0).any() else None)
-    fp = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
-    return SourceData(table, input_kind, dim, num_classes, fp, files, len(bad), qpath)
+    # what a retrain cycle compares: the rows, their labels and how they are split
+    lines = sorted(f"{i}:{l}" for i, l in zip(ids, labels.tolist()))
+    fp = hashlib.sha256(("\n".join(lines) + json.dumps(s.model_dump(), sort_keys=True)).encode()).hexdigest()[:16]
+    return SourceData(table, input_kind, dim, num_classes, fp, files, len(bad), qpath, s.model_dump())

@@ -11,10 +11,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from kdpipe.config import KdpipeError
+
 log = logging.getLogger("kdpipe.tracking")
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(KdpipeError):
     pass
 
 

@@ -115,14 +115,14 @@ class ClassAspectTeacher(Teacher):
 
     @classmethod
     def prepare(cls, cfg: "TeacherConfig", source: "SourceData") -> None:
-        MLPTeacher.prepare(cls._classifier_cfg(cfg), source)
         p = AspectTeacherParams(**cfg.params)
-        if source.num_classes:
+        if source.num_classes:  # check the questions before spending time on the classifier
             for a in p.aspects:
                 bad = [c for c in a.classes if c >= source.num_classes]
                 if bad or len(a.classes) >= source.num_classes:
                     raise ValueError(f"teacher '{cfg.id}': aspect '{a.name}' needs classes in [0, {source.num_classes}) "
                                      f"and must leave some class out (got {a.classes})")
+        MLPTeacher.prepare(cls._classifier_cfg(cfg), source)
 
     @classmethod
     def load(cls, cfg: "TeacherConfig", device: str = "cpu") -> "ClassAspectTeacher":

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from kdpipe.sources import SourceData
 
 SUPPORTED_OUTPUTS = {"embedding", "tokens", "features", "attn_rel", "value_rel"}
-WEIGHT_FILES = ("*.safetensors", "*.json", "*.bin", "*.txt", "*.model")
+WEIGHT_FILES = ("*.safetensors", "*.json", "*.bin", "*.txt", "*.model", "*.py")  # *.py: remote code changes outputs too
 
 
 def resolve_model_dir(path: str | None, package: str | None) -> Path:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdpipe.arrays import to_numpy
+from kdpipe.config import KdpipeError
 from teachers import TEACHERS
 from teachers.base import Teacher
 
@@ -49,6 +50,18 @@ def build_mlp(in_dim: int, hidden: list[int], out_dim: int, dropout: float) -> n
     return nn.Sequential(*layers)
 
 
+def _check_reuse(tid: str, path: Path, params: dict, split: dict) -> None:
+    """Reusing saved weights is only right if they were trained the way the spec says, on rows that
+    are still train rows (splits are hashes of the row id and the split settings)."""
+    meta = json.loads((path / "config.json").read_text())
+    fix = f"delete {path} to retrain it, or point teachers[{tid}].path elsewhere"
+    if meta.get("params") is not None and meta["params"] != params:
+        raise KdpipeError(f"teacher '{tid}': weights at {path} were trained with params {meta['params']}, the spec says {params}; {fix}")
+    if meta.get("split") is not None and meta["split"] != split:
+        raise KdpipeError(f"teacher '{tid}': weights at {path} were trained under source.split {meta['split']}; with {split} "
+                         f"some of its training rows may now be val/test rows; {fix}")
+
+
 @TEACHERS.register("mlp_classifier")
 class MLPTeacher(Teacher):
     Params = MLPParams
@@ -65,9 +78,11 @@ class MLPTeacher(Teacher):
     @classmethod
     def prepare(cls, cfg: "TeacherConfig", source: "SourceData") -> None:
         path = Path(cfg.path)  # type: ignore[arg-type]
-        if (path / "model.safetensors").exists():
-            return
         p = MLPParams(**cfg.params)
+        split = {k: v for k, v in source.split.items() if k != "labeled_fraction"}
+        if (path / "model.safetensors").exists():
+            _check_reuse(cfg.id, path, p.model_dump(), split)
+            return
         t = source.table
         mask = pc.equal(t["split"], "train")
         if p.train_on == "labeled":
@@ -75,11 +90,11 @@ class MLPTeacher(Teacher):
         t = t.filter(mask)
         x = to_numpy(t["x"], np.float32)
         y = t["label"].to_numpy()
-        if p.classes is not None:
-            keep = np.isin(y, p.classes)
-            x, y = x[keep], y[keep]
-        if len(y) == 0 or (y < 0).any():
-            raise ValueError(f"teacher '{cfg.id}': no labeled rows to train on; raise source.split.labeled_fraction")
+        keep = (y >= 0) if p.classes is None else np.isin(y, p.classes)
+        x, y = x[keep], y[keep]
+        if len(y) == 0:
+            raise KdpipeError(f"teacher '{cfg.id}': no labeled train rows to train on; give the source a `label:` column "
+                             "or raise source.split.labeled_fraction")
         num_classes = source.num_classes
         torch.manual_seed(p.seed)
         net = build_mlp(x.shape[1], p.hidden, num_classes, p.dropout)  # type: ignore[arg-type]
@@ -100,7 +115,7 @@ class MLPTeacher(Teacher):
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
         (path / "config.json").write_text(
             json.dumps({"in_dim": int(x.shape[1]), "num_classes": num_classes, "hidden": p.hidden, "dropout": p.dropout,
-                        "trained_rows": int(len(y)), "classes": p.classes}, indent=2)
+                        "trained_rows": int(len(y)), "classes": p.classes, "params": p.model_dump(), "split": split}, indent=2)
         )
         tmp.rename(path / "model.safetensors")  # the weights file appears last: a crash leaves no half teacher
 

@@ -72,7 +72,8 @@ class RayCluster:
         self.dashboard = f"http://127.0.0.1:{self.dash_port}"
         ray = str(BIN / "ray")
         # explicit: Ray turns token auth on by itself when ~/.ray/auth_token exists, and the CLI then cannot join
-        env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
+        # PATH: like ray_cluster.yaml, the nodes run with the project's venv first, so a job's `python` is it
+        env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
         try:
             self._start(ray, env, head_cpus, worker_cpus)
         except BaseException:
