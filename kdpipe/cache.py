@@ -11,6 +11,8 @@ atomically (write + fsync + rename), so an interrupted run leaves nothing that l
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -19,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from kdpipe.config import KdpipeError
 
@@ -131,18 +133,40 @@ class TeacherCache:
         rows = 0
         schema = None
         for f in files:
+            _fsync(f)  # the bytes are on disk before any manifest names them
             meta = pq.read_metadata(f)
             rows += meta.num_rows
             schema = schema or pq.read_schema(f)
             entries.append({"path": f"parts/{name}/{f.name}", "sha256": sha256_file(f), "rows": meta.num_rows})
         os.replace(staging, part_dir)
+        _fsync(part_dir.parent)
         m["parts"].append({"name": name, "files": entries, "rows": rows, "source_fingerprint": source_fingerprint, "created": _now()})
         m["rows"] = sum(p["rows"] for p in m["parts"])
         if schema is not None and not m.get("schema"):
             m["schema"] = {fld.name: str(fld.type) for fld in schema}
         m["updated"] = _now()
         _atomic_write_json(self.manifest_path, m)
+        _fsync(self.dir)
         return m
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive per-cache lock (a scheduled retrain beside a manual run must not both add a part)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _now() -> str:

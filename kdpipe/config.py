@@ -277,10 +277,21 @@ class PipelineConfig(Strict):
             for t in self.teach.fusion.teachers:
                 if t not in ids:
                     raise ValueError(f"teach.fusion.teachers names unknown teacher '{t}'; defined: {ids}")
+        from kdpipe.losses import LOSSES
+
+        outputs = {t.id: set(t.outputs) for t in self.teachers} | {"fused": {"logits"}}
         for i, loss in enumerate(self.losses):
             ref = loss.params().get("teacher")
             if ref is not None and ref not in known:
                 raise ValueError(f"losses[{i}].teacher '{ref}' is not a teacher id; defined: {sorted(known)}")
+            if ref is None and "teacher" in LOSSES.get(loss.name).Params.model_fields and len(known) > 1:
+                raise ValueError(f"losses[{i}] ({loss.name}): several teachers {sorted(known)}; set `teacher:` on the loss")
+            if loss.name in ("kd", "dkd"):  # the cached columns these read must be cached
+                need = "topk" if loss.params().get("use_topk") else "logits"
+                tid = ref or next(iter(known))
+                if need not in outputs[tid]:
+                    raise ValueError(f"losses[{i}] ({loss.name}) reads teacher '{tid}' {need}; add '{need}' to its outputs"
+                                     + (" or set use_topk: true" if need == "logits" and "topk" in outputs[tid] else ""))
             for ref in loss.params().get("teachers", []) or []:
                 if ref not in known:
                     raise ValueError(f"losses[{i}].teachers names unknown teacher '{ref}'; defined: {sorted(known)}")

@@ -117,13 +117,24 @@ def _read_raw(cfg: SourceConfig) -> tuple[list[dict[str, Any]], list[str]]:
                     raise BadInputError(
                         f"{f}: column '{cfg.features}' (source.features) not found; columns are {sorted(r)}"
                     )
-                row["x"] = r[cfg.features]
+                row["x"] = _parse_vector(r[cfg.features]) if cfg.kind == "csv" else r[cfg.features]
             else:
                 if cfg.text not in r:
                     raise BadInputError(f"{f}: column '{cfg.text}' (source.text) not found; columns are {sorted(r)}")
                 row["text"] = r[cfg.text]
             rows.append(row)
     return rows, files
+
+
+def _parse_vector(cell: Any) -> Any:
+    """A CSV cell holding a vector: JSON (`[0.1, 0.2]`) or whitespace/comma separated numbers."""
+    if not isinstance(cell, str):
+        return cell
+    text = cell.strip()
+    try:
+        return json.loads(text) if text.startswith("[") else [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        return cell  # reported by _check_row as "features are not numeric"
 
 
 def _check_row(raw: dict[str, Any], cfg: SourceConfig, dim: int | None) -> tuple[dict[str, Any] | None, str | None]:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from kdpipe.arrays import to_fixed_list
 from kdpipe.cache import TeacherCache, fingerprint
-from kdpipe.config import PipelineConfig, TeacherConfig
+from kdpipe.config import KdpipeError, PipelineConfig, TeacherConfig
 from kdpipe.sources import SourceData
 
 log = logging.getLogger("kdpipe.teach")
@@ -138,15 +138,24 @@ def teacher_fingerprint(tcfg: TeacherConfig, digest: str) -> str:
 
 def teach_one(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData) -> TeachResult:
     """Teach the rows of `source` that the cache does not hold yet; reuse the rest."""
-    import ray
-
     from teachers import TEACHERS
 
     cls = TEACHERS.get(tcfg.kind)
+    if cls.input_kind != source.input_kind:
+        raise KdpipeError(f"teacher '{tcfg.id}' ({tcfg.kind}) reads {cls.input_kind} inputs but the source gives "
+                          f"{source.input_kind}; set source.{'features' if cls.input_kind == 'features' else 'text'}: <column>")
     cls.prepare(tcfg, source)
     digest = cls.weights_digest(tcfg)
     fp = teacher_fingerprint(tcfg, digest)
     cache = TeacherCache(Path(cfg.teach.cache_root) / tcfg.id / fp)
+    with cache.lock():
+        return _teach_missing(cfg, tcfg, source, cache, fp, digest)
+
+
+def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData, cache: TeacherCache, fp: str,
+                   digest: str) -> TeachResult:
+    import ray
+
     have = cache.ids()
     input_col = "x" if source.input_kind == "features" else "text"
     todo = source.table.select(["id", input_col])

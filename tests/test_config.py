@@ -83,3 +83,20 @@ def test_cli_reports_spec_error_before_ray(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "spec error" in err and "teachers" in err and "losses[0].name" in err
     assert ray.is_initialized() == was_up  # failed before starting Ray
+
+
+def test_loss_needs_the_cached_columns_it_reads(digits_spec_raw) -> None:
+    msg = _err(digits_spec_raw, {"teachers.0.outputs": ["topk"]})
+    assert "losses[0] (kd)" in msg and "use_topk: true" in msg
+
+
+def test_several_teachers_need_an_explicit_loss_teacher() -> None:
+    from kdpipe.config import load_spec
+
+    with pytest.raises(SpecError, match=r"losses\[0\] \(kd\): several teachers .* set `teacher:`"):
+        load_spec("pipelines/digits_fusion.yaml", {"losses.0.teacher": None})
+
+
+def test_baseline_student_params_are_validated(digits_spec_raw) -> None:
+    msg = _err(digits_spec_raw, {"evaluate.baseline_student_params": {"hiden": [3]}})
+    assert "evaluate.baseline_student_params" in msg and "hiden" in msg

@@ -83,3 +83,12 @@ def test_non_utf8_text_file_is_bad_input(tmp_path) -> None:
 def test_missing_path_is_clear(tmp_path) -> None:
     with pytest.raises(BadInputError, match="matches no"):
         load_source(SourceConfig(kind="parquet", path=str(tmp_path / "nope"), features="x"))
+
+
+def test_csv_vector_cells_and_missing_label_column(tmp_path) -> None:
+    f = tmp_path / "d.csv"
+    f.write_text('x,label\n"[0.5, 1.0, 2.0]",1\n0.1 0.2 0.3,0\n')
+    src = load_source(SourceConfig(kind="csv", path=str(f), features="x", label="label"))
+    assert src.table.num_rows == 2 and src.dim == 3 and sorted(src.table["label"].to_pylist()) == [0, 1]
+    with pytest.raises(BadInputError, match="column 'lbl' \\(source.label\\) not found"):
+        load_source(SourceConfig(kind="csv", path=str(f), features="x", label="lbl"))
