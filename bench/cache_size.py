@@ -50,8 +50,9 @@ def main() -> dict:
             t = torch.from_numpy(logits)
             logp = torch.log_softmax(t / T, 1)
             # the dense distribution bucketed the same way, vs the reconstruction from the cache
-            true = torch.cat([logp.gather(1, torch.from_numpy(idx).long()),
-                              torch.log1p(-logp.gather(1, torch.from_numpy(idx).long()).exp().sum(1, keepdim=True).clamp(max=1 - 1e-7))], 1)
+            ii = torch.from_numpy(idx).long()
+            rest = logp.masked_fill(torch.zeros_like(logp, dtype=torch.bool).scatter(1, ii, True), float("-inf"))
+            true = torch.cat([logp.gather(1, ii), rest.logsumexp(1, keepdim=True)], 1)  # tail bucket; -inf when k = C
             rec = topk_teacher_logprobs(torch.from_numpy(idx), torch.from_numpy(val.astype(np.float32)), torch.from_numpy(tail), c, T)
             p = true.exp()
             kl = torch.where(p > 1e-12, p * (true - rec.clamp(min=-1e4)), torch.zeros_like(p)).sum(1).mean()
