@@ -141,7 +141,7 @@ def compare(spec_path: str, seeds: list[int], overrides: dict[str, Any] | None =
                                         "tracking.model_name": f"{base.tracking.model_name}-compare"})
             vt = teach(cfg, source)  # reuses every cache it can; a new fusion mode writes its own `fused` cache
             log.info("compare %s: variant '%s' seed %d", base.name, vname, seed)
-            res = distil_and_ship(cfg, source, vt, uri, spec_path=spec_path,
+            res = distil_and_ship(cfg, source, vt, uri,
                                   extra_tags={"kdpipe.compare_id": compare_id, "kdpipe.variant": vname, "kdpipe.seed": str(seed)})
             runs.setdefault(vname, []).append(res.run_id)
             exits = any(k.startswith("test_acc_exit") for k in res.metrics)

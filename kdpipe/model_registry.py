@@ -99,16 +99,6 @@ def alias_version(client: Any, name: str, alias: str) -> Any | None:
         return None
 
 
-def version_metric(client: Any, version: Any, metric: str) -> float | None:
-    """The gate metric a version was registered with (its tag), or its run's metric."""
-    tag = (version.tags or {}).get(f"metric.{metric}")
-    if tag is not None:
-        return float(tag)
-    run = client.get_run(version.run_id)
-    v = run.data.metrics.get(metric)
-    return float(v) if v is not None else None
-
-
 def promote(client: Any, name: str, version: str, alias: str) -> None:
     client.set_registered_model_alias(name, alias, str(version))
     log.info("model %s: alias '%s' -> version %s", name, alias, version)

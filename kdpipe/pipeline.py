@@ -81,10 +81,9 @@ def student_meta(cfg: PipelineConfig, source: SourceData, table: pa.Table) -> An
 
 def distil_and_ship(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult], uri: str,
                     fail_at_epoch: int | None = None, init_state: dict[str, Any] | None = None,
-                    spec_path: str | None = None, extra_tags: dict[str, str] | None = None) -> RunResult:
+                    extra_tags: dict[str, str] | None = None) -> RunResult:
     """One MLflow run: train the student (and its label-only twin), evaluate, register, gate, promote."""
     import mlflow
-    import torch
     from mlflow.tracking import MlflowClient
 
     from kdpipe import model_registry as reg
@@ -192,7 +191,6 @@ def distil_and_ship(cfg: PipelineConfig, source: SourceData, taught: dict[str, T
         except Exception as e:  # noqa: BLE001 - never mask the original error
             log.warning("could not mark MLflow run %s FAILED: %s", run_id, e)
         raise
-    torch.set_grad_enabled(True)
     table_txt = results_table(rows, cfg.tracking.gates.metric)
     return RunResult(run_id, uri, metrics, cfg.tracking.model_name, str(version.version), gate.passed, gate.reasons(), taught, table_txt)
 
