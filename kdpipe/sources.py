@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kdpipe.arrays import to_fixed_list
 from kdpipe.config import KdpipeError, SourceConfig
 
 
@@ -235,7 +236,7 @@ def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kd
     cols: dict[str, Any] = {"id": pa.array(ids, pa.string())}
     if "x" in good[0]:
         mat = np.stack([r["x"] for r in good])
-        cols["x"] = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), mat.shape[1])
+        cols["x"] = to_fixed_list(mat)
         input_kind = "features"
     else:
         cols["text"] = pa.array([r["text"] for r in good], pa.string())

@@ -162,9 +162,10 @@ class SmallTransformer(nn.Module):
         return h
 
     def pool(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "mean":
-            m = mask.to(h.dtype)[..., None]
-            e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        if self.pooling == "mean":  # the teacher's own pooling: the student must pool exactly like it
+            from teachers.hf_encoder import mean_pool
+
+            e = mean_pool(h, mask)
         else:
             e = h[:, 0]
         if self.out_proj is not None:
