@@ -43,22 +43,25 @@ def save(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
-def digits_rows(n: int):
-    """n real digits rows (the 1,797 images repeated) as the source table the teach stage reads."""
+def digits_parquet(path: Path, n: int, row_group: int = 65536) -> Path:
+    """n distinct rows built from the real digits images (repetition r shifted by r*1e-4, so
+    content ids do not collide) written as a Parquet source file, like a user's data on disk."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.datasets import load_digits
 
     from kdpipe.arrays import to_fixed_list
-    from kdpipe.config import SourceConfig
-    from kdpipe.sources import load_source
 
-    src = load_source(SourceConfig(kind="sklearn_digits"))
-    reps = -(-n // src.table.num_rows)
-    t = pa.concat_tables([src.table] * reps).slice(0, n)
-    ids = pa.array([f"{i:020d}" for i in range(n)])  # unique ids so nothing is deduplicated
-    t = t.set_column(0, "id", ids)
-    _ = (np, to_fixed_list)
-    return src, t
+    d = load_digits()
+    x0, y0 = (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(path, pa.schema([("x", pa.list_(pa.float32(), 64)), ("label", pa.int64())])) as w:
+        for lo in range(0, n, row_group):
+            idx = np.arange(lo, min(n, lo + row_group))
+            x = x0[idx % len(x0)] + (idx // len(x0))[:, None].astype(np.float32) * 1e-4
+            w.write_table(pa.table({"x": to_fixed_list(x), "label": pa.array(y0[idx % len(x0)])}))
+    return path
 
 
 def big_digits_teacher(tmp: Path, hidden: list[int]) -> Any:

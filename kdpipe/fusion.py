@@ -217,10 +217,10 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
         raise KeyError(f"fusion: no cache for teacher(s) {missing}; taught: {sorted(results)}")
     fp = fused_fingerprint(cfg, results)
     cache = TeacherCache(Path(cfg.teach.cache_root) / "fused" / fp)
-    have = cache.ids()
-    ids = source.table["id"]
-    if have:
-        ids = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=pa.array(sorted(have), pa.string()))))
+    have = cache.id_array()
+    ids = source.ids
+    if len(have):
+        ids = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=have)))
     if len(ids) == 0:
         log.info("fused teacher: reusing cache %s (%d rows, fingerprint %s)", cache.dir, len(have), fp)
         return TeachResult("fused", cache, fp, 0, True)

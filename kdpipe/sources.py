@@ -1,12 +1,19 @@
-"""Readers that turn a spec's `source:` into one Arrow table of validated rows.
+"""Source rows: validated, id'd and split, streamed from the files rather than held in memory.
 
 Every row gets a stable id (a hash of its input content), a split and a `labeled` flag that
 depend only on that id, so appending data never moves an old row to another split and a
 teacher cache keyed by id stays valid.
+
+`load_source` makes one streaming pass that keeps only a small *index* per row (id, label,
+split, where it lives: file number and row number). The inputs themselves are read again, by
+position, where they are needed: `SourceData.dataset()` gives the teach stage a Ray Dataset whose
+read tasks stream the wanted rows straight to the teacher actors (the driver never holds them),
+and `SourceData.table` materialises the full table for the student, which trains on it anyway.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
 import json
@@ -15,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -24,25 +31,15 @@ import pyarrow.compute as pc
 from kdpipe.arrays import to_fixed_list
 from kdpipe.config import KdpipeError, SourceConfig
 
+CHUNK_ROWS = 8192  # rows per read chunk: bounds reader memory, big enough to vectorise checks
+
 
 class BadInputError(KdpipeError, ValueError):
     """A row the pipeline cannot use; the message names the row and the fix."""
 
 
-@dataclass
-class SourceData:
-    table: pa.Table  # id, x | text, label, split, labeled
-    input_kind: str  # "features" | "text"
-    dim: int | None
-    num_classes: int | None
-    fingerprint: str
-    files: list[str]
-    bad_rows: int = 0
-    quarantine_path: str | None = None
-    split: dict[str, Any] = field(default_factory=dict)  # the split settings these rows were split with
-
-    def rows(self, split: str) -> pa.Table:
-        return self.table.filter(pc.equal(self.table["split"], split))
+class SourceChangedError(KdpipeError):
+    """A source file changed between the index pass and a later read."""
 
 
 def row_id(payload: bytes) -> str:
@@ -51,6 +48,9 @@ def row_id(payload: bytes) -> str:
 
 def _unit(salt: str, rid: str) -> float:
     return int(hashlib.sha256(f"{salt}:{rid}".encode()).hexdigest()[:8], 16) / 2**32
+
+
+# ---------------------------------------------------------------- files and raw chunks
 
 
 def _resolve_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -64,67 +64,133 @@ def _resolve_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
     return files
 
 
-def _read_raw(cfg: SourceConfig) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows as python dicts with keys x/text/label, plus the files read."""
+def list_files(cfg: SourceConfig) -> list[str]:
+    """The source's files in read order; built-in sets are one pseudo-file each."""
+    if cfg.kind == "sklearn_digits":
+        return ["sklearn:digits"]
+    if cfg.kind == "wordnet":
+        return ["wordnet:"]
+    assert cfg.path is not None
+    suffix = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json"), "csv": (".csv",), "text": (".txt",)}[cfg.kind]
+    return _resolve_files(cfg.path, suffix)
+
+
+def _stamp(f: str) -> list[int]:
+    """Size and mtime of a real file (what a later read checks to catch a file changed underneath)."""
+    if ":" in f and not os.path.exists(f):
+        return [0, 0]
+    st = os.stat(f)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _chunks(items: list[Any], start: int) -> Iterator[list[Any]]:
+    for i in range(start, len(items), CHUNK_ROWS):
+        yield items[i : i + CHUNK_ROWS]
+
+
+def raw_chunks(cfg: SourceConfig, f: str, start: int = 0) -> Iterator[pa.Table | list[dict[str, Any]]]:
+    """The raw rows of one file from row `start` on, CHUNK_ROWS at a time.
+
+    A chunk is an Arrow table (columnar formats: fast, vectorised checks) or a list of dicts
+    (JSON/CSV/text, whose cells may hold anything); keys are `x` or `text`, `label`, or `error`
+    for a row that could not even be parsed.
+    """
     if cfg.kind == "sklearn_digits":
         from sklearn.datasets import load_digits
 
         d = load_digits()
         x = (d.data / 16.0).astype(np.float32)
-        return [{"x": x[i], "label": int(d.target[i])} for i in range(len(x))], ["sklearn:digits"]
+        for i in range(start, len(x), CHUNK_ROWS):
+            yield pa.table({"x": to_fixed_list(x[i : i + CHUNK_ROWS]), "label": pa.array(d.target[i : i + CHUNK_ROWS].astype(np.int64))})
+        return
     if cfg.kind == "wordnet":
         from kdpipe.datasets.wordnet import read_wordnet
 
-        return read_wordnet(cfg)
-    assert cfg.path is not None
-    if cfg.kind == "text":
-        files = _resolve_files(cfg.path, (".txt",))
-        rows: list[dict[str, Any]] = []
-        for f in files:
-            for line in Path(f).read_bytes().splitlines():
-                rows.append({"text": line, "label": None})
-        return rows, files
-    suffix = {"parquet": (".parquet",), "jsonl": (".jsonl", ".json"), "csv": (".csv",)}[cfg.kind]
-    files = _resolve_files(cfg.path, suffix)
-    rows = []
-    for f in files:
-        if cfg.kind == "parquet":
-            import pyarrow.parquet as pq
+        rows, _ = read_wordnet(cfg)
+        yield from _chunks([{"text": r["text"], "label": r["label"]} for r in rows], start)
+        return
+    if cfg.kind == "parquet":
+        yield from _parquet_chunks(cfg, f, start)
+        return
+    buf: list[dict[str, Any]] = []
+    for rec in _records(cfg, f, start):
+        buf.append(rec)
+        if len(buf) == CHUNK_ROWS:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
 
-            recs = pq.read_table(f).to_pylist()
-        elif cfg.kind == "jsonl":
-            recs = []
-            for n, line in enumerate(Path(f).read_bytes().splitlines(), 1):
+
+def _parquet_chunks(cfg: SourceConfig, f: str, start: int) -> Iterator[pa.Table]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(f)
+    names = pf.schema_arrow.names
+    col = cfg.features or cfg.text
+    for key, name in (("features" if cfg.features else "text", col), ("label", cfg.label)):
+        if name and name not in names:
+            raise BadInputError(f"{f}: column '{name}' (source.{key}) not found; columns are {sorted(names)}")
+    cols = [c for c in (col, cfg.label) if c]
+    first = 0
+    for g in range(pf.num_row_groups):  # skip whole row groups before `start` without decoding them
+        n = pf.metadata.row_group(g).num_rows
+        if first + n <= start:
+            first += n
+            continue
+        for batch in pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=[g], columns=cols):
+            t = pa.Table.from_batches([batch])
+            if first + t.num_rows > start:
+                t = t.slice(max(0, start - first))
+                out = {"x" if cfg.features else "text": t[col]}
+                if cfg.label:
+                    out["label"] = t[cfg.label]
+                yield pa.table(out)
+            first += batch.num_rows
+
+
+def _records(cfg: SourceConfig, f: str, start: int) -> Iterator[dict[str, Any]]:
+    """Rows of a JSON-lines, CSV or text file, from row `start` on (rows before it are only counted)."""
+    if cfg.kind == "text":
+        with open(f, "rb") as fh:
+            for n, line in enumerate(fh):
+                if n >= start:
+                    yield {"text": line.rstrip(b"\r\n"), "label": None}
+        return
+    if cfg.kind == "jsonl":
+        n = 0
+        with open(f, "rb") as fh:
+            for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
+                n += 1
+                if n <= start:
+                    continue
                 try:
-                    recs.append(json.loads(line))
+                    r = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    recs.append({"__error__": f"{f}:{n}: not valid JSON ({e})"})
-        else:
-            import csv
+                    yield {"error": f"{f}:{lineno}: not valid JSON ({e})"}
+                    continue
+                if not isinstance(r, dict):
+                    yield {"error": f"{f}:{lineno}: a JSON line must be an object, got {type(r).__name__}"}
+                    continue
+                yield _pick(cfg, f, r)
+        return
+    with open(f, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        for n, r in enumerate(csv.DictReader(fh)):
+            if n >= start:
+                yield _pick(cfg, f, r, vector_cells=True)
 
-            with open(f, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-                recs = list(csv.DictReader(fh))
-        for r in recs:
-            if "__error__" in r:
-                rows.append({"error": r["__error__"]})
-                continue
-            if cfg.label and cfg.label not in r:
-                raise BadInputError(f"{f}: column '{cfg.label}' (source.label) not found; columns are {sorted(r)}")
-            row: dict[str, Any] = {"label": r.get(cfg.label) if cfg.label else None}
-            if cfg.features:
-                if cfg.features not in r:
-                    raise BadInputError(
-                        f"{f}: column '{cfg.features}' (source.features) not found; columns are {sorted(r)}"
-                    )
-                row["x"] = _parse_vector(r[cfg.features]) if cfg.kind == "csv" else r[cfg.features]
-            else:
-                if cfg.text not in r:
-                    raise BadInputError(f"{f}: column '{cfg.text}' (source.text) not found; columns are {sorted(r)}")
-                row["text"] = r[cfg.text]
-            rows.append(row)
-    return rows, files
+
+def _pick(cfg: SourceConfig, f: str, r: dict[str, Any], vector_cells: bool = False) -> dict[str, Any]:
+    if cfg.label and cfg.label not in r:
+        raise BadInputError(f"{f}: column '{cfg.label}' (source.label) not found; columns are {sorted(r)}")
+    row: dict[str, Any] = {"label": r.get(cfg.label) if cfg.label else None}
+    key, name = ("x", cfg.features) if cfg.features else ("text", cfg.text)
+    if name not in r:
+        raise BadInputError(f"{f}: column '{name}' (source.{'features' if key == 'x' else 'text'}) not found; columns are {sorted(r)}")
+    row[key] = _parse_vector(r[name]) if vector_cells and key == "x" else r[name]
+    return row
 
 
 def _parse_vector(cell: Any) -> Any:
@@ -138,23 +204,30 @@ def _parse_vector(cell: Any) -> Any:
         return cell  # reported by _check_row as "features are not numeric"
 
 
+# ---------------------------------------------------------------- validation
+
+
+def _check_label(label: Any, cfg: SourceConfig) -> tuple[int, str | None]:
+    if label is None or label == "":
+        return -1, None
+    try:
+        label_f = float(label)
+    except (TypeError, ValueError):
+        return -1, f"label {label!r} is not an integer"
+    if not math.isfinite(label_f) or label_f != int(label_f) or label_f < 0:
+        return -1, f"label {label!r} is not a non-negative integer"
+    if cfg.num_classes is not None and label_f >= cfg.num_classes:
+        return -1, f"label {int(label_f)} >= source.num_classes={cfg.num_classes}"
+    return int(label_f), None
+
+
 def _check_row(raw: dict[str, Any], cfg: SourceConfig, dim: int | None) -> tuple[dict[str, Any] | None, str | None]:
     """Return (clean row, None) or (None, reason)."""
     if "error" in raw:
         return None, raw["error"]
-    label = raw.get("label")
-    if label is not None and label != "":
-        try:
-            label_f = float(label)
-        except (TypeError, ValueError):
-            return None, f"label {label!r} is not an integer"
-        if not math.isfinite(label_f) or label_f != int(label_f) or label_f < 0:
-            return None, f"label {label!r} is not a non-negative integer"
-        if cfg.num_classes is not None and label_f >= cfg.num_classes:
-            return None, f"label {int(label_f)} >= source.num_classes={cfg.num_classes}"
-        label = int(label_f)
-    else:
-        label = -1
+    label, why = _check_label(raw.get("label"), cfg)
+    if why:
+        return None, why
     if "x" in raw:
         try:
             x = np.asarray(raw["x"], dtype=np.float32)
@@ -187,67 +260,330 @@ def _check_row(raw: dict[str, Any], cfg: SourceConfig, dim: int | None) -> tuple
     return {"text": text, "label": label, "id": row_id(text.encode("utf-8"))}, None
 
 
-def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kdpipe/quarantine") -> SourceData:
-    """Read, validate, dedupe and split the source rows."""
-    raws, files = _read_raw(cfg)
-    if cfg.limit:
-        raws = raws[: cfg.limit]
-    dim = None
-    for r in raws:
-        if "x" in r:
+@dataclass
+class Checked:
+    """The good rows of one chunk (`pos` = offset in the chunk) and the bad ones with reasons."""
+
+    pos: np.ndarray
+    ids: list[str]
+    labels: np.ndarray
+    inputs: np.ndarray | list[str]  # (n, dim) float32 features, or texts
+    bad: list[tuple[int, str, str]]  # (offset, reason, preview)
+    dim: int | None
+
+
+def _numeric_matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
+    """A list column of numbers with one length and no nulls -> (n, d) float32; None otherwise."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    t = col.type
+    if not (pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t)):
+        return None
+    if not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
+        return None
+    if col.null_count or len(col) == 0:
+        return None
+    if pa.types.is_fixed_size_list(t):
+        width = t.list_size
+    else:
+        lengths = pc.list_value_length(col).to_numpy()
+        if (lengths != lengths[0]).any():
+            return None
+        width = int(lengths[0])
+    flat = col.flatten()
+    if flat.null_count:
+        return None
+    return flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(col), width)
+
+
+def check_chunk(chunk: pa.Table | list[dict[str, Any]], cfg: SourceConfig, dim: int | None) -> Checked:
+    """Validate and id one raw chunk. Numeric Arrow columns take a vectorised path; anything
+    else goes row by row, so every bad row gets its own reason."""
+    if isinstance(chunk, pa.Table) and "x" in chunk.column_names:
+        mat = _numeric_matrix(chunk["x"])
+        if mat is not None and (dim is None or mat.shape[1] == dim):
+            labels_raw = chunk["label"].to_pylist() if "label" in chunk.column_names else [None] * len(mat)
+            finite = np.isfinite(mat).all(axis=1)
+            pos, ids, labels, bad = [], [], [], []
+            for i in range(len(mat)):
+                label, why = _check_label(labels_raw[i], cfg)
+                why = why or (None if finite[i] else "features contain NaN or inf")
+                if why:
+                    bad.append((i, why, repr(mat[i].tolist())[:80]))
+                    continue
+                pos.append(i)
+                labels.append(label)
+                ids.append(row_id(mat[i].tobytes()))
+            p = np.asarray(pos, np.int64)
+            return Checked(p, ids, np.asarray(labels, np.int64), mat[p], bad, mat.shape[1])
+    rows = chunk.to_pylist() if isinstance(chunk, pa.Table) else chunk
+    if dim is None and rows and "x" in rows[0] and cfg.kind != "text":
+        for r in rows:
             try:
                 dim = int(np.asarray(r["x"], dtype=np.float32).shape[0])
                 break
-            except (TypeError, ValueError, IndexError):
+            except (TypeError, ValueError, IndexError, KeyError):
                 continue
-    good: list[dict[str, Any]] = []
-    bad: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for i, raw in enumerate(raws):
-        row, reason = _check_row(raw, cfg, dim)
-        if reason is not None:
-            bad.append({"row": i, "reason": reason, "preview": repr(raw.get("text", raw.get("x", "")))[:80]})
-            if cfg.on_bad_rows == "fail":
-                raise BadInputError(
-                    f"bad input row {i}: {reason}. Fix the data, or set `source.on_bad_rows: skip` to quarantine bad rows"
-                )
+    pos, ids, labels, inputs, bad = [], [], [], [], []
+    for i, raw in enumerate(rows):
+        row, why = _check_row(raw, cfg, dim)
+        if why is not None:
+            bad.append((i, why, repr(raw.get("text", raw.get("x", "")))[:80]))
             continue
-        if row["id"] in seen:  # identical input: one id, one teacher output
-            continue
-        seen.add(row["id"])
-        good.append(row)
-    if not good:
-        raise BadInputError(f"source {cfg.kind} {cfg.path or ''} yielded no usable rows ({len(bad)} bad)")
-    qpath = None
-    if bad:
-        Path(quarantine_dir).mkdir(parents=True, exist_ok=True)
-        qpath = str(Path(quarantine_dir) / f"bad-rows-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl")
-        with open(qpath, "w") as fh:
-            for b in bad:
-                fh.write(json.dumps(b) + "\n")
-    ids = [r["id"] for r in good]
+        assert row is not None
+        pos.append(i)
+        ids.append(row["id"])
+        labels.append(row["label"])
+        inputs.append(row["x"] if "x" in row else row["text"])
+    features = cfg.features is not None or cfg.kind == "sklearn_digits"
+    arr: np.ndarray | list[str] = (np.stack(inputs) if inputs else np.zeros((0, dim or 0), np.float32)) if features else inputs
+    return Checked(np.asarray(pos, np.int64), ids, np.asarray(labels, np.int64), arr, bad, dim)
+
+
+# ---------------------------------------------------------------- the source
+
+
+@dataclass
+class SourceData:
+    """A validated source: the per-row index in memory, the inputs read on demand.
+
+    Built either by `load_source` (index + files, streamed) or from an in-memory `table`
+    (tests, synthetic data), which then also serves as the index.
+    """
+
+    table_: pa.Table | None  # id, x | text, label, split, labeled — None until materialised
+    input_kind: str  # "features" | "text"
+    dim: int | None
+    num_classes: int | None
+    fingerprint: str
+    files: list[str]
+    bad_rows: int = 0
+    quarantine_path: str | None = None
+    split: dict[str, Any] = field(default_factory=dict)  # the split settings these rows were split with
+    index: pa.Table | None = None  # id, label, split, labeled, file, row
+    cfg: SourceConfig | None = None
+    stamps: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            if self.table_ is None:
+                raise ValueError("SourceData needs a table or an index")
+            self.index = self.table_.select([c for c in ("id", "label", "split", "labeled") if c in self.table_.column_names])
+
+    @property
+    def ids(self) -> pa.ChunkedArray:
+        assert self.index is not None
+        return self.index["id"]
+
+    @property
+    def num_rows(self) -> int:
+        assert self.index is not None
+        return self.index.num_rows
+
+    @property
+    def table(self) -> pa.Table:
+        """All rows with their inputs (read from the files on first use)."""
+        if self.table_ is None:
+            assert self.index is not None
+            parts = [t for _, t in self._read(self.index)]
+            inputs = pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], pa.string())})
+            cols = {"id": self.index["id"], self._input_col: inputs[self._input_col]}
+            self.table_ = pa.table({**cols, **{c: self.index[c] for c in ("label", "split", "labeled")}})
+        return self.table_
+
+    @table.setter
+    def table(self, value: pa.Table) -> None:
+        self.table_ = value
+        self.index = value.select([c for c in ("id", "label", "split", "labeled") if c in value.column_names])
+        self.cfg = None
+
+    @property
+    def _input_col(self) -> str:
+        return "x" if self.input_kind == "features" else "text"
+
+    def rows(self, split: str) -> pa.Table:
+        return self.table.filter(pc.equal(self.table["split"], split))
+
+    def dataset(self, ids: pa.Array | pa.ChunkedArray | None = None, blocks: int = 8, **remote_args: Any) -> Any:
+        """A Ray Dataset of `id` + input for the rows in `ids` (all rows when None).
+
+        The blocks hold only row positions (file, row); a `map_batches` read step turns them into
+        rows inside the workers, so the driver never holds the inputs. Give it the same
+        `remote_args` (num_cpus, num_gpus) as the next stage and Ray Data fuses the read into it.
+        """
+        import ray
+
+        assert self.index is not None
+        if self.cfg is None:  # in-memory source: its table is the data
+            t = self.table.select(["id", self._input_col])
+            t = t if ids is None else t.filter(pc.is_in(t["id"], value_set=_plain(ids)))
+            step = max(1, math.ceil(t.num_rows / blocks))
+            return ray.data.from_arrow([t.slice(i, step) for i in range(0, t.num_rows, step)] or [t])
+        want = self.index if ids is None else self.index.filter(pc.is_in(self.index["id"], value_set=_plain(ids)))
+        pos = want.select(["file", "row"])
+        step = max(1, math.ceil(pos.num_rows / blocks))
+        return ray.data.from_arrow([pos.slice(i, step) for i in range(0, pos.num_rows, step)] or [pos]).map_batches(
+            read_rows, batch_size=None, batch_format="pyarrow",
+            fn_kwargs={"cfg": self.cfg.model_dump(), "files": self.files, "stamps": self.stamps, "dim": self.dim},
+            **remote_args)
+
+    def _read(self, rows_of: pa.Table) -> Iterator[tuple[int, pa.Table]]:
+        assert self.cfg is not None
+        for fi in pc.unique(rows_of["file"]).to_pylist():
+            sel = rows_of.filter(pc.equal(rows_of["file"], fi))
+            got = list(read_file_rows(self.cfg, self.files[fi], self.stamps[fi] if self.stamps else None,
+                                      sel["row"].to_numpy(), self.dim))
+            out = pa.concat_tables(got) if got else pa.table({"id": pa.array([], pa.string())})
+            if out.num_rows != sel.num_rows or not pc.all(pc.equal(out["id"], sel["id"])).as_py():
+                raise SourceChangedError(f"source file {self.files[fi]} no longer holds the rows it held when it was read; "
+                                         "rerun the pipeline (do not edit source files in place while a run reads them)")
+            yield fi, out
+
+
+def _plain(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+
+
+def read_rows(batch: pa.Table, cfg: dict[str, Any], files: list[str], stamps: list[list[int]],
+              dim: int | None) -> Iterator[pa.Table]:
+    """`map_batches` step: (file, row) positions -> `id` + input rows, a chunk at a time."""
+    scfg = SourceConfig.model_validate(cfg)
+    for fi in pc.unique(batch["file"]).to_pylist():
+        rows = batch.filter(pc.equal(batch["file"], fi))["row"].to_numpy()
+        yield from read_file_rows(scfg, files[fi], stamps[fi] if stamps else None, rows, dim)
+
+
+def read_file_rows(cfg: SourceConfig, f: str, stamp: list[int] | None, rows: np.ndarray,
+                   dim: int | None) -> Iterator[pa.Table]:
+    """Given rows of one source file, re-validated into `id` + input, in row order."""
+    if stamp is not None and _stamp(f) != stamp:
+        raise SourceChangedError(f"source file {f} changed since the pipeline indexed it; rerun (do not edit source "
+                                 "files in place while a run reads them; add new files instead)")
+    rows = np.sort(rows)
+    if len(rows) == 0:
+        return
+    first = int(rows[0])
+    col = "x" if (cfg.features or cfg.kind == "sklearn_digits") else "text"
+    for chunk in raw_chunks(cfg, f, first):
+        n = chunk.num_rows if isinstance(chunk, pa.Table) else len(chunk)
+        lo, hi = np.searchsorted(rows, [first, first + n])
+        if hi > lo:
+            offs = rows[lo:hi] - first
+            sub = chunk.take(pa.array(offs)) if isinstance(chunk, pa.Table) else [chunk[int(o)] for o in offs]
+            c = check_chunk(sub, cfg, dim)
+            if c.bad:
+                raise SourceChangedError(f"source file {f}: row {first + int(offs[c.bad[0][0]])} was good when indexed "
+                                         f"and is now bad ({c.bad[0][1]}); rerun the pipeline")
+            data = to_fixed_list(c.inputs) if col == "x" else pa.array(c.inputs, pa.string())
+            yield pa.table({"id": pa.array(c.ids, pa.string()), col: data})
+        first += n
+        if first > rows[-1]:
+            return
+
+
+class _Quarantine:
+    """Bad rows go to a side file as they are found (opened on the first one)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.dir, self.path, self.fh, self.count = Path(directory), None, None, 0
+
+    def add(self, rec: dict[str, Any]) -> None:
+        if self.fh is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.path = str(self.dir / f"bad-rows-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl")
+            self.fh = open(self.path, "w")
+        self.fh.write(json.dumps(rec) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+
+def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kdpipe/quarantine") -> SourceData:
+    """One streaming pass over the source: validate, id, dedupe and split every row, keeping
+    only the index (inputs are read again where needed)."""
+    files = list_files(cfg)
+    stamps = [_stamp(f) for f in files]
+    features = cfg.features is not None or cfg.kind == "sklearn_digits"
+    q = _Quarantine(quarantine_dir)
+    parts: list[pa.Table] = []
+    seen_raw, dim = 0, None
+    try:
+        for fi, f in enumerate(files):
+            row0 = 0
+            for chunk in raw_chunks(cfg, f):
+                n = chunk.num_rows if isinstance(chunk, pa.Table) else len(chunk)
+                if cfg.limit and seen_raw + n > cfg.limit:
+                    n = cfg.limit - seen_raw
+                    chunk = chunk.slice(0, n) if isinstance(chunk, pa.Table) else chunk[:n]
+                c = check_chunk(chunk, cfg, dim)
+                dim = c.dim if features else None
+                for off, why, preview in c.bad:
+                    if cfg.on_bad_rows == "fail":
+                        where = "" if ":" in f and not os.path.exists(f) else f" ({f}, row {row0 + off})"
+                        raise BadInputError(f"bad input row {seen_raw + off}: {why}{where}. Fix the data, or set "
+                                            "`source.on_bad_rows: skip` to quarantine bad rows")
+                    q.add({"row": seen_raw + off, "file": f, "file_row": row0 + off, "reason": why, "preview": preview})
+                parts.append(pa.table({"id": pa.array(c.ids, pa.string()), "label": pa.array(c.labels, pa.int64()),
+                                       "file": pa.array(np.full(len(c.ids), fi, np.int32)),
+                                       "row": pa.array(row0 + c.pos)}))
+                seen_raw += n
+                row0 += n
+                if cfg.limit and seen_raw >= cfg.limit:
+                    break
+            if cfg.limit and seen_raw >= cfg.limit:
+                break
+    finally:
+        q.close()
+    index = pa.concat_tables(parts) if parts else None
+    if index is None or index.num_rows == 0:
+        raise BadInputError(f"source {cfg.kind} {cfg.path or ''} yielded no usable rows ({q.count} bad)")
+    index = _dedupe(index)
     s = cfg.split
     splits, labeled = [], []
-    for rid in ids:
-        u = _unit(s.salt, rid)
-        sp = "test" if u < s.test else ("val" if u < s.test + s.val else "train")
-        splits.append(sp)
-        labeled.append(sp != "train" or _unit(s.salt + ":labeled", rid) < s.labeled_fraction)
-    cols: dict[str, Any] = {"id": pa.array(ids, pa.string())}
-    if "x" in good[0]:
-        mat = np.stack([r["x"] for r in good])
-        cols["x"] = to_fixed_list(mat)
-        input_kind = "features"
-    else:
-        cols["text"] = pa.array([r["text"] for r in good], pa.string())
-        input_kind = "text"
-    labels = np.array([r["label"] for r in good], dtype=np.int64)
-    cols["label"] = pa.array(labels)
-    cols["split"] = pa.array(splits, pa.string())
-    cols["labeled"] = pa.array(labeled, pa.bool_())
-    table = pa.table(cols)
+    for i in range(0, index.num_rows, 65536):  # in slices: no Python string per row for the whole source
+        sp_part, lab_part = [], []
+        for rid in index["id"].slice(i, 65536).to_pylist():
+            u = _unit(s.salt, rid)
+            sp = "test" if u < s.test else ("val" if u < s.test + s.val else "train")
+            sp_part.append(sp)
+            lab_part.append(sp != "train" or _unit(s.salt + ":labeled", rid) < s.labeled_fraction)
+        splits.append(pa.array(sp_part, pa.string()))
+        labeled.append(pa.array(lab_part, pa.bool_()))
+    index = index.append_column("split", pa.chunked_array(splits, pa.string())).append_column(
+        "labeled", pa.chunked_array(labeled, pa.bool_()))
+    labels = index["label"].to_numpy()
     num_classes = cfg.num_classes or (int(labels.max()) + 1 if (labels >= 0).any() else None)
-    # what a retrain cycle compares: the rows, their labels and how they are split
-    lines = sorted(f"{i}:{l}" for i, l in zip(ids, labels.tolist()))
-    fp = hashlib.sha256(("\n".join(lines) + json.dumps(s.model_dump(), sort_keys=True)).encode()).hexdigest()[:16]
-    return SourceData(table, input_kind, dim, num_classes, fp, files, len(bad), qpath, s.model_dump())
+    resolved = [os.path.abspath(f) if os.path.exists(f) else f for f in files]
+    return SourceData(None, "features" if features else "text", dim, num_classes, _fingerprint(index, s.model_dump()),
+                      resolved, q.count, q.path, s.model_dump(), index=index, cfg=cfg, stamps=stamps)
+
+
+def _dedupe(index: pa.Table) -> pa.Table:
+    """Identical inputs share one id (and one teacher output): keep each id's first occurrence.
+    Sort-based (a stable sort and a neighbour compare) rather than a hash table: a few bytes a row."""
+    order = pc.sort_indices(index["id"])  # stable: a repeated id's first occurrence sorts first
+    ids = index["id"].take(order)
+    if len(ids) < 2:
+        return index
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    repeat = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))
+    if not pc.any(repeat).as_py():
+        return index
+    drop = pc.filter(order.slice(1), repeat).cast(pa.int64())
+    keep = pc.invert(pc.is_in(pa.array(np.arange(index.num_rows)), value_set=drop))
+    return index.filter(keep)
+
+
+def _fingerprint(index: pa.Table, split: dict[str, Any]) -> str:
+    """What a retrain cycle compares: the rows (ids), their labels and how they are split;
+    independent of file order, hashed in slices so memory stays small."""
+    t = index.select(["id", "label"]).sort_by("id")
+    h = hashlib.sha256()
+    for i in range(0, t.num_rows, 65536):
+        part = t.slice(i, 65536)
+        h.update("\n".join(f"{a}:{b}" for a, b in zip(part["id"].to_pylist(), part["label"].to_pylist())).encode())
+        h.update(b"\n")
+    h.update(json.dumps(split, sort_keys=True).encode())
+    return h.hexdigest()[:16]

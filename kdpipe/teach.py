@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -156,33 +157,30 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
                    digest: str) -> TeachResult:
     import ray
 
-    have = cache.ids()
-    input_col = "x" if source.input_kind == "features" else "text"
-    todo = source.table.select(["id", input_col])
-    if have:
-        todo = todo.filter(pc.invert(pc.is_in(todo["id"], value_set=pa.array(sorted(have), pa.string()))))
-    if todo.num_rows == 0:
+    have = cache.id_array()
+    todo = source.ids if len(have) == 0 else pc.filter(source.ids, pc.invert(pc.is_in(source.ids, value_set=have)))
+    if len(todo) == 0:
         log.info("teacher %s: reusing cache %s (%d rows, fingerprint %s)", tcfg.id, cache.dir, len(have), fp)
         return TeachResult(tcfg.id, cache, fp, 0, True)
-    log.info("teacher %s: teaching %d new rows (%d cached) -> %s", tcfg.id, todo.num_rows, len(have), cache.dir)
+    log.info("teacher %s: teaching %d new rows (%d cached) -> %s", tcfg.id, len(todo), len(have), cache.dir)
 
     t = cfg.teach
-    n_blocks = max(t.concurrency * 2, math.ceil(todo.num_rows / t.batch_size))
-    step = math.ceil(todo.num_rows / n_blocks)
-    blocks = [todo.slice(i, step) for i in range(0, todo.num_rows, step)]
+    # blocks of a few batches each: enough to keep every actor busy, small enough to stream
+    blocks = max(t.concurrency * 2, math.ceil(len(todo) / (4 * t.batch_size)))
+    remote = {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus or None}
     header = {"teacher_id": tcfg.id, "teacher_kind": tcfg.kind, "weights_digest": digest, "fingerprint": fp,
               "output_spec": {"outputs": tcfg.outputs, "topk": tcfg.topk, "format": OUTPUT_FORMAT},
               "params": tcfg.params, "path": tcfg.path}
     staging = cache.new_staging()
     try:
-        ds = ray.data.from_arrow(blocks).map_batches(
+        # the read step shares the teacher's resources, so Ray Data fuses it into the actors
+        ds = source.dataset(todo, blocks, **remote).map_batches(
             TeacherActor,
             fn_constructor_kwargs={"teacher_cfg": tcfg.model_dump(), "device": "cuda" if t.num_gpus > 0 else "cpu"},
             batch_size=t.batch_size,
             batch_format="pyarrow",
             concurrency=t.concurrency,
-            num_cpus=t.num_cpus,
-            num_gpus=t.num_gpus or None,
+            **remote,
         )
         ds.write_parquet(str(staging))
         _check_staged(staging, todo)
@@ -191,21 +189,33 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("teacher %s: cache now %d rows in %d part(s)", tcfg.id, manifest["rows"], len(manifest["parts"]))
-    return TeachResult(tcfg.id, cache, fp, todo.num_rows, False)
+    return TeachResult(tcfg.id, cache, fp, len(todo), False)
 
 
-def _check_staged(staging: Path, todo: pa.Table) -> None:
-    """Every requested row exactly once, before the part may be published."""
-    files = sorted(staging.glob("*.parquet"))
-    ids = pa.concat_tables([pq.read_table(f, columns=["id"]) for f in files])["id"] if files else pa.array([], pa.string())
-    got = pc.value_counts(ids)
-    dup = [v["values"] for v in got.to_pylist() if v["counts"] > 1]
-    if dup:
-        raise RuntimeError(f"teach stage produced duplicate rows (e.g. id {dup[0]}); the part was discarded")
-    want = set(todo["id"].to_pylist())
-    have = set(ids.to_pylist())
-    if want != have:
-        raise RuntimeError(f"teach stage returned {len(have)} of {len(want)} rows; the part was discarded, rerun `kdpipe teach`")
+def id_multiset_hash(ids: pa.Array | pa.ChunkedArray) -> int:
+    """Order-independent hash of a multiset of ids (sum of 64-bit digests, mod 2**64): equal for
+    two id lists exactly when they hold the same ids the same number of times (up to 2**-64)."""
+    total = 0
+    for rid in ids.to_pylist():
+        total += int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8).digest(), "little")
+    return total % 2**64
+
+
+def _check_staged(staging: Path, todo: pa.ChunkedArray | pa.Array) -> None:
+    """Every requested row exactly once, before the part may be published. Staged files are read
+    one at a time and folded into a count and a multiset hash, so memory does not grow with rows."""
+    rows, digest = 0, 0
+    for f in sorted(staging.glob("*.parquet")):
+        ids = pq.read_table(f, columns=["id"])["id"]
+        rows += len(ids)
+        digest = (digest + id_multiset_hash(ids)) % 2**64
+    want = len(todo)
+    if rows > want:
+        raise RuntimeError(f"teach stage produced duplicate rows ({rows} rows for {want} ids); the part was discarded, "
+                           "rerun `kdpipe teach`")
+    if rows < want or digest != sum(id_multiset_hash(todo.slice(i, 65536)) for i in range(0, want, 65536)) % 2**64:
+        raise RuntimeError(f"teach stage returned {rows} rows that are not the {want} requested ones (rows missing or "
+                           "repeated); the part was discarded, rerun `kdpipe teach`")
 
 
 def teach_all(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachResult]:

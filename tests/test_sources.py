@@ -92,3 +92,75 @@ def test_csv_vector_cells_and_missing_label_column(tmp_path) -> None:
     assert src.table.num_rows == 2 and src.dim == 3 and sorted(src.table["label"].to_pylist()) == [0, 1]
     with pytest.raises(BadInputError, match="column 'lbl' \\(source.label\\) not found"):
         load_source(SourceConfig(kind="csv", path=str(f), features="x", label="lbl"))
+
+
+def _digits_parquet(path, n: int, row_group: int) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.datasets import load_digits
+
+    from kdpipe.arrays import to_fixed_list
+
+    d = load_digits()
+    x = (d.data[:n] / 16.0).astype(np.float32)
+    pq.write_table(pa.table({"x": to_fixed_list(x), "label": pa.array(d.target[:n].astype(np.int64))}), path,
+                   row_group_size=row_group)
+
+
+def test_index_pass_keeps_no_inputs_and_rereads_exact_rows(tmp_path) -> None:
+    """load_source keeps only the index; the table read back by position (across row groups and
+    chunks) is the same rows, with duplicates of an input kept once."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    import kdpipe.sources as sources
+
+    f = tmp_path / "d.parquet"
+    _digits_parquet(f, 900, row_group=128)
+    t = pq.read_table(f)
+    pq.write_table(pa.concat_tables([t, t.slice(0, 5)]), f, row_group_size=128)  # 5 exact duplicates at the end
+    cfg = SourceConfig(kind="parquet", path=str(f), features="x", label="label")
+    old_chunk = sources.CHUNK_ROWS
+    sources.CHUNK_ROWS = 100  # many chunks per row group boundary
+    try:
+        src = load_source(cfg)
+        assert src.table_ is None and "x" not in src.index.column_names
+        assert src.num_rows == 900  # duplicates share an id and count once
+        some = src.index.filter(pc.is_in(src.index["row"], value_set=pa.array([3, 250, 251, 899], pa.int64())))
+        got = list(sources.read_file_rows(cfg, src.files[0], src.stamps[0], some["row"].to_numpy(), src.dim))
+        rows = pa.concat_tables(got)
+        assert rows["id"].to_pylist() == some["id"].to_pylist()
+        full = src.table
+    finally:
+        sources.CHUNK_ROWS = old_chunk
+    assert full.num_rows == 900 and full["id"].equals(src.index["id"])
+    assert (full["x"].to_pylist()[250] == pytest.approx(t["x"].to_pylist()[250]))
+
+
+def test_file_changed_after_indexing_is_detected(tmp_path) -> None:
+    from kdpipe.sources import SourceChangedError
+
+    f = tmp_path / "d.jsonl"
+    _write_jsonl(f, [{"text": f"row {i}"} for i in range(10)])
+    src = load_source(SourceConfig(kind="jsonl", path=str(f), text="text", num_classes=2))
+    _write_jsonl(f, [{"text": f"edited row {i}"} for i in range(10)])
+    with pytest.raises(SourceChangedError, match="changed since the pipeline indexed it"):
+        _ = src.table
+
+
+def test_dataset_streams_rows_through_ray(tmp_path, ray_local) -> None:
+    """The teach stage's input: Ray Data read tasks produce exactly the wanted rows (id + input)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    f = tmp_path / "d.parquet"
+    _digits_parquet(f, 600, row_group=64)
+    src = load_source(SourceConfig(kind="parquet", path=str(f), features="x", label="label"))
+    want = src.ids.slice(100, 300)
+    got = pa.concat_tables(ray_local.get(src.dataset(want, blocks=4, num_cpus=0.5).to_arrow_refs()))
+    assert sorted(got["id"].to_pylist()) == sorted(want.to_pylist())
+    table = src.table.filter(pc.is_in(src.table["id"], value_set=want.combine_chunks()))
+    by_id = dict(zip(table["id"].to_pylist(), table["x"].to_pylist()))
+    assert all(by_id[i] == x for i, x in zip(got["id"].to_pylist(), got["x"].to_pylist()))
