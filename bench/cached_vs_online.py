@@ -11,6 +11,7 @@ from bench.common import best_of, save
 
 def main(rows: int = 20_000, hidden: tuple[int, ...] = (2048, 2048), batch: int = 256) -> dict:
     from kdpipe.losses.functional import kd_dense
+    from kdpipe.train import make_optimizer
     from students.mlp import MLPStudent
     from teachers.mlp import build_mlp
 
@@ -20,7 +21,7 @@ def main(rows: int = 20_000, hidden: tuple[int, ...] = (2048, 2048), batch: int 
     with torch.no_grad():
         cached = torch.cat([teacher(x[i : i + 4096]) for i in range(0, rows, 4096)])
     student = MLPStudent(64, 10, [32])
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    opt = make_optimizer(student.parameters(), 1e-3)  # what kdpipe's training loop uses
 
     def epoch(online: bool) -> None:
         for i in range(0, rows, batch):

@@ -16,6 +16,7 @@ def main(batch: int = 512) -> dict:
     from kdpipe.config import SourceConfig, TeacherConfig
     from kdpipe.losses.functional import kd_dense, masked_ce
     from kdpipe.sources import load_source
+    from kdpipe.train import make_optimizer
     from students.mlp import MLPStudent
     from teachers.mlp import MLPTeacher
 
@@ -34,7 +35,7 @@ def main(batch: int = 512) -> dict:
         tlog = teacher(x)
     torch.manual_seed(0)
     student = MLPStudent(64, 10, [32])
-    opt = torch.optim.AdamW(student.parameters(), lr=5e-3)
+    opt = make_optimizer(student.parameters(), 5e-3)  # what kdpipe's training loop uses
     yl = torch.where(labeled, y, torch.full_like(y, -1))
     for _ in range(40):  # the demo's recipe, in-process: KD on all train rows + CE on the labeled ones
         perm = torch.nonzero(train).squeeze(1)[torch.randperm(int(train.sum()))]

@@ -52,7 +52,7 @@ def train_module(plan: dict[str, int], job: dict[str, Any], init: dict[str, np.n
 
     Runs inside a Ray task; returns the module's weights (numpy) and its loss history.
     """
-    from kdpipe.train import StudentMeta, build_student
+    from kdpipe.train import StudentMeta, build_student, make_optimizer
 
     start = time.time()
     torch.set_num_threads(max(1, int(job["threads"])))
@@ -61,7 +61,7 @@ def train_module(plan: dict[str, int], job: dict[str, Any], init: dict[str, np.n
     student.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in init.items()}, strict=False)
     s0, s1 = plan["s0"], plan["s1"]
     params = [p for layer in student.layers[s0:s1] for p in layer.parameters()]
-    opt = torch.optim.AdamW(params, lr=job["lr"])
+    opt = make_optimizer(params, job["lr"])
     n, L = mask.shape
     g = torch.Generator().manual_seed(job["seed"] + 17 * plan["module"])
 

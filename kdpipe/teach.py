@@ -179,7 +179,7 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
             fn_constructor_kwargs={"teacher_cfg": tcfg.model_dump(), "device": "cuda" if t.num_gpus > 0 else "cpu"},
             batch_size=t.batch_size,
             batch_format="pyarrow",
-            concurrency=t.concurrency,
+            compute=ray.data.ActorPoolStrategy(size=t.concurrency),
             **remote,
         )
         ds.write_parquet(str(staging))

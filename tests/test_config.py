@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kdpipe.config import SpecError, load_spec, parse_spec
@@ -100,3 +102,10 @@ def test_several_teachers_need_an_explicit_loss_teacher() -> None:
 def test_baseline_student_params_are_validated(digits_spec_raw) -> None:
     msg = _err(digits_spec_raw, {"evaluate.baseline_student_params": {"hiden": [3]}})
     assert "evaluate.baseline_student_params" in msg and "hiden" in msg
+
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "pipelines").glob("*.yaml")))
+def test_every_shipped_pipeline_spec_validates(spec: str) -> None:
+    """Users copy these: each must load, with its teachers, students and losses resolved."""
+    cfg = load_spec(f"pipelines/{spec}")
+    assert cfg.name == spec.removesuffix(".yaml") and cfg.teachers and cfg.losses

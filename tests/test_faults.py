@@ -104,3 +104,30 @@ def test_missing_teacher_weights_name_the_fix(tmp_path: Path) -> None:
     t = TeacherConfig(id="t", kind="mlp_classifier", path=str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="kdpipe teach"):
         TEACHERS.get("mlp_classifier").load(t)
+
+
+def test_exactly_once_check_catches_missing_and_repeated_rows(tmp_path: Path) -> None:
+    """The check that guards every cache part: a dropped row, a repeated row, and a swap of one
+    for a repeat (same count) are each refused before anything is published."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kdpipe.teach import _check_staged
+
+    todo = pa.array([f"id{i}" for i in range(10)])
+
+    def staged(*parts: list[str]) -> Path:
+        d = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        for i, p in enumerate(parts):
+            pq.write_table(pa.table({"id": pa.array(p, pa.string())}), d / f"part-{i}.parquet")
+        return d
+
+    ids = todo.to_pylist()
+    _check_staged(staged(ids[:4], ids[4:]), todo)  # all rows once, across files: fine
+    with pytest.raises(RuntimeError, match="returned 9 rows"):
+        _check_staged(staged(ids[:4], ids[5:]), todo)
+    with pytest.raises(RuntimeError, match="duplicate rows"):
+        _check_staged(staged(ids, ids[:1]), todo)
+    with pytest.raises(RuntimeError, match="not the 10 requested"):
+        _check_staged(staged(ids[:9], ids[:1]), todo)

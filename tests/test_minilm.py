@@ -211,6 +211,27 @@ def test_student_init_from_teacher_copies_the_right_layers() -> None:
         build_student("small_transformer", {"tokens_from": "minilm", "init_from_teacher": [0, 1]}, meta)
 
 
+def test_narrow_student_starts_from_projected_teacher_embeddings() -> None:
+    """A narrower student's token table is the teacher's projected on its top principal
+    directions, and out_proj maps it back: most of the table survives, unlike random init."""
+    from transformers import AutoModel
+
+    from kdpipe.train import StudentMeta, build_student
+
+    meta = StudentMeta(in_dim=None, num_classes=0, teachers=["minilm"], widths={})
+    w = AutoModel.from_pretrained(_model_dir(), local_files_only=True).embeddings.word_embeddings.weight.detach()
+    w = w - w.mean(0, keepdim=True)
+    narrow = {"tokens_from": "minilm", "layers": 1, "hidden_size": 96, "num_heads": 4, "out_dim": 384}
+
+    def residual(student) -> float:
+        back = student.embeddings.word_embeddings.weight.detach() @ student.out_proj.weight.detach().T
+        return float((w - back).norm() / w.norm())
+
+    pca = residual(build_student("small_transformer", {**narrow, "init_embeddings": True}, meta))
+    rnd = residual(build_student("small_transformer", {**narrow, "init_embeddings": False}, meta))
+    assert pca < 0.8 and rnd > 0.99
+
+
 # ---------------------------------------------------------------- data + evaluator
 
 @needs_wordnet
