@@ -182,7 +182,13 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
             compute=ray.data.ActorPoolStrategy(size=t.concurrency),
             **remote,
         )
-        ds.write_parquet(str(staging))
+        try:
+            ds.write_parquet(str(staging))
+        except Exception as e:  # Ray Data wraps errors raised in the actors; surface ours as they were
+            root = _kdpipe_cause(e)
+            if root is None:
+                raise
+            raise root from None
         _check_staged(staging, todo)
         manifest = cache.commit(staging, header, source.fingerprint)
     except BaseException:
@@ -190,6 +196,17 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
         raise
     log.info("teacher %s: cache now %d rows in %d part(s)", tcfg.id, manifest["rows"], len(manifest["parts"]))
     return TeachResult(tcfg.id, cache, fp, len(todo), False)
+
+
+def _kdpipe_cause(e: BaseException) -> KdpipeError | None:
+    """The KdpipeError (bad or changed source rows, …) behind Ray's exception wrappers, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, KdpipeError):
+            return e
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return None
 
 
 def id_multiset_hash(ids: pa.Array | pa.ChunkedArray) -> int:

@@ -131,3 +131,26 @@ def test_exactly_once_check_catches_missing_and_repeated_rows(tmp_path: Path) ->
         _check_staged(staged(ids, ids[:1]), todo)
     with pytest.raises(RuntimeError, match="not the 10 requested"):
         _check_staged(staged(ids[:9], ids[:1]), todo)
+
+
+def test_source_file_edited_between_index_and_teach_is_refused(ray_local, tmp_path: Path) -> None:
+    """The teacher actors read rows by position; if the file changed after indexing they stop
+    with an error naming the file, and nothing is published."""
+    from kdpipe.config import parse_spec
+    from kdpipe.sources import SourceChangedError, load_source
+    from kdpipe.teach import teach_one
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"x": [float(i), 1.0, 2.0], "y": i % 3}) + "\n" for i in range(40)))
+    raw = {"name": "edit", "source": {"kind": "jsonl", "path": str(data), "features": "x", "label": "y", "num_classes": 3},
+           "teachers": [{"id": "t", "kind": "mlp_classifier", "path": str(tmp_path / "t"), "params": {"hidden": [8], "epochs": 1,
+                         "train_on": "all_train"}}],
+           "teach": {"cache_root": str(tmp_path / "cache"), "num_cpus": 0.5}, "student": {"kind": "mlp"},
+           "losses": [{"name": "ce"}], "tracking": {"model_name": "m"}}
+    cfg = parse_spec(raw)
+    src = load_source(cfg.source, tmp_path / "q")
+    _ = src.table  # the teacher trains on the rows as indexed; the actors read the file afterwards
+    data.write_text("".join(json.dumps({"x": [float(i), 9.0, 9.0], "y": i % 3}) + "\n" for i in range(40)))
+    with pytest.raises(SourceChangedError, match=str(data)):
+        teach_one(cfg, cfg.teachers[0], src)
+    assert not list((tmp_path / "cache").rglob("MANIFEST.json"))
