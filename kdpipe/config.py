@@ -181,6 +181,8 @@ class TrainConfig(Strict):
     max_failures: int = Field(1, ge=0)
     storage_path: str = ".kdpipe/ray_results"
     checkpoint_every: int = Field(5, ge=1, description="epochs between Ray Train checkpoints (the last epoch always checkpoints)")
+    shuffle_buffer: int = Field(0, ge=0, description="rows in Ray Data's local shuffle buffer, reseeded every epoch "
+                                                     "(0: the same batch order every epoch)")
     unlabeled_split: Literal["train"] = "train"
 
 

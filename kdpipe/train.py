@@ -74,6 +74,15 @@ def _allreduce(sums: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def epoch_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, epoch: int, rank: int) -> Any:
+    """One epoch of torch batches; with a shuffle buffer the order changes every epoch but is the
+    same for the same (seed, epoch, rank), so a resumed run sees the batches it would have seen."""
+    if not shuffle_buffer:
+        return shard.iter_torch_batches(batch_size=batch_size)
+    return shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=shuffle_buffer,
+                                    local_shuffle_seed=(seed * 1_000_003 + epoch * 1_009 + rank) % 2**31)
+
+
 def make_optimizer(params: Any, lr: float, weight_decay: float = 0.01) -> torch.optim.Optimizer:
     """AdamW with PyTorch's fused kernel. On this CPU the default multi-tensor step took 44 ms of a
     112 ms step of a 2-layer MiniLM student (most of it the embedding table), the fused one 5 ms."""
@@ -116,7 +125,8 @@ def train_loop(config: dict[str, Any]) -> None:
             os._exit(1)  # fault-injection hook used by the tests (kills this worker process)
         model.train()
         sums: dict[str, float] = defaultdict(float)
-        for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"]):
+        for batch in epoch_batches(train_shard, config["batch_size"], config.get("shuffle_buffer", 0),
+                                   config["seed"], epoch, rank):
             loss, parts = model(batch)
             opt.zero_grad()
             loss.backward()
@@ -196,7 +206,7 @@ def fit(
             "meta": meta.as_dict(), "student_kind": student_kind, "student_params": student_params, "losses": losses,
             "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay, "batch_size": train_cfg.batch_size,
             "epochs": epochs or train_cfg.epochs, "seed": seed, "tracking_uri": tracking_uri, "run_id": run_id,
-            "prefix": prefix, "checkpoint_every": train_cfg.checkpoint_every,
+            "prefix": prefix, "checkpoint_every": train_cfg.checkpoint_every, "shuffle_buffer": train_cfg.shuffle_buffer,
             "init_state": {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in init_state.items()}
             if init_state else None, "fail_at_epoch": fail_at_epoch,
         },
