@@ -152,34 +152,39 @@ def _parquet_chunks(cfg: SourceConfig, f: str, start: int) -> Iterator[pa.Table]
 def _records(cfg: SourceConfig, f: str, start: int) -> Iterator[dict[str, Any]]:
     """Rows of a JSON-lines, CSV or text file, from row `start` on (rows before it are only counted)."""
     if cfg.kind == "text":
-        with open(f, "rb") as fh:
-            for n, line in enumerate(fh):
-                if n >= start:
-                    yield {"text": line.rstrip(b"\r\n"), "label": None}
+        for n, line in enumerate(_lines(f)):
+            if n >= start:
+                yield {"text": line, "label": None}
         return
     if cfg.kind == "jsonl":
         n = 0
-        with open(f, "rb") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                n += 1
-                if n <= start:
-                    continue
-                try:
-                    r = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    yield {"error": f"{f}:{lineno}: not valid JSON ({e})"}
-                    continue
-                if not isinstance(r, dict):
-                    yield {"error": f"{f}:{lineno}: a JSON line must be an object, got {type(r).__name__}"}
-                    continue
-                yield _pick(cfg, f, r)
+        for lineno, line in enumerate(_lines(f), 1):
+            if not line.strip():
+                continue
+            n += 1
+            if n <= start:
+                continue
+            try:
+                r = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield {"error": f"{f}:{lineno}: not valid JSON ({e})"}
+                continue
+            if not isinstance(r, dict):
+                yield {"error": f"{f}:{lineno}: a JSON line must be an object, got {type(r).__name__}"}
+                continue
+            yield _pick(cfg, f, r)
         return
     with open(f, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         for n, r in enumerate(csv.DictReader(fh)):
             if n >= start:
                 yield _pick(cfg, f, r, vector_cells=True)
+
+
+def _lines(f: str) -> Iterator[bytes]:
+    """Lines as `bytes.splitlines` cuts them (\\n, \\r\\n and a lone \\r all end a line), streamed."""
+    with open(f, "rb") as fh:
+        for raw in fh:
+            yield from raw.splitlines()
 
 
 def _pick(cfg: SourceConfig, f: str, r: dict[str, Any], vector_cells: bool = False) -> dict[str, Any]:
@@ -398,6 +403,12 @@ class SourceData:
         self.cfg = None
 
     @property
+    def seekable(self) -> bool:
+        """Whether a reader can start mid-file cheaply (Parquet row groups, in-memory sets). Line
+        formats are scanned from the top by every read block, so they want few, large blocks."""
+        return self.cfg is None or self.cfg.kind in ("parquet", "sklearn_digits")
+
+    @property
     def _input_col(self) -> str:
         return "x" if self.input_kind == "features" else "text"
 
@@ -420,7 +431,7 @@ class SourceData:
             step = max(1, math.ceil(t.num_rows / blocks))
             return ray.data.from_arrow([t.slice(i, step) for i in range(0, t.num_rows, step)] or [t])
         want = self.index if ids is None else self.index.filter(pc.is_in(self.index["id"], value_set=_plain(ids)))
-        pos = want.select(["file", "row"])
+        pos = want.select(["file", "row", "id"])  # the ids let the readers check they read the indexed rows
         step = max(1, math.ceil(pos.num_rows / blocks))
         return ray.data.from_arrow([pos.slice(i, step) for i in range(0, pos.num_rows, step)] or [pos]).map_batches(
             read_rows, batch_size=None, batch_format="pyarrow",
@@ -449,8 +460,15 @@ def read_rows(batch: pa.Table, cfg: dict[str, Any], files: list[str], stamps: li
     """`map_batches` step: (file, row) positions -> `id` + input rows, a chunk at a time."""
     scfg = SourceConfig.model_validate(cfg)
     for fi in pc.unique(batch["file"]).to_pylist():
-        rows = batch.filter(pc.equal(batch["file"], fi))["row"].to_numpy()
-        yield from read_file_rows(scfg, files[fi], stamps[fi] if stamps else None, rows, dim)
+        sel = batch.filter(pc.equal(batch["file"], fi)).sort_by("row")
+        at = 0
+        for out in read_file_rows(scfg, files[fi], stamps[fi] if stamps else None, sel["row"].to_numpy(), dim):
+            expect = sel["id"].slice(at, out.num_rows)
+            if not pc.all(pc.equal(out["id"], expect)).as_py():
+                raise SourceChangedError(f"source file {files[fi]} no longer holds the rows it held when it was indexed; "
+                                         "rerun (do not edit source files in place while a run reads them; add new files instead)")
+            at += out.num_rows
+            yield out
 
 
 def read_file_rows(cfg: SourceConfig, f: str, stamp: list[int] | None, rows: np.ndarray,
@@ -503,6 +521,10 @@ class _Quarantine:
 def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kdpipe/quarantine") -> SourceData:
     """One streaming pass over the source: validate, id, dedupe and split every row, keeping
     only the index (inputs are read again where needed)."""
+    if cfg.kind == "wordnet" or cfg.path:  # readers run in Ray workers: give them absolute paths
+        from kdpipe.datasets.wordnet import WORDNET_DIR
+
+        cfg = cfg.model_copy(update={"path": os.path.abspath(cfg.path or WORDNET_DIR)})
     files = list_files(cfg)
     stamps = [_stamp(f) for f in files]
     features = cfg.features is not None or cfg.kind == "sklearn_digits"
@@ -521,7 +543,7 @@ def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kd
                 dim = c.dim if features else None
                 for off, why, preview in c.bad:
                     if cfg.on_bad_rows == "fail":
-                        where = "" if ":" in f and not os.path.exists(f) else f" ({f}, row {row0 + off})"
+                        where = "" if ":" in f and not os.path.exists(f) else f" (record {row0 + off} of {f}, from 0)"
                         raise BadInputError(f"bad input row {seen_raw + off}: {why}{where}. Fix the data, or set "
                                             "`source.on_bad_rows: skip` to quarantine bad rows")
                     q.add({"row": seen_raw + off, "file": f, "file_row": row0 + off, "reason": why, "preview": preview})
@@ -581,9 +603,8 @@ def _fingerprint(index: pa.Table, split: dict[str, Any]) -> str:
     independent of file order, hashed in slices so memory stays small."""
     t = index.select(["id", "label"]).sort_by("id")
     h = hashlib.sha256()
-    for i in range(0, t.num_rows, 65536):
+    for i in range(0, t.num_rows, 65536):  # the bytes of "\n".join(id:label lines), a slice at a time
         part = t.slice(i, 65536)
-        h.update("\n".join(f"{a}:{b}" for a, b in zip(part["id"].to_pylist(), part["label"].to_pylist())).encode())
-        h.update(b"\n")
+        h.update((b"\n" if i else b"") + "\n".join(f"{a}:{b}" for a, b in zip(part["id"].to_pylist(), part["label"].to_pylist())).encode())
     h.update(json.dumps(split, sort_keys=True).encode())
     return h.hexdigest()[:16]

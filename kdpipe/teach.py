@@ -166,7 +166,7 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
 
     t = cfg.teach
     # blocks of a few batches each: enough to keep every actor busy, small enough to stream
-    blocks = max(t.concurrency * 2, math.ceil(len(todo) / (4 * t.batch_size)))
+    blocks = max(t.concurrency * 2, math.ceil(len(todo) / (4 * t.batch_size)) if source.seekable else 0)
     remote = {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus or None}
     header = {"teacher_id": tcfg.id, "teacher_kind": tcfg.kind, "weights_digest": digest, "fingerprint": fp,
               "output_spec": {"outputs": tcfg.outputs, "topk": tcfg.topk, "format": OUTPUT_FORMAT},

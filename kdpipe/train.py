@@ -75,8 +75,9 @@ def _allreduce(sums: dict[str, float]) -> dict[str, float]:
 
 
 def epoch_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, epoch: int, rank: int) -> Any:
-    """One epoch of torch batches; with a shuffle buffer the order changes every epoch but is the
-    same for the same (seed, epoch, rank), so a resumed run sees the batches it would have seen."""
+    """One epoch of torch batches; with a shuffle buffer the order changes every epoch, seeded by
+    (seed, epoch, rank). Which rows a rank gets is Ray Data's streaming split, decided at run time,
+    so the order is reproducible for a given shard, not across runs."""
     if not shuffle_buffer:
         return shard.iter_torch_batches(batch_size=batch_size)
     return shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=shuffle_buffer,

@@ -107,5 +107,5 @@ def test_baseline_student_params_are_validated(digits_spec_raw) -> None:
 @pytest.mark.parametrize("spec", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "pipelines").glob("*.yaml")))
 def test_every_shipped_pipeline_spec_validates(spec: str) -> None:
     """Users copy these: each must load, with its teachers, students and losses resolved."""
-    cfg = load_spec(f"pipelines/{spec}")
+    cfg = load_spec(Path(__file__).resolve().parent.parent / "pipelines" / spec)
     assert cfg.name == spec.removesuffix(".yaml") and cfg.teachers and cfg.losses
