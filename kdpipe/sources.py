@@ -390,7 +390,9 @@ class SourceData:
         """All rows with their inputs (read from the files on first use)."""
         if self.table_ is None:
             assert self.index is not None
-            parts = [t for _, t in self._read(self.index)]
+            assert self.cfg is not None
+            parts = list(read_rows(self.index.select(["file", "row", "id"]), self.cfg.model_dump(), self.files,
+                                   self.stamps, self.dim))
             inputs = pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], pa.string())})
             cols = {"id": self.index["id"], self._input_col: inputs[self._input_col]}
             self.table_ = pa.table({**cols, **{c: self.index[c] for c in ("label", "split", "labeled")}})
@@ -438,18 +440,6 @@ class SourceData:
             fn_kwargs={"cfg": self.cfg.model_dump(), "files": self.files, "stamps": self.stamps, "dim": self.dim},
             **remote_args)
 
-    def _read(self, rows_of: pa.Table) -> Iterator[tuple[int, pa.Table]]:
-        assert self.cfg is not None
-        for fi in pc.unique(rows_of["file"]).to_pylist():
-            sel = rows_of.filter(pc.equal(rows_of["file"], fi))
-            got = list(read_file_rows(self.cfg, self.files[fi], self.stamps[fi] if self.stamps else None,
-                                      sel["row"].to_numpy(), self.dim))
-            out = pa.concat_tables(got) if got else pa.table({"id": pa.array([], pa.string())})
-            if out.num_rows != sel.num_rows or not pc.all(pc.equal(out["id"], sel["id"])).as_py():
-                raise SourceChangedError(f"source file {self.files[fi]} no longer holds the rows it held when it was read; "
-                                         "rerun the pipeline (do not edit source files in place while a run reads them)")
-            yield fi, out
-
 
 def _plain(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
     return ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
@@ -461,14 +451,16 @@ def read_rows(batch: pa.Table, cfg: dict[str, Any], files: list[str], stamps: li
     scfg = SourceConfig.model_validate(cfg)
     for fi in pc.unique(batch["file"]).to_pylist():
         sel = batch.filter(pc.equal(batch["file"], fi)).sort_by("row")
+        changed = SourceChangedError(f"source file {files[fi]} no longer holds the rows it held when it was indexed; "
+                                     "rerun (do not edit source files in place while a run reads them; add new files instead)")
         at = 0
         for out in read_file_rows(scfg, files[fi], stamps[fi] if stamps else None, sel["row"].to_numpy(), dim):
-            expect = sel["id"].slice(at, out.num_rows)
-            if not pc.all(pc.equal(out["id"], expect)).as_py():
-                raise SourceChangedError(f"source file {files[fi]} no longer holds the rows it held when it was indexed; "
-                                         "rerun (do not edit source files in place while a run reads them; add new files instead)")
+            if not pc.all(pc.equal(out["id"], sel["id"].slice(at, out.num_rows))).as_py():
+                raise changed
             at += out.num_rows
             yield out
+        if at != sel.num_rows:  # the file ended before the indexed rows did
+            raise changed
 
 
 def read_file_rows(cfg: SourceConfig, f: str, stamp: list[int] | None, rows: np.ndarray,
@@ -577,9 +569,8 @@ def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kd
         "labeled", pa.chunked_array(labeled, pa.bool_()))
     labels = index["label"].to_numpy()
     num_classes = cfg.num_classes or (int(labels.max()) + 1 if (labels >= 0).any() else None)
-    resolved = [os.path.abspath(f) if os.path.exists(f) else f for f in files]
     return SourceData(None, "features" if features else "text", dim, num_classes, _fingerprint(index, s.model_dump()),
-                      resolved, q.count, q.path, s.model_dump(), index=index, cfg=cfg, stamps=stamps)
+                      files, q.count, q.path, s.model_dump(), index=index, cfg=cfg, stamps=stamps)
 
 
 def _dedupe(index: pa.Table) -> pa.Table:
