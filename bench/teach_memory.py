@@ -50,7 +50,7 @@ assert r.rows_taught == rows
 stop = True; th.join()
 print(json.dumps({"rows": rows, "driver_rss_before_teach_mb": base / 2**20, "driver_peak_rss_mb": peak["driver"] / 2**20,
                   "actors_peak_rss_mb": peak["actors"] / 2**20, "input_file_mb": data.stat().st_size / 2**20,
-                  "index_mb": src.index.nbytes / 2**20}))
+                  "index_mb": Path(src.index_path).stat().st_size / 2**20}))
 '''
 
 

@@ -55,11 +55,11 @@ def cmd_teach(args: argparse.Namespace) -> int:
 
 
 def cmd_distil(args: argparse.Namespace) -> int:
-    from kdpipe.pipeline import distil_and_ship, locate_caches, prepare
+    from kdpipe.pipeline import distil, locate_caches, prepare
 
     cfg = _load(args)
     source, uri = prepare(cfg, args.address)
-    res = distil_and_ship(cfg, source, locate_caches(cfg, source), uri)
+    res = distil(cfg, source, locate_caches(cfg, source), uri)
     _print_result(res)
     return 0
 

@@ -2,7 +2,7 @@
 
 ``compare(spec, seeds, overrides, variants)`` runs every variant of a pipeline for every seed
 (``seed`` seeds the student's init; the data split salt and the teachers stay fixed, so teacher
-caches are taught once and reused), one MLflow run per variant and seed (``distil_and_ship``, which
+caches are taught once and reused), one MLflow run per variant and seed (``distil``, which
 also trains the spec's baseline twin), then logs a summary run with the table as an artifact.
 
 Variants are spec overrides keyed by a label (`VARIANTS` holds the ones for the shipped pipelines,
@@ -68,15 +68,14 @@ def _resolve(value: Any, best: str | None) -> Any:
 
 def best_single_teacher(cfg: Any, source: Any, taught: dict[str, Any]) -> tuple[str | None, dict[str, float]]:
     """The fusion member with the best accuracy on the validation split (never the test split)."""
-    from kdpipe.data import join_teacher_outputs, split_tables
-    from kdpipe.evaluate import teacher_accuracy
+    from kdpipe.evaluate import teacher_accuracy_ds
+    from kdpipe.views import build_views
 
     if cfg.teach.fusion is None:
         return None, {}
     members = cfg.teach.fusion.teachers
-    table = join_teacher_outputs(source.table, {t: taught[t].cache for t in members}, cfg.teach.verify)
-    val = split_tables(table)["val"]
-    accs = {t: a for t in members if (a := teacher_accuracy(val, t)) is not None}
+    val = build_views(source, {t: taught[t].cache for t in members}, cfg.teach.verify).val
+    accs = {t: a for t in members if (a := teacher_accuracy_ds(val, t)) is not None}
     return (max(accs, key=accs.__getitem__) if accs else None), accs
 
 
@@ -118,7 +117,7 @@ def compare(spec_path: str, seeds: list[int], overrides: dict[str, Any] | None =
     from mlflow.tracking import MlflowClient
 
     from kdpipe.config import load_spec
-    from kdpipe.pipeline import distil_and_ship, prepare, teach
+    from kdpipe.pipeline import distil, prepare, teach
     from kdpipe.tracking import ensure_experiment
 
     overrides = dict(overrides or {})
@@ -141,7 +140,7 @@ def compare(spec_path: str, seeds: list[int], overrides: dict[str, Any] | None =
                                         "tracking.model_name": f"{base.tracking.model_name}-compare"})
             vt = teach(cfg, source)  # reuses every cache it can; a new fusion mode writes its own `fused` cache
             log.info("compare %s: variant '%s' seed %d", base.name, vname, seed)
-            res = distil_and_ship(cfg, source, vt, uri,
+            res = distil(cfg, source, vt, uri,
                                   extra_tags={"kdpipe.compare_id": compare_id, "kdpipe.variant": vname, "kdpipe.seed": str(seed)})
             runs.setdefault(vname, []).append(res.run_id)
             exits = any(k.startswith("test_acc_exit") for k in res.metrics)

@@ -163,33 +163,38 @@ def fused_fingerprint(cfg: "PipelineConfig", results: dict[str, "TeachResult"]) 
                         "format": FUSION_FORMAT})
 
 
-def _member_logits(tid: str, result: "TeachResult", ids: Any, num_classes: int | None, verify: bool) -> np.ndarray:
-    """Dense logits of one member teacher for `ids` (rebuilt from top-k when only that is cached)."""
-    import pyarrow.compute as pc
-
+def _member_logits(tid: str, block: Any, num_classes: int | None) -> np.ndarray:
+    """Dense logits of one member teacher for the rows of a joined block (``<tid>.<column>``
+    columns), rebuilt from its top-k when only that is cached."""
     from kdpipe.arrays import to_numpy
     from kdpipe.losses.functional import dense_from_topk
 
-    schema = (result.cache.manifest() or {}).get("schema", {})
-    dense = "logits" in schema
-    cols = ["id", "logits"] if dense else ["id", "topk_idx", "topk_val", "tail_lse"]
-    if not dense and "topk_idx" not in schema:
-        raise ValueError(f"fusion: teacher '{tid}' cache {result.cache.dir} has neither `logits` nor `topk` outputs; "
+    if f"{tid}.logits" in block.column_names:
+        return to_numpy(block[f"{tid}.logits"], np.float32)
+    if f"{tid}.topk_idx" not in block.column_names:
+        raise ValueError(f"fusion: teacher '{tid}' cache has neither `logits` nor `topk` outputs; "
                          f"add `outputs: [logits]` to that teacher")
-    table = result.cache.read(columns=cols, verify=verify)
-    idx = pc.index_in(ids, value_set=table["id"])
-    if idx.null_count:
-        raise RuntimeError(f"fusion: teacher '{tid}' cache {result.cache.dir} lacks {idx.null_count} of {len(ids)} rows; "
-                           f"run `kdpipe teach SPEC` first")
-    table = table.take(idx)
-    if dense:
-        return to_numpy(table["logits"], np.float32)
     if num_classes is None:
         raise ValueError("fusion of top-k caches needs the number of classes (set source.num_classes)")
-    rebuilt = dense_from_topk(torch.tensor(to_numpy(table["topk_idx"]).astype(np.int64)),
-                              torch.tensor(to_numpy(table["topk_val"], np.float32)),
-                              torch.tensor(to_numpy(table["tail_lse"], np.float32)), num_classes)
+    rebuilt = dense_from_topk(torch.tensor(to_numpy(block[f"{tid}.topk_idx"]).astype(np.int64)),
+                              torch.tensor(to_numpy(block[f"{tid}.topk_val"], np.float32)),
+                              torch.tensor(to_numpy(block[f"{tid}.tail_lse"], np.float32)), num_classes)
     return rebuilt.numpy()
+
+
+def fuse_block(block: Any, members: list[str], num_classes: int | None, mode: str, weights: Any, temperature: float,
+               steps: int, sharpness: float) -> Any:
+    """`map_batches` step: the members' outputs of a block of rows -> ``id``, fused ``logits`` and
+    per-row fusion ``weights`` (every mode is per row, so blocks fuse independently)."""
+    import pyarrow as pa
+
+    from kdpipe.arrays import to_fixed_list
+
+    torch.set_num_threads(1)
+    logits = [_member_logits(t, block, num_classes) for t in members]
+    fused, w = fuse(logits, mode, weights, temperature, steps, sharpness)
+    return pa.table({"id": block["id"], "logits": to_fixed_list(fused.numpy().astype(np.float32)),
+                     "weights": to_fixed_list(w.numpy().astype(np.float32))})
 
 
 def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, "TeachResult"]) -> "TeachResult":
@@ -198,16 +203,16 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
 
     Lives at ``<cache_root>/fused/<fingerprint>/``; the fingerprint covers the member caches'
     fingerprints and the fusion config, so new teacher weights or settings never reuse old fusions.
-    Incremental like ``teach_one``: only source rows the fused cache lacks are computed (in-process,
-    it is cheap), staged, and published by ``TeacherCache.commit`` (manifest last).
+    Incremental like ``teach_one``: only source rows the fused cache lacks are fused, in Ray Data
+    (the member caches joined on `id`, fused block by block), staged, checked exactly-once and
+    published by ``TeacherCache.commit`` under the cache's lock (manifest last).
     """
-    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from kdpipe.arrays import to_fixed_list
     from kdpipe.cache import TeacherCache
-    from kdpipe.teach import TeachResult
+    from kdpipe.teach import TeachResult, _check_staged
+    from kdpipe.views import Side, cache_side, join_on_id
 
     f = cfg.teach.fusion
     if f is None:
@@ -217,31 +222,36 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
         raise KeyError(f"fusion: no cache for teacher(s) {missing}; taught: {sorted(results)}")
     fp = fused_fingerprint(cfg, results)
     cache = TeacherCache(Path(cfg.teach.cache_root) / "fused" / fp)
-    have = cache.id_array()
-    ids = source.ids
-    if len(have):
-        ids = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=have)))
-    if len(ids) == 0:
-        log.info("fused teacher: reusing cache %s (%d rows, fingerprint %s)", cache.dir, len(have), fp)
-        return TeachResult("fused", cache, fp, 0, True)
-    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
-    num_classes = source.num_classes or cfg.source.num_classes
-    logits = [_member_logits(t, results[t], ids, num_classes, cfg.teach.verify) for t in f.teachers]
-    sharpness = f.sharpness
-    fused, weights = fuse(logits, f.mode, f.weights, f.temperature, f.steps, sharpness)
-    table = pa.table({"id": ids, "logits": to_fixed_list(fused.numpy().astype(np.float32)),
-                      "weights": to_fixed_list(weights.numpy().astype(np.float32))})
-    header = {"teacher_id": "fused", "teacher_kind": "fusion", "fingerprint": fp, "weights_digest": "fusion",
-              "members": {t: results[t].fingerprint for t in f.teachers},
-              "fusion": {**f.model_dump(mode="json"), "sharpness": sharpness},
-              "output_spec": {"outputs": ["logits", "weights"], "format": FUSION_FORMAT}}
-    staging = cache.new_staging()
-    try:
-        pq.write_table(table, staging / "part-00000.parquet")
-        manifest = cache.commit(staging, header, source.fingerprint)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with cache.lock():
+        have = cache.id_array()
+        ids = source.ids
+        if len(have):
+            ids = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=have)))
+        if len(ids) == 0:
+            log.info("fused teacher: reusing cache %s (%d rows, fingerprint %s)", cache.dir, len(have), fp)
+            return TeachResult("fused", cache, fp, 0, True)
+        todo = Side("todo", source.id_dataset(ids, blocks=max(2, cfg.teach.concurrency * 2)).select_columns(["id"]),
+                    len(ids) * 24)
+        ds = join_on_id([todo] + [cache_side(t, results[t].cache, cfg.teach.verify) for t in f.teachers])
+        fused = ds.map_batches(fuse_block, batch_format="pyarrow", batch_size=cfg.teach.batch_size, fn_kwargs={
+            "members": list(f.teachers), "num_classes": source.num_classes or cfg.source.num_classes, "mode": f.mode,
+            "weights": f.weights, "temperature": f.temperature, "steps": f.steps, "sharpness": f.sharpness})
+        header = {"teacher_id": "fused", "teacher_kind": "fusion", "fingerprint": fp, "weights_digest": "fusion",
+                  "members": {t: results[t].fingerprint for t in f.teachers},
+                  "fusion": {**f.model_dump(mode="json"), "sharpness": f.sharpness},
+                  "output_spec": {"outputs": ["logits", "weights"], "format": FUSION_FORMAT}}
+        staging = cache.new_staging()
+        try:
+            fused.write_parquet(str(staging))
+            got = sum(pq.read_metadata(p).num_rows for p in staging.glob("*.parquet"))
+            if got < len(ids):  # the inner join dropped rows some member does not hold
+                raise RuntimeError(f"fusion: the member caches lack {len(ids) - got} of {len(ids)} rows; "
+                                   "run `kdpipe teach SPEC` first")
+            _check_staged(staging, ids)
+            manifest = cache.commit(staging, header, source.fingerprint)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     log.info("fused teacher (%s over %s): %d new rows -> %s (now %d rows)", f.mode, f.teachers, len(ids), cache.dir,
              manifest["rows"])
     return TeachResult("fused", cache, fp, len(ids), False)

@@ -19,10 +19,8 @@ import time
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from kdpipe.arrays import to_numpy
 from kdpipe.config import PipelineConfig
 
 log = logging.getLogger("kdpipe.m2mkd")
@@ -99,14 +97,15 @@ def train_module(plan: dict[str, int], job: dict[str, Any], init: dict[str, np.n
             "start": start, "end": time.time()}
 
 
-def _columns(table: pa.Table, tid: str, boundaries: list[int]) -> dict[str, np.ndarray]:
-    out = {"mask": to_numpy(table[f"{tid}.attention_mask"], np.int8)}
-    for b in boundaries:
-        out[b] = to_numpy(table[f"{tid}.feat.{b}"]).astype(np.float16, copy=False)
-    return out
+def _column(ds: Any, col: str, dtype: str) -> np.ndarray:
+    """One column of a Ray Dataset as one array, gathered inside a Ray task (the driver gets only
+    the object ref)."""
+    parts = [np.asarray(b[col]).reshape(len(b[col]), -1).astype(dtype, copy=False)
+             for b in ds.select_columns([col]).iter_batches(batch_format="numpy", batch_size=4096)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype)
 
 
-def pretrain_modules(cfg: PipelineConfig, meta: Any, splits: dict[str, pa.Table], run_id: str, tracking_uri: str) -> dict[str, torch.Tensor]:
+def pretrain_modules(cfg: PipelineConfig, meta: Any, splits: dict[str, Any], run_id: str, tracking_uri: str) -> dict[str, torch.Tensor]:
     """Run the M module trainings as parallel Ray tasks, log their losses to the MLflow run, and
     return the assembled student state dict (the `init_state` of the end-to-end fine-tune)."""
     import ray
@@ -133,15 +132,15 @@ def pretrain_modules(cfg: PipelineConfig, meta: Any, splits: dict[str, pa.Table]
     t_layers = int(json.loads((HFEncoderTeacher.model_dir(tcfg) / "config.json").read_text())["num_hidden_layers"])
     plan = module_plan(t_layers, len(student.layers), m.modules)
     boundaries = sorted({p["t0"] for p in plan} | {p["t1"] for p in plan})
-    train, val = splits["train"], splits["val"]
-    missing = [f"{tid}.feat.{b}" for b in boundaries if f"{tid}.feat.{b}" not in train.column_names]
-    if missing or f"{tid}.attention_mask" not in train.column_names:
+    train, val = splits["train"], splits["val"]  # Ray Datasets
+    missing = [f"{tid}.feat.{b}" for b in boundaries if f"{tid}.feat.{b}" not in meta.widths]
+    if missing or f"{tid}.attention_mask" not in meta.widths:
         raise ValueError(f"m2mkd with {m.modules} modules needs the teacher's hidden states at layers {boundaries} and its "
                          f"tokens: set teachers[{tid}].params.layers to include {boundaries} and outputs to include "
                          f"'features' and 'tokens' (missing: {missing})")
     hidden = student.config.hidden_size
-    L = train[f"{tid}.attention_mask"].type.list_size
-    t_hidden = train[f"{tid}.feat.{boundaries[0]}"].type.list_size // L
+    L = meta.widths[f"{tid}.attention_mask"]
+    t_hidden = meta.widths[f"{tid}.feat.{boundaries[0]}"] // L
     if hidden != t_hidden:
         raise ValueError(f"m2mkd matches module boundary states directly: the student's hidden_size {hidden} must equal "
                          f"the teacher's {t_hidden}")
@@ -149,9 +148,12 @@ def pretrain_modules(cfg: PipelineConfig, meta: Any, splits: dict[str, pa.Table]
         log.info("m2mkd: student layers start from teacher layers %s", student.init_from_teacher)
 
     init_state = {k: v.detach().cpu().numpy() for k, v in student.state_dict().items()}
-    tr, va = _columns(train, tid, boundaries), _columns(val, tid, boundaries)
-    refs = {("train", k): ray.put(v) for k, v in tr.items()}
-    refs.update({("val", k): ray.put(v) for k, v in va.items()})
+    gather = ray.remote(num_cpus=0.25)(_column)
+    refs = {}
+    for split, ds in (("train", train), ("val", val)):
+        refs[(split, "mask")] = gather.remote(ds, f"{tid}.attention_mask", "int8")
+        for b in boundaries:
+            refs[(split, b)] = gather.remote(ds, f"{tid}.feat.{b}", "float16")
     cluster_cpus = float(ray.cluster_resources().get("CPU", 2))
     cpus = max(0.1, min(1.0, cluster_cpus * 0.75 / m.modules))  # all modules at once, with room for the driver
     job = {"student_kind": cfg.student.kind, "student_params": cfg.student.params, "meta": meta.as_dict(),

@@ -133,6 +133,21 @@ def load_served(version: Any) -> ServedStudent:
     return ServedStudent(model, inputs, output)
 
 
+class RegisteredFactory:
+    """Loads a registered version where it is called (an evaluation actor): only the tracking
+    URI, name and version cross the Ray boundary, never the model object."""
+
+    def __init__(self, tracking_uri: str, name: str, version: str) -> None:
+        self.uri, self.name, self.version = tracking_uri, name, version
+
+    def __call__(self) -> ServedStudent:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        mlflow.set_tracking_uri(self.uri)
+        return load_served(MlflowClient(self.uri).get_model_version(self.name, self.version))
+
+
 STATE_ARTIFACT = "student_state/model.safetensors"
 
 

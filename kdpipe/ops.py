@@ -24,9 +24,9 @@ def evaluate_registered(cfg: PipelineConfig, alias: str | None = None, address: 
     import mlflow
 
     from kdpipe import model_registry as reg
-    from kdpipe.data import hide_unlabeled, join_teacher_outputs, split_tables
-    from kdpipe.evaluate import EVALUATORS
+    from kdpipe.evaluate import evaluate
     from kdpipe.pipeline import locate_caches, prepare
+    from kdpipe.views import build_views
 
     source, uri = prepare(cfg, address)
     mlflow.set_tracking_uri(uri)
@@ -36,9 +36,11 @@ def evaluate_registered(cfg: PipelineConfig, alias: str | None = None, address: 
     if version is None:
         raise KdpipeError(f"model '{cfg.tracking.model_name}' has no alias '{alias}'; see `kdpipe models {cfg.tracking.model_name}`")
     caches = locate_caches(cfg, source)
-    test = split_tables(hide_unlabeled(join_teacher_outputs(source.table, {k: r.cache for k, r in caches.items()})))["test"]
-    metrics: dict[str, Any] = {"model": f"{cfg.tracking.model_name}@{alias} (version {version.version})", "rows": test.num_rows}
-    metrics.update(EVALUATORS.get(cfg.evaluate.task)(reg.load_served(version), test, prefix="test_"))
+    views = build_views(source, {k: r.cache for k, r in caches.items()}, cfg.teach.verify)
+    metrics: dict[str, Any] = {"model": f"{cfg.tracking.model_name}@{alias} (version {version.version})",
+                               "rows": views.rows["test"]}
+    metrics.update(evaluate(cfg.evaluate.task, reg.RegisteredFactory(uri, version.name, str(version.version)), views.test,
+                            prefix="test_"))
     return metrics
 
 
@@ -81,7 +83,7 @@ def retrain(cfg: PipelineConfig, address: str | None = None, force: bool = False
     from mlflow.tracking import MlflowClient
 
     from kdpipe import model_registry as reg
-    from kdpipe.pipeline import distil_and_ship, prepare, teach
+    from kdpipe.pipeline import distil, prepare, teach
 
     source, uri = prepare(cfg, address)
     client = MlflowClient(uri)
@@ -104,7 +106,7 @@ def retrain(cfg: PipelineConfig, address: str | None = None, force: bool = False
             init_state = reg.load_student_state(client, champ.run_id)
             log.info("warm start from %s version %s", cfg.tracking.model_name, champ.version)
     tags = {"kdpipe.cycle": "retrain", "kdpipe.previous_source_fingerprint": last_fp or "none"}
-    run = distil_and_ship(cfg, source, taught, uri, init_state=init_state, extra_tags=tags)
+    run = distil(cfg, source, taught, uri, init_state=init_state, extra_tags=tags)
     return CycleResult(False, run.gate_reasons, run)
 
 

@@ -1,4 +1,8 @@
-"""Stages wired together: teach -> distil -> evaluate -> track/ship. The CLI calls these."""
+"""Stages wired together: prepare -> teach -> distil (views -> train -> evaluate -> ship).
+
+Each stage is one function with one job; `run` and `distil` only call them in order. Rows
+flow through Ray Data between stages (`kdpipe.views`); the driver holds metrics and weights.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import yaml
 
 from kdpipe.config import KdpipeError, PipelineConfig
@@ -31,8 +34,21 @@ class RunResult:
     table: str = ""
 
 
+@dataclass
+class Scores:
+    """Held-out metrics of one cycle and the rows of its results table."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    rows: dict[str, Any] = field(default_factory=dict)
+    baseline: float | None = None
+    champion: float | None = None
+
+
 def quarantine_dir(cfg: PipelineConfig) -> Path:
     return Path(cfg.teach.cache_root).parent / "quarantine"
+
+
+# ------------------------------------------------------------------ prepare and teach
 
 
 def prepare(cfg: PipelineConfig, address: str | None = None) -> tuple[SourceData, str]:
@@ -55,155 +71,6 @@ def teach(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachResult]:
     return teach_all(cfg, source)
 
 
-def student_meta(cfg: PipelineConfig, source: SourceData, table: pa.Table) -> Any:
-    from kdpipe.train import StudentMeta
-
-    import torch
-
-    from kdpipe.data import torch_batch
-    from kdpipe.train import build_student
-
-    teachers = [t.id for t in cfg.teachers] + (["fused"] if cfg.teach.fusion else [])
-    widths = {}
-    for name in table.column_names:
-        if "." in name and pa.types.is_fixed_size_list(table[name].type):
-            widths[name] = table[name].type.list_size
-    num_classes = source.num_classes or cfg.source.num_classes or 0
-    meta = StudentMeta(in_dim=source.dim, num_classes=num_classes, teachers=teachers, widths=widths)
-    # one forward pass on two rows tells losses the student's output widths ("student.hidden": 64, ...)
-    with torch.no_grad():
-        out = build_student(cfg.student.kind, cfg.student.params, meta).eval()(torch_batch(table.slice(0, 2)))
-    for k, v in out.items():
-        if isinstance(v, torch.Tensor) and v.ndim >= 2:
-            meta.widths[f"student.{k}"] = int(v.shape[-1])
-    return meta
-
-
-def distil_and_ship(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult], uri: str,
-                    fail_at_epoch: int | None = None, init_state: dict[str, Any] | None = None,
-                    extra_tags: dict[str, str] | None = None) -> RunResult:
-    """One MLflow run: train the student (and its label-only twin), evaluate, register, gate, promote."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from kdpipe import model_registry as reg
-    from kdpipe.data import hide_unlabeled, join_teacher_outputs, labeled_only, split_tables
-    from kdpipe.evaluate import EVALUATORS, results_table, serving_example, teacher_accuracy
-    from kdpipe.tracking import ensure_experiment, flatten, git_commit
-    from kdpipe.train import build_student, fit
-
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    exp_id = ensure_experiment(client, cfg.tracking.experiment, uri)
-    table = hide_unlabeled(join_teacher_outputs(source.table, {k: r.cache for k, r in taught.items()}, cfg.teach.verify))
-    splits = split_tables(table)
-    meta = student_meta(cfg, source, table)
-    lineage = {
-        "kdpipe.spec_hash": cfg.spec_hash(), "kdpipe.source_fingerprint": source.fingerprint,
-        "kdpipe.git_commit": git_commit(), "kdpipe.teachers": ",".join(sorted(taught)),
-        **{f"kdpipe.cache.{tid}": r.fingerprint for tid, r in taught.items()},
-        **(extra_tags or {}),
-    }
-    run = client.create_run(exp_id, run_name=cfg.name, tags={**lineage, "mlflow.runName": cfg.name})
-    run_id = run.info.run_id
-    try:
-        params = flatten(cfg.model_dump(mode="json"))
-        items = list(params.items())
-        from mlflow.entities import Param
-
-        for i in range(0, len(items), 100):
-            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
-        client.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "spec.yaml")
-        for tid, r in taught.items():
-            client.log_text(run_id, json.dumps(r.manifest(), indent=2), f"caches/{tid}/MANIFEST.json")
-        if source.quarantine_path:  # the skipped rows and why, beside the run that skipped them
-            client.log_artifact(run_id, source.quarantine_path, "quarantine")
-        counts = {f"rows_{k}": v.num_rows for k, v in splits.items()}
-        counts["rows_train_labeled"] = labeled_only(splits["train"]).num_rows
-        counts["rows_bad_skipped"] = source.bad_rows
-        counts.update({f"rows_taught_{tid}": r.rows_taught for tid, r in taught.items()})
-        _log_metrics(client, run_id, counts)
-
-        if cfg.m2mkd is not None:  # module-to-module pre-training, then end-to-end from those weights
-            from kdpipe.m2mkd import pretrain_modules
-
-            init_state = pretrain_modules(cfg, meta, splits, run_id=run_id, tracking_uri=uri)
-        common = dict(meta=meta, student_kind=cfg.student.kind, student_params=cfg.student.params, train_cfg=cfg.train,
-                      seed=cfg.seed, tracking_uri=uri, run_id=run_id)
-        losses = [{"name": l.name, "weight": l.weight, **l.params()} for l in cfg.losses]
-        res = fit(name=f"{cfg.name}-student", train=splits["train"], val=splits["val"], losses=losses,
-                  fail_at_epoch=fail_at_epoch, init_state=init_state, **common)
-        evaluator = EVALUATORS.get(cfg.evaluate.task)
-        student = build_student(cfg.student.kind, cfg.student.params, meta)
-        student.load_state_dict(res.state)
-        metrics = evaluator(student, splits["test"], prefix="test_")
-        rows: dict[str, Any] = {}
-        for tid in taught:
-            acc = teacher_accuracy(splits["test"], tid)
-            if acc is not None:
-                metrics[f"teacher_{tid}_test_acc"] = acc
-                rows[f"teacher {tid}"] = acc
-        gate_metric = cfg.tracking.gates.metric
-        rows[f"student ({'+'.join(l.name for l in cfg.losses)})"] = metrics[gate_metric]
-        baseline = None
-        ev = cfg.evaluate
-        if ev.baseline:
-            bparams = {**cfg.student.params, **ev.baseline_student_params}
-            btrain = labeled_only(splits["train"]) if ev.baseline_labeled_only else splits["train"]
-            bres = fit(name=f"{cfg.name}-baseline", train=btrain, val=splits["val"], losses=ev.baseline_losses,
-                       prefix="baseline_", epochs=ev.baseline_epochs, **{**common, "student_params": bparams})
-            bstudent = build_student(cfg.student.kind, bparams, meta)
-            bstudent.load_state_dict(bres.state)
-            bm = evaluator(bstudent, splits["test"], prefix="baseline_test_")
-            metrics.update(bm)
-            baseline = bm.get("baseline_" + gate_metric)
-            rows[f"baseline twin ({'+'.join(l['name'] for l in ev.baseline_losses)})"] = baseline
-        for k in [m for m in metrics if m.startswith("test_acc_exit")]:
-            rows[f"student exit {k.removeprefix('test_acc_exit')}"] = metrics[k]
-        _log_metrics(client, run_id, metrics)
-
-        champion = None
-        champ_v = reg.alias_version(client, cfg.tracking.model_name, cfg.tracking.alias)
-        if champ_v is not None:  # re-evaluate the champion on today's held-out rows, not its old score
-            champ_metrics = evaluator(reg.load_served(champ_v), splits["test"], prefix="champion_test_")
-            champion = champ_metrics.get("champion_" + gate_metric)
-            metrics.update(champ_metrics)
-            metrics["champion_version"] = float(champ_v.version)
-            rows[f"champion v{champ_v.version}"] = champion
-            _log_metrics(client, run_id, champ_metrics)
-        gate = reg.evaluate_gates(metrics, cfg.tracking.gates, baseline, champion)
-        reg.log_student_state(client, run_id, res.state)
-        tags = {**lineage, "kdpipe.run_id": run_id, "kdpipe.gates": json.dumps(gate.checks), "kdpipe.gates_passed": str(gate.passed),
-                f"metric.{gate_metric}": repr(float(metrics[gate_metric])),
-                "kdpipe.serving_inputs": json.dumps(list(getattr(student, "serving_inputs", ["x"]))),
-                "kdpipe.serving_output": getattr(student, "serving_output", "logits")}
-        version = reg.log_and_register(run_id, student, serving_example(student, splits["test"]), cfg.tracking.model_name, tags)
-        if gate.passed:
-            reg.promote(client, cfg.tracking.model_name, version.version, cfg.tracking.alias)
-        # last: a version without this tag came from a cycle that crashed half-way (retrain ignores it)
-        client.set_model_version_tag(cfg.tracking.model_name, str(version.version), "kdpipe.cycle_complete", "true")
-        client.set_tag(run_id, "kdpipe.promoted", str(gate.passed))
-        client.set_tag(run_id, "kdpipe.gate_reasons", gate.reasons())
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        try:
-            client.set_terminated(run_id, "FAILED")
-        except Exception as e:  # noqa: BLE001 - never mask the original error
-            log.warning("could not mark MLflow run %s FAILED: %s", run_id, e)
-        raise
-    table_txt = results_table(rows, cfg.tracking.gates.metric)
-    return RunResult(run_id, uri, metrics, cfg.tracking.model_name, str(version.version), gate.passed, gate.reasons(), taught, table_txt)
-
-
-def _log_metrics(client: Any, run_id: str, metrics: dict[str, float]) -> None:
-    import time
-
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
-
-
 def locate_caches(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachResult]:
     """Find the complete caches for this spec without teaching (for `kdpipe distil`)."""
     from kdpipe.cache import TeacherCache
@@ -224,7 +91,199 @@ def locate_caches(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachRes
     return out
 
 
+# ------------------------------------------------------------------ distil: the stages
+
+
+def student_meta(cfg: PipelineConfig, source: SourceData, train: Any) -> Any:
+    """What the student and its losses are built from: input width, classes, teachers, and the
+    widths of the cached columns and of the student's own outputs (one forward on two rows)."""
+    import torch
+
+    from kdpipe.evaluate import float_batch
+    from kdpipe.train import StudentMeta, build_student
+
+    teachers = [t.id for t in cfg.teachers] + (["fused"] if cfg.teach.fusion else [])
+    sample = train.take_batch(2, batch_format="numpy")
+    widths = {k: int(v.reshape(len(v), -1).shape[1]) for k, v in sample.items() if "." in k and getattr(v, "ndim", 1) >= 2}
+    num_classes = source.num_classes or cfg.source.num_classes or 0
+    meta = StudentMeta(in_dim=source.dim, num_classes=num_classes, teachers=teachers, widths=widths)
+    with torch.no_grad():
+        out = build_student(cfg.student.kind, cfg.student.params, meta).eval()(float_batch(sample))
+    for k, v in out.items():
+        if isinstance(v, torch.Tensor) and v.ndim >= 2:
+            meta.widths[f"student.{k}"] = int(v.shape[-1])
+    return meta
+
+
+def open_run(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult], uri: str,
+             extra_tags: dict[str, str] | None) -> Any:
+    """The cycle's MLflow run, tagged with its lineage: spec, source, caches, code."""
+    from kdpipe.tracking import TrackedRun, git_commit
+
+    lineage = {
+        "kdpipe.spec_hash": cfg.spec_hash(), "kdpipe.source_fingerprint": source.fingerprint,
+        "kdpipe.git_commit": git_commit(), "kdpipe.teachers": ",".join(sorted(taught)),
+        **{f"kdpipe.cache.{tid}": r.fingerprint for tid, r in taught.items()},
+        **(extra_tags or {}),
+    }
+    run = TrackedRun(uri, cfg.tracking.experiment, cfg.name, lineage)
+    run.lineage = lineage
+    return run
+
+
+def log_inputs(run: Any, cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult], views: Any) -> None:
+    """Spec, params, cache manifests, quarantined rows and row counts: what this run read."""
+    from kdpipe.tracking import flatten
+    from kdpipe.views import count_labeled
+
+    run.log_params(flatten(cfg.model_dump(mode="json")))
+    run.client.log_text(run.run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "spec.yaml")
+    for tid, r in taught.items():
+        run.client.log_text(run.run_id, json.dumps(r.manifest(), indent=2), f"caches/{tid}/MANIFEST.json")
+    if source.quarantine_path:  # the skipped rows and why, beside the run that skipped them
+        run.client.log_artifact(run.run_id, source.quarantine_path, "quarantine")
+    counts = {f"rows_{k}": v for k, v in views.rows.items()}
+    counts["rows_train_labeled"] = count_labeled(views.train)
+    counts["rows_bad_skipped"] = source.bad_rows
+    counts.update({f"rows_taught_{tid}": r.rows_taught for tid, r in taught.items()})
+    run.log_metrics(counts)
+
+
+def pretrain_modules(cfg: PipelineConfig, meta: Any, views: Any, run: Any) -> dict[str, Any] | None:
+    """m2mKD: module-to-module pre-training, whose weights the end-to-end training starts from."""
+    if cfg.m2mkd is None:
+        return None
+    from kdpipe.m2mkd import pretrain_modules as m2m
+
+    return m2m(cfg, meta, {"train": views.train, "val": views.val}, run_id=run.run_id, tracking_uri=run.uri)
+
+
+def train_student(cfg: PipelineConfig, meta: Any, views: Any, run: Any, init_state: dict[str, Any] | None,
+                  fail_at_epoch: int | None = None) -> Any:
+    """The distilled student: Ray Train over the train view with the spec's losses."""
+    from kdpipe.train import fit
+
+    losses = [{"name": l.name, "weight": l.weight, **l.params()} for l in cfg.losses]
+    return fit(name=f"{cfg.name}-student", train=views.train, val=views.val, losses=losses, fail_at_epoch=fail_at_epoch,
+               init_state=init_state, **_fit_common(cfg, meta, run))
+
+
+def train_baseline(cfg: PipelineConfig, meta: Any, views: Any, run: Any) -> Any | None:
+    """The label-only twin: same student, same data budget, its own losses (what KD must beat)."""
+    from kdpipe.train import fit
+    from kdpipe.views import labeled_only
+
+    ev = cfg.evaluate
+    if not ev.baseline:
+        return None
+    train = labeled_only(views.train) if ev.baseline_labeled_only else views.train
+    common = _fit_common(cfg, meta, run)
+    common["student_params"] = baseline_params(cfg)
+    return fit(name=f"{cfg.name}-baseline", train=train, val=views.val, losses=ev.baseline_losses, prefix="baseline_",
+               epochs=ev.baseline_epochs, **common)
+
+
+def baseline_params(cfg: PipelineConfig) -> dict[str, Any]:
+    return {**cfg.student.params, **cfg.evaluate.baseline_student_params}
+
+
+def _fit_common(cfg: PipelineConfig, meta: Any, run: Any) -> dict[str, Any]:
+    return dict(meta=meta, student_kind=cfg.student.kind, student_params=cfg.student.params, train_cfg=cfg.train,
+                seed=cfg.seed, tracking_uri=run.uri, run_id=run.run_id)
+
+
+def score(cfg: PipelineConfig, meta: Any, views: Any, taught: dict[str, TeachResult], student: Any,
+          baseline: Any | None) -> Scores:
+    """Student, teachers and the baseline twin on the test view, each by `map_batches`."""
+    from kdpipe.evaluate import evaluate, teacher_accuracy_ds
+    from kdpipe.train import StudentFactory
+
+    task, gate_metric = cfg.evaluate.task, cfg.tracking.gates.metric
+    s = Scores()
+    s.metrics = evaluate(task, StudentFactory(cfg.student.kind, cfg.student.params, meta, student.state), views.test,
+                         prefix="test_")
+    for tid in taught:
+        acc = teacher_accuracy_ds(views.test, tid)
+        if acc is not None:
+            s.metrics[f"teacher_{tid}_test_acc"] = acc
+            s.rows[f"teacher {tid}"] = acc
+    s.rows[f"student ({'+'.join(l.name for l in cfg.losses)})"] = s.metrics[gate_metric]
+    if baseline is not None:
+        bm = evaluate(task, StudentFactory(cfg.student.kind, baseline_params(cfg), meta, baseline.state), views.test,
+                      prefix="baseline_test_")
+        s.metrics.update(bm)
+        s.baseline = bm.get("baseline_" + gate_metric)
+        s.rows[f"baseline twin ({'+'.join(l['name'] for l in cfg.evaluate.baseline_losses)})"] = s.baseline
+    for k in [m for m in s.metrics if m.startswith("test_acc_exit")]:
+        s.rows[f"student exit {k.removeprefix('test_acc_exit')}"] = s.metrics[k]
+    return s
+
+
+def rescore_champion(cfg: PipelineConfig, views: Any, run: Any, scores: Scores) -> None:
+    """The current champion, re-evaluated on today's held-out rows (not its old score)."""
+    from kdpipe import model_registry as reg
+    from kdpipe.evaluate import evaluate
+
+    gate_metric = cfg.tracking.gates.metric
+    champ_v = reg.alias_version(run.client, cfg.tracking.model_name, cfg.tracking.alias)
+    if champ_v is None:
+        return
+    cm = evaluate(cfg.evaluate.task, reg.RegisteredFactory(run.uri, champ_v.name, str(champ_v.version)), views.test,
+                  prefix="champion_test_")
+    scores.champion = cm.get("champion_" + gate_metric)
+    scores.metrics.update(cm)
+    scores.metrics["champion_version"] = float(champ_v.version)
+    scores.rows[f"champion v{champ_v.version}"] = scores.champion
+
+
+def ship(cfg: PipelineConfig, meta: Any, views: Any, run: Any, student: Any, scores: Scores) -> tuple[Any, Any]:
+    """Register the student with its lineage, promote the alias only past the gates, then mark the
+    cycle complete (a version without that tag came from a cycle that crashed half-way)."""
+    from kdpipe import model_registry as reg
+    from kdpipe.evaluate import serving_example
+    from kdpipe.train import build_student
+
+    gate_metric = cfg.tracking.gates.metric
+    gate = reg.evaluate_gates(scores.metrics, cfg.tracking.gates, scores.baseline, scores.champion)
+    reg.log_student_state(run.client, run.run_id, student.state)
+    model = build_student(cfg.student.kind, cfg.student.params, meta)
+    model.load_state_dict(student.state)
+    tags = {**run.lineage, "kdpipe.run_id": run.run_id, "kdpipe.gates": json.dumps(gate.checks),
+            "kdpipe.gates_passed": str(gate.passed), f"metric.{gate_metric}": repr(float(scores.metrics[gate_metric])),
+            "kdpipe.serving_inputs": json.dumps(list(getattr(model, "serving_inputs", ["x"]))),
+            "kdpipe.serving_output": getattr(model, "serving_output", "logits")}
+    version = reg.log_and_register(run.run_id, model, serving_example(model, views.test), cfg.tracking.model_name, tags)
+    if gate.passed:
+        reg.promote(run.client, cfg.tracking.model_name, version.version, cfg.tracking.alias)
+    run.client.set_model_version_tag(cfg.tracking.model_name, str(version.version), "kdpipe.cycle_complete", "true")
+    run.set_tags({"kdpipe.promoted": str(gate.passed), "kdpipe.gate_reasons": gate.reasons()})
+    return version, gate
+
+
+def distil(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult], uri: str,
+           fail_at_epoch: int | None = None, init_state: dict[str, Any] | None = None,
+           extra_tags: dict[str, str] | None = None) -> RunResult:
+    """One MLflow run: views -> student (+ twin) -> scores -> champion -> ship."""
+    from kdpipe.evaluate import results_table
+    from kdpipe.views import build_views
+
+    views = build_views(source, {k: r.cache for k, r in taught.items()}, cfg.teach.verify)
+    meta = student_meta(cfg, source, views.train)
+    with open_run(cfg, source, taught, uri, extra_tags) as run:
+        log_inputs(run, cfg, source, taught, views)
+        init_state = pretrain_modules(cfg, meta, views, run) or init_state
+        student = train_student(cfg, meta, views, run, init_state, fail_at_epoch)
+        baseline = train_baseline(cfg, meta, views, run)
+        scores = score(cfg, meta, views, taught, student, baseline)
+        rescore_champion(cfg, views, run, scores)
+        run.log_metrics(scores.metrics)
+        version, gate = ship(cfg, meta, views, run, student, scores)
+    table = results_table(scores.rows, cfg.tracking.gates.metric)
+    return RunResult(run.run_id, uri, scores.metrics, cfg.tracking.model_name, str(version.version), gate.passed,
+                     gate.reasons(), taught, table)
+
+
 def run(cfg: PipelineConfig, address: str | None = None, fail_at_epoch: int | None = None) -> RunResult:
     source, uri = prepare(cfg, address)
     taught = teach(cfg, source)
-    return distil_and_ship(cfg, source, taught, uri, fail_at_epoch=fail_at_epoch)
+    return distil(cfg, source, taught, uri, fail_at_epoch=fail_at_epoch)

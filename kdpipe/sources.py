@@ -347,13 +347,17 @@ def check_chunk(chunk: pa.Table | list[dict[str, Any]], cfg: SourceConfig, dim: 
 
 # ---------------------------------------------------------------- the source
 
+INDEX_COLUMNS = ("id", "label", "split", "labeled", "file", "row")
+
 
 @dataclass
 class SourceData:
-    """A validated source: the per-row index in memory, the inputs read on demand.
+    """A validated source: a per-row index (id, label, split, labeled, file, row) and the inputs,
+    read on demand by position.
 
-    Built either by `load_source` (index + files, streamed) or from an in-memory `table`
-    (tests, synthetic data), which then also serves as the index.
+    Built by `load_source`, the index lives in a Parquet file (`index_path`) that Ray Data reads,
+    so the driver holds no rows; built from an in-memory `table` (tests, synthetic data), the
+    table also serves as the index.
     """
 
     table_: pa.Table | None  # id, x | text, label, split, labeled — None until materialised
@@ -365,44 +369,62 @@ class SourceData:
     bad_rows: int = 0
     quarantine_path: str | None = None
     split: dict[str, Any] = field(default_factory=dict)  # the split settings these rows were split with
-    index: pa.Table | None = None  # id, label, split, labeled, file, row
+    index_: pa.Table | None = None  # in-memory index (in-memory sources only)
     cfg: SourceConfig | None = None
     stamps: list[list[int]] = field(default_factory=list)
+    index_path: str | None = None  # the index as Parquet (sources read from files)
+    rows_: int | None = None
 
     def __post_init__(self) -> None:
-        if self.index is None:
+        if self.index_ is None and self.index_path is None:
             if self.table_ is None:
-                raise ValueError("SourceData needs a table or an index")
-            self.index = self.table_.select([c for c in ("id", "label", "split", "labeled") if c in self.table_.column_names])
+                raise ValueError("SourceData needs a table, an index or an index file")
+            self.index_ = self.table_.select([c for c in ("id", "label", "split", "labeled") if c in self.table_.column_names])
+
+    @property
+    def index(self) -> pa.Table:
+        """The whole index in memory: for tests and small tools, never for a pipeline stage."""
+        if self.index_ is not None:
+            return self.index_
+        import pyarrow.parquet as pq
+
+        assert self.index_path is not None
+        return pq.read_table(self.index_path)
 
     @property
     def ids(self) -> pa.ChunkedArray:
-        assert self.index is not None
-        return self.index["id"]
+        """Every id (about 30 bytes a row in memory): the teach stage's to-do list is built from these."""
+        if self.index_ is not None:
+            return self.index_["id"]
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.index_path, columns=["id"])["id"]
 
     @property
     def num_rows(self) -> int:
-        assert self.index is not None
-        return self.index.num_rows
+        if self.index_ is not None:
+            return self.index_.num_rows
+        assert self.rows_ is not None
+        return self.rows_
 
     @property
     def table(self) -> pa.Table:
-        """All rows with their inputs (read from the files on first use)."""
+        """All rows with their inputs, in memory (tests and small tools; stages use `rows_dataset`)."""
         if self.table_ is None:
-            assert self.index is not None
             assert self.cfg is not None
-            parts = list(read_rows(self.index.select(["file", "row", "id"]), self.cfg.model_dump(), self.files,
+            index = self.index
+            parts = list(read_rows(index.select(["file", "row", "id"]), self.cfg.model_dump(), self.files,
                                    self.stamps, self.dim))
             inputs = pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], pa.string())})
-            cols = {"id": self.index["id"], self._input_col: inputs[self._input_col]}
-            self.table_ = pa.table({**cols, **{c: self.index[c] for c in ("label", "split", "labeled")}})
+            cols = {"id": index["id"], self._input_col: inputs[self._input_col]}
+            self.table_ = pa.table({**cols, **{c: index[c] for c in ("label", "split", "labeled")}})
         return self.table_
 
     @table.setter
     def table(self, value: pa.Table) -> None:
         self.table_ = value
-        self.index = value.select([c for c in ("id", "label", "split", "labeled") if c in value.column_names])
-        self.cfg = None
+        self.index_ = value.select([c for c in ("id", "label", "split", "labeled") if c in value.column_names])
+        self.index_path, self.cfg = None, None
 
     @property
     def seekable(self) -> bool:
@@ -411,34 +433,67 @@ class SourceData:
         return self.cfg is None or self.cfg.kind in ("parquet", "sklearn_digits")
 
     @property
-    def _input_col(self) -> str:
+    def input_column(self) -> str:
         return "x" if self.input_kind == "features" else "text"
+
+    _input_col = input_column
 
     def rows(self, split: str) -> pa.Table:
         return self.table.filter(pc.equal(self.table["split"], split))
 
-    def dataset(self, ids: pa.Array | pa.ChunkedArray | None = None, blocks: int = 8, **remote_args: Any) -> Any:
-        """A Ray Dataset of `id` + input for the rows in `ids` (all rows when None).
-
-        The blocks hold only row positions (file, row); a `map_batches` read step turns them into
-        rows inside the workers, so the driver never holds the inputs. Give it the same
-        `remote_args` (num_cpus, num_gpus) as the next stage and Ray Data fuses the read into it.
-        """
+    def index_dataset(self, blocks: int | None = None) -> Any:
+        """The index as a Ray Dataset: read from its Parquet file by Ray Data's reader (in-memory
+        sources: from their table), so no stage needs the index in the driver."""
         import ray
 
-        assert self.index is not None
-        if self.cfg is None:  # in-memory source: its table is the data
-            t = self.table.select(["id", self._input_col])
-            t = t if ids is None else t.filter(pc.is_in(t["id"], value_set=_plain(ids)))
-            step = max(1, math.ceil(t.num_rows / blocks))
+        if self.index_ is not None:
+            t = self.index_
+            step = max(1, math.ceil(t.num_rows / (blocks or 8)))
             return ray.data.from_arrow([t.slice(i, step) for i in range(0, t.num_rows, step)] or [t])
-        want = self.index if ids is None else self.index.filter(pc.is_in(self.index["id"], value_set=_plain(ids)))
-        pos = want.select(["file", "row", "id"])  # the ids let the readers check they read the indexed rows
-        step = max(1, math.ceil(pos.num_rows / blocks))
-        return ray.data.from_arrow([pos.slice(i, step) for i in range(0, pos.num_rows, step)] or [pos]).map_batches(
+        ds = ray.data.read_parquet(self.index_path)
+        return ds.repartition(blocks) if blocks else ds
+
+    def rows_dataset(self, positions: Any | None = None, **remote_args: Any) -> Any:
+        """A Ray Dataset of `id` + input (+ any other index columns of `positions`, passed through)
+        for the rows of `positions` (a Ray Dataset of index rows; default all).
+
+        A `map_batches` read step turns positions into rows inside the workers, so the driver never
+        holds the inputs. Give it the same `remote_args` (num_cpus, num_gpus) as the next stage and
+        Ray Data fuses the read into it.
+        """
+        positions = self.index_dataset() if positions is None else positions
+        if self.cfg is None:  # in-memory source: its table is the data
+            return positions.map_batches(_attach_inputs, batch_size=None, batch_format="pyarrow",
+                                         fn_kwargs={"table": self.table.select(["id", self.input_column])}, **remote_args)
+        return positions.map_batches(
             read_rows, batch_size=None, batch_format="pyarrow",
             fn_kwargs={"cfg": self.cfg.model_dump(), "files": self.files, "stamps": self.stamps, "dim": self.dim},
             **remote_args)
+
+    def id_dataset(self, ids: pa.Array | pa.ChunkedArray | None = None, blocks: int = 8) -> Any:
+        """Index rows (id, label, split, labeled, file, row) of `ids` (all when None) as a Ray
+        Dataset in about `blocks` blocks; the filter runs in the workers."""
+        positions = self.index_dataset(blocks)
+        if ids is not None:
+            positions = positions.map_batches(_keep_ids, batch_size=None, batch_format="pyarrow",
+                                              fn_kwargs={"ids": _plain(ids)})
+        return positions
+
+    def dataset(self, ids: pa.Array | pa.ChunkedArray | None = None, blocks: int = 8, **remote_args: Any) -> Any:
+        """`id` + input rows for `ids` (all when None) in about `blocks` read blocks (the teach stage)."""
+        cols = ["id"] if self.cfg is None else ["id", "file", "row"]
+        return self.rows_dataset(self.id_dataset(ids, blocks).select_columns(cols), **remote_args)
+
+
+def _keep_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
+    return batch.filter(pc.is_in(batch["id"], value_set=ids))
+
+
+def _attach_inputs(batch: pa.Table, table: pa.Table) -> pa.Table:
+    """In-memory sources: the input of each id of `batch` (plus the batch's own columns)."""
+    idx = pc.index_in(batch["id"], value_set=table["id"])
+    col = [c for c in table.column_names if c != "id"][0]
+    return batch.append_column(col, table[col].take(idx))
 
 
 def _plain(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -447,16 +502,27 @@ def _plain(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 def read_rows(batch: pa.Table, cfg: dict[str, Any], files: list[str], stamps: list[list[int]],
               dim: int | None) -> Iterator[pa.Table]:
-    """`map_batches` step: (file, row) positions -> `id` + input rows, a chunk at a time."""
+    """`map_batches` step: (file, row) positions -> `id` + input rows, a chunk at a time; other
+    columns of `batch` (label, split, …) are passed through beside them."""
     scfg = SourceConfig.model_validate(cfg)
+    extra = [c for c in batch.column_names if c not in ("file", "row", "id")]
+    if batch.num_rows == 0:  # an empty block still has the output schema, so blocks concatenate
+        features = scfg.features is not None or scfg.kind == "sklearn_digits"
+        col = pa.array([], pa.list_(pa.float32(), dim or 0)) if features else pa.array([], pa.string())
+        empty = pa.table({"id": pa.array([], pa.string()), "x" if features else "text": col})
+        yield pa.table({**{c: empty[c] for c in empty.column_names}, **{c: batch[c] for c in extra}})
+        return
     for fi in pc.unique(batch["file"]).to_pylist():
         sel = batch.filter(pc.equal(batch["file"], fi)).sort_by("row")
         changed = SourceChangedError(f"source file {files[fi]} no longer holds the rows it held when it was indexed; "
                                      "rerun (do not edit source files in place while a run reads them; add new files instead)")
         at = 0
         for out in read_file_rows(scfg, files[fi], stamps[fi] if stamps else None, sel["row"].to_numpy(), dim):
-            if not pc.all(pc.equal(out["id"], sel["id"].slice(at, out.num_rows))).as_py():
+            want = sel.slice(at, out.num_rows)
+            if not pc.all(pc.equal(out["id"], want["id"])).as_py():
                 raise changed
+            for c in extra:
+                out = out.append_column(c, want[c])
             at += out.num_rows
             yield out
         if at != sel.num_rows:  # the file ended before the indexed rows did
@@ -510,9 +576,18 @@ class _Quarantine:
             self.fh.close()
 
 
-def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kdpipe/quarantine") -> SourceData:
-    """One streaming pass over the source: validate, id, dedupe and split every row, keeping
-    only the index (inputs are read again where needed)."""
+RAW_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("file", pa.int32()), ("row", pa.int64())])
+INDEX_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("split", pa.string()), ("labeled", pa.bool_()),
+                          ("file", pa.int32()), ("row", pa.int64())])
+
+
+def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kdpipe/quarantine",
+                index_dir: str | os.PathLike[str] | None = None) -> SourceData:
+    """Two streaming passes that keep no rows in memory: validate and id every row into a raw
+    index file, then de-duplicate and split it into the index file the stages read with Ray Data.
+
+    The only per-row memory is an 8-byte digest of each id (for de-duplication): 8 MB a million rows.
+    """
     if cfg.kind == "wordnet" or cfg.path:  # readers run in Ray workers: give them absolute paths
         from kdpipe.datasets.wordnet import WORDNET_DIR
 
@@ -520,9 +595,38 @@ def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kd
     files = list_files(cfg)
     stamps = [_stamp(f) for f in files]
     features = cfg.features is not None or cfg.kind == "sklearn_digits"
+    index_dir = Path(index_dir if index_dir is not None else Path(quarantine_dir).parent / "index")
+    index_dir.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), files, stamps]).encode()).hexdigest()[:16]
+    tmp = index_dir / f".{key}.{os.getpid()}.{time.time_ns()}"
+    try:
+        digests, dim, bad, quarantine = _index_pass(cfg, files, features, quarantine_dir, tmp.with_suffix(".raw"))
+        drop = _duplicate_rows(digests)
+        del digests
+        stats = _split_pass(tmp.with_suffix(".raw"), tmp.with_suffix(".parquet"), drop, cfg.split)
+        if stats["rows"] == 0:
+            raise BadInputError(f"source {cfg.kind} {cfg.path or ''} yielded no usable rows ({bad} bad)")
+        path = index_dir / f"index-{key}.parquet"
+        os.replace(tmp.with_suffix(".parquet"), path)  # atomic: a concurrent run with the same key writes the same rows
+    finally:
+        for suffix in (".raw", ".parquet"):
+            tmp.with_suffix(suffix).unlink(missing_ok=True)
+    num_classes = cfg.num_classes or (stats["max_label"] + 1 if stats["max_label"] >= 0 else None)
+    return SourceData(None, "features" if features else "text", dim, num_classes, stats["fingerprint"], files, bad,
+                      quarantine, cfg.split.model_dump(), cfg=cfg, stamps=stamps, index_path=str(path), rows_=stats["rows"])
+
+
+def _index_pass(cfg: SourceConfig, files: list[str], features: bool, quarantine_dir: str | os.PathLike[str],
+                out: Path) -> tuple[np.ndarray, int | None, int, str | None]:
+    """Pass 1: every raw row checked, bad ones failed or quarantined, good ones written as
+    (id, label, file, row) to `out`. Returns the ids' 64-bit digests, the vector width, the bad
+    row count and the quarantine file."""
+    import pyarrow.parquet as pq
+
     q = _Quarantine(quarantine_dir)
-    parts: list[pa.Table] = []
+    digests: list[np.ndarray] = []
     seen_raw, dim = 0, None
+    writer = pq.ParquetWriter(out, RAW_SCHEMA)
     try:
         for fi, f in enumerate(files):
             row0 = 0
@@ -539,9 +643,10 @@ def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kd
                         raise BadInputError(f"bad input row {seen_raw + off}: {why}{where}. Fix the data, or set "
                                             "`source.on_bad_rows: skip` to quarantine bad rows")
                     q.add({"row": seen_raw + off, "file": f, "file_row": row0 + off, "reason": why, "preview": preview})
-                parts.append(pa.table({"id": pa.array(c.ids, pa.string()), "label": pa.array(c.labels, pa.int64()),
-                                       "file": pa.array(np.full(len(c.ids), fi, np.int32)),
-                                       "row": pa.array(row0 + c.pos)}))
+                writer.write_table(pa.table({"id": pa.array(c.ids, pa.string()), "label": pa.array(c.labels, pa.int64()),
+                                             "file": pa.array(np.full(len(c.ids), fi, np.int32)),
+                                             "row": pa.array(row0 + c.pos, pa.int64())}, schema=RAW_SCHEMA))
+                digests.append(np.array([_digest(rid) for rid in c.ids], np.uint64))
                 seen_raw += n
                 row0 += n
                 if cfg.limit and seen_raw >= cfg.limit:
@@ -549,53 +654,54 @@ def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kd
             if cfg.limit and seen_raw >= cfg.limit:
                 break
     finally:
+        writer.close()
         q.close()
-    index = pa.concat_tables(parts) if parts else None
-    if index is None or index.num_rows == 0:
-        raise BadInputError(f"source {cfg.kind} {cfg.path or ''} yielded no usable rows ({q.count} bad)")
-    index = _dedupe(index)
-    s = cfg.split
-    splits, labeled = [], []
-    for i in range(0, index.num_rows, 65536):  # in slices: no Python string per row for the whole source
-        sp_part, lab_part = [], []
-        for rid in index["id"].slice(i, 65536).to_pylist():
-            u = _unit(s.salt, rid)
-            sp = "test" if u < s.test else ("val" if u < s.test + s.val else "train")
-            sp_part.append(sp)
-            lab_part.append(sp != "train" or _unit(s.salt + ":labeled", rid) < s.labeled_fraction)
-        splits.append(pa.array(sp_part, pa.string()))
-        labeled.append(pa.array(lab_part, pa.bool_()))
-    index = index.append_column("split", pa.chunked_array(splits, pa.string())).append_column(
-        "labeled", pa.chunked_array(labeled, pa.bool_()))
-    labels = index["label"].to_numpy()
-    num_classes = cfg.num_classes or (int(labels.max()) + 1 if (labels >= 0).any() else None)
-    return SourceData(None, "features" if features else "text", dim, num_classes, _fingerprint(index, s.model_dump()),
-                      files, q.count, q.path, s.model_dump(), index=index, cfg=cfg, stamps=stamps)
+    return (np.concatenate(digests) if digests else np.zeros(0, np.uint64)), dim, q.count, q.path
 
 
-def _dedupe(index: pa.Table) -> pa.Table:
-    """Identical inputs share one id (and one teacher output): keep each id's first occurrence.
-    Sort-based (a stable sort and a neighbour compare) rather than a hash table: a few bytes a row."""
-    order = pc.sort_indices(index["id"])  # stable: a repeated id's first occurrence sorts first
-    ids = index["id"].take(order)
-    if len(ids) < 2:
-        return index
-    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
-    repeat = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))
-    if not pc.any(repeat).as_py():
-        return index
-    drop = pc.filter(order.slice(1), repeat).cast(pa.int64())
-    keep = pc.invert(pc.is_in(pa.array(np.arange(index.num_rows)), value_set=drop))
-    return index.filter(keep)
+def _digest(rid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8).digest(), "little")
 
 
-def _fingerprint(index: pa.Table, split: dict[str, Any]) -> str:
-    """What a retrain cycle compares: the rows (ids), their labels and how they are split;
-    independent of file order, hashed in slices so memory stays small."""
-    t = index.select(["id", "label"]).sort_by("id")
-    h = hashlib.sha256()
-    for i in range(0, t.num_rows, 65536):  # the bytes of "\n".join(id:label lines), a slice at a time
-        part = t.slice(i, 65536)
-        h.update((b"\n" if i else b"") + "\n".join(f"{a}:{b}" for a, b in zip(part["id"].to_pylist(), part["label"].to_pylist())).encode())
-    h.update(json.dumps(split, sort_keys=True).encode())
-    return h.hexdigest()[:16]
+def _duplicate_rows(digests: np.ndarray) -> np.ndarray:
+    """Positions of rows whose id appeared earlier (identical inputs share one id and one teacher
+    output; the first occurrence is kept). Sort-based on the 8-byte digests."""
+    if len(digests) < 2:
+        return np.zeros(0, np.int64)
+    order = np.argsort(digests, kind="stable")  # a repeated id's first occurrence sorts first
+    s = digests[order]
+    return np.sort(order[1:][s[1:] == s[:-1]])
+
+
+def _split_pass(raw: Path, out: Path, drop: np.ndarray, split: Any) -> dict[str, Any]:
+    """Pass 2: the raw index without the duplicates, with each row's split and labeled flag, to
+    `out`; also the source fingerprint (an order-independent multiset hash of id:label lines and
+    the split settings), the row count and the largest label, all folded a batch at a time."""
+    import pyarrow.parquet as pq
+
+    total, rows, max_label, at = 0, 0, -1, 0
+    with pq.ParquetWriter(out, INDEX_SCHEMA) as writer:
+        for batch in pq.ParquetFile(raw).iter_batches(batch_size=65536):
+            t = pa.Table.from_batches([batch])
+            lo, hi = np.searchsorted(drop, [at, at + t.num_rows])
+            if hi > lo:
+                keep = np.ones(t.num_rows, bool)
+                keep[drop[lo:hi] - at] = False
+                t = t.filter(pa.array(keep))
+            at += batch.num_rows
+            sp, lab = [], []
+            for rid, label in zip(t["id"].to_pylist(), t["label"].to_pylist()):
+                u = _unit(split.salt, rid)
+                s = "test" if u < split.test else ("val" if u < split.test + split.val else "train")
+                sp.append(s)
+                lab.append(s != "train" or _unit(split.salt + ":labeled", rid) < split.labeled_fraction)
+                total += _digest(f"{rid}:{label}")
+            writer.write_table(pa.table({"id": t["id"], "label": t["label"], "split": pa.array(sp, pa.string()),
+                                         "labeled": pa.array(lab, pa.bool_()), "file": t["file"], "row": t["row"]},
+                                        schema=INDEX_SCHEMA))
+            rows += t.num_rows
+            if t.num_rows:
+                max_label = max(max_label, int(pc.max(t["label"]).as_py()))
+    h = hashlib.sha256(f"{total % 2**64}:{rows}".encode())
+    h.update(json.dumps(split.model_dump(), sort_keys=True).encode())
+    return {"rows": rows, "max_label": max_label, "fingerprint": h.hexdigest()[:16]}

@@ -108,3 +108,48 @@ def git_commit() -> str:
                               cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+class TrackedRun:
+    """One MLflow run of a distil cycle as a context: created with its lineage tags, marked
+    FINISHED on a clean exit and FAILED on any error (the original error is never masked)."""
+
+    def __init__(self, uri: str, experiment: str, name: str, tags: dict[str, str]) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        mlflow.set_tracking_uri(uri)  # the fluent API (model logging) writes to this run's store
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        exp_id = ensure_experiment(self.client, experiment, uri)
+        self.run_id = self.client.create_run(exp_id, run_name=name, tags={**tags, "mlflow.runName": name}).info.run_id
+
+    def __enter__(self) -> "TrackedRun":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.client.set_terminated(self.run_id, "FINISHED" if exc_type is None else "FAILED")
+        except Exception as e:  # noqa: BLE001 - never mask the original error
+            if exc_type is None:
+                raise
+            log.warning("could not mark MLflow run %s FAILED: %s", self.run_id, e)
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 from torch import nn
 
@@ -36,6 +35,20 @@ def build_student(kind: str, params: dict[str, Any], meta: StudentMeta) -> nn.Mo
 
     cls = STUDENTS.get(kind)
     return cls(in_dim=meta.in_dim, num_classes=meta.num_classes, **cls.Params(**params).model_dump())
+
+
+class StudentFactory:
+    """Builds a student with given weights wherever it is called (an evaluation actor, a test):
+    picklable, numpy weights across the Ray boundary."""
+
+    def __init__(self, kind: str, params: dict[str, Any], meta: StudentMeta, state: dict[str, torch.Tensor]) -> None:
+        self.kind, self.params, self.meta = kind, params, meta
+        self.state = {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+    def __call__(self) -> nn.Module:
+        student = build_student(self.kind, self.params, self.meta)
+        student.load_state_dict({k: torch.from_numpy(v) for k, v in self.state.items()})
+        return student.eval()
 
 
 class DistilModule(nn.Module):
@@ -128,6 +141,7 @@ def train_loop(config: dict[str, Any]) -> None:
         sums: dict[str, float] = defaultdict(float)
         for batch in epoch_batches(train_shard, config["batch_size"], config.get("shuffle_buffer", 0),
                                    config["seed"], epoch, rank):
+            batch = widen(batch)
             loss, parts = model(batch)
             opt.zero_grad()
             loss.backward()
@@ -141,6 +155,7 @@ def train_loop(config: dict[str, Any]) -> None:
         vs: dict[str, float] = defaultdict(float)
         with torch.no_grad():
             for batch in val_shard.iter_torch_batches(batch_size=512):
+                batch = widen(batch)
                 for k, v in accuracy_counts(_unwrap(model).student(batch), batch["label"]).items():
                     vs[k] += float(v)
         sums = _allreduce(dict(sums))
@@ -163,6 +178,12 @@ def train_loop(config: dict[str, Any]) -> None:
         tracker.flush()
 
 
+def widen(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp16 cache columns become fp32 here, per batch on the worker: they stay half the size in
+    the object store, and the losses compute in fp32."""
+    return {k: (v.float() if v.dtype == torch.float16 else v) for k, v in batch.items()}
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -177,8 +198,8 @@ class FitResult:
 def fit(
     *,
     name: str,
-    train: pa.Table,
-    val: pa.Table,
+    train: Any,
+    val: Any,
     meta: StudentMeta,
     student_kind: str,
     student_params: dict[str, Any],
@@ -192,12 +213,11 @@ def fit(
     init_state: dict[str, Any] | None = None,
     fail_at_epoch: int | None = None,
 ) -> FitResult:
-    """Train one student with `TorchTrainer`; returns its final weights and metrics."""
-    import ray.data
+    """Train one student with `TorchTrainer` on the Ray Datasets `train` and `val` (each worker
+    streams its `get_dataset_shard`); returns its final weights and metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from kdpipe.data import tensor_columns
     from kdpipe.runtime import default_cpus_per_worker
 
     cpus = train_cfg.cpus_per_worker or default_cpus_per_worker(train_cfg.num_workers)
@@ -219,7 +239,7 @@ def fit(
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": ray.data.from_arrow(tensor_columns(train)), "val": ray.data.from_arrow(tensor_columns(val))},
+        datasets={"train": train, "val": val},
     )
     result = trainer.fit()
     if result.checkpoint is None:

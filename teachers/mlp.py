@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +39,8 @@ class MLPParams(BaseModel):
     classes: list[int] | None = Field(None, description="train only on these classes (a specialised expert)")
     train_on: str = Field("labeled", pattern="^(labeled|all_train)$", description="labeled train rows, or all train rows")
     seed: int = 0
+    fit_rows: int = Field(200_000, ge=1, description="the teacher is fitted on at most this many train rows, streamed "
+                          "from the source by Ray Data and held in memory while it trains (≈ 4·dim bytes a row)")
 
 
 def build_mlp(in_dim: int, hidden: list[int], out_dim: int, dropout: float) -> nn.Sequential:
@@ -55,11 +58,46 @@ def _check_reuse(tid: str, path: Path, params: dict, split: dict) -> None:
     are still train rows (splits are hashes of the row id and the split settings)."""
     meta = json.loads((path / "config.json").read_text())
     fix = f"delete {path} to retrain it, or point teachers[{tid}].path elsewhere"
-    if meta.get("params") is not None and meta["params"] != params:
-        raise KdpipeError(f"teacher '{tid}': weights at {path} were trained with params {meta['params']}, the spec says {params}; {fix}")
+    saved = {**MLPParams().model_dump(), **meta["params"]} if meta.get("params") is not None else None
+    if saved is not None and saved != params:  # keys added since the weights were saved count as their defaults
+        raise KdpipeError(f"teacher '{tid}': weights at {path} were trained with params {saved}, the spec says {params}; {fix}")
     if meta.get("split") is not None and meta["split"] != split:
         raise KdpipeError(f"teacher '{tid}': weights at {path} were trained under source.split {meta['split']}; with {split} "
                          f"some of its training rows may now be val/test rows; {fix}")
+
+
+def _fit_rows(source: "SourceData", p: MLPParams) -> tuple[np.ndarray, np.ndarray]:
+    """The first `fit_rows` labeled train rows in source order (x, y): positions are scanned from
+    the index a batch at a time, the inputs read by Ray Data, so only those rows reach the driver."""
+    import ray
+
+    picked, n = [], 0
+    for batch in _index_batches(source):
+        mask = pc.equal(batch["split"], "train")
+        if p.train_on == "labeled":
+            mask = pc.and_(mask, batch["labeled"])
+        sel = batch.filter(mask).slice(0, p.fit_rows - n)
+        picked.append(sel)
+        n += sel.num_rows
+        if n >= p.fit_rows:
+            break
+    want = pa.concat_tables(picked).select(["id", "label"] + (["file", "row"] if source.cfg is not None else []))
+    if want.num_rows == 0:
+        return np.zeros((0, source.dim or 1), np.float32), np.zeros(0, np.int64)
+    parts = [t for t in ray.get(source.rows_dataset(ray.data.from_arrow(want)).to_arrow_refs()) if t.num_rows]
+    got = pa.concat_tables(parts)
+    got = got.take(pc.index_in(want["id"], value_set=got["id"]))  # source order: a deterministic fit
+    return to_numpy(got["x"], np.float32), got["label"].to_numpy()
+
+
+def _index_batches(source: "SourceData") -> Any:
+    if source.index_path is None:
+        yield source.index
+        return
+    import pyarrow.parquet as pq
+
+    for b in pq.ParquetFile(source.index_path).iter_batches(batch_size=65536):
+        yield pa.Table.from_batches([b])
 
 
 @TEACHERS.register("mlp_classifier")
@@ -83,13 +121,7 @@ class MLPTeacher(Teacher):
         if (path / "model.safetensors").exists():
             _check_reuse(cfg.id, path, p.model_dump(), split)
             return
-        t = source.table
-        mask = pc.equal(t["split"], "train")
-        if p.train_on == "labeled":
-            mask = pc.and_(mask, t["labeled"])
-        t = t.filter(mask)
-        x = to_numpy(t["x"], np.float32)
-        y = t["label"].to_numpy()
+        x, y = _fit_rows(source, p)
         keep = (y >= 0) if p.classes is None else np.isin(y, p.classes)
         x, y = x[keep], y[keep]
         if len(y) == 0:

@@ -44,7 +44,7 @@ def test_teacher_actor_crash_mid_stage_loses_and_duplicates_nothing(tmp_path: Pa
 
 
 def test_training_worker_crash_resumes_from_checkpoint_in_one_mlflow_run(ray_local, tmp_path: Path) -> None:
-    from kdpipe.pipeline import distil_and_ship, prepare, teach
+    from kdpipe.pipeline import distil, prepare, teach
 
     o = tiny_overrides(tmp_path, **{"train.epochs": 8, "train.checkpoint_every": 2, "train.max_failures": 1,
                                     "evaluate.baseline": False, "source.limit": 600})
@@ -54,7 +54,7 @@ def test_training_worker_crash_resumes_from_checkpoint_in_one_mlflow_run(ray_loc
     # rank 0 exits hard at the start of epoch 5; checkpoints were reported after epochs 1 and 3.
     # (Ray Train registers a checkpoint when its controller next polls the workers, so a crash
     # right after a report may resume from the one before: the test only requires "not from scratch".)
-    res = distil_and_ship(cfg, source, taught, uri, fail_at_epoch=5)
+    res = distil(cfg, source, taught, uri, fail_at_epoch=5)
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     assert len(runs) == 1 and runs[0].info.run_id == res.run_id and runs[0].info.status == "FINISHED"

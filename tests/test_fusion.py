@@ -125,7 +125,8 @@ def test_fuse_dispatch() -> None:
 
 def _source(ids: list[str]) -> SourceData:
     n = len(ids)
-    table = pa.table({"id": pa.array(ids), "label": pa.array(np.arange(n) % 4, pa.int64()),
+    table = pa.table({"id": pa.array(ids), "x": to_fixed_list(np.zeros((n, 2), np.float32)),
+                      "label": pa.array(np.arange(n) % 4, pa.int64()),
                       "split": pa.array(["test"] * n), "labeled": pa.array([True] * n)})
     return SourceData(table, "features", 2, 4, f"src-{n}", ["mem"])
 
@@ -159,7 +160,7 @@ def _members(tmp_path: Path, ids: list[str], seed: int = 0, topk_last: bool = Fa
     return res, logits
 
 
-def test_fuse_caches_writes_reuses_and_extends_the_fused_cache(tmp_path: Path) -> None:
+def test_fuse_caches_writes_reuses_and_extends_the_fused_cache(ray_local, tmp_path: Path) -> None:
     ids = [f"r{i}" for i in range(10)]
     cfg = _cfg(tmp_path)
     results, logits = _members(tmp_path, ids)
@@ -192,7 +193,7 @@ def test_fuse_caches_writes_reuses_and_extends_the_fused_cache(tmp_path: Path) -
     assert sorted(grown.cache.ids()) == sorted(ids + new)
 
 
-def test_fused_fingerprint_covers_config_and_members(tmp_path: Path) -> None:
+def test_fused_fingerprint_covers_config_and_members(ray_local, tmp_path: Path) -> None:
     ids = [f"r{i}" for i in range(6)]
     results, _ = _members(tmp_path, ids)
     dyn = fuse_caches(_cfg(tmp_path), _source(ids), results)
@@ -203,7 +204,7 @@ def test_fused_fingerprint_covers_config_and_members(tmp_path: Path) -> None:
     assert fuse_caches(_cfg(tmp_path), _source(ids), results).fingerprint != dyn.fingerprint
 
 
-def test_static_fused_cache_equals_the_chosen_teacher_and_reads_topk_members(tmp_path: Path) -> None:
+def test_static_fused_cache_equals_the_chosen_teacher_and_reads_topk_members(ray_local, tmp_path: Path) -> None:
     ids = [f"r{i}" for i in range(8)]
     results, logits = _members(tmp_path, ids, topk_last=True)
     r = fuse_caches(_cfg(tmp_path, mode="static", weights=[0.0, 1.0, 0.0]), _source(ids), results)
@@ -217,10 +218,10 @@ def test_static_fused_cache_equals_the_chosen_teacher_and_reads_topk_members(tmp
     assert np.allclose(np.log(np.exp(dense).sum(1)), np.log(np.exp(logits["generalist"]).sum(1)), atol=1e-2)
 
 
-def test_fuse_caches_refuses_members_missing_rows(tmp_path: Path) -> None:
+def test_fuse_caches_refuses_members_missing_rows(ray_local, tmp_path: Path) -> None:
     ids = [f"r{i}" for i in range(5)]
     results, _ = _members(tmp_path, ids)
-    with pytest.raises(RuntimeError, match="lacks 1 of"):
+    with pytest.raises(RuntimeError, match="lack 1 of 6 rows"):
         fuse_caches(_cfg(tmp_path), _source(ids + ["extra"]), results)
     assert not list((tmp_path / "cache" / "fused").glob("*/MANIFEST.json"))  # nothing published
     del results["generalist"]
@@ -228,15 +229,15 @@ def test_fuse_caches_refuses_members_missing_rows(tmp_path: Path) -> None:
         fuse_caches(_cfg(tmp_path), _source(ids), results)
 
 
-def test_fused_cache_joins_like_any_teacher(tmp_path: Path) -> None:
-    from kdpipe.data import join_teacher_outputs
-    from kdpipe.evaluate import teacher_accuracy
+def test_fused_cache_joins_like_any_teacher(ray_local, tmp_path: Path) -> None:
+    from kdpipe.evaluate import teacher_accuracy_ds
+    from kdpipe.views import build_views
 
     ids = [f"r{i}" for i in range(8)]
     results, _ = _members(tmp_path, ids)
     src = _source(ids)
     fused = fuse_caches(_cfg(tmp_path), src, results)
-    joined = join_teacher_outputs(src.table, {**{k: v.cache for k, v in results.items()}, "fused": fused.cache})
-    assert {"fused.logits", "fused.weights"} <= set(joined.column_names)
-    acc = teacher_accuracy(joined, "fused")
+    test = build_views(src, {**{k: v.cache for k, v in results.items()}, "fused": fused.cache}).test
+    assert {"fused.logits", "fused.weights"} <= set(test.columns())
+    acc = teacher_accuracy_ds(test, "fused")
     assert acc is not None and 0.0 <= acc <= 1.0 and not math.isnan(acc)

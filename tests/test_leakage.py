@@ -9,26 +9,34 @@ import pyarrow.compute as pc
 import pytest
 
 from kdpipe.config import GateConfig, KdpipeError, SourceConfig, TeacherConfig
-from kdpipe.data import hide_unlabeled, split_tables
 from kdpipe.model_registry import evaluate_gates
 from kdpipe.sources import load_source
 from teachers.mlp import MLPTeacher
 
 
-def test_unlabeled_train_rows_reach_the_student_without_labels() -> None:
+def test_unlabeled_train_rows_reach_the_student_without_labels(ray_local) -> None:
+    """The views the student trains on: labels of train rows outside the labeled subset are -1,
+    the labeled ones and every val/test label are intact, and each row is in one split only."""
+    import numpy as np
+
+    from kdpipe.views import build_views
+
     src = load_source(SourceConfig(kind="sklearn_digits"))
-    splits = split_tables(hide_unlabeled(src.table))
-    train = splits["train"]
-    hidden = pc.invert(train["labeled"])
-    assert pc.all(pc.equal(train.filter(hidden)["label"], -1)).as_py()
-    assert pc.all(pc.greater_equal(train.filter(train["labeled"])["label"], 0)).as_py()
-    assert train.filter(hidden).num_rows > 0.8 * train.num_rows  # labeled_fraction 0.1
-    for s in ("val", "test"):  # evaluation rows keep their labels and are not train rows
-        assert pc.all(pc.greater_equal(splits[s]["label"], 0)).as_py()
-        assert not set(splits[s]["id"].to_pylist()) & set(train["id"].to_pylist())
+    views = build_views(src, {})
+    index = src.index
+    for split in ("train", "val", "test"):
+        rows = index.filter(pc.equal(index["split"], split))
+        labels = views[split].take_batch(10_000, batch_format="numpy")["label"]
+        assert len(labels) == rows.num_rows == views.rows[split]
+        visible = np.sort(labels[labels >= 0])
+        want = rows.filter(rows["labeled"])["label"].to_numpy() if split == "train" else rows["label"].to_numpy()
+        assert np.array_equal(visible, np.sort(want))  # exactly the labeled rows' labels, nothing else
+        if split == "train":
+            assert (labels == -1).sum() > 0.8 * len(labels)  # labeled_fraction 0.1
+    assert sum(views.rows.values()) == index.num_rows == len(set(index["id"].to_pylist()))
 
 
-def test_teacher_trains_on_labeled_train_rows_only(tmp_path: Path, monkeypatch) -> None:
+def test_teacher_trains_on_labeled_train_rows_only(ray_local, tmp_path: Path, monkeypatch) -> None:
     src = load_source(SourceConfig(kind="sklearn_digits"))
     seen: list[int] = []
     import torch
@@ -49,7 +57,7 @@ def test_teacher_trains_on_labeled_train_rows_only(tmp_path: Path, monkeypatch) 
     assert seen == [labeled_train]
 
 
-def test_saved_teacher_is_not_reused_under_other_params_or_split(tmp_path: Path) -> None:
+def test_saved_teacher_is_not_reused_under_other_params_or_split(ray_local, tmp_path: Path) -> None:
     src = load_source(SourceConfig(kind="sklearn_digits"))
     cfg = TeacherConfig(id="t", kind="mlp_classifier", path=str(tmp_path / "t"), params={"hidden": [8], "epochs": 1})
     MLPTeacher.prepare(cfg, src)

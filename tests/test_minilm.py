@@ -333,17 +333,17 @@ def test_minilm_distill_pipeline_end_to_end(ray_local, tmp_path: Path) -> None:
 def test_m2mkd_modules_train_in_parallel_ray_tasks(ray_local, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from kdpipe.data import hide_unlabeled, join_teacher_outputs, split_tables
     from kdpipe.m2mkd import pretrain_modules
     from kdpipe.pipeline import prepare, student_meta, teach
     from kdpipe.tracking import ensure_experiment
+    from kdpipe.views import build_views
 
     cfg = load_spec(M2M_SPEC, minilm_overrides(tmp_path, **{"source.limit": 80, "m2mkd.epochs": 2}))
     source, uri = prepare(cfg)
     taught = teach(cfg, source)
-    table = hide_unlabeled(join_teacher_outputs(source.table, {k: r.cache for k, r in taught.items()}))
-    splits = split_tables(table)
-    meta = student_meta(cfg, source, table)
+    views = build_views(source, {k: r.cache for k, r in taught.items()})
+    splits = {"train": views.train, "val": views.val}
+    meta = student_meta(cfg, source, views.train)
     client = MlflowClient(uri)
     run_id = client.create_run(ensure_experiment(client, "m2m-test", uri)).info.run_id
 
@@ -369,11 +369,10 @@ def test_m2mkd_modules_train_in_parallel_ray_tasks(ray_local, tmp_path: Path) ->
         assert train_hist[-1].value < train_hist[0].value * 1.5
 
     # the assembled student runs, and the `embedding` evaluator scores it on the cached test rows
-    from kdpipe.evaluate import EVALUATORS
+    from kdpipe.evaluate import evaluate
+    from kdpipe.train import StudentFactory
 
-    student = build_student(cfg.student.kind, cfg.student.params, meta)
-    student.load_state_dict(state)
-    metrics = EVALUATORS.get("embedding")(student, splits["test"], prefix="test_")
+    metrics = evaluate("embedding", StudentFactory(cfg.student.kind, cfg.student.params, meta, state), views.test)
     assert set(metrics) >= {"test_cosine", "test_recall10"} and all(math.isfinite(v) for v in metrics.values())
 
 

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from kdpipe.cache import MANIFEST, CacheCorruptError, TeacherCache
 from kdpipe.config import load_spec
-from kdpipe.pipeline import distil_and_ship, locate_caches, prepare, run, teach
+from kdpipe.pipeline import distil, locate_caches, prepare, run, teach
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.timeout(900)
@@ -87,7 +87,7 @@ def test_corrupt_cache_part_is_detected(ray_local, tmp_path: Path) -> None:
     data = part.read_bytes()
     part.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(CacheCorruptError, match=str(part)):
-        distil_and_ship(cfg, source, locate_caches(cfg, source), uri)
+        distil(cfg, source, locate_caches(cfg, source), uri)
     with pytest.raises(Exception):
         pq.read_table(part)
 

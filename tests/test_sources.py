@@ -171,7 +171,7 @@ def test_dataset_streams_rows_through_ray(tmp_path, ray_local) -> None:
     _digits_parquet(f, 600, row_group=64)
     src = load_source(SourceConfig(kind="parquet", path=str(f), features="x", label="label"))
     want = src.ids.slice(100, 300)
-    got = pa.concat_tables(ray_local.get(src.dataset(want, blocks=4, num_cpus=0.5).to_arrow_refs()))
+    got = pa.concat_tables([t for t in ray_local.get(src.dataset(want, blocks=4, num_cpus=0.5).to_arrow_refs()) if t.num_rows])
     assert sorted(got["id"].to_pylist()) == sorted(want.to_pylist())
     table = src.table.filter(pc.is_in(src.table["id"], value_set=want.combine_chunks()))
     by_id = dict(zip(table["id"].to_pylist(), table["x"].to_pylist()))

@@ -1,0 +1,1 @@
+"""Causal language-model distillation: token-level teacher caches, teacher pre-training, losses."""

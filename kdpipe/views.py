@@ -1,0 +1,215 @@
+"""The datasets a distil run reads: source rows joined with every teacher cache, in Ray Data.
+
+The join runs where the data is: the source index (and, for feature sources, the inputs read
+by position) and each cache's Parquet parts are read by Ray Data and joined on `id` by Ray
+Data's hash join; the result is prepared block by block (labels of unlabeled train rows hidden,
+fixed-size lists turned into tensor columns, fp16 kept fp16) and materialised once per split in
+the object store, so every epoch streams the same blocks and the driver never holds a row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kdpipe.cache import TeacherCache
+from kdpipe.config import KdpipeError
+from kdpipe.sources import SourceData
+
+log = logging.getLogger("kdpipe.views")
+
+SPLITS = ("train", "val", "test")
+JOIN_PARTITION_BYTES = 64 << 20  # about this much data per hash-join partition (and output block)
+BROADCAST_BYTES = 256 << 20  # a join side up to this size is broadcast to the workers instead of shuffled
+
+
+@dataclass
+class SplitViews:
+    """Ray Datasets of the train/val/test rows: `label` (-1 where hidden) plus every numeric column
+    the student and its losses may read (`x`, `<teacher>.<column>`)."""
+
+    train: Any
+    val: Any
+    test: Any
+    rows: dict[str, int]
+
+    def __getitem__(self, split: str) -> Any:
+        return getattr(self, split)
+
+
+@dataclass
+class Side:
+    """One input of a join on `id`: a Ray Dataset and the bytes it holds (what the planner reads)."""
+
+    name: str
+    ds: Any
+    nbytes: int
+
+
+def cache_side(tid: str, cache: TeacherCache, verify: bool = True) -> Side:
+    """One teacher's cache: every part the manifest names (checksums verified first, a file at a
+    time), columns renamed to ``<tid>.<column>``."""
+    import ray.data
+
+    files = cache.files(verify=verify)
+    if not files:
+        raise KdpipeError(f"teacher cache {cache.dir} holds no rows; run `kdpipe teach SPEC` first")
+    ds = ray.data.read_parquet([str(f) for f in files])
+    names = [c for c in ds.columns() if c != "id"]
+    return Side(tid, ds.rename_columns({c: f"{tid}.{c}" for c in names}), sum(f.stat().st_size for f in files))
+
+
+def cache_dataset(tid: str, cache: TeacherCache, verify: bool = True) -> Any:
+    return cache_side(tid, cache, verify).ds
+
+
+def source_side(source: SourceData) -> Side:
+    """The source index (+ the inputs `x` for feature sources, read by position in the workers;
+    text students read the tokens their teacher cached)."""
+    base = source.index_dataset()
+    if source.input_kind == "features":
+        cols = ["id", "label", "split", "labeled"] + (["file", "row"] if source.cfg is not None else [])
+        return Side("source", source.rows_dataset(base.select_columns(cols)), source.num_rows * (48 + 4 * (source.dim or 0)))
+    return Side("source", base.select_columns(["id", "label", "split", "labeled"]), source.num_rows * 48)
+
+
+def join_on_id(sides: list[Side], broadcast_bytes: int | None = None) -> Any:
+    """Inner join of `sides` on `id`, planned like a query engine plans it: the largest side
+    streams; every other side small enough (`broadcast_bytes`, default `BROADCAST_BYTES`) is
+    loaded once per worker and looked up by id (a broadcast join: no shuffle); larger sides are
+    hash-joined by Ray Data (`Dataset.join`, a shuffle). No side passes through the driver."""
+    limit = BROADCAST_BYTES if broadcast_bytes is None else broadcast_bytes
+    ordered = sorted(sides, key=lambda s: -s.nbytes)
+    out = ordered[0].ds
+    small = [s for s in ordered[1:] if s.nbytes <= limit]
+    for side in ordered[1:]:
+        if side.nbytes > limit:
+            parts = max(1, min(256, math.ceil(side.nbytes / JOIN_PARTITION_BYTES)))
+            out = out.join(side.ds, "inner", num_partitions=parts, on=("id",))
+    if small:  # one actor looks up every small side: one process, a fraction of a CPU
+        out = out.map_batches(LookupJoin, fn_constructor_kwargs={"sides": [side_table(s.ds) for s in small]},
+                              batch_format="pyarrow", batch_size=None, compute=_one_actor(), num_cpus=0.5)
+    return out
+
+
+def side_table(ds: Any) -> Any:
+    """A small dataset as one Arrow table in the object store, concatenated by a Ray task: the
+    driver holds only the object ref."""
+    import ray
+
+    return ray.remote(num_cpus=0.25)(_concat).remote(*ds.to_arrow_refs())
+
+
+def _concat(*tables: pa.Table) -> pa.Table:
+    tables = tuple(t for t in tables if t.num_rows) or tables[:1]
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _one_actor() -> Any:
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(size=1)
+
+
+class LookupJoin:
+    """`map_batches` callable: the small sides' rows for each id of a block (inner join). Each side
+    is fetched once per actor and its ids sorted once, so a block costs a binary search per side."""
+
+    def __init__(self, sides: list[Any]) -> None:
+        import numpy as np
+        import ray
+
+        self.sides = []
+        for ref in sides:
+            table = ray.get(ref)
+            ids = np.asarray(table["id"].to_numpy(zero_copy_only=False)).astype("S")
+            order = np.argsort(ids, kind="stable")
+            self.sides.append((ids[order], order, table.drop_columns(["id"])))
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        import numpy as np
+
+        for ids, order, table in self.sides:
+            want = np.asarray(block["id"].to_numpy(zero_copy_only=False)).astype("S")
+            if len(ids) == 0:
+                return block.slice(0, 0)
+            pos = np.minimum(np.searchsorted(ids, want), len(ids) - 1)
+            found = ids[pos] == want
+            block = block.filter(pa.array(found))
+            rows = table.take(pa.array(order[pos[found]], pa.int64()))
+            for name in rows.column_names:
+                block = block.append_column(name, rows[name])
+        return block
+
+
+def build_views(source: SourceData, caches: dict[str, TeacherCache], verify: bool = True,
+                broadcast_bytes: int | None = None) -> SplitViews:
+    """The split datasets of a run: source ⋈ every cache on `id`, prepared and materialised."""
+    sides = [source_side(source)] + [cache_side(tid, c, verify) for tid, c in caches.items()]
+    joined = join_on_id(sides, broadcast_bytes).map_batches(prepare_block, batch_format="pyarrow",
+                                                             batch_size=None).materialize()
+    counts = _split_counts(joined)
+    if sum(counts.values()) != source.num_rows:
+        missing = source.num_rows - sum(counts.values())
+        raise KdpipeError(f"teacher cache(s) {', '.join(str(c.dir) for c in caches.values())} lack {missing} of "
+                          f"{source.num_rows} source rows; run `kdpipe teach SPEC` first")
+    views = {s: joined.map_batches(_one_split, fn_kwargs={"split": s}, batch_format="pyarrow", batch_size=None)
+             .materialize() for s in SPLITS}
+    del joined
+    log.info("distil views: %s rows (train/val/test)", "/".join(str(counts[s]) for s in SPLITS))
+    return SplitViews(views["train"], views["val"], views["test"], counts)
+
+
+def prepare_block(block: pa.Table) -> pa.Table:
+    """Hide labels of train rows outside the labeled subset, drop `labeled`/`file`/`row`/`text`,
+    and make fixed-size lists tensor columns (dtype kept: fp16 widens per batch in the worker)."""
+    from ray.data.extensions import ArrowTensorArray
+
+    from kdpipe.arrays import to_numpy
+
+    hidden = pc.and_(pc.equal(block["split"], "train"), pc.invert(block["labeled"]))
+    label = pc.if_else(hidden, pa.scalar(-1, pa.int64()), block["label"])
+    cols: dict[str, Any] = {"split": block["split"], "label": label}
+    for name in block.column_names:
+        if name in ("id", "split", "label", "labeled", "file", "row", "text"):
+            continue
+        col = block[name]
+        if pa.types.is_fixed_size_list(col.type):
+            import numpy as np
+
+            cols[name] = ArrowTensorArray.from_numpy(np.ascontiguousarray(to_numpy(col)))
+        else:
+            cols[name] = col
+    return pa.table(cols)
+
+
+def _one_split(block: pa.Table, split: str) -> pa.Table:
+    return block.filter(pc.equal(block["split"], split)).drop_columns(["split"])
+
+
+def _split_counts(ds: Any) -> dict[str, int]:
+    counts = {s: 0 for s in SPLITS}
+    for row in ds.map_batches(_count_block, batch_format="pyarrow", batch_size=None).iter_rows():
+        counts[row["split"]] += int(row["n"])
+    return counts
+
+
+def _count_block(block: pa.Table) -> pa.Table:
+    vc = pc.value_counts(block["split"])
+    return pa.table({"split": vc.field("values"), "n": vc.field("counts")})
+
+
+def labeled_only(ds: Any) -> Any:
+    """The rows with a visible label (the baseline twin's training set)."""
+    return ds.map_batches(lambda b: b.filter(pc.greater_equal(b["label"], 0)), batch_format="pyarrow", batch_size=None)
+
+
+def count_labeled(ds: Any) -> int:
+    return int(sum(r["n"] for r in ds.map_batches(
+        lambda b: pa.table({"n": [pc.sum(pc.greater_equal(b["label"], 0)).as_py() or 0]}),
+        batch_format="pyarrow", batch_size=None).iter_rows()))

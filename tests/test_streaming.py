@@ -1,0 +1,122 @@
+"""The distil stage streams: the cache is the training dataset and the driver holds no rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kdpipe.config import KdpipeError, load_spec
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _digits_parquet(path: Path, n: int) -> Path:
+    from sklearn.datasets import load_digits
+
+    from kdpipe.arrays import to_fixed_list
+
+    d = load_digits()
+    idx = np.arange(n) % len(d.data)
+    x = (d.data[idx] / 16.0).astype(np.float32) + (np.arange(n) // len(d.data))[:, None].astype(np.float32) * 1e-4
+    pq.write_table(pa.table({"x": to_fixed_list(x), "label": pa.array(d.target[idx].astype(np.int64))}), path,
+                   row_group_size=256)
+    return path
+
+
+def _spec(tmp_path: Path, n: int = 900):
+    data = _digits_parquet(tmp_path / "rows.parquet", n)
+    return load_spec("pipelines/digits_kd.yaml", tiny_overrides(tmp_path, **{
+        "source": {"kind": "parquet", "path": str(data), "features": "x", "label": "label",
+                   "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 0.1}},
+        "train.epochs": 2, "train.checkpoint_every": 2, "evaluate.baseline_epochs": 1}))
+
+
+def test_distil_never_reads_rows_into_the_driver(ray_local, tmp_path: Path, monkeypatch) -> None:
+    """Any driver-side full read — `ray.data.from_arrow` of a table, reading a whole cache, or
+    materialising the source table — fails the run; the distil stage still trains, evaluates and
+    registers the student from Ray Data alone."""
+    from kdpipe.cache import TeacherCache
+    from kdpipe.pipeline import distil, prepare, teach
+    from kdpipe.sources import SourceData
+
+    cfg = _spec(tmp_path)
+    source, uri = prepare(cfg)
+    assert source.index_ is None and Path(source.index_path).exists()  # the index is a file, not driver memory
+    taught = teach(cfg, source)
+
+    def refuse(*a, **k):
+        raise AssertionError("the driver read rows")
+
+    monkeypatch.setattr(ray_local.data, "from_arrow", refuse)
+    monkeypatch.setattr(TeacherCache, "read", refuse)
+    monkeypatch.setattr(SourceData, "table", property(refuse))
+    monkeypatch.setattr(SourceData, "index", property(refuse))
+    monkeypatch.setattr(SourceData, "ids", property(refuse))
+    res = distil(cfg, source, taught, uri)
+    assert res.model_version is not None
+    assert {"test_acc", "baseline_test_acc", "teacher_digits_mlp_test_acc"} <= set(res.metrics)
+    assert 0.15 < res.metrics["teacher_digits_mlp_test_acc"] <= 1.0  # above chance (0.1)
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(uri).get_run(res.run_id).data.metrics
+    assert logged["rows_train"] + logged["rows_val"] + logged["rows_test"] == source.num_rows
+
+
+def test_views_join_every_part_keep_fp16_and_hide_labels(ray_local, tmp_path: Path) -> None:
+    """The views join the source with *every* cache part (incremental caches), keep fp16 columns
+    fp16 until a worker widens a batch, hide labels of unlabeled train rows, and refuse a cache
+    that lacks rows."""
+    from kdpipe.evaluate import float_batch
+    from kdpipe.pipeline import prepare, teach
+    from kdpipe.views import build_views
+
+    cfg = _spec(tmp_path, 600)
+    first = cfg.model_copy(update={"source": cfg.source.model_copy(update={"limit": 400})})
+    source, _ = prepare(first)
+    teach(first, source)
+    source, _ = prepare(cfg)
+    taught = teach(cfg, source)  # a second part with the 200 new rows
+    cache = taught["digits_mlp"].cache
+    assert len(cache.manifest()["parts"]) == 2
+
+    views = build_views(source, {"digits_mlp": cache})
+    assert sum(views.rows.values()) == 600
+    batch = views.train.take_batch(1000, batch_format="numpy")
+    assert batch["digits_mlp.topk_val"].dtype == np.float16  # stays fp16 in the object store
+    assert float_batch(batch)["digits_mlp.topk_val"].dtype.is_floating_point
+    assert str(float_batch(batch)["digits_mlp.topk_val"].dtype) == "torch.float32"  # widened per batch
+    index = source.index
+    train = index.filter(pa.compute.equal(index["split"], "train"))
+    visible = int(np.sum(batch["label"] >= 0))
+    assert visible == int(np.sum(train["labeled"].to_numpy(zero_copy_only=False)))
+    assert 0 < visible < len(batch["label"])
+    test = views.test.take_batch(1000, batch_format="numpy")
+    assert (test["label"] >= 0).all() and "split" not in test and "id" not in test
+
+    # a cache lacking rows of the source is refused with the fix, not silently trained on
+    bigger = _spec(tmp_path / "more", 700)
+    src_more, _ = prepare(bigger)
+    with pytest.raises(KdpipeError, match="lack 100 of 700.*kdpipe teach"):
+        build_views(src_more, {"digits_mlp": _shifted(cache, tmp_path, src_more)})
+
+
+def _shifted(cache, tmp_path: Path, src) -> object:
+    """A copy of `cache` keyed to `src`'s ids for its first 600 rows (so 100 are missing)."""
+    import shutil
+
+    from kdpipe.cache import TeacherCache
+
+    t = cache.read()
+    ids = src.index["id"].slice(0, 600)
+    t = t.set_column(0, "id", ids)
+    c = TeacherCache(tmp_path / "shifted")
+    staging = c.new_staging()
+    pq.write_table(t, staging / "part-0.parquet")
+    c.commit(staging, {"teacher_id": "digits_mlp"}, "src")
+    shutil.rmtree(staging, ignore_errors=True)
+    return c
