@@ -248,6 +248,9 @@ class TrackingConfig(Strict):
     gates: GateConfig = GateConfig()
 
 
+TOKEN_LOSSES = {"forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd", "uld"}
+
+
 class PipelineConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
     seed: int = 0
@@ -294,10 +297,36 @@ class PipelineConfig(Strict):
                 if need not in outputs[tid]:
                     raise ValueError(f"losses[{i}] ({loss.name}) reads teacher '{tid}' {need}; add '{need}' to its outputs"
                                      + (" or set use_topk: true" if need == "logits" and "topk" in outputs[tid] else ""))
+            if loss.name in TOKEN_LOSSES:  # per-token losses read the teacher's tokens and top-k (or logits)
+                tid = ref or next(iter(known))
+                missing = {"tokens", "topk"} - outputs[tid]
+                if missing:
+                    raise ValueError(f"losses[{i}] ({loss.name}) reads teacher '{tid}' per-token outputs; add "
+                                     f"{sorted(missing)} to its outputs")
             for ref in loss.params().get("teachers", []) or []:
                 if ref not in known:
                     raise ValueError(f"losses[{i}].teachers names unknown teacher '{ref}'; defined: {sorted(known)}")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _student_teacher_path(cls, data: Any) -> Any:
+        """A causal-LM student reads its tokenizer (and initial layers) from the teacher it takes its
+        tokens from: `student.params.teacher_path` defaults to that teacher's directory."""
+        student = data.get("student") if isinstance(data, dict) else None
+        params = student.get("params") if isinstance(student, dict) else None
+        if not isinstance(params, dict) or student.get("kind") != "causal_lm" or params.get("teacher_path"):
+            return data
+        src = next((t for t in data.get("teachers") or [] if isinstance(t, dict) and t.get("id") == params.get("tokens_from")), None)
+        if src is None or src.get("kind") != "hf_causal_lm":
+            return data
+        try:
+            from teachers.hf_causal_lm import model_dir
+
+            path = str(model_dir(TeacherConfig.model_validate(src)))
+        except (ValueError, ValidationError):
+            return data  # the teacher's own validation reports what is wrong with it
+        return {**data, "student": {**student, "params": {**params, "teacher_path": path}}}
 
     def spec_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

@@ -187,4 +187,4 @@ def serving_example(student: nn.Module, ds: Any, n: int = 2) -> dict[str, np.nda
     return {k: np.ascontiguousarray(np.asarray(batch[k])) for k in names}
 
 
-from kdpipe import eval_embedding  # noqa: E402,F401  (registers "embedding")
+from kdpipe import eval_embedding, eval_lm  # noqa: E402,F401  (register "embedding", "lm")

@@ -97,11 +97,11 @@ def train_module(plan: dict[str, int], job: dict[str, Any], init: dict[str, np.n
             "start": start, "end": time.time()}
 
 
-def _column(ds: Any, col: str, dtype: str) -> np.ndarray:
-    """One column of a Ray Dataset as one array, gathered inside a Ray task (the driver gets only
-    the object ref)."""
-    parts = [np.asarray(b[col]).reshape(len(b[col]), -1).astype(dtype, copy=False)
-             for b in ds.select_columns([col]).iter_batches(batch_format="numpy", batch_size=4096)]
+def _column(col: str, dtype: str, *blocks: Any) -> np.ndarray:
+    """One column of a materialised dataset's blocks as one (N, D) array, gathered inside a Ray task
+    (the blocks arrive as task arguments; the driver holds only their object refs)."""
+    parts = [np.asarray(chunk.to_numpy(zero_copy_only=False)).reshape(len(chunk), -1).astype(dtype, copy=False)
+             for b in blocks if b.num_rows for chunk in b[col].chunks]
     return np.concatenate(parts) if parts else np.zeros((0, 0), dtype)
 
 
@@ -151,9 +151,10 @@ def pretrain_modules(cfg: PipelineConfig, meta: Any, splits: dict[str, Any], run
     gather = ray.remote(num_cpus=0.25)(_column)
     refs = {}
     for split, ds in (("train", train), ("val", val)):
-        refs[(split, "mask")] = gather.remote(ds, f"{tid}.attention_mask", "int8")
+        blocks = ds.to_arrow_refs()  # materialised views: refs to blocks already in the object store
+        refs[(split, "mask")] = gather.remote(f"{tid}.attention_mask", "int8", *blocks)
         for b in boundaries:
-            refs[(split, b)] = gather.remote(ds, f"{tid}.feat.{b}", "float16")
+            refs[(split, b)] = gather.remote(f"{tid}.feat.{b}", "float16", *blocks)
     cluster_cpus = float(ray.cluster_resources().get("CPU", 2))
     cpus = max(0.1, min(1.0, cluster_cpus * 0.75 / m.modules))  # all modules at once, with room for the driver
     job = {"student_kind": cfg.student.kind, "student_params": cfg.student.params, "meta": meta.as_dict(),

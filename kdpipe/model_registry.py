@@ -67,10 +67,14 @@ def evaluate_gates(metrics: dict[str, float], gates: GateConfig, baseline: float
 def log_and_register(
     run_id: str, student: nn.Module, example: dict[str, np.ndarray], model_name: str, tags: dict[str, str]
 ) -> Any:
-    """Log with `mlflow.pytorch` (signature from the example) and register a new version."""
+    """Log with `mlflow.pytorch` (signature from the example) and register a new version; a
+    Hugging Face student (one with `hf_model`) is logged with `mlflow.transformers` instead."""
     import mlflow
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
+
+    if hasattr(student, "hf_model"):
+        return _log_transformers(run_id, student, model_name, tags)
 
     single = len(getattr(student, "serving_inputs", ["x"])) == 1
     model = (InferenceModel(student) if single else MultiInputModel(student)).eval()
@@ -88,6 +92,33 @@ def log_and_register(
     for k, v in tags.items():
         client.set_model_version_tag(model_name, str(version), k, str(v))
     return client.get_model_version(model_name, str(version))
+
+
+def _log_transformers(run_id: str, student: nn.Module, model_name: str, tags: dict[str, str]) -> Any:
+    """A Hugging Face student as a `text-generation` model: `save_pretrained` weights (safetensors)
+    + tokenizer, so `mlflow.transformers.load_model("models:/NAME@ALIAS")` gives a working pipeline
+    and `AutoModelForCausalLM.from_pretrained(<artifact>/model)` loads it; no pickles."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    hf = student.hf_model.eval()  # type: ignore[attr-defined]
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            {"model": hf, "tokenizer": student.tokenizer}, name="student", task="text-generation",  # type: ignore[attr-defined]
+            registered_model_name=model_name, await_registration_for=60, pip_requirements=_hf_requirements())
+    client = MlflowClient()
+    version = info.registered_model_version
+    for k, v in {**tags, "kdpipe.flavor": "transformers"}.items():
+        client.set_model_version_tag(model_name, str(version), k, str(v))
+    return client.get_model_version(model_name, str(version))
+
+
+def _hf_requirements() -> list[str]:
+    """What serving the model needs, pinned to what trained it (MLflow's own inference adds torchvision,
+    which a text model does not use and this stack does not install)."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "transformers", "tokenizers", "safetensors")]
 
 
 def alias_version(client: Any, name: str, alias: str) -> Any | None:
@@ -129,8 +160,26 @@ def load_served(version: Any) -> ServedStudent:
     tags = version.tags or {}
     inputs = json.loads(tags.get("kdpipe.serving_inputs", '["x"]'))
     output = tags.get("kdpipe.serving_output", "logits")
-    model = mlflow.pytorch.load_model(f"models:/{version.name}/{version.version}")
+    uri = f"models:/{version.name}/{version.version}"
+    if tags.get("kdpipe.flavor") == "transformers":
+        import mlflow.transformers
+
+        hf = mlflow.transformers.load_model(uri, return_type="components")["model"].eval()
+        return ServedStudent(HFLogits(hf), inputs, output)
+    model = mlflow.pytorch.load_model(uri)
     return ServedStudent(model, inputs, output)
+
+
+class HFLogits(nn.Module):
+    """A loaded Hugging Face causal LM as (input_ids, attention_mask) -> logits, the serving
+    signature the champion is re-scored through."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids.long(), attention_mask=attention_mask.long(), use_cache=False).logits
 
 
 class RegisteredFactory:
@@ -160,7 +209,7 @@ def log_student_state(client: Any, run_id: str, state: dict[str, torch.Tensor]) 
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "model.safetensors"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(path))  # tied weights: own copies
         client.log_artifact(run_id, str(path), "student_state")
 
 

@@ -68,7 +68,30 @@ def prepare(cfg: PipelineConfig, address: str | None = None) -> tuple[SourceData
 def teach(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachResult]:
     from kdpipe.teach import teach_all
 
-    return teach_all(cfg, source)
+    taught = teach_all(cfg, source)
+    check_vocabularies(cfg)
+    return taught
+
+
+def check_vocabularies(cfg: PipelineConfig) -> None:
+    """A causal-LM student must share its teachers' vocabulary, unless every loss compares sorted
+    probabilities (`uld`): checked once the teachers exist (a pretrained one appears in `teach`)."""
+    if cfg.student.kind != "causal_lm":
+        return
+    from teachers.hf_causal_lm import check_vocab_compatible, model_dir
+
+    student_tok = cfg.student.params.get("teacher_path")
+    if student_tok is None:
+        from kdpipe.lm.corpus import default_tokenizer
+
+        student_tok = default_tokenizer()
+    names = [l.name for l in cfg.losses]
+    for t in cfg.teachers:
+        if t.kind == "hf_causal_lm":
+            try:
+                check_vocab_compatible(model_dir(t), student_tok, names)
+            except ValueError as e:
+                raise KdpipeError(f"teachers[{t.id}] and the student: {e}") from None
 
 
 def locate_caches(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachResult]:

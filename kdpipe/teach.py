@@ -49,11 +49,18 @@ def topk_compress(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, n
     return idx.astype(np.int32), val.astype(np.float16), tail
 
 
-def output_columns(out: dict[str, np.ndarray], outputs: list[str], topk: int | None) -> dict[str, pa.Array]:
+def output_columns(out: dict[str, np.ndarray], outputs: list[str], topk: int | None,
+                   vocab: int | None = None) -> dict[str, pa.Array]:
     """Teacher forward outputs -> cache columns, per the spec's `outputs`."""
     cols: dict[str, pa.Array] = {}
     for name in outputs:
-        if name == "logits":
+        if name == "topk" and "topk_ids" in out:  # per-token (causal LM): one compressed blob per sequence
+            cols.update(token_topk_columns(out, vocab))
+        elif name == "hidden":  # per-token hidden states of chosen layers, (N, L·H) fp16
+            for key, arr in out.items():
+                if key.startswith("hidden."):
+                    cols[key] = to_fixed_list(arr.astype(np.float16))
+        elif name == "logits":
             cols["logits"] = to_fixed_list(out["logits"].astype(np.float32))
         elif name == "topk":
             idx, val, tail = topk_compress(out["logits"], int(topk))  # type: ignore[arg-type]
@@ -81,6 +88,18 @@ def output_columns(out: dict[str, np.ndarray], outputs: list[str], topk: int | N
     return cols
 
 
+def token_topk_columns(out: dict[str, np.ndarray], vocab: int | None) -> dict[str, pa.Array]:
+    """A causal LM's per-token top-k log-probs and tail mass -> the compressed `topk_lm` column
+    (kdpipe.lm.topk_codec: ≈84 B/token at k = 64 on real teacher outputs), one blob per sequence
+    holding only its real tokens."""
+    from kdpipe.lm.topk_codec import encode_batch
+
+    if vocab is None:
+        raise ValueError("a per-token top-k cache needs the teacher's vocabulary size (Teacher.vocab)")
+    lengths = out["attention_mask"].astype(bool).sum(axis=1)
+    return encode_batch(out["topk_ids"], out["topk_logp"], vocab, lengths=lengths, tail_logp=out["tail_logp"])
+
+
 class TeacherActor:
     """Callable class for `map_batches`: loads the teacher once per actor, then maps Arrow batches."""
 
@@ -101,7 +120,7 @@ class TeacherActor:
         if "text" in batch.column_names:
             inputs["text"] = batch["text"].to_pylist()
         out = self.teacher.forward(inputs)
-        cols = {"id": batch["id"], **output_columns(out, self.cfg.outputs, self.cfg.topk)}
+        cols = {"id": batch["id"], **output_columns(out, self.cfg.outputs, self.cfg.topk, getattr(self.teacher, "vocab", None))}
         return pa.table(cols)
 
 
@@ -157,6 +176,8 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
                    digest: str) -> TeachResult:
     import ray
 
+    from teachers import TEACHERS
+
     have = cache.id_array()
     todo = source.ids if len(have) == 0 else pc.filter(source.ids, pc.invert(pc.is_in(source.ids, value_set=have)))
     if len(todo) == 0:
@@ -183,7 +204,7 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
             **remote,
         )
         try:
-            ds.write_parquet(str(staging))
+            ds.write_parquet(str(staging), **TEACHERS.get(tcfg.kind).parquet_options)
         except Exception as e:  # Ray Data wraps errors raised in the actors; surface ours as they were
             root = _kdpipe_cause(e)
             if root is None:

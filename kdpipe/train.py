@@ -66,7 +66,7 @@ class DistilModule(nn.Module):
 def accuracy_counts(out: dict[str, Any], labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Correct-prediction counts for the final output and every exit (labeled rows only);
     nothing for students without class outputs (embedding students)."""
-    if "logits" not in out:
+    if "logits" not in out or out["logits"].ndim != 2:  # embedding and token-level students: no class accuracy
         return {"n": labels.new_zeros((), dtype=torch.float)}
     mask = labels >= 0
     counts = {"acc": (out["logits"].argmax(1)[mask] == labels[mask]).sum().float()}

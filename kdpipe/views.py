@@ -160,7 +160,11 @@ def build_views(source: SourceData, caches: dict[str, TeacherCache], verify: boo
                           f"{source.num_rows} source rows; run `kdpipe teach SPEC` first")
     views = {s: joined.map_batches(_one_split, fn_kwargs={"split": s}, batch_format="pyarrow", batch_size=None)
              .materialize() for s in SPLITS}
+    token_teachers = [c.removesuffix(".topk_lm") for c in joined.columns() if c.endswith(".topk_lm")]
     del joined
+    if token_teachers:  # compressed per-token top-k: decoded per batch, every epoch, in the workers
+        views = {s: v.map_batches(decode_token_topk, fn_kwargs={"teachers": token_teachers}, batch_format="pyarrow",
+                                  batch_size=DECODE_BATCH) for s, v in views.items()}
     log.info("distil views: %s rows (train/val/test)", "/".join(str(counts[s]) for s in SPLITS))
     return SplitViews(views["train"], views["val"], views["test"], counts)
 
@@ -185,6 +189,29 @@ def prepare_block(block: pa.Table) -> pa.Table:
             cols[name] = ArrowTensorArray.from_numpy(np.ascontiguousarray(to_numpy(col)))
         else:
             cols[name] = col
+    return pa.table(cols)
+
+
+DECODE_BATCH = 256  # sequences decoded at a time (≈ 256·T·k·12 bytes of decoded top-k)
+
+
+def decode_token_topk(block: pa.Table, teachers: list[str]) -> pa.Table:
+    """`<tid>.topk_lm` blobs -> `<tid>.topk_ids` (B, T, k) int64, `<tid>.topk_logp` (B, T, k) fp32 and
+    `<tid>.tail_logp` (B, T) fp32 tensors (padding: logp -inf, all mass in the tail); the first
+    teacher's tokens also become the batch's `input_ids` / `attention_mask`, which token losses read."""
+    from ray.data.extensions import ArrowTensorArray
+
+    from kdpipe.lm.topk_codec import decode_batch
+
+    cols = {c: block[c] for c in block.column_names if not c.endswith(".topk_lm")}
+    for tid in teachers:
+        seq_len = block[f"{tid}.input_ids"].type.shape[0]
+        dec = decode_batch(block[f"{tid}.topk_lm"], seq_len)
+        cols[f"{tid}.topk_ids"] = ArrowTensorArray.from_numpy(dec.ids)
+        cols[f"{tid}.topk_logp"] = ArrowTensorArray.from_numpy(dec.logp)
+        cols[f"{tid}.tail_logp"] = ArrowTensorArray.from_numpy(dec.tail_logp)
+    first = teachers[0]
+    cols["input_ids"], cols["attention_mask"] = block[f"{first}.input_ids"], block[f"{first}.attention_mask"]
     return pa.table(cols)
 
 

@@ -24,6 +24,7 @@ class Teacher:
 
     Params: ClassVar[type[BaseModel]]
     input_kind: ClassVar[str] = "features"
+    parquet_options: ClassVar[dict[str, Any]] = {}  # extra pyarrow Parquet writer options for its cache parts
 
     @classmethod
     def check_config(cls, cfg: "TeacherConfig") -> None:

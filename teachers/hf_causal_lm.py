@@ -110,6 +110,7 @@ def output_rows(model: Any) -> int:
 class HFCausalLMTeacher(Teacher):
     Params = HFCausalLMParams
     input_kind = "text"
+    parquet_options = {"compression": "zstd", "use_dictionary": False, "write_statistics": False}  # see topk_codec
 
     def __init__(self, model: Any, tokenizer: Any, params: HFCausalLMParams, outputs: list[str], topk: int,
                  device: str, name: str = "hf_causal_lm") -> None:

@@ -98,6 +98,14 @@ def test_views_join_every_part_keep_fp16_and_hide_labels(ray_local, tmp_path: Pa
     test = views.test.take_batch(1000, batch_format="numpy")
     assert (test["label"] >= 0).all() and "split" not in test and "id" not in test
 
+    # sides too big to broadcast go through Ray Data's hash join instead: the same rows, each with its own
+    # teacher outputs, either way
+    shuffled = build_views(source, {"digits_mlp": cache}, broadcast_bytes=0)
+    assert shuffled.rows == views.rows
+    other = shuffled.test.take_batch(1000, batch_format="numpy")
+    key = lambda b: sorted(map(tuple, np.round(np.hstack([b["x"], b["digits_mlp.logits"]]), 4).tolist()))  # noqa: E731
+    assert key(other) == key(test)
+
     # a cache lacking rows of the source is refused with the fix, not silently trained on
     bigger = _spec(tmp_path / "more", 700)
     src_more, _ = prepare(bigger)

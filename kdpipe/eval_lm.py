@@ -1,0 +1,74 @@
+"""The `lm` evaluator (``evaluate.task: lm``): held-out next-token metrics of a causal-LM student,
+and of its teacher from the cache, over real tokens only (the same mask as the token losses).
+
+Metrics (each under ``prefix``), from per-batch sums over the whole split:
+  nll, ppl                 mean next-token negative log-likelihood of the data, and exp of it
+  token_acc                student's top-1 next token == the data's next token
+  teacher_agreement        student's top-1 == the teacher's top-1 (from the cached top-k)
+  kl                       KL(teacher ‖ student) per token on the cached k + 1 buckets, at T = 1
+  teacher_ppl              the teacher's perplexity of the data from its cache: exact where the next
+                           token is in the cached top-k, the tail spread uniformly over the rest otherwise
+  teacher_token_acc        the teacher's top-1 == the data's next token
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdpipe.evaluate import EVALUATORS, Evaluator
+from kdpipe.lm.token_functional import (TeacherSignal, forward_kl_rows, next_token_positions, next_token_targets,
+                                        paired_logprobs)
+
+
+def _teacher_id(batch: dict[str, torch.Tensor]) -> str | None:
+    cands = sorted(k.removesuffix(".topk_ids") for k in batch if k.endswith(".topk_ids"))
+    return cands[0] if cands else None
+
+
+@EVALUATORS.register("lm")
+class LMEvaluator(Evaluator):
+    def batch_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        logits = model(batch)["logits"]
+        v = logits.shape[-1]
+        pos = next_token_positions(batch["attention_mask"])
+        targets = next_token_targets(batch["input_ids"].long()).reshape(-1).index_select(0, pos)
+        s = logits.reshape(-1, v).index_select(0, pos).float()
+        logq = F.log_softmax(s, dim=1)
+        top1 = s.argmax(1)
+        sums = {"tokens": float(len(pos)), "nll": float(-logq.gather(1, targets[:, None]).sum()),
+                "correct": float((top1 == targets).sum())}
+        tid = _teacher_id(batch)
+        if tid is not None:
+            sig = TeacherSignal.from_batch(batch, tid, "topk").flat().rows(pos)
+            logp, lq = paired_logprobs(s, sig, 1.0)
+            sums["kl"] = float(forward_kl_rows(logp, lq).sum())
+            sums["agree"] = float((top1 == sig.topk_ids[:, 0]).sum())
+            sums["teacher_correct"] = float((sig.topk_ids[:, 0] == targets).sum())
+            sums["teacher_nll"] = float(-_teacher_logprob(sig, targets, v).sum())
+        return sums
+
+    def finish(self, sums: dict[str, float], sample: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
+        n = sums.get("tokens", 0.0)
+        if not n:
+            return {f"{prefix}nll": float("nan")}
+        out = {f"{prefix}nll": sums["nll"] / n, f"{prefix}ppl": math.exp(sums["nll"] / n),
+               f"{prefix}token_acc": sums["correct"] / n}
+        if "kl" in sums:
+            out.update({f"{prefix}kl": sums["kl"] / n, f"{prefix}teacher_agreement": sums["agree"] / n,
+                        f"{prefix}teacher_ppl": math.exp(sums["teacher_nll"] / n),
+                        f"{prefix}teacher_token_acc": sums["teacher_correct"] / n})
+        return out
+
+
+def _teacher_logprob(sig: TeacherSignal, targets: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(n,) the teacher's log-prob of each target from its cached top-k + tail bucket."""
+    assert sig.topk_ids is not None and sig.topk_logp is not None and sig.tail_logp is not None
+    hit = sig.topk_ids == targets[:, None]
+    kept = sig.topk_logp.gather(1, hit.float().argmax(1, keepdim=True)).squeeze(1)
+    rest = max(vocab - sig.topk_ids.shape[1], 1)
+    return torch.where(hit.any(1), kept, sig.tail_logp - math.log(rest))

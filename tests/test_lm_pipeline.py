@@ -1,0 +1,99 @@
+"""Causal-LM distillation end to end on a real local Ray and MLflow: a (tiny, randomly initialised)
+Hugging Face Llama saved with `save_pretrained` teaches WordNet glosses into the compressed top-k
+cache, a smaller Llama student trains on it, and the registered model is a real Hugging Face model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from kdpipe.config import load_spec
+from tests.test_lm_models import save_tiny_llama
+
+pytestmark = [pytest.mark.timeout(900),
+              pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").exists(), reason="needs wordnet-base (make install)")]
+
+
+def test_lm_pipeline_caches_compressed_topk_trains_and_registers_a_hf_model(ray_local, tmp_path: Path) -> None:
+    import math
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    from kdpipe.lm.corpus import default_tokenizer
+    from kdpipe.lm.topk_codec import decode_batch
+    from kdpipe.pipeline import run
+
+    teacher = tmp_path / "teacher"
+    save_tiny_llama(teacher, default_tokenizer(), layers=2)
+    cfg = load_spec("pipelines/lm_distill.yaml", {
+        "source.limit": 160, "teachers.0.path": str(teacher), "teachers.0.params": {"max_length": 24},
+        "teachers.0.topk": 16, "student.params": {"tokens_from": "lm", "num_layers": 1, "init_from_teacher_layers": [1]},
+        "teach.cache_root": str(tmp_path / "cache"), "train.storage_path": str(tmp_path / "ray"), "train.epochs": 1,
+        "train.checkpoint_every": 1, "train.num_workers": 1, "train.batch_size": 8,
+        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
+    assert cfg.student.params["teacher_path"] == str(teacher)  # the student reads the teacher's tokenizer
+    res = run(cfg)
+
+    # the cache: tokens + one compressed top-k blob per sequence, decodable to the teacher's top-16
+    t = res.teach["lm"]
+    part = pq.read_table(t.cache.files()[0])
+    assert {"input_ids", "attention_mask", "topk_lm"} <= set(part.column_names)
+    dec = decode_batch(part["topk_lm"], 24)
+    mask = part["attention_mask"].combine_chunks().flatten().to_numpy().reshape(-1, 24).astype(bool)
+    assert (dec.mask == mask).all() and dec.ids.shape[-1] == 16
+
+    # held-out metrics for student, twin and (from its cache) teacher; every one finite
+    for k in ("test_ppl", "test_kl", "test_teacher_agreement", "test_teacher_ppl", "baseline_test_ppl"):
+        assert math.isfinite(res.metrics[k]), k
+    assert res.metrics["test_teacher_ppl"] > 1 and 0 <= res.metrics["test_teacher_agreement"] <= 1
+
+    # the registry holds a Hugging Face model: a text-generation pipeline, loadable by from_pretrained
+    client = MlflowClient(res.tracking_uri)
+    mv = client.get_model_version(cfg.tracking.model_name, res.model_version)
+    assert mv.tags["kdpipe.flavor"] == "transformers"
+    mlflow.set_tracking_uri(res.tracking_uri)
+    gen = mlflow.transformers.load_model(f"models:/{cfg.tracking.model_name}/{res.model_version}")
+    out = gen("a domesticated animal", max_new_tokens=4, do_sample=False)
+    assert isinstance(out[0]["generated_text"], str)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{cfg.tracking.model_name}/{res.model_version}",
+                                                     dst_path=str(tmp_path / "dl")))
+    model = AutoModelForCausalLM.from_pretrained(local / "model", local_files_only=True)
+    assert model.config.num_hidden_layers == 1
+    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle")]  # no pickles in the registry
+
+
+def test_lm_evaluator_sums_match_hand_computed_values() -> None:
+    """One sequence of 3 real tokens (+1 pad), V = 4, teacher top-2 + tail: every metric by hand."""
+    import math
+
+    import torch
+
+    from kdpipe.evaluate import EVALUATORS
+
+    logits = torch.tensor([[[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0], [0.0, 1.0, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0]]])
+    batch = {"input_ids": torch.tensor([[3, 3, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]]),
+             "t.topk_ids": torch.tensor([[[0, 1], [3, 2], [1, 0], [0, 1]]]),
+             "t.topk_logp": torch.log(torch.tensor([[[0.5, 0.3], [0.6, 0.2], [0.9, 0.05], [0.5, 0.5]]])),
+             "t.tail_logp": torch.log(torch.tensor([[0.2, 0.2, 0.05, 1e-9]]))}
+
+    class Fixed(torch.nn.Module):
+        def forward(self, b):
+            return {"logits": logits}
+
+    ev = EVALUATORS.get("lm")()
+    sums = ev.batch_sums(Fixed(), batch)
+    # positions 0 and 1 predict tokens 3 and 2 (position 2 is the last real token: it predicts padding)
+    lq = torch.log_softmax(logits[0, :2], dim=1)
+    nll = -(lq[0, 3] + lq[1, 2])
+    assert sums["tokens"] == 2 and math.isclose(sums["nll"], float(nll), rel_tol=1e-6)
+    assert sums["correct"] == 1  # student argmax 0 (data: 3) and 2 (data: 2)
+    assert sums["agree"] == 1  # teacher top-1 0 (= student's) and 3 (student: 2)
+    assert sums["teacher_correct"] == 0
+    # teacher log-prob of the data: pos 0 -> token 3 is in the tail (0.2 over V - k = 2 ids); pos 1 -> kept 0.2
+    assert math.isclose(sums["teacher_nll"], -(math.log(0.1) + math.log(0.2)), rel_tol=1e-5)
+    m = ev.finish(sums, {}, "test_")
+    assert math.isclose(m["test_ppl"], math.exp(float(nll) / 2), rel_tol=1e-6)
