@@ -416,7 +416,7 @@ class SourceData:
             parts = list(read_rows(index.select(["file", "row", "id"]), self.cfg.model_dump(), self.files,
                                    self.stamps, self.dim))
             inputs = pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], pa.string())})
-            cols = {"id": index["id"], self._input_col: inputs[self._input_col]}
+            cols = {"id": index["id"], self.input_column: inputs[self.input_column]}
             self.table_ = pa.table({**cols, **{c: index[c] for c in ("label", "split", "labeled")}})
         return self.table_
 
@@ -435,8 +435,6 @@ class SourceData:
     @property
     def input_column(self) -> str:
         return "x" if self.input_kind == "features" else "text"
-
-    _input_col = input_column
 
     def rows(self, split: str) -> pa.Table:
         return self.table.filter(pc.equal(self.table["split"], split))

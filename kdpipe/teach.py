@@ -195,7 +195,7 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
     staging = cache.new_staging()
     try:
         # the read step shares the teacher's resources, so Ray Data fuses it into the actors
-        ds = source.dataset(todo, blocks, **remote).map_batches(
+        ds = source.dataset(todo if len(have) else None, blocks, **remote).map_batches(
             TeacherActor,
             fn_constructor_kwargs={"teacher_cfg": tcfg.model_dump(), "device": "cuda" if t.num_gpus > 0 else "cpu"},
             batch_size=t.batch_size,
