@@ -96,6 +96,7 @@ def main(digits: int = 100_000, minilm: int = 2_000, only: str | None = None) ->
                    digits_seconds=[small["seconds"], large["seconds"]])
         print(f"digits: {small['rows']} rows -> driver peak {small['peak_rss_mb']:.0f} MB; {large['rows']} rows -> "
               f"{large['peak_rss_mb']:.0f} MB (x{out['digits_rss_growth']:.2f})")
+        save("driver_memory", out)  # each workload's numbers are kept even if the next one fails
     if only in (None, "minilm"):
         small, large = minilm_run(minilm), minilm_run(10 * minilm)
         out.update(minilm_rows_small=small["rows"], minilm_rows_large=large["rows"],
