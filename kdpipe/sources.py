@@ -596,19 +596,20 @@ def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kd
     index_dir = Path(index_dir if index_dir is not None else Path(quarantine_dir).parent / "index")
     index_dir.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), files, stamps]).encode()).hexdigest()[:16]
-    tmp = index_dir / f".{key}.{os.getpid()}.{time.time_ns()}"
+    stem = f".{key}-{os.getpid()}-{time.time_ns()}"
+    raw, staged = index_dir / f"{stem}.raw", index_dir / f"{stem}.parquet"
     try:
-        digests, dim, bad, quarantine = _index_pass(cfg, files, features, quarantine_dir, tmp.with_suffix(".raw"))
+        digests, dim, bad, quarantine = _index_pass(cfg, files, features, quarantine_dir, raw)
         drop = _duplicate_rows(digests)
         del digests
-        stats = _split_pass(tmp.with_suffix(".raw"), tmp.with_suffix(".parquet"), drop, cfg.split)
+        stats = _split_pass(raw, staged, drop, cfg.split)
         if stats["rows"] == 0:
             raise BadInputError(f"source {cfg.kind} {cfg.path or ''} yielded no usable rows ({bad} bad)")
         path = index_dir / f"index-{key}.parquet"
-        os.replace(tmp.with_suffix(".parquet"), path)  # atomic: a concurrent run with the same key writes the same rows
+        os.replace(staged, path)  # atomic: a concurrent run with the same key writes the same rows
     finally:
-        for suffix in (".raw", ".parquet"):
-            tmp.with_suffix(suffix).unlink(missing_ok=True)
+        for f in (raw, staged):
+            f.unlink(missing_ok=True)
     num_classes = cfg.num_classes or (stats["max_label"] + 1 if stats["max_label"] >= 0 else None)
     return SourceData(None, "features" if features else "text", dim, num_classes, stats["fingerprint"], files, bad,
                       quarantine, cfg.split.model_dump(), cfg=cfg, stamps=stamps, index_path=str(path), rows_=stats["rows"])
