@@ -21,6 +21,7 @@ def _digits_parquet(path: Path, n: int) -> Path:
     from kdpipe.arrays import to_fixed_list
 
     d = load_digits()
+    path.parent.mkdir(parents=True, exist_ok=True)
     idx = np.arange(n) % len(d.data)
     x = (d.data[idx] / 16.0).astype(np.float32) + (np.arange(n) // len(d.data))[:, None].astype(np.float32) * 1e-4
     pq.write_table(pa.table({"x": to_fixed_list(x), "label": pa.array(d.target[idx].astype(np.int64))}), path,
