@@ -159,17 +159,6 @@ def _actors() -> Any:
     return ray.data.ActorPoolStrategy(size=1)
 
 
-def teacher_accuracy(table: pa.Table, tid: str) -> float | None:
-    """The same on an in-memory table (tests and small tools)."""
-    cols = {c: to_numpy(table[c]) for c in (f"{tid}.logits", f"{tid}.topk_idx") if c in table.column_names}
-    pred = teacher_predictions(cols, tid)
-    if pred is None:
-        return None
-    labels = table["label"].to_numpy()
-    mask = labels >= 0
-    return float((pred[mask] == labels[mask]).mean())
-
-
 def results_table(rows: dict[str, Any], metric: str = "test accuracy") -> str:
     """A small aligned text table: model -> metric."""
     width = max(len(k) for k in rows)

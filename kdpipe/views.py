@@ -64,10 +64,6 @@ def cache_side(tid: str, cache: TeacherCache, verify: bool = True) -> Side:
     return Side(tid, ds.rename_columns({c: f"{tid}.{c}" for c in names}), sum(f.stat().st_size for f in files))
 
 
-def cache_dataset(tid: str, cache: TeacherCache, verify: bool = True) -> Any:
-    return cache_side(tid, cache, verify).ds
-
-
 def source_side(source: SourceData) -> Side:
     """The source index (+ the inputs `x` for feature sources, read by position in the workers;
     text students read the tokens their teacher cached)."""
