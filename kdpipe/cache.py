@@ -3,7 +3,7 @@
 Layout: ``<cache_root>/<teacher_id>/<fingerprint>/``
   ``parts/<part>/*.parquet``  one part per teach run that added rows (incremental cache)
   ``MANIFEST.json``           teacher id, weights digest, output spec, schema, parts + checksums
-  ``.staging/``               where a running teach stage writes; never read
+  ``.staging/``               where a running teach stage writes (one dir + lock per run); never read
 
 A cache (or a part) exists only once the manifest names it; the manifest is replaced
 atomically (write + fsync + rename), so an interrupted run leaves nothing that looks complete.
@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -116,15 +117,49 @@ class TeacherCache:
             return pa.array([], pa.string())
         return self.read(columns=["id"], verify=False)["id"].combine_chunks()
 
-    def new_staging(self) -> Path:
-        """A fresh staging dir; leftovers of crashed runs are removed first (one teach stage per cache at a time)."""
-        staging_root = self.dir / ".staging"
-        if staging_root.exists():
-            for old in staging_root.iterdir():
-                shutil.rmtree(old, ignore_errors=True)
-        path = staging_root / uuid.uuid4().hex
-        path.mkdir(parents=True)
-        return path
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh staging dir, owned by this run for as long as the context is open.
+
+        Ownership is an flock on ``.staging/<name>.lock``, taken before the dir exists and held
+        until it is committed or removed. Clean-up removes only the staging dirs whose lock no
+        live process holds (a crashed run's), never one that a concurrent run is still writing.
+        The dir is gone on exit unless `commit` moved it into parts/.
+        """
+        root = self.dir / ".staging"
+        root.mkdir(parents=True, exist_ok=True)
+        self._remove_orphans(root)
+        name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        lock_path, path = root / f"{name}.lock", root / name
+        fh = open(lock_path, "w")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            path.mkdir()
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+            lock_path.unlink(missing_ok=True)
+            fh.close()
+
+    @staticmethod
+    def _remove_orphans(root: Path) -> None:
+        """Staging dirs of crashed runs: no lock file, or a lock file nobody holds."""
+        for entry in root.iterdir():
+            if entry.suffix == ".lock" or not entry.is_dir():
+                continue
+            lock_path = root / f"{entry.name}.lock"
+            try:
+                fh = open(lock_path, "r+")
+            except FileNotFoundError:  # an owner creates its lock before its dir: no lock, no owner
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
+            with fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live run owns it
+                shutil.rmtree(entry, ignore_errors=True)
+                lock_path.unlink(missing_ok=True)
 
     def commit(self, staging: Path, header: dict[str, Any], source_fingerprint: str) -> dict[str, Any]:
         """Move a staged part into parts/ and publish it in the manifest (atomically, manifest last)."""

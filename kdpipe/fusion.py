@@ -30,7 +30,6 @@ with the base folded into the members: with weights on the simplex the base canc
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -240,8 +239,7 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
                   "members": {t: results[t].fingerprint for t in f.teachers},
                   "fusion": {**f.model_dump(mode="json"), "sharpness": f.sharpness},
                   "output_spec": {"outputs": ["logits", "weights"], "format": FUSION_FORMAT}}
-        staging = cache.new_staging()
-        try:
+        with cache.staging() as staging:
             fused.write_parquet(str(staging))
             got = sum(pq.read_metadata(p).num_rows for p in staging.glob("*.parquet"))
             if got < len(ids):  # the inner join dropped rows some member does not hold
@@ -249,9 +247,6 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
                                    "run `kdpipe teach SPEC` first")
             _check_staged(staging, ids)
             manifest = cache.commit(staging, header, source.fingerprint)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     log.info("fused teacher (%s over %s): %d new rows -> %s (now %d rows)", f.mode, f.teachers, len(ids), cache.dir,
              manifest["rows"])
     return TeachResult("fused", cache, fp, len(ids), False)

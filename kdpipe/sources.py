@@ -175,7 +175,12 @@ def _records(cfg: SourceConfig, f: str, start: int) -> Iterator[dict[str, Any]]:
             yield _pick(cfg, f, r)
         return
     with open(f, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        for n, r in enumerate(csv.DictReader(fh)):
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        for name, setting in ((cfg.features or cfg.text, "features" if cfg.features else "text"), (cfg.label, "label")):
+            if name and name not in header:
+                raise BadInputError(f"{f}: column '{name}' (source.{setting}) not found; columns are {sorted(header)}")
+        for n, r in enumerate(reader):
             if n >= start:
                 yield _pick(cfg, f, r, vector_cells=True)
 
@@ -188,12 +193,23 @@ def _lines(f: str) -> Iterator[bytes]:
 
 
 def _pick(cfg: SourceConfig, f: str, r: dict[str, Any], vector_cells: bool = False) -> dict[str, Any]:
-    if cfg.label and cfg.label not in r:
-        raise BadInputError(f"{f}: column '{cfg.label}' (source.label) not found; columns are {sorted(r)}")
-    row: dict[str, Any] = {"label": r.get(cfg.label) if cfg.label else None}
+    """The configured fields of one JSON/CSV record. A record that lacks one, holds null there or
+    has cells beyond the CSV header is a bad *row* (quarantined under `on_bad_rows: skip`), not a
+    bad file: only a header without the column (CSV, Parquet) fails the file."""
     key, name = ("x", cfg.features) if cfg.features else ("text", cfg.text)
-    if name not in r:
-        raise BadInputError(f"{f}: column '{name}' (source.{'features' if key == 'x' else 'text'}) not found; columns are {sorted(r)}")
+    fields = [(name, "features" if key == "x" else "text")] + ([(cfg.label, "label")] if cfg.label else [])
+    keys = sorted(k for k in r if k is not None)
+    if None in r:  # csv.DictReader files cells beyond the header under the key None
+        return {"error": f"row has {len(r[None])} cell(s) more than the header's {len(keys)} columns"}
+    for field_name, setting in fields:
+        if field_name not in r:
+            hint = " (write null for an unlabeled row)" if setting == "label" else ""
+            return {"error": f"field '{field_name}' (source.{setting}) is missing{hint}; the row has {keys}"}
+        if r[field_name] is None and (setting != "label" or vector_cells):
+            # a JSON null label means "unlabeled"; CSV gives None only for a short row
+            return {"error": f"field '{field_name}' (source.{setting}) is "
+                             f"{'missing: the row has fewer cells than the header' if vector_cells else 'null'}"}
+    row: dict[str, Any] = {"label": r.get(cfg.label) if cfg.label else None}
     row[key] = _parse_vector(r[name]) if vector_cells and key == "x" else r[name]
     return row
 
@@ -234,6 +250,8 @@ def _check_row(raw: dict[str, Any], cfg: SourceConfig, dim: int | None) -> tuple
     if why:
         return None, why
     if "x" in raw:
+        if raw["x"] is None:
+            return None, "features are null"
         try:
             x = np.asarray(raw["x"], dtype=np.float32)
         except (TypeError, ValueError):
@@ -246,6 +264,8 @@ def _check_row(raw: dict[str, Any], cfg: SourceConfig, dim: int | None) -> tuple
             return None, "features contain NaN or inf"
         return {"x": x, "label": label, "id": row_id(x.tobytes())}, None
     text = raw.get("text")
+    if text is None:
+        return None, "text is null"
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")

@@ -6,7 +6,6 @@ import hashlib
 import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,8 +191,7 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
     header = {"teacher_id": tcfg.id, "teacher_kind": tcfg.kind, "weights_digest": digest, "fingerprint": fp,
               "output_spec": {"outputs": tcfg.outputs, "topk": tcfg.topk, "format": OUTPUT_FORMAT},
               "params": tcfg.params, "path": tcfg.path}
-    staging = cache.new_staging()
-    try:
+    with cache.staging() as staging:
         # the read step shares the teacher's resources, so Ray Data fuses it into the actors
         ds = source.dataset(todo if len(have) else None, blocks, **remote).map_batches(
             TeacherActor,
@@ -212,9 +210,6 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
             raise root from None
         _check_staged(staging, todo)
         manifest = cache.commit(staging, header, source.fingerprint)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("teacher %s: cache now %d rows in %d part(s)", tcfg.id, manifest["rows"], len(manifest["parts"]))
     return TeachResult(tcfg.id, cache, fp, len(todo), False)
 

@@ -140,9 +140,9 @@ def _write_member(root: Path, tid: str, ids: list[str], logits: np.ndarray, topk
     else:
         idx, val, tail = topk_compress(logits, topk)
         cols.update(topk_idx=to_fixed_list(idx), topk_val=to_fixed_list(val), tail_lse=pa.array(tail))
-    staging = cache.new_staging()
-    pq.write_table(pa.table(cols), staging / "part-0.parquet")
-    cache.commit(staging, {"teacher_id": tid, "fingerprint": f"fp-{tid}"}, "src")
+    with cache.staging() as staging:
+        pq.write_table(pa.table(cols), staging / "part-0.parquet")
+        cache.commit(staging, {"teacher_id": tid, "fingerprint": f"fp-{tid}"}, "src")
     return TeachResult(tid, cache, f"fp-{tid}", len(ids), False)
 
 

@@ -195,3 +195,53 @@ def test_read_step_is_fused_into_the_next_stage(tmp_path, ray_local) -> None:
         Passthrough, batch_format="pyarrow", compute=ray_local.data.ActorPoolStrategy(size=1), num_cpus=0.5).materialize()
     assert ds.count() == 300
     assert "MapBatches(read_rows)->MapBatches(Passthrough)" in ds.stats()
+
+
+def _write_bad_field_source(tmp_path, kind: str):
+    """Four good rows and the bad ones each format can hold: a missing, null or extra field."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = [[0.0, 1.0, 2.0], [1.0, 1.0, 1.0], [2.0, 0.5, 0.0], [3.0, 3.0, 3.0]]
+    if kind == "jsonl":
+        f = tmp_path / "d.jsonl"
+        rows = [{"pixels": good[0], "digit": 1}, {"digit": 4}, {"pixels": good[1], "digit": 0},
+                {"pixels": None, "digit": 2}, {"pixels": good[2], "digit": 1, "extra": "ignored"},
+                {"pixels": good[3]}]  # no label key: a row without a label is bad too (label is configured)
+        _write_jsonl(f, rows)
+        return f, {"features": "pixels", "label": "digit"}, 3, ["'pixels' (source.features) is missing",
+                                                                 "'pixels' (source.features) is null",
+                                                                 "'digit' (source.label) is missing"]
+    if kind == "csv":
+        f = tmp_path / "d.csv"
+        f.write_text('pixels,digit\n"[0, 1, 2]",1\n"[1, 1, 1]"\n"[1, 1, 1]",0\n"[2, 0.5, 0]",1,surplus\n"[3, 3, 3]",0\n')
+        return f, {"features": "pixels", "label": "digit"}, 3, ["fewer cells than the header", "more than the header"]
+    if kind == "parquet":
+        f = tmp_path / "d.parquet"
+        x = pa.array([good[0], None, good[1], good[2]], pa.list_(pa.float32()))
+        pq.write_table(pa.table({"pixels": x, "digit": pa.array([1, 4, 0, 1], pa.int64())}), f)
+        return f, {"features": "pixels", "label": "digit"}, 3, ["features are null"]
+    f = tmp_path / "d.txt"
+    f.write_text("first line\n\nsecond line\n   \nthird line\n")
+    return f, {}, 3, ["text is empty", "text is empty"]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet", "text"])
+def test_a_row_missing_a_field_is_a_bad_row_not_a_bad_file(tmp_path, kind) -> None:
+    """Issue 13: one row without the features key made the whole JSON-lines file fail, even with
+    `on_bad_rows: skip`. In every format such a row is quarantined with its reason."""
+    f, fields, n_good, reasons = _write_bad_field_source(tmp_path, kind)
+    cfg = SourceConfig(kind=kind, path=str(f), on_bad_rows="skip", num_classes=10, **fields)
+    src = load_source(cfg, tmp_path / "q")
+    assert src.num_rows == n_good and src.bad_rows == len(reasons)
+    got = [json.loads(line)["reason"] for line in open(src.quarantine_path)]
+    assert all(any(r in g for g in got) for r in reasons), got
+    with pytest.raises(BadInputError, match=r"bad input row \d+: .*on_bad_rows: skip"):
+        load_source(cfg.model_copy(update={"on_bad_rows": "fail"}), tmp_path / "q2")
+
+
+def test_a_header_without_the_column_fails_the_file(tmp_path) -> None:
+    f = tmp_path / "d.csv"
+    f.write_text('x,label\n"[0.5, 1.0, 2.0]",1\n')
+    with pytest.raises(BadInputError, match=r"column 'pixels' \(source.features\) not found; columns are \['label', 'x'\]"):
+        load_source(SourceConfig(kind="csv", path=str(f), features="pixels", label="label"))

@@ -116,7 +116,6 @@ def test_views_join_every_part_keep_fp16_and_hide_labels(ray_local, tmp_path: Pa
 
 def _shifted(cache, tmp_path: Path, src) -> object:
     """A copy of `cache` keyed to `src`'s ids for its first 600 rows (so 100 are missing)."""
-    import shutil
 
     from kdpipe.cache import TeacherCache
 
@@ -124,8 +123,7 @@ def _shifted(cache, tmp_path: Path, src) -> object:
     ids = src.index["id"].slice(0, 600)
     t = t.set_column(0, "id", ids)
     c = TeacherCache(tmp_path / "shifted")
-    staging = c.new_staging()
-    pq.write_table(t, staging / "part-0.parquet")
-    c.commit(staging, {"teacher_id": "digits_mlp"}, "src")
-    shutil.rmtree(staging, ignore_errors=True)
+    with c.staging() as staging:
+        pq.write_table(t, staging / "part-0.parquet")
+        c.commit(staging, {"teacher_id": "digits_mlp"}, "src")
     return c
