@@ -17,7 +17,7 @@ log = logging.getLogger("kdpipe.registry")
 
 class InferenceModel(nn.Module):
     """Serving signature: the student's `serving_inputs` tensors (default `x`) -> its `serving_output`
-    (default `logits`); this is what `models:/NAME@ALIAS` returns."""
+    (default `logits`); what `mlflow.pytorch.load_model("models:/NAME@ALIAS")` returns."""
 
     def __init__(self, student: nn.Module) -> None:
         super().__init__()
@@ -29,11 +29,12 @@ class InferenceModel(nn.Module):
         return self.student({self.inputs[0]: x})[self.output]
 
 
-class MultiInputModel(InferenceModel):
-    """For students that serve on several tensors (token ids + mask); logged with pickle serialization."""
+class TokenInputModel(InferenceModel):
+    """For students that serve on (input_ids, attention_mask): named arguments, so torch.export
+    sees two inputs with a dynamic batch and sequence length."""
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.student(dict(zip(self.inputs, tensors)))[self.output]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.student({self.inputs[0]: input_ids, self.inputs[1]: attention_mask})[self.output]
 
 
 @dataclass
@@ -64,34 +65,109 @@ def evaluate_gates(metrics: dict[str, float], gates: GateConfig, baseline: float
     return GateResult(all(c["passed"] for c in checks.values()), checks)
 
 
-def log_and_register(
-    run_id: str, student: nn.Module, example: dict[str, np.ndarray], model_name: str, tags: dict[str, str]
-) -> Any:
-    """Log with `mlflow.pytorch` (signature from the example) and register a new version; a
-    Hugging Face student (one with `hf_model`) is logged with `mlflow.transformers` instead."""
+def log_and_register(run_id: str, student: nn.Module, example: dict[str, np.ndarray], model_name: str,
+                     tags: dict[str, str], spec: dict[str, Any]) -> Any:
+    """Log the student and register a new version. Nothing in it is a pickle: a Hugging Face
+    student (one with `hf_model`) goes through `mlflow.transformers` (safetensors); any other is
+    an exported program (`mlflow.pytorch`, pt2, for other tools) plus kdpipe's own flavor —
+    safetensors weights and the student spec — which is all kdpipe itself ever loads back."""
+    import tempfile
+    from pathlib import Path
+
     import mlflow
-    from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
     if hasattr(student, "hf_model"):
         return _log_transformers(run_id, student, model_name, tags)
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "student"
+        _save_exported(student, example, path)
+        _add_kdpipe_flavor(path, student, spec)
+        found = pickles_in(path)
+        if found:  # a new torch or MLflow started writing pickles: refuse rather than ship them
+            raise RuntimeError(f"the model to register holds pickled files {found}; kdpipe registers no pickles")
+        client.log_artifacts(run_id, str(path), "student")
+    mv = mlflow.register_model(f"runs:/{run_id}/student", model_name, await_registration_for=60)
+    for k, v in {**tags, "kdpipe.flavor": KDPIPE_FLAVOR}.items():
+        client.set_model_version_tag(model_name, str(mv.version), k, str(v))
+    return client.get_model_version(model_name, str(mv.version))
 
-    single = len(getattr(student, "serving_inputs", ["x"])) == 1
-    model = (InferenceModel(student) if single else MultiInputModel(student)).eval()
+
+KDPIPE_FLAVOR = "kdpipe"
+
+
+def _save_exported(student: nn.Module, example: dict[str, np.ndarray], path: Any) -> None:
+    """`mlflow.pytorch` pt2 (torch.export) with a dynamic batch (and sequence) dimension, then the
+    archive's pickled sample inputs blanked (torch.export.load reads empty ones as none)."""
+    import mlflow.pytorch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    tokens = len(getattr(student, "serving_inputs", ["x"])) > 1
+    model = (TokenInputModel(student) if tokens else InferenceModel(student)).eval()
     arrays = [example[k] for k in model.inputs]
     with torch.no_grad():
         out = model(*[torch.from_numpy(a) for a in arrays]).numpy()
-    extra: dict[str, Any] = {"input_example": arrays[0]} if single else {"serialization_format": "pickle"}
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model, name="student", signature=infer_signature(arrays[0] if single else example, out), **extra,
-            registered_model_name=model_name, await_registration_for=60,
-        )
-    client = MlflowClient()
-    version = info.registered_model_version
-    for k, v in tags.items():
-        client.set_model_version_tag(model_name, str(version), k, str(v))
-    return client.get_model_version(model_name, str(version))
+    shape = (lambda a: (-1,) * a.ndim) if tokens else (lambda a: (-1, *a.shape[1:]))
+    names = ["input_ids", "attention_mask"] if tokens else [None]
+    signature = ModelSignature(Schema([TensorSpec(a.dtype, shape(a), n) for a, n in zip(arrays, names)]),
+                               Schema([TensorSpec(out.dtype, (-1, *out.shape[1:]))]))
+    mlflow.pytorch.save_model(model, str(path), serialization_format="pt2", signature=signature,
+                              input_example=tuple(arrays) if tokens else arrays[0],
+                              pip_requirements=_requirements("torch", "numpy"))
+    _blank_sample_inputs(path / "data" / "model.pt2")
+
+
+def _blank_sample_inputs(pt2: Any) -> None:
+    import os
+    import zipfile
+
+    tmp = pt2.with_name(pt2.name + ".tmp")
+    with zipfile.ZipFile(pt2) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            dst.writestr(info, b"" if "/data/sample_inputs/" in info.filename else src.read(info))
+    os.replace(tmp, pt2)
+
+
+def _add_kdpipe_flavor(path: Any, student: nn.Module, spec: dict[str, Any]) -> None:
+    """The student kind, params and meta + safetensors weights, as a flavor in the MLmodel file."""
+    from mlflow.models import Model
+    from safetensors.torch import save_file
+
+    (path / "kdpipe").mkdir()
+    save_file({k: v.detach().clone().contiguous() for k, v in student.state_dict().items()},
+              str(path / "kdpipe" / "model.safetensors"))
+    m = Model.load(str(path / "MLmodel"))
+    m.add_flavor(KDPIPE_FLAVOR, weights="kdpipe/model.safetensors", student=spec["kind"], params=spec["params"],
+                 meta=spec["meta"], serving_inputs=list(getattr(student, "serving_inputs", ["x"])),
+                 serving_output=getattr(student, "serving_output", "logits"))
+    m.save(str(path / "MLmodel"))
+
+
+def pickles_in(path: Any) -> list[str]:
+    """Files under `path` that hold a pickle: by name, as a non-empty member of a zip archive
+    (torch.save and pt2 archives keep theirs as *.pkl / *.pt), or by content (protocol 2-5
+    header and STOP opcode; safetensors files are exempt, their header length can look alike)."""
+    import zipfile
+    from pathlib import Path
+
+    found = []
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        if f.suffix in (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib"):
+            found.append(str(f))
+        elif zipfile.is_zipfile(f):
+            with zipfile.ZipFile(f) as z:
+                found += [f"{f}!{i.filename}" for i in z.infolist()
+                          if i.file_size and i.filename.endswith((".pkl", ".pt", ".pickle"))]
+        elif f.suffix != ".safetensors" and f.stat().st_size >= 3:
+            with open(f, "rb") as fh:
+                head = fh.read(2)
+                fh.seek(-1, 2)
+                tail = fh.read(1)
+            if head[0] == 0x80 and 2 <= head[1] <= 5 and tail == b".":
+                found.append(str(f))
+    return found
 
 
 def _log_transformers(run_id: str, student: nn.Module, model_name: str, tags: dict[str, str]) -> Any:
@@ -105,7 +181,8 @@ def _log_transformers(run_id: str, student: nn.Module, model_name: str, tags: di
     with mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
             {"model": hf, "tokenizer": student.tokenizer}, name="student", task="text-generation",  # type: ignore[attr-defined]
-            registered_model_name=model_name, await_registration_for=60, pip_requirements=_hf_requirements())
+            registered_model_name=model_name, await_registration_for=60,
+            pip_requirements=_requirements("torch", "transformers", "tokenizers", "safetensors"))
     client = MlflowClient()
     version = info.registered_model_version
     for k, v in {**tags, "kdpipe.flavor": "transformers"}.items():
@@ -113,12 +190,13 @@ def _log_transformers(run_id: str, student: nn.Module, model_name: str, tags: di
     return client.get_model_version(model_name, str(version))
 
 
-def _hf_requirements() -> list[str]:
-    """What serving the model needs, pinned to what trained it (MLflow's own inference adds torchvision,
-    which a text model does not use and this stack does not install)."""
+def _requirements(*packages: str) -> list[str]:
+    """What serving the model needs, pinned to what trained it, without local version labels
+    (`torch==2.13.0`, not `+cpu`, which no index serves; MLflow's own inference would also add
+    torchvision, which these models do not use)."""
     from importlib.metadata import version
 
-    return [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "transformers", "tokenizers", "safetensors")]
+    return [f"{p}=={version(p).split('+')[0]}" for p in packages]
 
 
 def alias_version(client: Any, name: str, alias: str) -> Any | None:
@@ -136,38 +214,47 @@ def promote(client: Any, name: str, version: str, alias: str) -> None:
 
 
 class ServedStudent(nn.Module):
-    """A registered model (as `mlflow.pytorch.load_model` returns it) behind the student interface,
-    so the champion is evaluated by the same evaluator, on the same rows, as the challenger."""
+    """A registered Hugging Face model behind the student interface, so the champion is
+    evaluated by the same evaluator, on the same rows, as the challenger."""
 
     def __init__(self, model: nn.Module, inputs: list[str], output: str) -> None:
         super().__init__()
         self.model, self.inputs, self.output = model, inputs, output
 
-    def train(self, mode: bool = True) -> "ServedStudent":
-        # exported (pt2) programs refuse .train()/.eval(); they are inference-only already
-        self.training = mode
-        return self
-
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self.output: self.model(*[batch[k] for k in self.inputs])}
 
 
-def load_served(version: Any) -> ServedStudent:
+def load_served(version: Any) -> nn.Module:
+    """A registered version as a student module, loaded without unpickling anything: safetensors
+    weights into an architecture built from kdpipe's own code (never code or pickles that
+    whoever can write to the registry put there)."""
     import json
+    from pathlib import Path
 
-    import mlflow.pytorch
+    import mlflow
+    from mlflow.models import Model
+    from safetensors.torch import load_file
+
+    from kdpipe.config import KdpipeError
+    from kdpipe.train import StudentMeta, build_student
 
     tags = version.tags or {}
-    inputs = json.loads(tags.get("kdpipe.serving_inputs", '["x"]'))
-    output = tags.get("kdpipe.serving_output", "logits")
     uri = f"models:/{version.name}/{version.version}"
     if tags.get("kdpipe.flavor") == "transformers":
         import mlflow.transformers
 
         hf = mlflow.transformers.load_model(uri, return_type="components")["model"].eval()
-        return ServedStudent(HFLogits(hf), inputs, output)
-    model = mlflow.pytorch.load_model(uri)
-    return ServedStudent(model, inputs, output)
+        return ServedStudent(HFLogits(hf), json.loads(tags["kdpipe.serving_inputs"]), tags.get("kdpipe.serving_output", "logits"))
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    flavor = Model.load(str(local / "MLmodel")).flavors.get(KDPIPE_FLAVOR)
+    if flavor is None:
+        raise KdpipeError(f"model {version.name} version {version.version} has no '{KDPIPE_FLAVOR}' flavor (an older "
+                          "kdpipe registered it as a pickle, which kdpipe does not load); register a new version with "
+                          f"`kdpipe run`, or move the alias off it: `mlflow` client.delete_registered_model_alias")
+    student = build_student(flavor["student"], flavor["params"], StudentMeta(**flavor["meta"]))
+    student.load_state_dict(load_file(str(local / flavor["weights"])))
+    return student.eval()
 
 
 class HFLogits(nn.Module):
@@ -189,7 +276,7 @@ class RegisteredFactory:
     def __init__(self, tracking_uri: str, name: str, version: str) -> None:
         self.uri, self.name, self.version = tracking_uri, name, version
 
-    def __call__(self) -> ServedStudent:
+    def __call__(self) -> nn.Module:
         import mlflow
         from mlflow.tracking import MlflowClient
 

@@ -275,7 +275,9 @@ def ship(cfg: PipelineConfig, meta: Any, views: Any, run: Any, student: Any, sco
             "kdpipe.gates_passed": str(gate.passed), f"metric.{gate_metric}": repr(float(scores.metrics[gate_metric])),
             "kdpipe.serving_inputs": json.dumps(list(getattr(model, "serving_inputs", ["x"]))),
             "kdpipe.serving_output": getattr(model, "serving_output", "logits")}
-    version = reg.log_and_register(run.run_id, model, serving_example(model, views.test), cfg.tracking.model_name, tags)
+    spec = {"kind": cfg.student.kind, "params": cfg.student.params, "meta": meta.as_dict()}
+    version = reg.log_and_register(run.run_id, model, serving_example(model, views.test), cfg.tracking.model_name, tags,
+                                   spec)
     if gate.passed:
         reg.promote(run.client, cfg.tracking.model_name, version.version, cfg.tracking.alias)
     run.client.set_model_version_tag(cfg.tracking.model_name, str(version.version), "kdpipe.cycle_complete", "true")

@@ -24,6 +24,19 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_pickles_registered(tmp_path_factory):
+    """After the session: every model that any test logged (an MLmodel anywhere under the
+    session's tmp dirs: sqlite stores' mlartifacts, `mlflow server` artifact roots) is scanned,
+    and one holding a pickle fails the run (issue 14: the registry must not run code on load)."""
+    yield
+    from kdpipe.model_registry import pickles_in
+
+    root = tmp_path_factory.getbasetemp()
+    found = [p for m in root.rglob("MLmodel") for p in pickles_in(m.parent)]
+    assert found == [], f"registered models hold pickles: {found}"
+
+
 def tiny_overrides(tmp: Path, **extra: Any) -> dict[str, Any]:
     """Small, fast settings for pipelines/digits_kd.yaml, every output under `tmp`."""
     o = {
