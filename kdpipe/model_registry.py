@@ -17,7 +17,7 @@ log = logging.getLogger("kdpipe.registry")
 
 class InferenceModel(nn.Module):
     """Serving signature: the student's `serving_inputs` tensors (default `x`) -> its `serving_output`
-    (default `logits`); what `mlflow.pytorch.load_model("models:/NAME@ALIAS")` returns."""
+    (default `logits`); what the exported program serves (`models:/NAME@ALIAS` through mlflow.pytorch)."""
 
     def __init__(self, student: nn.Module) -> None:
         super().__init__()
