@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
@@ -79,17 +80,43 @@ def test_incomplete_cache_is_never_reused(ray_local, tmp_path: Path) -> None:
     assert redo.manifest()["rows"] == 300
 
 
+def _flip_a_value_in_place(part: Path) -> None:
+    """Flip one byte inside a data page of the largest column so the file keeps its size and
+    still parses, with different values: only the manifest's checksum can tell."""
+    meta = pq.ParquetFile(part).metadata
+    original = pq.read_table(part)
+    chunk = max((meta.row_group(0).column(i) for i in range(meta.num_columns)), key=lambda c: c.total_compressed_size)
+    data = bytearray(part.read_bytes())
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    end = start + chunk.total_compressed_size
+    for pos in range(end - 8, chunk.data_page_offset, -7):
+        trial = bytearray(data)
+        trial[pos] ^= 0x10
+        part.write_bytes(bytes(trial))
+        try:
+            if not pq.read_table(part).equals(original):
+                assert len(trial) == len(data)
+                return
+        except (pa.ArrowException, OSError):
+            pass
+    raise AssertionError("no byte flip kept the file readable")
+
+
 def test_corrupt_cache_part_is_detected(ray_local, tmp_path: Path) -> None:
+    """A part whose bytes changed (same size, still valid Parquet) or that is missing fails the
+    distil stage with the file named; nothing trains on it."""
     cfg = load_spec("pipelines/digits_kd.yaml", tiny_overrides(tmp_path, **{"source.limit": 200}))
     source, uri = prepare(cfg)
     r = teach(cfg, source)["digits_mlp"]
     part = r.cache.files()[0]
-    data = part.read_bytes()
-    part.write_bytes(data[: len(data) // 2])  # truncated
-    with pytest.raises(CacheCorruptError, match=str(part)):
+    good = part.read_bytes()
+    _flip_a_value_in_place(part)
+    with pytest.raises(CacheCorruptError, match=f"{part}.*does not match its checksum"):
         distil(cfg, source, locate_caches(cfg, source), uri)
-    with pytest.raises(Exception):
-        pq.read_table(part)
+    part.write_bytes(good)
+    part.unlink()
+    with pytest.raises(CacheCorruptError, match=f"{part} named in .* is missing"):
+        distil(cfg, source, locate_caches(cfg, source), uri)
 
 
 def test_shuffle_buffer_reorders_batches_every_epoch_reproducibly(ray_local) -> None:
