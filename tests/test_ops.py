@@ -102,9 +102,15 @@ def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tm
     assert "version 3" in ev["model"] and 0.0 <= ev["test_acc"] <= 1.0
     assert abs(ev["test_acc"] - c3.run.metrics["test_acc"]) < 1e-9  # same rows, same model, same number
 
-    # warm start loads the champion's raw weights from its run
-    c4 = retrain(_spec(tmp_path, uri, **{"train.epochs": 1}), force=True, warm_start=True)
+    # warm start begins from the champion's raw weights: with a learning rate too small to move
+    # them, the new student *is* the champion (a fresh init would be far from it)
+    from kdpipe.model_registry import load_student_state
+
+    c4 = retrain(_spec(tmp_path, uri, **{"train.epochs": 1, "train.lr": 1e-12}), force=True, warm_start=True)
     assert c4.run.model_version == "4"
+    champ, warm = load_student_state(client, c3.run.run_id), load_student_state(client, c4.run.run_id)
+    assert champ.keys() == warm.keys()
+    assert max(float((champ[k] - warm[k]).abs().max()) for k in champ) < 1e-6
 
 
 def test_unreachable_tracking_server_fails_before_compute(tmp_path: Path) -> None:
