@@ -72,6 +72,19 @@ class CycleResult:
     run: Any = None  # RunResult when a student was trained
 
 
+def last_complete_version(client: Any, name: str) -> Any | None:
+    """The newest version whose cycle finished (tag `kdpipe.cycle_complete`): a cycle that crashed
+    between registering and that tag must not make the next cycle think its data was handled."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    done = [v for v in versions if (v.tags or {}).get("kdpipe.cycle_complete") == "true"]
+    return max(done, key=lambda v: int(v.version)) if done else None
+
+
 def retrain(cfg: PipelineConfig, address: str | None = None, force: bool = False, warm_start: bool = False) -> CycleResult:
     """One idempotent retraining cycle.
 
@@ -79,7 +92,6 @@ def retrain(cfg: PipelineConfig, address: str | None = None, force: bool = False
     taught incrementally (cached rows are reused), a challenger is trained and registered, and
     the alias moves only if it beats the champion re-scored on today's held-out rows.
     """
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from kdpipe import model_registry as reg
@@ -87,12 +99,7 @@ def retrain(cfg: PipelineConfig, address: str | None = None, force: bool = False
 
     source, uri = prepare(cfg, address)
     client = MlflowClient(uri)
-    try:
-        versions = client.search_model_versions(f"name='{cfg.tracking.model_name}'")
-    except MlflowException:
-        versions = []
-    versions = [v for v in versions if (v.tags or {}).get("kdpipe.cycle_complete") == "true"]
-    latest = max(versions, key=lambda v: int(v.version)) if versions else None
+    latest = last_complete_version(client, cfg.tracking.model_name)
     last_fp = (latest.tags or {}).get("kdpipe.source_fingerprint") if latest else None
     if last_fp == source.fingerprint and not force:
         reason = f"no new source data since version {latest.version} (source fingerprint {last_fp}); nothing to do"

@@ -3,6 +3,7 @@ gated promotion in both directions, lineage tags, promote/models/eval, the cron 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,29 @@ def _write_digits(path: Path, lo: int, hi: int, nan_rows: int = 0) -> None:
     pq.write_table(pa.table({"x": to_fixed_list(x), "label": pa.array(d.target[lo:hi].astype(np.int64))}), path)
 
 
-def _spec(tmp: Path, uri: str, **extra):
+@contextlib.contextmanager
+def caplog_at_info(logger: str):
+    """The messages a kdpipe logger emits inside the block."""
+    import logging
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    log, handler = logging.getLogger(logger), Keep(logging.INFO)
+    old = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old)
+
+
+def _overrides(tmp: Path, uri: str, **extra):
     o = tiny_overrides(tmp, **{
         "source": {"kind": "parquet", "path": str(tmp / "data"), "features": "x", "label": "label", "num_classes": 10,
                    "on_bad_rows": "skip",
@@ -47,7 +70,11 @@ def _spec(tmp: Path, uri: str, **extra):
         "tracking.gates.min_gain_over_baseline": None, "evaluate.baseline": False,
     })
     o.update(extra)
-    return load_spec("pipelines/digits_kd.yaml", o)
+    return o
+
+
+def _spec(tmp: Path, uri: str, **extra):
+    return load_spec("pipelines/digits_kd.yaml", _overrides(tmp, uri, **extra))
 
 
 def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tmp_path: Path) -> None:
@@ -64,9 +91,12 @@ def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tm
     assert client.get_run(c1.run.run_id).data.metrics["rows_bad_skipped"] == 1
     assert [a.path for a in client.list_artifacts(c1.run.run_id, "quarantine")]
 
-    # nothing new: the cycle is a no-op (idempotent)
-    again = retrain(_spec(tmp_path, uri))
-    assert again.skipped and "no new source data" in again.reason
+    # nothing new: the cycle is a no-op (idempotent); run as the scheduler runs it, from its job
+    job = build_scheduler("pipelines/digits_kd.yaml", "0 3 * * *", _overrides(tmp_path, uri)).get_jobs()[0]
+    with caplog_at_info("kdpipe.ops") as lines:
+        job.func()
+    assert any("no new source data" in line for line in lines), lines
+    assert len(client.search_model_versions("name='retrain-student'")) == 1
 
     # cycle 2: new rows arrive; only they hit the teacher; a better student wins against the re-scored champion
     _write_digits(tmp_path / "data" / "part-b.parquet", 1001, 1797)
@@ -113,15 +143,48 @@ def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tm
     assert max(float((champ[k] - warm[k]).abs().max()) for k in champ) < 1e-6
 
 
-def test_unreachable_tracking_server_fails_before_compute(tmp_path: Path) -> None:
-    from kdpipe.pipeline import prepare
+def test_unreachable_tracking_server_fails_before_compute(tmp_path: Path, monkeypatch) -> None:
+    """The tracking check comes first: no source row is read and Ray never starts."""
+    import kdpipe.pipeline as pipeline
+    import kdpipe.runtime as runtime
     from kdpipe.tracking import TrackingUnavailableError
     from tests.servers import free_port
 
+    calls: list[str] = []
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(pipeline, "load_source", lambda *a, **k: calls.append("load_source") or SimpleNamespace(bad_rows=0))
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: calls.append("init_ray"))
     cfg = load_spec("pipelines/digits_kd.yaml", tiny_overrides(tmp_path, **{"tracking.tracking_uri": f"http://127.0.0.1:{free_port()}"}))
     with pytest.raises(TrackingUnavailableError, match="unreachable"):
-        prepare(cfg)
-    assert not (tmp_path / "cache").exists()
+        pipeline.prepare(cfg)
+    assert calls == []
+    ok = load_spec("pipelines/digits_kd.yaml", tiny_overrides(tmp_path))  # the spies do see a reachable run
+    pipeline.prepare(ok)
+    assert calls == ["load_source", "init_ray"]
+
+
+def test_a_half_finished_cycle_is_not_the_last_cycle_and_its_run_fails(tmp_path: Path) -> None:
+    """A crash between registering a version and tagging it `kdpipe.cycle_complete`: the next
+    retrain compares against the last complete version, and the MLflow run ends FAILED."""
+    from kdpipe.ops import last_complete_version
+    from kdpipe.tracking import TrackedRun
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    assert last_complete_version(client, "m") is None  # no model yet
+    client.create_registered_model("m")
+    for fp, complete in (("fp-a", True), ("fp-b", False)):
+        v = client.create_model_version("m", f"file://{tmp_path}/{fp}", tags={"kdpipe.source_fingerprint": fp})
+        if complete:
+            client.set_model_version_tag("m", v.version, "kdpipe.cycle_complete", "true")
+    latest = last_complete_version(client, "m")
+    assert str(latest.version) == "1" and latest.tags["kdpipe.source_fingerprint"] == "fp-a"
+
+    with pytest.raises(RuntimeError, match="crash after registering"):
+        with TrackedRun(uri, "exp", "cycle", {}) as run:
+            raise RuntimeError("crash after registering")
+    assert client.get_run(run.run_id).info.status == "FAILED"
 
 
 def test_schedule_uses_cron_trigger(tmp_path: Path) -> None:
