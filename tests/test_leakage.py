@@ -75,3 +75,13 @@ def test_tie_with_champion_keeps_the_alias() -> None:
     assert not evaluate_gates({"test_acc": 0.9}, gates, None, champion=0.9).passed
     assert evaluate_gates({"test_acc": 0.91}, gates, None, champion=0.9).passed
     assert evaluate_gates({"test_acc": 0.9}, GateConfig(min_gain_over_baseline=0.0), baseline=0.9, champion=None).passed
+
+
+def test_min_value_gate_blocks_below_and_passes_at_the_floor() -> None:
+    gates = GateConfig(metric="test_acc", min_value=0.8, min_gain_over_baseline=None)
+    low = evaluate_gates({"test_acc": 0.79}, gates, baseline=None, champion=None)
+    assert not low.passed and low.checks["min_value"]["threshold"] == 0.8 and "min_value" in low.reasons()
+    assert evaluate_gates({"test_acc": 0.8}, gates, baseline=None, champion=None).passed
+    # every gate must pass: a floor met does not excuse losing to the baseline
+    both = GateConfig(metric="test_acc", min_value=0.5, min_gain_over_baseline=0.01)
+    assert not evaluate_gates({"test_acc": 0.9}, both, baseline=0.895, champion=None).passed

@@ -4,6 +4,7 @@ gated promotion in both directions, lineage tags, promote/models/eval, the cron 
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,7 @@ def _spec(tmp: Path, uri: str, **extra):
     return load_spec("pipelines/digits_kd.yaml", _overrides(tmp, uri, **extra))
 
 
-def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tmp_path: Path) -> None:
+def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tmp_path: Path, capsys) -> None:
     (tmp_path / "data").mkdir()
     _write_digits(tmp_path / "data" / "part-a.parquet", 0, 1001, nan_rows=1)
     uri = mlflow_server.uri
@@ -131,6 +132,20 @@ def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tm
     ev = evaluate_registered(_spec(tmp_path, uri))
     assert "version 3" in ev["model"] and 0.0 <= ev["test_acc"] <= 1.0
     assert abs(ev["test_acc"] - c3.run.metrics["test_acc"]) < 1e-9  # same rows, same model, same number
+
+    # the same commands from the CLI, with their exit codes and messages
+    sets = [a for k, v in _overrides(tmp_path, uri).items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    assert main(["eval", "pipelines/digits_kd.yaml", *sets]) == 0
+    assert f"test_acc: {c3.run.metrics['test_acc']:.4f}" in capsys.readouterr().out
+    assert main(["eval", "pipelines/digits_kd.yaml", *sets, "--alias", "nope"]) == 1
+    assert "has no alias 'nope'" in capsys.readouterr().err
+    assert main(["models", "retrain-student", "--tracking-uri", uri]) == 0
+    assert "champion" in capsys.readouterr().out
+    assert main(["models", "no-such-model", "--tracking-uri", uri]) == 1
+    assert "no-such-model" in capsys.readouterr().err
+    assert main(["promote", "retrain-student", "99", "--tracking-uri", uri]) == 1
+    assert main(["retrain", "pipelines/digits_kd.yaml", *sets]) == 0  # nothing new: a no-op, not a failure
+    assert "no new source data" in capsys.readouterr().out
 
     # warm start begins from the champion's raw weights: with a learning rate too small to move
     # them, the new student *is* the champion (a fresh init would be far from it)
