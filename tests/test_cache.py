@@ -51,13 +51,19 @@ def test_clean_up_spares_a_live_runs_staging_and_removes_a_crashed_ones(tmp_path
     legacy.mkdir()
 
     cache = TeacherCache(tmp_path / "c")
-    with cache.staging() as mine:
-        assert live_dir.exists() and (live_dir / "part-0.parquet").exists()
-        assert crashed_dir.exists() is False and legacy.exists() is False
-        pq.write_table(pa.table({"id": ["c"]}), mine / "part-0.parquet")
-        cache.commit(mine, {"teacher_id": "t"}, "src")
-    go.touch()
-    assert live.wait(timeout=60) == 0
+    try:
+        with cache.staging() as mine:
+            assert live_dir.exists() and (live_dir / "part-0.parquet").exists()
+            assert crashed_dir.exists() is False and legacy.exists() is False
+            pq.write_table(pa.table({"id": ["c"]}), mine / "part-0.parquet")
+            cache.commit(mine, {"teacher_id": "t"}, "src")
+    finally:
+        go.touch()  # never leave the other run waiting, whatever failed
+        try:
+            live.wait(timeout=60)
+        finally:
+            live.kill()
+    assert live.returncode == 0
     assert sorted(cache.id_array().to_pylist()) == ["a", "b", "c"]
     assert list((tmp_path / "c" / ".staging").iterdir()) == []
 

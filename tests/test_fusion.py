@@ -160,7 +160,12 @@ def _members(tmp_path: Path, ids: list[str], seed: int = 0, topk_last: bool = Fa
     return res, logits
 
 
-def test_fuse_caches_writes_reuses_and_extends_the_fused_cache(ray_local, tmp_path: Path) -> None:
+def test_fuse_caches_writes_reuses_refuses_extends_and_joins(ray_local, tmp_path: Path) -> None:
+    """One fused cache through its life: written, reused, a source with rows a member lacks
+    refused (nothing published), extended by new rows only, then joined like any teacher."""
+    from kdpipe.evaluate import teacher_accuracy_ds
+    from kdpipe.views import build_views
+
     ids = [f"r{i}" for i in range(10)]
     cfg = _cfg(tmp_path)
     results, logits = _members(tmp_path, ids)
@@ -182,26 +187,43 @@ def test_fuse_caches_writes_reuses_and_extends_the_fused_cache(ray_local, tmp_pa
     again = fuse_caches(cfg, _source(ids), results)
     assert again.reused and again.rows_taught == 0 and again.fingerprint == r.fingerprint
 
+    # a source row no member holds: refused, and nothing is published
+    with pytest.raises(RuntimeError, match="lack 1 of 1 rows"):
+        fuse_caches(cfg, _source(ids + ["extra"]), results)
+    assert r.manifest()["rows"] == 10 and len(r.manifest()["parts"]) == 1
+    without = {k: v for k, v in results.items() if k != "generalist"}
+    with pytest.raises(KeyError, match="generalist"):
+        fuse_caches(cfg, _source(ids), without)
+
     # new source rows: the members grow a part each, the fused cache only computes the new rows
     new = [f"r{i}" for i in range(10, 13)]
     rng = np.random.default_rng(1)
     for t, res in results.items():
         _write_member(tmp_path / "cache", t, new, (rng.normal(size=(3, 4)) * 3).astype(np.float32), cache=res.cache)
-    grown = fuse_caches(cfg, _source(ids + new), results)
+    src = _source(ids + new)
+    grown = fuse_caches(cfg, src, results)
     assert not grown.reused and grown.rows_taught == 3 and grown.fingerprint == r.fingerprint
     assert grown.manifest()["rows"] == 13 and len(grown.manifest()["parts"]) == 2
     assert sorted(grown.cache.ids()) == sorted(ids + new)
 
+    # the fused cache joins into the distil views like any teacher's
+    test = build_views(src, {**{k: v.cache for k, v in results.items()}, "fused": grown.cache}).test
+    assert {"fused.logits", "fused.weights"} <= set(test.columns())
+    acc = teacher_accuracy_ds(test, "fused")
+    assert acc is not None and 0.0 <= acc <= 1.0 and not math.isnan(acc)
 
-def test_fused_fingerprint_covers_config_and_members(ray_local, tmp_path: Path) -> None:
-    ids = [f"r{i}" for i in range(6)]
-    results, _ = _members(tmp_path, ids)
-    dyn = fuse_caches(_cfg(tmp_path), _source(ids), results)
-    uni = fuse_caches(_cfg(tmp_path, mode="uniform"), _source(ids), results)
-    assert uni.fingerprint != dyn.fingerprint and not uni.reused
-    np.testing.assert_allclose(to_numpy(uni.cache.read()["weights"]), 1 / 3, atol=1e-6)
+
+def test_fused_fingerprint_covers_config_and_members(tmp_path: Path) -> None:
+    from kdpipe.fusion import fused_fingerprint
+
+    results = {t: TeachResult(t, TeacherCache(tmp_path / t), f"fp-{t}", 0, True)
+               for t in ("expert_0_4", "expert_5_9", "generalist")}
+    dyn = fused_fingerprint(_cfg(tmp_path), results)
+    assert dyn == fused_fingerprint(_cfg(tmp_path), dict(results))
+    assert fused_fingerprint(_cfg(tmp_path, mode="uniform"), results) != dyn
+    assert fused_fingerprint(_cfg(tmp_path, steps=7), results) != dyn
     results["generalist"] = TeachResult("generalist", results["generalist"].cache, "fp-retrained", 0, True)
-    assert fuse_caches(_cfg(tmp_path), _source(ids), results).fingerprint != dyn.fingerprint
+    assert fused_fingerprint(_cfg(tmp_path), results) != dyn
 
 
 def test_static_fused_cache_equals_the_chosen_teacher_and_reads_topk_members(ray_local, tmp_path: Path) -> None:
@@ -218,26 +240,3 @@ def test_static_fused_cache_equals_the_chosen_teacher_and_reads_topk_members(ray
     assert np.allclose(np.log(np.exp(dense).sum(1)), np.log(np.exp(logits["generalist"]).sum(1)), atol=1e-2)
 
 
-def test_fuse_caches_refuses_members_missing_rows(ray_local, tmp_path: Path) -> None:
-    ids = [f"r{i}" for i in range(5)]
-    results, _ = _members(tmp_path, ids)
-    with pytest.raises(RuntimeError, match="lack 1 of 6 rows"):
-        fuse_caches(_cfg(tmp_path), _source(ids + ["extra"]), results)
-    assert not list((tmp_path / "cache" / "fused").glob("*/MANIFEST.json"))  # nothing published
-    del results["generalist"]
-    with pytest.raises(KeyError, match="generalist"):
-        fuse_caches(_cfg(tmp_path), _source(ids), results)
-
-
-def test_fused_cache_joins_like_any_teacher(ray_local, tmp_path: Path) -> None:
-    from kdpipe.evaluate import teacher_accuracy_ds
-    from kdpipe.views import build_views
-
-    ids = [f"r{i}" for i in range(8)]
-    results, _ = _members(tmp_path, ids)
-    src = _source(ids)
-    fused = fuse_caches(_cfg(tmp_path), src, results)
-    test = build_views(src, {**{k: v.cache for k, v in results.items()}, "fused": fused.cache}).test
-    assert {"fused.logits", "fused.weights"} <= set(test.columns())
-    acc = teacher_accuracy_ds(test, "fused")
-    assert acc is not None and 0.0 <= acc <= 1.0 and not math.isnan(acc)
