@@ -108,7 +108,7 @@ def _save_exported(student: nn.Module, example: dict[str, np.ndarray], path: Any
     model = (TokenInputModel(student) if tokens else InferenceModel(student)).eval()
     arrays = [example[k] for k in model.inputs]
     with torch.no_grad():
-        out = model(*[torch.from_numpy(a) for a in arrays]).numpy()
+        out = model(*[torch.from_numpy(np.array(a)) for a in arrays]).numpy()  # a copy: Ray batches are read-only
     shape = (lambda a: (-1,) * a.ndim) if tokens else (lambda a: (-1, *a.shape[1:]))
     names = ["input_ids", "attention_mask"] if tokens else [None]
     signature = ModelSignature(Schema([TensorSpec(a.dtype, shape(a), n) for a, n in zip(arrays, names)]),

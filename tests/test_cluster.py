@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import tiny_overrides
 from tests.servers import RayCluster
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # a second Ray cluster beside the session one: `make test-all`
 
 
 def test_submit_default_pipeline_to_cluster(tmp_path: Path, capsys) -> None:

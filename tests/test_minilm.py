@@ -329,6 +329,7 @@ def test_minilm_distill_pipeline_end_to_end(ray_local, tmp_path: Path) -> None:
 
 
 @needs_wordnet
+@pytest.mark.slow  # MiniLM teaching + module training: ~2 min; `make test-all`
 @pytest.mark.timeout(600)
 def test_m2mkd_modules_train_in_parallel_ray_tasks(ray_local, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient

@@ -110,8 +110,16 @@ def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tm
     assert c2.run.promoted, c2.run.gate_reasons
     assert client.get_model_version_by_alias("retrain-student", "champion").version == c2.run.model_version
 
-    # a deliberately worse challenger (tiny lr, 1 epoch) is registered but not promoted
-    c3 = retrain(_spec(tmp_path, uri, **{"train.epochs": 1, "train.lr": 1e-6}), force=True)
+    # a warm-started challenger with a learning rate too small to move its weights *is* the
+    # champion (a fresh init would be far from it): it ties on the re-scored test rows, is
+    # registered, and a tie keeps the alias where it is
+    from kdpipe.model_registry import load_student_state
+
+    c3 = retrain(_spec(tmp_path, uri, **{"train.epochs": 1, "train.lr": 1e-12}), force=True, warm_start=True)
+    champ, warm = load_student_state(client, c2.run.run_id), load_student_state(client, c3.run.run_id)
+    assert champ.keys() == warm.keys()
+    assert max(float((champ[k] - warm[k]).abs().max()) for k in champ) < 1e-6
+    assert c3.run.metrics["test_acc"] == c3.run.metrics["champion_test_acc"]
     assert not c3.skipped and not c3.run.promoted and "over_champion" in c3.run.gate_reasons
     mv3 = client.get_model_version("retrain-student", c3.run.model_version)
     assert mv3.tags["kdpipe.gates_passed"] == "False"
@@ -146,16 +154,6 @@ def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tm
     assert main(["promote", "retrain-student", "99", "--tracking-uri", uri]) == 1
     assert main(["retrain", "pipelines/digits_kd.yaml", *sets]) == 0  # nothing new: a no-op, not a failure
     assert "no new source data" in capsys.readouterr().out
-
-    # warm start begins from the champion's raw weights: with a learning rate too small to move
-    # them, the new student *is* the champion (a fresh init would be far from it)
-    from kdpipe.model_registry import load_student_state
-
-    c4 = retrain(_spec(tmp_path, uri, **{"train.epochs": 1, "train.lr": 1e-12}), force=True, warm_start=True)
-    assert c4.run.model_version == "4"
-    champ, warm = load_student_state(client, c3.run.run_id), load_student_state(client, c4.run.run_id)
-    assert champ.keys() == warm.keys()
-    assert max(float((champ[k] - warm[k]).abs().max()) for k in champ) < 1e-6
 
 
 def test_unreachable_tracking_server_fails_before_compute(tmp_path: Path, monkeypatch) -> None:
