@@ -77,3 +77,28 @@ def test_a_failed_run_leaves_no_staging_and_no_part(tmp_path: Path) -> None:
     except RuntimeError:
         pass
     assert not cache.is_complete() and list((tmp_path / "c" / ".staging").iterdir()) == []
+
+
+def test_new_weights_params_topk_or_outputs_never_reuse_a_cache(tmp_path: Path) -> None:
+    """The cache fingerprint covers everything that decides a teacher's outputs: a weights file
+    whose bytes change (same name, same size), its params, top-k and outputs."""
+    from kdpipe.config import TeacherConfig
+    from kdpipe.lm.corpus import default_tokenizer
+    from kdpipe.teach import teacher_fingerprint
+    from teachers import TEACHERS
+    from tests.test_lm_models import save_tiny_llama
+
+    save_tiny_llama(tmp_path / "t", default_tokenizer(), layers=1)
+    base = TeacherConfig(id="lm", kind="hf_causal_lm", path=str(tmp_path / "t"), topk=8, outputs=["tokens", "topk"],
+                         params={"max_length": 16})
+    cls = TEACHERS.get("hf_causal_lm")
+    fp = teacher_fingerprint(base, cls.weights_digest(base))
+    assert fp == teacher_fingerprint(base, cls.weights_digest(base))  # stable
+    for change in ({"topk": 16}, {"outputs": ["tokens", "topk", "hidden"]}, {"params": {"max_length": 24}}):
+        other = base.model_copy(update=change)
+        assert teacher_fingerprint(other, cls.weights_digest(other)) != fp, change
+    weights = next((tmp_path / "t").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert teacher_fingerprint(base, cls.weights_digest(base)) != fp
