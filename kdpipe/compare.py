@@ -97,14 +97,14 @@ def _row_name(variant: str, metric: str, cfg: Any) -> str | None:
 
 def _fmt(values: list[float]) -> str:
     mean = statistics.fmean(values)
-    std = statistics.pstdev(values) if len(values) > 1 else 0.0
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{mean:.4f} ± {std:.4f}"
 
 
 def markdown_table(results: dict[str, Any], title: str) -> str:
     rows = results["rows"]
     n = len(results["seeds"])
-    lines = [f"**{title}** (test accuracy, mean ± std over {n} seed{'s' if n != 1 else ''}: {results['seeds']})", "",
+    lines = [f"**{title}** (test accuracy, mean ± sample std (n − 1) over {n} seed{'s' if n != 1 else ''}: {results['seeds']})", "",
              "| model | test accuracy |", "|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['text']} |")
@@ -157,7 +157,7 @@ def compare(spec_path: str, seeds: list[int], overrides: dict[str, Any] | None =
     # teachers first, then the variants in definition order
     order = [n for n in row_order if n.startswith("teacher ")] + [n for n in row_order if not n.startswith("teacher ")]
     rows = {n: {**per_seed[n], "mean": statistics.fmean(per_seed[n]["values"]),
-                "std": statistics.pstdev(per_seed[n]["values"]) if len(per_seed[n]["values"]) > 1 else 0.0,
+                "std": statistics.stdev(per_seed[n]["values"]) if len(per_seed[n]["values"]) > 1 else 0.0,
                 "text": _fmt(per_seed[n]["values"])} for n in order}
     results = {"pipeline": base.name, "spec": spec_path, "seeds": list(seeds), "overrides": overrides,
                "variants": variants, "best_single_teacher": best, "teacher_val_acc": member_val, "rows": rows,
