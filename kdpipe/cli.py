@@ -193,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("ray", "mlflow", "alembic", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from kdpipe.console import configure
+
+    configure(args.verbose)
     from mlflow.exceptions import MlflowException
 
     from kdpipe.config import KdpipeError

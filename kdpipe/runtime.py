@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger("kdpipe")
 
@@ -25,7 +26,7 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = sys.stderr.isatty()  # bars in a terminal, plain lines in logs and CI
     ctx.print_on_execution_start = False
 
 

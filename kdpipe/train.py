@@ -241,7 +241,10 @@ def fit(
         ),
         datasets={"train": train, "val": val},
     )
-    result = trainer.fit()
+    from kdpipe.progress import EpochProgress
+
+    with EpochProgress(tracking_uri, run_id, prefix, epochs or train_cfg.epochs, name):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training '{name}' finished without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:

@@ -1,0 +1,47 @@
+"""A console a person can read: kdpipe's own lines, and Ray's and MLflow's only when they mean
+something for this run.
+
+Done through the libraries' own switches, not by swallowing output: Ray Data's logging config
+(`RAY_DATA_LOGGING_CONFIG`: its console handler at WARNING, everything still written to the
+session's `ray-data.log`), logger levels for MLflow and friends, and one filter that drops two
+warnings known to be benign here (token auth on the embedded local cluster; progress bars that
+kdpipe turns off outside a terminal). `-v` keeps everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+BENIGN = (
+    "Token authentication is enabled for this Ray cluster",  # the embedded cluster listens on 127.0.0.1 only
+    "Progress bars disabled",  # kdpipe's own choice outside a terminal (CI logs)
+)
+RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
+
+
+class DropBenign(logging.Filter):
+    """Drops the records in `BENIGN`; used by the Ray Data config (in every worker) and on Ray's handlers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(b) for b in BENIGN)
+
+
+def configure(verbose: bool) -> None:
+    """Call once, first thing in the CLI (before Ray or Ray Data are imported)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if verbose:
+        os.environ.setdefault("KDPIPE_RAY_LOGS", "1")  # worker output to the console too
+        return
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
+    import ray  # noqa: F401  (installs Ray's handler on the "ray" logger, which the filter joins)
+
+    for name in ("ray", "mlflow", "alembic", "urllib3", "filelock", "py.warnings"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for handler in logging.getLogger("ray").handlers:
+        handler.addFilter(DropBenign())
+    import mlflow  # noqa: F401  (sets its own logger level on import; set ours after)
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
