@@ -3,7 +3,6 @@ one that runs the teacher every step (same student, data, batch size, optimizer)
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from bench.common import best_of, save

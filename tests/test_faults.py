@@ -23,7 +23,7 @@ def test_teacher_actor_crash_mid_stage_loses_and_duplicates_nothing(tmp_path: Pa
     batch; the published cache has every source row exactly once. (Own Ray in a subprocess, so
     the fault-injection variable reaches the actor processes.)"""
     marker = tmp_path / "crashed"
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import json, sys
         from kdpipe.config import load_spec
         from kdpipe.pipeline import prepare, teach
@@ -31,8 +31,8 @@ def test_teacher_actor_crash_mid_stage_loses_and_duplicates_nothing(tmp_path: Pa
         source, _ = prepare(cfg)
         r = teach(cfg, source)["digits_mlp"]
         ids = r.cache.read(columns=None)["id"].to_pylist()
-        print(json.dumps({{"rows": len(ids), "unique": len(set(ids)), "source": source.table.num_rows,
-                          "same": sorted(ids) == sorted(source.table["id"].to_pylist())}}))
+        print(json.dumps({"rows": len(ids), "unique": len(set(ids)), "source": source.table.num_rows,
+                          "same": sorted(ids) == sorted(source.table["id"].to_pylist())}))
     """)
     o = tiny_overrides(tmp_path, **{"teach.batch_size": 64, "teach.concurrency": 2, "teach.num_cpus": 0.5})
     env = {**os.environ, "KDPIPE_FAULT_TEACHER_EXIT_ONCE": str(marker), "RAY_ADDRESS": ""}

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from kdpipe.cache import MANIFEST, CacheCorruptError, TeacherCache
 from kdpipe.config import load_spec
-from kdpipe.pipeline import distil, locate_caches, prepare, run, teach
+from kdpipe.pipeline import distil, locate_caches, prepare, teach
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.timeout(900)
