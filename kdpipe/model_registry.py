@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,16 +107,18 @@ def _save_exported(student: nn.Module, example: dict[str, np.ndarray], path: Any
 
     tokens = len(getattr(student, "serving_inputs", ["x"])) > 1
     model = (TokenInputModel(student) if tokens else InferenceModel(student)).eval()
-    arrays = [example[k] for k in model.inputs]
+    arrays = [np.array(example[k]) for k in model.inputs]  # writable copies: Ray's batches are read-only views
     with torch.no_grad():
-        out = model(*[torch.from_numpy(np.array(a)) for a in arrays]).numpy()  # a copy: Ray batches are read-only
+        out = model(*[torch.from_numpy(a) for a in arrays]).numpy()
     shape = (lambda a: (-1,) * a.ndim) if tokens else (lambda a: (-1, *a.shape[1:]))
     names = ["input_ids", "attention_mask"] if tokens else [None]
     signature = ModelSignature(Schema([TensorSpec(a.dtype, shape(a), n) for a, n in zip(arrays, names)]),
                                Schema([TensorSpec(out.dtype, (-1, *out.shape[1:]))]))
-    mlflow.pytorch.save_model(model, str(path), serialization_format="pt2", signature=signature,
-                              input_example=tuple(arrays) if tokens else arrays[0],
-                              pip_requirements=_requirements("torch", "numpy"))
+    with warnings.catch_warnings():  # MLflow reads its saved example back read-only; torch warns, harmlessly
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        mlflow.pytorch.save_model(model, str(path), serialization_format="pt2", signature=signature,
+                                  input_example=tuple(arrays) if tokens else arrays[0],
+                                  pip_requirements=_requirements("torch", "numpy"))
     _blank_sample_inputs(path / "data" / "model.pt2")
 
 

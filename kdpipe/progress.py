@@ -17,7 +17,8 @@ log = logging.getLogger("kdpipe.progress")
 
 
 class EpochProgress:
-    """Context manager around a fit: logs `<name> epoch i/N: loss … val_… (s/epoch, ETA)`."""
+    """Context manager around a fit: logs `<name> epoch i/N: loss … val_… (s/epoch, ETA)` for the
+    newest recorded epoch at each poll (every `every_s` seconds) and for the last one."""
 
     def __init__(self, tracking_uri: str, run_id: str, prefix: str, epochs: int, name: str,
                  every_s: float = 3.0) -> None:
@@ -45,7 +46,7 @@ class EpochProgress:
             self.poll()
 
     def poll(self) -> None:
-        """Log every epoch recorded since the last poll (never raises: progress is cosmetic)."""
+        """Log the newest epoch recorded since the last poll (never raises: progress is cosmetic)."""
         try:
             from mlflow.tracking import MlflowClient
 
@@ -61,7 +62,8 @@ class EpochProgress:
         except Exception as e:  # noqa: BLE001
             log.debug("progress poll failed: %s", e)
             return
-        for step in sorted(s for s in loss if s > self.shown):
+        step = max(loss)  # the newest epoch only: a line every few seconds, every epoch is in the run
+        if step > self.shown:
             done = step + 1
             vals = " ".join(f"{k.removeprefix(self.prefix)} {v[step]:.4f}" for k, v in val.items() if step in v)
             if step > min(stamp):  # epoch time from the run's own timestamps (the first epoch has none)

@@ -12,19 +12,29 @@ from mlflow.tracking import MlflowClient
 from kdpipe.progress import EpochProgress
 
 
-def test_progress_logs_each_recorded_epoch_once_with_pace_and_eta(tmp_path: Path, caplog) -> None:
+def test_progress_logs_the_newest_recorded_epoch_with_pace_and_eta(tmp_path: Path, caplog) -> None:
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("p")).info.run_id
     caplog.set_level(logging.INFO, logger="kdpipe.progress")
     t0 = int(time.time() * 1000)
-    with EpochProgress(uri, run_id, "baseline_", epochs=4, name="baseline", every_s=0.05) as p:
-        for step in range(3):  # what rank 0's MetricsLogger writes, 2 s apart
-            client.log_batch(run_id, metrics=[Metric("baseline_train_loss", 1.0 / (step + 1), t0 + 2000 * step, step),
-                                              Metric("baseline_val_acc", 0.5 + 0.1 * step, t0 + 2000 * step, step)])
-            time.sleep(0.2)
+
+    def epoch(step: int) -> None:  # what rank 0's MetricsLogger writes, 2 s apart
+        client.log_batch(run_id, metrics=[Metric("baseline_train_loss", 1.0 / (step + 1), t0 + 2000 * step, step),
+                                          Metric("baseline_val_acc", 0.5 + 0.1 * step, t0 + 2000 * step, step),
+                                          Metric("train_loss", 9.0, t0, step)])  # another model's metric: ignored
+
+    with EpochProgress(uri, run_id, "baseline_", epochs=5, name="baseline", every_s=3600) as p:
+        p.poll()  # nothing recorded yet: no line
+        epoch(0)
         p.poll()
+        epoch(1)
+        p.poll()
+        p.poll()  # nothing new: no line
+        epoch(2)
+        epoch(3)  # two epochs between polls: one line, the newest
     lines = [r.getMessage() for r in caplog.records if r.name == "kdpipe.progress"]
-    assert [line.split(":")[0] for line in lines] == ["baseline epoch 1/4", "baseline epoch 2/4", "baseline epoch 3/4"]
-    assert "train_loss 0.5000 val_acc 0.6000 (2.00 s/epoch, ETA 4 s)" in lines[1]
-    assert "val_acc 0.7000" in lines[2] and "ETA 2 s" in lines[2]
+    assert [line.split(":")[0] for line in lines] == ["baseline epoch 1/5", "baseline epoch 2/5", "baseline epoch 4/5"]
+    assert "first epoch after" in lines[0]
+    assert "train_loss 0.5000 val_acc 0.6000 (2.00 s/epoch, ETA 6 s)" in lines[1]
+    assert "train_loss 0.2500 val_acc 0.8000 (2.00 s/epoch, ETA 2 s)" in lines[2]
