@@ -43,6 +43,7 @@ def test_teacher_actor_crash_mid_stage_loses_and_duplicates_nothing(tmp_path: Pa
     assert res["rows"] == res["unique"] == res["source"] and res["same"]
 
 
+@pytest.mark.slow  # two Ray Train start-ups (~95 s): `make test-all`; the teacher-crash test above stays in the default suite
 def test_training_worker_crash_resumes_from_checkpoint_in_one_mlflow_run(ray_local, tmp_path: Path) -> None:
     from kdpipe.pipeline import distil, prepare, teach
 
