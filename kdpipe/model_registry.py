@@ -136,11 +136,9 @@ def _blank_sample_inputs(pt2: Any) -> None:
 def _add_kdpipe_flavor(path: Any, student: nn.Module, spec: dict[str, Any]) -> None:
     """The student kind, params and meta + safetensors weights, as a flavor in the MLmodel file."""
     from mlflow.models import Model
-    from safetensors.torch import save_file
 
     (path / "kdpipe").mkdir()
-    save_file({k: v.detach().clone().contiguous() for k, v in student.state_dict().items()},
-              str(path / "kdpipe" / "model.safetensors"))
+    save_state(student.state_dict(), path / "kdpipe" / "model.safetensors")
     m = Model.load(str(path / "MLmodel"))
     m.add_flavor(KDPIPE_FLAVOR, weights="kdpipe/model.safetensors", student=spec["kind"], params=spec["params"],
                  meta=spec["meta"], serving_inputs=list(getattr(student, "serving_inputs", ["x"])),
@@ -295,12 +293,18 @@ def log_student_state(client: Any, run_id: str, state: dict[str, torch.Tensor]) 
     import tempfile
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "model.safetensors"
-        save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(path))  # tied weights: own copies
+        save_state(state, path)
         client.log_artifact(run_id, str(path), "student_state")
+
+
+def save_state(state: dict[str, torch.Tensor], path: Any) -> None:
+    """A state dict as safetensors; tied weights (one storage, two names) get their own copies,
+    which safetensors requires."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(path))
 
 
 def load_student_state(client: Any, run_id: str) -> dict[str, torch.Tensor]:

@@ -3,8 +3,8 @@ gated promotion in both directions, lineage tags, promote/models/eval, the cron 
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -40,28 +40,6 @@ def _write_digits(path: Path, lo: int, hi: int, nan_rows: int = 0) -> None:
     pq.write_table(pa.table({"x": to_fixed_list(x), "label": pa.array(d.target[lo:hi].astype(np.int64))}), path)
 
 
-@contextlib.contextmanager
-def caplog_at_info(logger: str):
-    """The messages a kdpipe logger emits inside the block."""
-    import logging
-
-    lines: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    log, handler = logging.getLogger(logger), Keep(logging.INFO)
-    old = log.level
-    log.setLevel(logging.INFO)
-    log.addHandler(handler)
-    try:
-        yield lines
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(old)
-
-
 def _overrides(tmp: Path, uri: str, **extra):
     o = tiny_overrides(tmp, **{
         "source": {"kind": "parquet", "path": str(tmp / "data"), "features": "x", "label": "label", "num_classes": 10,
@@ -78,7 +56,7 @@ def _spec(tmp: Path, uri: str, **extra):
     return load_spec("pipelines/digits_kd.yaml", _overrides(tmp, uri, **extra))
 
 
-def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tmp_path: Path, capsys) -> None:
+def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tmp_path: Path, capsys, caplog) -> None:
     (tmp_path / "data").mkdir()
     _write_digits(tmp_path / "data" / "part-a.parquet", 0, 1001, nan_rows=1)
     uri = mlflow_server.uri
@@ -94,9 +72,9 @@ def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tm
 
     # nothing new: the cycle is a no-op (idempotent); run as the scheduler runs it, from its job
     job = build_scheduler("pipelines/digits_kd.yaml", "0 3 * * *", _overrides(tmp_path, uri)).get_jobs()[0]
-    with caplog_at_info("kdpipe.ops") as lines:
+    with caplog.at_level(logging.INFO, logger="kdpipe.ops"):
         job.func()
-    assert any("no new source data" in line for line in lines), lines
+    assert any("no new source data" in m for m in caplog.messages), caplog.messages
     assert len(client.search_model_versions("name='retrain-student'")) == 1
 
     # cycle 2: new rows arrive; only they hit the teacher; a better student wins against the re-scored champion
