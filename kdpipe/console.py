@@ -36,12 +36,12 @@ def configure(verbose: bool) -> None:
         os.environ.setdefault("KDPIPE_RAY_LOGS", "1")  # worker output to the console too
         return
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
-    import ray  # noqa: F401  (installs Ray's handler on the "ray" logger, which the filter joins)
+    # imported first: Ray installs its handler on the "ray" logger (which the filter joins) and
+    # MLflow sets its own logger level on import (which ours must come after)
+    import mlflow  # noqa: F401
+    import ray  # noqa: F401
 
-    for name in ("ray", "mlflow", "alembic", "urllib3", "filelock", "py.warnings"):
+    for name in ("ray", "mlflow", "alembic", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for handler in logging.getLogger("ray").handlers:
         handler.addFilter(DropBenign())
-    import mlflow  # noqa: F401  (sets its own logger level on import; set ours after)
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
