@@ -12,6 +12,7 @@ Metrics (each under ``prefix``):
 
 from __future__ import annotations
 
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -89,6 +90,9 @@ def knn_accuracy(e: np.ndarray, labels: np.ndarray, k: int = K) -> float:
     return float((votes.argmax(1) == labels).mean())
 
 
+COSINE_BINS = 40
+
+
 @EVALUATORS.register("embedding")
 class EmbeddingEvaluator(Evaluator):
     """`cosine` over every row of the split (summed per batch); `recall10`, `knn_acc` and
@@ -107,16 +111,19 @@ class EmbeddingEvaluator(Evaluator):
                              "set student `out_dim:`")
         return s, t
 
-    def batch_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def batch_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Summed cosine to the teacher, and its histogram (`cos_hist`, COSINE_BINS over [-1, 1]) for the run's figure."""
         s, t = self._pair(model, batch)
-        return {"cosine": float(np.sum(np.sum(_unit(s) * _unit(t), axis=1))), "n": float(len(s))}
+        cos = np.sum(_unit(s) * _unit(t), axis=1)
+        return {"cosine": float(np.sum(cos)), "n": float(len(s)),
+                "cos_hist": np.histogram(cos, bins=COSINE_BINS, range=(-1.0, 1.0))[0].astype(np.float64)}
 
     def sample(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         s, t = self._pair(model, batch)
         return {"student": s, "teacher": t, "label": batch["label"].cpu().numpy()}
 
     def finish(self, sums: dict[str, float], sample: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
-        res = {f"{prefix}cosine": sums["cosine"] / sums["n"] if sums.get("n") else float("nan")}
+        res = {f"{prefix}cosine": float(sums["cosine"]) / float(sums["n"]) if sums.get("n") else float("nan")}
         if sample:
             s, t, labels = sample["student"], sample["teacher"], sample["label"]
             res[f"{prefix}recall10"] = neighbour_recall(s, t)

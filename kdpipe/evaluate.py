@@ -10,6 +10,7 @@ their docstrings. Only sums and the bounded sample come back to the driver, neve
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -43,24 +44,55 @@ class Evaluator:
 
 @EVALUATORS.register("classification")
 class ClassificationEvaluator(Evaluator):
-    """Accuracy of the final output and of every exit on the labeled rows."""
+    """Accuracy of the final output and of every exit on the labeled rows, plus what the run's
+    figures draw: the confusion matrix and reliability-diagram bins (summed like the counts)."""
 
-    def batch_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def batch_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         out = model(batch)
         labels = batch["label"]
         mask = labels >= 0
-        sums = {"n": float(mask.sum()), "acc": _correct(out["logits"], labels, mask)}
+        prob = torch.softmax(out["logits"].float(), 1)
+        sums: dict[str, Any] = {"n": float(mask.sum()), "acc": _correct(out["logits"], labels, mask)}
+        sums.update(class_arrays(prob.max(1).values.numpy(), prob.argmax(1).numpy(), labels.numpy(),
+                                 out["logits"].shape[1]))
         for i, z in enumerate(out.get("exits") or []):
             sums[f"acc_exit{i}"] = _correct(z, labels, mask)
         return sums
 
-    def finish(self, sums: dict[str, float], sample: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
+    def finish(self, sums: dict[str, Any], sample: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
         n = sums.get("n", 0.0)
-        return {f"{prefix}{k}": (v / n if n else float("nan")) for k, v in sums.items() if k != "n"}
+        return {f"{prefix}{k}": (v / n if n else float("nan")) for k, v in scalars(sums).items() if k != "n"}
 
 
 def _correct(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> float:
     return float((logits.argmax(1)[mask] == labels[mask]).sum())
+
+
+CALIBRATION_BINS = 10
+
+
+def class_arrays(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
+    """Per-batch sums behind a confusion matrix (`confusion[true, pred]`) and a reliability diagram
+    (per confidence bin: rows, summed confidence, correct rows), labeled rows only."""
+    c = num_classes
+    m = (labels >= 0) & (labels < c) & (pred < c)
+    conf, pred, labels = conf[m], pred[m], labels[m]
+    confusion = np.bincount(labels * c + pred, minlength=c * c).reshape(c, c).astype(np.float64)
+    b = np.minimum((conf * CALIBRATION_BINS).astype(np.int64), CALIBRATION_BINS - 1)
+    hit = (pred == labels).astype(np.float64)
+    return {"confusion": confusion,
+            "calib_n": np.bincount(b, minlength=CALIBRATION_BINS).astype(np.float64),
+            "calib_conf": np.bincount(b, weights=conf, minlength=CALIBRATION_BINS),
+            "calib_correct": np.bincount(b, weights=hit, minlength=CALIBRATION_BINS)}
+
+
+def scalars(sums: dict[str, Any]) -> dict[str, float]:
+    """The scalar sums (metrics); array sums (figure data) are left out."""
+    return {k: float(v) for k, v in sums.items() if np.ndim(v) == 0}
+
+
+def arrays(sums: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in sums.items() if np.ndim(v) > 0}
 
 
 def float_batch(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -74,89 +106,126 @@ def float_batch(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-class _BatchScorer:
-    """`map_batches` callable: builds the model once per actor, maps a batch to one row of sums
-    (or, in sample mode, to the batch's sampled arrays)."""
+SEP = "|"  # between a model's metric prefix and a sum's name in the scored rows
 
-    def __init__(self, factory: ModelFactory, task: str, mode: str) -> None:
+
+@dataclass
+class Scored:
+    """Held-out metrics by name, and by metric prefix the array sums its figures draw."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+class _BatchScorer:
+    """`map_batches` callable: builds every model once per actor and maps a batch to one row of
+    sums per model and per teacher (or, in sample mode, to the batch's sampled arrays), each
+    column named `<prefix>|<sum>`."""
+
+    def __init__(self, factories: dict[str, ModelFactory], task: str, mode: str, teachers: list[str],
+                 num_classes: int) -> None:
         torch.set_num_threads(1)
-        self.model = factory()
-        self.model.eval()
+        self.models = {prefix: factory().eval() for prefix, factory in factories.items()}
         self.ev = EVALUATORS.get(task)()
-        self.mode = mode
+        self.mode, self.teachers, self.num_classes = mode, teachers, num_classes
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tb = float_batch(batch)
+        out: dict[str, Any] = {}
+        for prefix, model in self.models.items():
+            part = self.ev.sample(model, tb) if self.mode == "sample" else self.ev.batch_sums(model, tb)
+            out.update({f"{prefix}{SEP}{k}": v for k, v in part.items()})
         if self.mode == "sample":
-            return self.ev.sample(self.model, tb)
-        sums = self.ev.batch_sums(self.model, tb)
-        return {k: np.array([v], np.float64) for k, v in sums.items()}
+            return out
+        for tid in self.teachers:
+            out.update({f"{teacher_prefix(tid)}{SEP}{k}": v for k, v in teacher_sums(batch, tid, self.num_classes).items()})
+        return {k: np.asarray(v, np.float64)[None] for k, v in out.items()}
 
 
-def evaluate(task: str, factory: ModelFactory, ds: Any, prefix: str = "test_", batch_size: int = 256) -> dict[str, float]:
-    """Metrics of the model `factory` builds on the Ray Dataset `ds`, computed by `map_batches`
-    (one actor) with only per-batch sums and a bounded sample returned to the driver."""
+def evaluate_models(task: str, factories: dict[str, ModelFactory], ds: Any, teachers: list[str] | None = None,
+                    num_classes: int = 0, batch_size: int = 256) -> Scored:
+    """Metrics of every model (`{metric prefix: factory}`) and every cached teacher on the Ray
+    Dataset `ds`, in one `map_batches` pass (one actor holds all the models: an actor's start-up
+    costs more than a small split's forward passes). Only per-batch sums and a bounded sample
+    return to the driver. With `num_classes`, teachers' sums include their confusion and
+    calibration arrays."""
     import ray.data
 
     ev = EVALUATORS.get(task)()
-    scored = ds.map_batches(_BatchScorer, fn_constructor_kwargs={"factory": factory, "task": task, "mode": "sums"},
-                            batch_size=batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
-    sums: dict[str, float] = defaultdict(float)
-    for row in scored.iter_rows():  # one small row per batch
-        for k, v in row.items():
-            sums[k] += float(v)
-    sample: dict[str, np.ndarray] = {}
-    if ev.sample_rows:
+    teachers = [t for t in teachers or [] if teacher_predictions_available(ds.columns(), t)]
+    kwargs = {"factories": factories, "task": task, "teachers": teachers, "num_classes": num_classes}
+    sums: dict[str, dict[str, Any]] = defaultdict(dict)
+    scored = ds.map_batches(_BatchScorer, fn_constructor_kwargs={**kwargs, "mode": "sums"}, batch_size=batch_size,
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):  # one small row per input batch
+        for key, col in batch.items():
+            prefix, name = key.split(SEP, 1)
+            total = np.asarray(col, np.float64).sum(0)
+            sums[prefix][name] = sums[prefix].get(name, 0.0) + total
+    samples: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    if ev.sample_rows and factories:
         parts = ds.limit(ev.sample_rows).map_batches(
-            _BatchScorer, fn_constructor_kwargs={"factory": factory, "task": task, "mode": "sample"},
-            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=1).take_batch(ev.sample_rows, batch_format="numpy")
-        sample = {k: np.asarray(v) for k, v in parts.items()}
-    return ev.finish(dict(sums), sample, prefix)
+            _BatchScorer, fn_constructor_kwargs={**kwargs, "teachers": [], "mode": "sample"}, batch_size=batch_size,
+            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
+        ).take_batch(ev.sample_rows, batch_format="numpy")
+        for key, v in parts.items():
+            prefix, name = key.split(SEP, 1)
+            samples[prefix][name] = np.asarray(v)
+    out = Scored()
+    for prefix in factories:
+        out.metrics.update(ev.finish(sums.get(prefix, {}), samples.get(prefix, {}), prefix))
+        out.arrays[prefix] = arrays(sums.get(prefix, {}))
+    for tid in teachers:
+        t = sums.get(teacher_prefix(tid), {})
+        if t.get("n"):
+            out.metrics[f"{teacher_prefix(tid)}acc"] = float(t["correct"]) / float(t["n"])
+            out.arrays[teacher_prefix(tid)] = arrays(t)
+    return out
+
+
+def evaluate(task: str, factory: ModelFactory, ds: Any, prefix: str = "test_", batch_size: int = 256) -> dict[str, float]:
+    """Metrics of the one model `factory` builds on the Ray Dataset `ds` (see `evaluate_models`)."""
+    return evaluate_models(task, {prefix: factory}, ds, batch_size=batch_size).metrics
 
 
 # ------------------------------------------------------------------ teachers, from their cache
 
 
-class _TeacherCounts:
-    def __init__(self, tid: str) -> None:
-        self.tid = tid
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pred = teacher_predictions(batch, self.tid)
-        labels = batch["label"]
-        mask = labels >= 0
-        return {"n": np.array([mask.sum()], np.float64),
-                "correct": np.array([(pred[mask] == labels[mask]).sum() if pred is not None else 0], np.float64)}
+def teacher_prefix(tid: str) -> str:
+    return f"teacher_{tid}_test_"
 
 
-def teacher_predictions(batch: dict[str, np.ndarray], tid: str) -> np.ndarray | None:
-    """A teacher's predicted class per row from its cached outputs (dense logits or top-1 of the top-k)."""
+def teacher_predictions_available(columns: list[str], tid: str) -> bool:
+    return f"{tid}.logits" in columns or f"{tid}.topk_idx" in columns
+
+
+def teacher_sums(batch: dict[str, np.ndarray], tid: str, num_classes: int) -> dict[str, Any]:
+    """A teacher's correct-prediction count on the labeled rows of a batch, from its cached outputs,
+    and its confusion/calibration sums (confidence: softmax of dense logits, or top-1 of the top-k
+    with the tail bucket)."""
+    labels = np.asarray(batch["label"])
     if f"{tid}.logits" in batch:
-        return np.asarray(batch[f"{tid}.logits"]).argmax(1)
-    if f"{tid}.topk_idx" in batch:
-        return np.asarray(batch[f"{tid}.topk_idx"])[:, 0]
-    return None
+        z = np.asarray(batch[f"{tid}.logits"], np.float64)
+        z = z - z.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        pred, conf = logp.argmax(1), np.exp(logp.max(1))
+    else:
+        idx = np.asarray(batch[f"{tid}.topk_idx"])
+        val = np.asarray(batch[f"{tid}.topk_val"], np.float64)
+        tail = np.asarray(batch[f"{tid}.tail_lse"], np.float64)
+        full = np.concatenate([val, tail[:, None]], 1)
+        m = full.max(1, keepdims=True)
+        lse = m[:, 0] + np.log(np.exp(full - m).sum(1))
+        pred, conf = idx[:, 0], np.exp(val[:, 0] - lse)
+    m = labels >= 0
+    sums = {"n": float(m.sum()), "correct": float((pred[m] == labels[m]).sum())}
+    return {**sums, **class_arrays(conf, pred, labels, num_classes)} if num_classes else sums
 
 
 def teacher_accuracy_ds(ds: Any, tid: str) -> float | None:
     """A teacher's accuracy on the labeled rows of `ds`, from its cache columns (`map_batches`)."""
-    if f"{tid}.logits" not in ds.columns() and f"{tid}.topk_idx" not in ds.columns():
-        return None
-    n = correct = 0.0
-    for row in ds.map_batches(_TeacherCounts, fn_constructor_kwargs={"tid": tid}, batch_format="numpy",
-                              compute=_actors()).iter_rows():
-        n += float(row["n"])
-        correct += float(row["correct"])
-    return correct / n if n else None
-
-
-def _actors() -> Any:
-    import ray.data
-
-    return ray.data.ActorPoolStrategy(size=1)
+    return evaluate_models("classification", {}, ds, teachers=[tid]).metrics.get(f"{teacher_prefix(tid)}acc")
 
 
 def results_table(rows: dict[str, Any], metric: str = "test accuracy") -> str:

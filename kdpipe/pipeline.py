@@ -42,6 +42,7 @@ class Scores:
     rows: dict[str, Any] = field(default_factory=dict)
     baseline: float | None = None
     champion: float | None = None
+    arrays: dict[str, dict[str, Any]] = field(default_factory=dict)  # figure data by metric prefix
 
 
 def quarantine_dir(cfg: PipelineConfig) -> Path:
@@ -181,82 +182,70 @@ def pretrain_modules(cfg: PipelineConfig, meta: Any, views: Any, run: Any) -> di
     return m2m(cfg, meta, {"train": views.train, "val": views.val}, run_id=run.run_id, tracking_uri=run.uri)
 
 
-def train_student(cfg: PipelineConfig, meta: Any, views: Any, run: Any, init_state: dict[str, Any] | None,
-                  fail_at_epoch: int | None = None) -> Any:
-    """The distilled student: Ray Train over the train view with the spec's losses."""
-    from kdpipe.train import fit
-
-    losses = [{"name": l.name, "weight": l.weight, **l.params()} for l in cfg.losses]
-    return fit(name=f"{cfg.name}-student", train=views.train, val=views.val, losses=losses, fail_at_epoch=fail_at_epoch,
-               init_state=init_state, **_fit_common(cfg, meta, run))
-
-
-def train_baseline(cfg: PipelineConfig, meta: Any, views: Any, run: Any) -> Any | None:
-    """The label-only twin: same student, same data budget, its own losses (what KD must beat)."""
-    from kdpipe.train import fit
+def train_students(cfg: PipelineConfig, meta: Any, views: Any, run: Any, init_state: dict[str, Any] | None,
+                   fail_at_epoch: int | None = None) -> dict[str, Any]:
+    """The distilled student and, with `evaluate.baseline`, its label-only twin (same student,
+    same data budget, its own losses: what KD must beat), trained one after the other in one
+    Ray Train run. Returns their weights by job name ("student", "baseline")."""
+    from kdpipe.train import Job, fit
     from kdpipe.views import labeled_only
 
     ev = cfg.evaluate
-    if not ev.baseline:
-        return None
-    train = labeled_only(views.train) if ev.baseline_labeled_only else views.train
-    common = _fit_common(cfg, meta, run)
-    common["student_params"] = baseline_params(cfg)
-    return fit(name=f"{cfg.name}-baseline", train=train, val=views.val, losses=ev.baseline_losses, prefix="baseline_",
-               epochs=ev.baseline_epochs, **common)
+    losses = [{"name": l.name, "weight": l.weight, **l.params()} for l in cfg.losses]
+    jobs = [Job("student", "train", cfg.student.params, losses, cfg.train.epochs, init_state=init_state)]
+    datasets = {"train": views.train, "val": views.val}
+    if ev.baseline:
+        key = "train_labeled" if ev.baseline_labeled_only else "train"
+        datasets[key] = labeled_only(views.train) if ev.baseline_labeled_only else views.train
+        jobs.append(Job("baseline", key, baseline_params(cfg),
+                        ev.baseline_losses, ev.baseline_epochs or cfg.train.epochs, prefix="baseline_"))
+    return fit(name=cfg.name, datasets=datasets, jobs=jobs, meta=meta, student_kind=cfg.student.kind,
+               train_cfg=cfg.train, seed=cfg.seed, tracking_uri=run.uri, run_id=run.run_id,
+               fail_at_epoch=fail_at_epoch)
 
 
 def baseline_params(cfg: PipelineConfig) -> dict[str, Any]:
     return {**cfg.student.params, **cfg.evaluate.baseline_student_params}
 
 
-def _fit_common(cfg: PipelineConfig, meta: Any, run: Any) -> dict[str, Any]:
-    return dict(meta=meta, student_kind=cfg.student.kind, student_params=cfg.student.params, train_cfg=cfg.train,
-                seed=cfg.seed, tracking_uri=run.uri, run_id=run.run_id)
-
-
-def score(cfg: PipelineConfig, meta: Any, views: Any, taught: dict[str, TeachResult], student: Any,
-          baseline: Any | None) -> Scores:
-    """Student, teachers and the baseline twin on the test view, each by `map_batches`."""
-    from kdpipe.evaluate import evaluate, teacher_accuracy_ds
+def contenders(cfg: PipelineConfig, meta: Any, run: Any, fits: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """What the test split scores, by metric prefix: the student, its twin, and the current
+    champion (re-evaluated on today's held-out rows, not its old score); and the champion's version."""
+    from kdpipe import model_registry as reg
     from kdpipe.train import StudentFactory
 
-    task, gate_metric = cfg.evaluate.task, cfg.tracking.gates.metric
-    s = Scores()
-    s.metrics = evaluate(task, StudentFactory(cfg.student.kind, cfg.student.params, meta, student.state), views.test,
-                         prefix="test_")
+    factories = {"test_": StudentFactory(cfg.student.kind, cfg.student.params, meta, fits["student"].state)}
+    if "baseline" in fits:
+        factories["baseline_test_"] = StudentFactory(cfg.student.kind, baseline_params(cfg), meta, fits["baseline"].state)
+    champ_v = reg.alias_version(run.client, cfg.tracking.model_name, cfg.tracking.alias)
+    if champ_v is not None:
+        factories["champion_test_"] = reg.RegisteredFactory(run.uri, champ_v.name, str(champ_v.version))
+    return factories, champ_v
+
+
+def score(cfg: PipelineConfig, meta: Any, views: Any, taught: dict[str, TeachResult], factories: dict[str, Any],
+          champ_v: Any) -> Scores:
+    """Every contender and every cached teacher on the test view, in one `map_batches` pass."""
+    from kdpipe.evaluate import evaluate_models, teacher_prefix
+
+    gate_metric = cfg.tracking.gates.metric
+    scored = evaluate_models(cfg.evaluate.task, factories, views.test, teachers=list(taught),
+                             num_classes=meta.num_classes)
+    s = Scores(metrics=scored.metrics, arrays=scored.arrays)
     for tid in taught:
-        acc = teacher_accuracy_ds(views.test, tid)
-        if acc is not None:
-            s.metrics[f"teacher_{tid}_test_acc"] = acc
+        if (acc := s.metrics.get(f"{teacher_prefix(tid)}acc")) is not None:
             s.rows[f"teacher {tid}"] = acc
     s.rows[f"student ({'+'.join(l.name for l in cfg.losses)})"] = s.metrics[gate_metric]
-    if baseline is not None:
-        bm = evaluate(task, StudentFactory(cfg.student.kind, baseline_params(cfg), meta, baseline.state), views.test,
-                      prefix="baseline_test_")
-        s.metrics.update(bm)
-        s.baseline = bm.get("baseline_" + gate_metric)
+    if "baseline_test_" in factories:
+        s.baseline = s.metrics.get("baseline_" + gate_metric)
         s.rows[f"baseline twin ({'+'.join(l['name'] for l in cfg.evaluate.baseline_losses)})"] = s.baseline
     for k in [m for m in s.metrics if m.startswith("test_acc_exit")]:
         s.rows[f"student exit {k.removeprefix('test_acc_exit')}"] = s.metrics[k]
+    if champ_v is not None:
+        s.champion = s.metrics.get("champion_" + gate_metric)
+        s.metrics["champion_version"] = float(champ_v.version)
+        s.rows[f"champion v{champ_v.version}"] = s.champion
     return s
-
-
-def rescore_champion(cfg: PipelineConfig, views: Any, run: Any, scores: Scores) -> None:
-    """The current champion, re-evaluated on today's held-out rows (not its old score)."""
-    from kdpipe import model_registry as reg
-    from kdpipe.evaluate import evaluate
-
-    gate_metric = cfg.tracking.gates.metric
-    champ_v = reg.alias_version(run.client, cfg.tracking.model_name, cfg.tracking.alias)
-    if champ_v is None:
-        return
-    cm = evaluate(cfg.evaluate.task, reg.RegisteredFactory(run.uri, champ_v.name, str(champ_v.version)), views.test,
-                  prefix="champion_test_")
-    scores.champion = cm.get("champion_" + gate_metric)
-    scores.metrics.update(cm)
-    scores.metrics["champion_version"] = float(champ_v.version)
-    scores.rows[f"champion v{champ_v.version}"] = scores.champion
 
 
 def ship(cfg: PipelineConfig, meta: Any, views: Any, run: Any, student: Any, scores: Scores) -> tuple[Any, Any]:
@@ -288,7 +277,7 @@ def ship(cfg: PipelineConfig, meta: Any, views: Any, run: Any, student: Any, sco
 def distil(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult], uri: str,
            fail_at_epoch: int | None = None, init_state: dict[str, Any] | None = None,
            extra_tags: dict[str, str] | None = None) -> RunResult:
-    """One MLflow run: views -> student (+ twin) -> scores -> champion -> ship."""
+    """One MLflow run: views -> student (+ twin) -> scores (with the champion) -> ship."""
     from kdpipe.evaluate import results_table
     from kdpipe.views import build_views
 
@@ -297,12 +286,10 @@ def distil(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResul
     with open_run(cfg, source, taught, uri, extra_tags) as run:
         log_inputs(run, cfg, source, taught, views)
         init_state = pretrain_modules(cfg, meta, views, run) or init_state
-        student = train_student(cfg, meta, views, run, init_state, fail_at_epoch)
-        baseline = train_baseline(cfg, meta, views, run)
-        scores = score(cfg, meta, views, taught, student, baseline)
-        rescore_champion(cfg, views, run, scores)
+        fits = train_students(cfg, meta, views, run, init_state, fail_at_epoch)
+        scores = score(cfg, meta, views, taught, *contenders(cfg, meta, run, fits))
         run.log_metrics(scores.metrics)
-        version, gate = ship(cfg, meta, views, run, student, scores)
+        version, gate = ship(cfg, meta, views, run, fits["student"], scores)
     table = results_table(scores.rows, cfg.tracking.gates.metric)
     return RunResult(run.run_id, uri, scores.metrics, cfg.tracking.model_name, str(version.version), gate.passed,
                      gate.reasons(), taught, table)

@@ -104,78 +104,118 @@ def make_optimizer(params: Any, lr: float, weight_decay: float = 0.01) -> torch.
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: shard, step, evaluate, report + checkpoint each epoch."""
+    """Runs on every Ray Train worker: the run's jobs in order (the student, then its twin), each
+    shard -> step -> evaluate -> report + checkpoint per epoch. One worker group serves every job:
+    starting one costs ~20 s here, more than a small student's whole training."""
+    import ray.train
+
+    meta = StudentMeta(**config["meta"])
+    done: dict[str, dict[str, torch.Tensor]] = {}  # finished jobs' student weights (in every checkpoint)
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = torch.load(Path(d) / "state.pt", weights_only=True)
+        done = dict(resume["done"])
+    for j, job in enumerate(config["jobs"]):
+        if job["name"] not in done:
+            at = resume if resume is not None and resume["job"] == j else None
+            done[job["name"]] = train_job(config, meta, j, job, done, at, resumed=ckpt is not None)
+
+
+def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, Any],
+              done: dict[str, dict[str, torch.Tensor]], resume: dict[str, Any] | None, resumed: bool) -> dict[str, torch.Tensor]:
+    """One student's epochs on this worker's shard of `job["dataset"]`; returns its weights."""
     import ray.train
     import ray.train.torch
 
     from kdpipe.losses import LossContext, LossSuite
     from kdpipe.tracking import MetricsLogger
 
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    meta = StudentMeta(**config["meta"])
+    rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(config["seed"])
-    student = build_student(config["student_kind"], config["student_params"], meta)
-    losses = LossSuite(config["losses"], LossContext(meta.num_classes, meta.teachers, meta.widths))
+    student = build_student(config["student_kind"], job["student_params"], meta)
+    losses = LossSuite(job["losses"], LossContext(meta.num_classes, meta.teachers, meta.widths))
     module = DistilModule(student, losses)
-    if config.get("init_state"):  # warm start / m2mKD modules; numpy across the Ray boundary
-        module.student.load_state_dict({k: torch.as_tensor(v) for k, v in config["init_state"].items()})
+    if job.get("init_state"):  # warm start / m2mKD modules; numpy across the Ray boundary
+        module.student.load_state_dict({k: torch.as_tensor(v) for k, v in job["init_state"].items()})
     model = ray.train.torch.prepare_model(module)
     opt = make_optimizer(model.parameters(), config["lr"], config["weight_decay"])
     start = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", weights_only=True)
-        _unwrap(model).load_state_dict(state["module"])
-        opt.load_state_dict(state["opt"])
-        start = int(state["epoch"]) + 1
-    tracker = MetricsLogger(config["tracking_uri"], config["run_id"], prefix=config["prefix"]) if rank == 0 else None
-    train_shard = ray.train.get_dataset_shard("train")
+    if resume is not None:
+        _unwrap(model).load_state_dict(resume["module"])
+        opt.load_state_dict(resume["opt"])
+        start = int(resume["epoch"]) + 1
+    tracker = MetricsLogger(config["tracking_uri"], config["run_id"], prefix=job["prefix"]) if rank == 0 else None
+    train_shard = ray.train.get_dataset_shard(job["dataset"])
     val_shard = ray.train.get_dataset_shard("val")
     fail_at = config.get("fail_at_epoch")
-    for epoch in range(start, config["epochs"]):
-        if fail_at is not None and epoch == fail_at and ckpt is None and rank == 0:
+    epochs = job["epochs"]
+    for epoch in range(start, epochs):
+        if fail_at is not None and j == 0 and epoch == fail_at and not resumed and rank == 0:
             os._exit(1)  # fault-injection hook used by the tests (kills this worker process)
-        model.train()
-        sums: dict[str, float] = defaultdict(float)
-        for batch in epoch_batches(train_shard, config["batch_size"], config.get("shuffle_buffer", 0),
-                                   config["seed"], epoch, rank):
-            batch = widen(batch)
-            loss, parts = model(batch)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            n = float(batch["label"].shape[0])
-            sums["loss"] += float(loss) * n
-            for k, v in parts.items():
-                sums[k] += float(v) * n
-            sums["rows"] += n
-        model.eval()
-        vs: dict[str, float] = defaultdict(float)
-        with torch.no_grad():
-            for batch in val_shard.iter_torch_batches(batch_size=512):
-                batch = widen(batch)
-                for k, v in accuracy_counts(_unwrap(model).student(batch), batch["label"]).items():
-                    vs[k] += float(v)
-        sums = _allreduce(dict(sums))
-        vs = _allreduce(dict(vs))
-        metrics = {f"train_{k}": v / max(sums["rows"], 1) for k, v in sums.items() if k != "rows"}
-        metrics.update({f"val_{k}": v / max(vs.get("n", 0), 1) for k, v in vs.items() if k != "n"})
-        metrics["epoch"] = epoch
+        metrics = run_epoch(model, opt, train_shard, val_shard, config, epoch, rank)
         if tracker is not None:
             tracker.log(metrics, step=epoch)
         # `ray.train.report` is a barrier across workers (~1.7 s on 2 CPUs), so report only with checkpoints.
-        if epoch == config["epochs"] - 1 or (epoch + 1) % config["checkpoint_every"] == 0:
-            if rank == 0:
-                with tempfile.TemporaryDirectory() as d:
-                    state = {"module": _unwrap(model).state_dict(), "opt": opt.state_dict(), "epoch": epoch}
-                    torch.save(state, Path(d) / "state.pt")
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            else:
-                ray.train.report(metrics)
+        if epoch == epochs - 1 or (epoch + 1) % config["checkpoint_every"] == 0:
+            finished = dict(done)
+            if epoch == epochs - 1:
+                finished[job["name"]] = _student_state(model)
+            state = {"job": j, "epoch": epoch, "module": _unwrap(model).state_dict(), "opt": opt.state_dict(),
+                     "done": finished}
+            report(state, {**metrics, "job": job["name"]}, rank)
     if tracker is not None:
         tracker.flush()
+    return _student_state(model)
+
+
+def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: Any, val_shard: Any,
+              config: dict[str, Any], epoch: int, rank: int) -> dict[str, float]:
+    """One pass over the train shard and one over the val shard; metrics averaged over all ranks."""
+    model.train()
+    sums: dict[str, float] = defaultdict(float)
+    for batch in epoch_batches(train_shard, config["batch_size"], config.get("shuffle_buffer", 0),
+                               config["seed"], epoch, rank):
+        batch = widen(batch)
+        loss, parts = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        n = float(batch["label"].shape[0])
+        sums["loss"] += float(loss) * n
+        for k, v in parts.items():
+            sums[k] += float(v) * n
+        sums["rows"] += n
+    model.eval()
+    vs: dict[str, float] = defaultdict(float)
+    with torch.no_grad():
+        for batch in val_shard.iter_torch_batches(batch_size=512):
+            batch = widen(batch)
+            for k, v in accuracy_counts(_unwrap(model).student(batch), batch["label"]).items():
+                vs[k] += float(v)
+    sums = _allreduce(dict(sums))
+    vs = _allreduce(dict(vs))
+    metrics = {f"train_{k}": v / max(sums["rows"], 1) for k, v in sums.items() if k != "rows"}
+    metrics.update({f"val_{k}": v / max(vs.get("n", 0), 1) for k, v in vs.items() if k != "n"})
+    metrics["epoch"] = epoch
+    return metrics
+
+
+def report(state: dict[str, Any], metrics: dict[str, Any], rank: int) -> None:
+    """`ray.train.report` on every rank; rank 0 attaches the checkpoint (its weights = everyone's)."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / "state.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _student_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in _unwrap(model).student.state_dict().items()}
 
 
 def widen(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -189,47 +229,60 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 @dataclass
+class Job:
+    """One student of a training run: which dataset it reads, its params and losses, its epochs,
+    and the prefix of its metrics in the MLflow run ("" for the student, "baseline_" for its twin)."""
+
+    name: str
+    dataset: str
+    student_params: dict[str, Any]
+    losses: list[dict[str, Any]]
+    epochs: int
+    prefix: str = ""
+    init_state: dict[str, Any] | None = None
+
+    def as_config(self) -> dict[str, Any]:
+        state = self.init_state
+        return {**self.__dict__, "init_state": {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
+                                                for k, v in state.items()} if state else None}
+
+
+@dataclass
 class FitResult:
     state: dict[str, torch.Tensor]  # the student's state dict
-    metrics: dict[str, Any]
-    checkpoint_path: str
 
 
 def fit(
     *,
     name: str,
-    train: Any,
-    val: Any,
+    datasets: dict[str, Any],
+    jobs: list[Job],
     meta: StudentMeta,
     student_kind: str,
-    student_params: dict[str, Any],
-    losses: list[dict[str, Any]],
     train_cfg: Any,
     seed: int,
     tracking_uri: str,
     run_id: str,
-    prefix: str = "",
-    epochs: int | None = None,
-    init_state: dict[str, Any] | None = None,
     fail_at_epoch: int | None = None,
-) -> FitResult:
-    """Train one student with `TorchTrainer` on the Ray Datasets `train` and `val` (each worker
-    streams its `get_dataset_shard`); returns its final weights and metrics."""
+) -> dict[str, FitResult]:
+    """Train every job's student, in order, in one `TorchTrainer` run over the Ray Datasets
+    `datasets` (each worker streams its `get_dataset_shard`; "val" is every job's validation
+    split); returns each job's final weights by name."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from kdpipe.progress import EpochProgress
     from kdpipe.runtime import default_cpus_per_worker
 
     cpus = train_cfg.cpus_per_worker or default_cpus_per_worker(train_cfg.num_workers)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            "meta": meta.as_dict(), "student_kind": student_kind, "student_params": student_params, "losses": losses,
+            "meta": meta.as_dict(), "student_kind": student_kind, "jobs": [j.as_config() for j in jobs],
             "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay, "batch_size": train_cfg.batch_size,
-            "epochs": epochs or train_cfg.epochs, "seed": seed, "tracking_uri": tracking_uri, "run_id": run_id,
-            "prefix": prefix, "checkpoint_every": train_cfg.checkpoint_every, "shuffle_buffer": train_cfg.shuffle_buffer,
-            "init_state": {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in init_state.items()}
-            if init_state else None, "fail_at_epoch": fail_at_epoch,
+            "seed": seed, "tracking_uri": tracking_uri, "run_id": run_id,
+            "checkpoint_every": train_cfg.checkpoint_every, "shuffle_buffer": train_cfg.shuffle_buffer,
+            "fail_at_epoch": fail_at_epoch,
         },
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
@@ -239,15 +292,15 @@ def fit(
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": train, "val": val},
+        datasets=datasets,
     )
-    from kdpipe.progress import EpochProgress
-
-    with EpochProgress(tracking_uri, run_id, prefix, epochs or train_cfg.epochs, name):
+    with EpochProgress(tracking_uri, run_id, [(f"{name}-{j.name}", j.prefix, j.epochs) for j in jobs]):
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training '{name}' finished without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "state.pt", weights_only=True)
-    student_state = {k.removeprefix("student."): v for k, v in state["module"].items() if k.startswith("student.")}
-    return FitResult(student_state, dict(result.metrics or {}), result.checkpoint.path)
+        done = torch.load(Path(d) / "state.pt", weights_only=True)["done"]
+    missing = [j.name for j in jobs if j.name not in done]
+    if missing:
+        raise RuntimeError(f"training '{name}' finished without weights for {missing}: {result.error}")
+    return {j.name: FitResult(done[j.name]) for j in jobs}

@@ -24,7 +24,7 @@ def test_progress_logs_the_newest_recorded_epoch_with_pace_and_eta(tmp_path: Pat
                                           Metric("baseline_val_acc", 0.5 + 0.1 * step, t0 + 2000 * step, step),
                                           Metric("train_loss", 9.0, t0, step)])  # another model's metric: ignored
 
-    with EpochProgress(uri, run_id, "baseline_", epochs=5, name="baseline", every_s=3600) as p:
+    with EpochProgress(uri, run_id, [("baseline", "baseline_", 5)], every_s=3600) as p:
         p.poll()  # nothing recorded yet: no line
         epoch(0)
         p.poll()
@@ -35,6 +35,6 @@ def test_progress_logs_the_newest_recorded_epoch_with_pace_and_eta(tmp_path: Pat
         epoch(3)  # two epochs between polls: one line, the newest
     lines = [r.getMessage() for r in caplog.records if r.name == "kdpipe.progress"]
     assert [line.split(":")[0] for line in lines] == ["baseline epoch 1/5", "baseline epoch 2/5", "baseline epoch 4/5"]
-    assert "first epoch after" in lines[0]
+    assert "first epoch, 0 s into the run" in lines[0]
     assert "train_loss 0.5000 val_acc 0.6000 (2.00 s/epoch, ETA 6 s)" in lines[1]
     assert "train_loss 0.2500 val_acc 0.8000 (2.00 s/epoch, ETA 2 s)" in lines[2]
