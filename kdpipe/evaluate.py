@@ -86,6 +86,14 @@ def class_arrays(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, num_cla
             "calib_correct": np.bincount(b, weights=hit, minlength=CALIBRATION_BINS)}
 
 
+def expected_calibration_error(a: dict[str, np.ndarray]) -> float:
+    """Σ_bins (rows in bin / rows) · |accuracy − mean confidence| (Guo et al., 2017)."""
+    n = a["calib_n"]
+    if n.sum() == 0:
+        return float("nan")
+    return float(np.sum(np.abs(a["calib_correct"] - a["calib_conf"])) / n.sum())
+
+
 def scalars(sums: dict[str, Any]) -> dict[str, float]:
     """The scalar sums (metrics); array sums (figure data) are left out."""
     return {k: float(v) for k, v in sums.items() if np.ndim(v) == 0}
@@ -181,6 +189,9 @@ def evaluate_models(task: str, factories: dict[str, ModelFactory], ds: Any, teac
         if t.get("n"):
             out.metrics[f"{teacher_prefix(tid)}acc"] = float(t["correct"]) / float(t["n"])
             out.arrays[teacher_prefix(tid)] = arrays(t)
+    for prefix, a in out.arrays.items():
+        if "calib_n" in a and a["calib_n"].sum() > 0:
+            out.metrics[f"{prefix}ece"] = expected_calibration_error(a)
     return out
 
 

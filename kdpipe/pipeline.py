@@ -150,9 +150,7 @@ def open_run(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachRes
         **{f"kdpipe.cache.{tid}": r.fingerprint for tid, r in taught.items()},
         **(extra_tags or {}),
     }
-    run = TrackedRun(uri, cfg.tracking.experiment, cfg.name, lineage)
-    run.lineage = lineage
-    return run
+    return TrackedRun(uri, cfg.tracking.experiment, cfg.name, lineage)
 
 
 def log_inputs(run: Any, cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult], views: Any) -> None:
@@ -171,6 +169,16 @@ def log_inputs(run: Any, cfg: PipelineConfig, source: SourceData, taught: dict[s
     counts["rows_bad_skipped"] = source.bad_rows
     counts.update({f"rows_taught_{tid}": r.rows_taught for tid, r in taught.items()})
     run.log_metrics(counts)
+    run.log_datasets(dataset_inputs(cfg, source, taught))
+
+
+def dataset_inputs(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult]) -> list[tuple[str, str, str, str]]:
+    """The source and each teacher cache as MLflow dataset inputs: (name, fingerprint, URI, context)."""
+    src = cfg.source
+    where = str(Path(src.path).resolve()) if src.path and "://" not in src.path else (src.path or f"{src.kind}:")
+    out = [(f"source:{src.kind}", source.fingerprint, where, "source")]
+    out += [(f"cache:{tid}", r.fingerprint, str(Path(r.cache.dir).resolve()), "teacher-cache") for tid, r in taught.items()]
+    return out
 
 
 def pretrain_modules(cfg: PipelineConfig, meta: Any, views: Any, run: Any) -> dict[str, Any] | None:
@@ -248,6 +256,41 @@ def score(cfg: PipelineConfig, meta: Any, views: Any, taught: dict[str, TeachRes
     return s
 
 
+def log_figures(cfg: PipelineConfig, run: Any, fits: dict[str, Any], scores: Scores) -> None:
+    """The run page's pictures: training curves of every loss part, every model on the gate
+    metric, and the task's own (confusion matrix and reliability diagram for classifiers, cosine
+    distribution for embedding students). A figure that fails to draw is logged, not fatal: the
+    student is already trained."""
+    from kdpipe import figures
+
+    history = {name: run.metric_history("baseline_" if name == "baseline" else "") for name in fits}
+    drawings = {"figures/training_curves.png": lambda: figures.training_curves(history),
+                "figures/gate_metric.png": lambda: figures.gate_bars(scores.rows, cfg.tracking.gates.metric),
+                "figures/confusion.png": lambda: figures.confusion(scores.arrays),
+                "figures/reliability.png": lambda: figures.reliability(scores.arrays),
+                "figures/cosine.png": lambda: figures.cosine_hist(scores.arrays)}
+    for path, draw in drawings.items():
+        try:
+            fig = draw()
+            if fig is not None:
+                run.log_figure(fig, path)
+                figures.close(fig)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not draw %s: %s", path, e)
+
+
+def describe(cfg: PipelineConfig, run: Any, version: Any, gate: Any, table: str) -> None:
+    """The run page's Description: who taught whom, the results, and what the gates decided."""
+    teachers = ", ".join(f"`{t.id}` ({t.kind})" for t in cfg.teachers)
+    fused = f", fused ({cfg.teach.fusion.mode} weights)" if cfg.teach.fusion else ""
+    losses = " + ".join(f"{l.weight:g}·{l.name}" for l in cfg.losses)
+    verdict = (f"promoted to `@{cfg.tracking.alias}`" if gate.passed else f"not promoted: {gate.reasons()}")
+    run.describe(f"**{cfg.name}**: teacher(s) {teachers}{fused} → student `{cfg.student.kind}` "
+                 f"{json.dumps(cfg.student.params)} with {losses}.\n\n"
+                 f"Registered as `models:/{cfg.tracking.model_name}/{version.version}`, {verdict}.\n\n"
+                 f"```\n{table}\n```\n")
+
+
 def ship(cfg: PipelineConfig, meta: Any, views: Any, run: Any, student: Any, scores: Scores) -> tuple[Any, Any]:
     """Register the student with its lineage, promote the alias only past the gates, then mark the
     cycle complete (a version without that tag came from a cycle that crashed half-way)."""
@@ -289,8 +332,10 @@ def distil(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResul
         fits = train_students(cfg, meta, views, run, init_state, fail_at_epoch)
         scores = score(cfg, meta, views, taught, *contenders(cfg, meta, run, fits))
         run.log_metrics(scores.metrics)
+        log_figures(cfg, run, fits, scores)
         version, gate = ship(cfg, meta, views, run, fits["student"], scores)
-    table = results_table(scores.rows, cfg.tracking.gates.metric)
+        table = results_table(scores.rows, cfg.tracking.gates.metric)
+        describe(cfg, run, version, gate, table)
     return RunResult(run.run_id, uri, scores.metrics, cfg.tracking.model_name, str(version.version), gate.passed,
                      gate.reasons(), taught, table)
 

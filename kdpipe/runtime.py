@@ -28,6 +28,11 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()  # bars in a terminal, plain lines in logs and CI
     ctx.print_on_execution_start = False
+    if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
+        # Ray Data's default Parquet reader (datasource V2) starts a pool of 32 footer-reader actors
+        # for every `read_parquet`: 3-6 s per read of a 30 KB file on 2 CPUs, paid by every cache
+        # and index read. The V1 reader: 0.15 s (bench: `make bench`, PLATFORM notes in README).
+        ctx.use_datasource_v2 = False
 
 
 def default_cpus_per_worker(num_workers: int) -> float:

@@ -114,20 +114,33 @@ class TrackedRun:
     """One MLflow run of a distil cycle as a context: created with its lineage tags, marked
     FINISHED on a clean exit and FAILED on any error (the original error is never masked)."""
 
-    def __init__(self, uri: str, experiment: str, name: str, tags: dict[str, str]) -> None:
+    def __init__(self, uri: str, experiment: str, name: str, tags: dict[str, str], system_metrics: bool = True) -> None:
         import mlflow
         from mlflow.tracking import MlflowClient
 
         mlflow.set_tracking_uri(uri)  # the fluent API (model logging) writes to this run's store
         self.uri = uri
         self.client = MlflowClient(uri)
+        self.lineage = dict(tags)
         exp_id = ensure_experiment(self.client, experiment, uri)
         self.run_id = self.client.create_run(exp_id, run_name=name, tags={**tags, "mlflow.runName": name}).info.run_id
+        self._monitor = None
+        if system_metrics:  # CPU, memory, disk, network of this node (`system/…` on the run page)
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, tracking_uri=uri)
 
     def __enter__(self) -> "TrackedRun":
+        if self._monitor is not None:
+            self._monitor.start()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception as e:  # noqa: BLE001 - system metrics are a convenience
+                log.debug("system metrics monitor: %s", e)
         try:
             self.client.set_terminated(self.run_id, "FINISHED" if exc_type is None else "FAILED")
         except Exception as e:  # noqa: BLE001 - never mask the original error
@@ -153,3 +166,28 @@ class TrackedRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
+
+    def log_figure(self, figure: Any, path: str) -> None:
+        self.client.log_figure(self.run_id, figure, path)
+
+    def metric_history(self, prefix: str, kinds: tuple[str, ...] = ("train_", "val_")) -> dict[str, list[tuple[int, float]]]:
+        """Every epoch of the metrics `<prefix><kind>…` this run recorded, by name without the prefix."""
+        names = [k for k in self.client.get_run(self.run_id).data.metrics if k.startswith(tuple(prefix + k for k in kinds))]
+        return {k.removeprefix(prefix): [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, k)]
+                for k in names}
+
+    def log_datasets(self, datasets: list[tuple[str, str, str, str]]) -> None:
+        """MLflow dataset inputs `(name, digest, source URI, context)`: the run page's Datasets
+        section, and a lineage query (`search_runs` by dataset digest) for every run that read them."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(name=name, digest=digest, source_type="local" if "://" not in source or
+                                       source.startswith("file://") else source.split("://", 1)[0],
+                                       source=json.dumps({"uri": source})),
+                               tags=[InputTag("mlflow.data.context", context)])
+                  for name, digest, source, context in datasets]
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def describe(self, markdown: str) -> None:
+        """The run page's Description (MLflow's `mlflow.note.content` tag)."""
+        self.client.set_tag(self.run_id, "mlflow.note.content", markdown)

@@ -62,7 +62,17 @@ def test_full_pipeline_teach_cache_distil_track(ray_local, tmp_path: Path, monke
     history = client.get_metric_history(res.run_id, "val_acc")
     assert [h.step for h in history] == list(range(cfg.train.epochs))
     arts = {a.path for a in client.list_artifacts(res.run_id)}
-    assert {"spec.yaml", "caches"} <= arts
+    assert {"spec.yaml", "caches", "figures"} <= arts
+    # the run page: figures, the data it read as dataset inputs, a description, system metrics
+    figs = {a.path for a in client.list_artifacts(res.run_id, "figures")}
+    assert figs == {f"figures/{n}.png" for n in ("training_curves", "gate_metric", "confusion", "reliability")}
+    inputs = {(d.dataset.name, d.dataset.digest) for d in run_.inputs.dataset_inputs}
+    assert inputs == {("source:sklearn_digits", source.fingerprint), ("cache:digits_mlp", t.fingerprint)}
+    note = run_.data.tags["mlflow.note.content"]
+    assert "`digits_mlp`" in note and "student `mlp`" in note and f"/{res.model_version}`" in note
+    assert ("promoted to `@champion`" in note) == res.promoted and res.table in note
+    assert any(k.startswith("system/cpu") for k in run_.data.metrics)
+    assert 0 <= run_.data.metrics["test_ece"] <= 1 and 0 <= run_.data.metrics["teacher_digits_mlp_test_ece"] <= 1
     mv = client.get_model_version(cfg.tracking.model_name, res.model_version)
     assert mv.tags["kdpipe.cache.digits_mlp"] == t.fingerprint and mv.run_id == res.run_id
     assert mv.tags["kdpipe.source_fingerprint"] and mv.tags["kdpipe.spec_hash"] == cfg.spec_hash()
