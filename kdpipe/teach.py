@@ -110,7 +110,7 @@ class TeacherActor:
         self.teacher = TEACHERS.get(self.cfg.kind).load(self.cfg, device=device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        _maybe_crash_for_test()
+        _slow_down_for_test()
         inputs: dict[str, Any] = {}
         if "x" in batch.column_names:
             from kdpipe.arrays import to_numpy
@@ -123,17 +123,14 @@ class TeacherActor:
         return pa.table(cols)
 
 
-def _maybe_crash_for_test() -> None:
-    """Fault injection for the failure tests: with KDPIPE_FAULT_TEACHER_EXIT_ONCE=<marker path>,
-    the first actor to get here creates the marker and dies hard, as a crashed process would."""
-    marker = os.environ.get("KDPIPE_FAULT_TEACHER_EXIT_ONCE")
-    if marker:
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.close(fd)
-        os._exit(1)
+def _slow_down_for_test() -> None:
+    """For the failure tests: KDPIPE_TEST_TEACHER_DELAY_S=<seconds> per batch keeps a small teach
+    stage running long enough for a test to kill a teacher actor from outside, mid-stage."""
+    delay = os.environ.get("KDPIPE_TEST_TEACHER_DELAY_S")
+    if delay:
+        import time
+
+        time.sleep(float(delay))
 
 
 @dataclass

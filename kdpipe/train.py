@@ -109,7 +109,13 @@ def train_loop(config: dict[str, Any]) -> None:
     starting one costs ~20 s here, more than a small student's whole training."""
     import ray.train
 
+    # rank 0 logs each epoch to MLflow; an outage must not stall training behind MLflow's retries
+    # (7 with back-off by default): one try, a short timeout, and the logger buffers until next epoch
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     meta = StudentMeta(**config["meta"])
+    # metrics rank 0 could not send yet travel in the checkpoints; the driver sends them at the end
+    stats: dict[str, Any] = {"tracking_failures": 0, "unsent": []}
     done: dict[str, dict[str, torch.Tensor]] = {}  # finished jobs' student weights (in every checkpoint)
     resume = None
     ckpt = ray.train.get_checkpoint()
@@ -117,14 +123,16 @@ def train_loop(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             resume = torch.load(Path(d) / "state.pt", weights_only=True)
         done = dict(resume["done"])
+        stats["unsent"] = list(resume.get("unsent", []))
     for j, job in enumerate(config["jobs"]):
         if job["name"] not in done:
             at = resume if resume is not None and resume["job"] == j else None
-            done[job["name"]] = train_job(config, meta, j, job, done, at, resumed=ckpt is not None)
+            done[job["name"]] = train_job(config, meta, j, job, done, at, resumed=ckpt is not None, stats=stats)
 
 
 def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, Any],
-              done: dict[str, dict[str, torch.Tensor]], resume: dict[str, Any] | None, resumed: bool) -> dict[str, torch.Tensor]:
+              done: dict[str, dict[str, torch.Tensor]], resume: dict[str, Any] | None, resumed: bool,
+              stats: dict[str, Any]) -> dict[str, torch.Tensor]:
     """One student's epochs on this worker's shard of `job["dataset"]`; returns its weights."""
     import ray.train
     import ray.train.torch
@@ -162,12 +170,34 @@ def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, 
             finished = dict(done)
             if epoch == epochs - 1:
                 finished[job["name"]] = _student_state(model)
+            unsent = stats["unsent"] + (_as_tuples(tracker.buffer) if tracker is not None else [])
             state = {"job": j, "epoch": epoch, "module": _unwrap(model).state_dict(), "opt": opt.state_dict(),
-                     "done": finished}
-            report(state, {**metrics, "job": job["name"]}, rank)
+                     "done": finished, "unsent": unsent}
+            failures = stats["tracking_failures"] + (tracker.failures if tracker is not None else 0)
+            report(state, {**metrics, "job": job["name"], "tracking_failures": failures}, rank)
     if tracker is not None:
-        tracker.flush()
+        stats["tracking_failures"] += tracker.failures
+        stats["unsent"] += _as_tuples(tracker.buffer)
     return _student_state(model)
+
+
+def _as_tuples(metrics: list[Any]) -> list[tuple[str, float, int, int]]:
+    return [(m.key, float(m.value), int(m.timestamp), int(m.step)) for m in metrics]
+
+
+def send_unsent(tracking_uri: str, run_id: str, unsent: list[Any]) -> None:
+    """Per-epoch metrics rank 0 could not deliver (MLflow was down until training ended), sent from
+    the driver with MLflow's own retries; if MLflow is still down this raises, and the run fails
+    with the error instead of finishing with a hole in its history."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in unsent]
+    client = MlflowClient(tracking_uri)
+    for i in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[i : i + 500])
+    log.warning("sent %d per-epoch metrics that the training workers could not deliver while MLflow was down",
+                len(metrics))
 
 
 def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: Any, val_shard: Any,
@@ -298,8 +328,14 @@ def fit(
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training '{name}' finished without a checkpoint: {result.error}")
+    if failures := (result.metrics or {}).get("tracking_failures"):
+        log.warning("MLflow was unreachable from the training workers %d time(s); their metrics were buffered and "
+                    "sent when it answered again (those still unsent when training ended are sent now)", failures)
     with result.checkpoint.as_directory() as d:
-        done = torch.load(Path(d) / "state.pt", weights_only=True)["done"]
+        final = torch.load(Path(d) / "state.pt", weights_only=True)
+    done = final["done"]
+    if final.get("unsent"):
+        send_unsent(tracking_uri, run_id, final["unsent"])
     missing = [j.name for j in jobs if j.name not in done]
     if missing:
         raise RuntimeError(f"training '{name}' finished without weights for {missing}: {result.error}")

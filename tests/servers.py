@@ -41,16 +41,26 @@ class MlflowServer:
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         root.mkdir(parents=True, exist_ok=True)
+        self.start()
+
+    def start(self) -> None:
+        """(Re)start on the same port and store: a restarted server serves the same runs."""
         self.proc = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-            stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
+             str(self.root / "artifacts")],
+            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
             wait_http(self.uri + "/health")
         except TimeoutError:
             self.stop()
             raise
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed server: no graceful shutdown."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(15)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
