@@ -23,3 +23,7 @@ if __name__ == "__main__":
     print("== MiniLM student vs teacher")
     sys.argv = sys.argv[:1]
     minilm_speed.main()
+    from bench import demo_time
+
+    print("== demo end to end, before vs after")
+    demo_time.main([])

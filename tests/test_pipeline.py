@@ -81,8 +81,8 @@ def test_full_pipeline_teach_cache_distil_track(ray_local, tmp_path: Path, monke
     assert "over_baseline" in gates
     aliases = client.get_registered_model(cfg.tracking.model_name).aliases
     assert (str(aliases.get("champion")) == res.model_version) == res.promoted == all(g["passed"] for g in gates.values())
-    # the product's point: the distilled student beats its label-only twin (README: 0.855 vs 0.758,
-    # deterministic for the spec's seed); half that margin is the bar
+    # the product's point: the distilled student beats its label-only twin (README: 0.853 vs 0.745;
+    # which rows each worker streams is Ray Data's run-time choice); half that margin is the bar
     assert res.metrics["test_acc"] >= res.metrics["baseline_test_acc"] + 0.05, res.metrics
     assert res.promoted
     assert "baseline_test_acc" in res.metrics and "teacher_digits_mlp_test_acc" in res.metrics
