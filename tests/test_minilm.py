@@ -314,6 +314,9 @@ def test_minilm_distill_pipeline_end_to_end(ray_local, tmp_path: Path) -> None:
     run_ = client.get_run(res.run_id)
     assert run_.info.status == "FINISHED"
     assert {"train_minilm.attn_rel", "train_hidden_mse.l3_6", "train_embedding_cosine"} <= set(run_.data.metrics)
+    figs = {a.path for a in client.list_artifacts(res.run_id, "figures")}
+    assert {"figures/cosine.png", "figures/training_curves.png", "figures/gate_metric.png"} <= figs
+    assert "figures/confusion.png" not in figs  # an embedding student has no classes
     mv = client.get_model_version(cfg.tracking.model_name, res.model_version)
     assert json.loads(mv.tags["kdpipe.gates"])["over_baseline"]["value"] == pytest.approx(res.metrics["test_cosine"])
 
