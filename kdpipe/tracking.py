@@ -172,7 +172,8 @@ class TrackedRun:
 
     def metric_history(self, prefix: str, kinds: tuple[str, ...] = ("train_", "val_")) -> dict[str, list[tuple[int, float]]]:
         """Every epoch of the metrics `<prefix><kind>…` this run recorded, by name without the prefix."""
-        names = [k for k in self.client.get_run(self.run_id).data.metrics if k.startswith(tuple(prefix + k for k in kinds))]
+        starts = tuple(prefix + kind for kind in kinds)
+        names = [k for k in self.client.get_run(self.run_id).data.metrics if k.startswith(starts)]
         return {k.removeprefix(prefix): [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, k)]
                 for k in names}
 
