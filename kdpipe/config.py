@@ -178,12 +178,21 @@ class TrainConfig(Strict):
         None, gt=0, description="default: half the cluster's CPUs split across workers, so Ray Data keeps CPUs to feed them"
     )
     use_gpu: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="training step precision: auto = bf16 autocast on a CUDA device that has bf16, else fp32 "
+                            "(always fp32 on CPU); weights and optimizer state stay fp32")
     max_failures: int = Field(1, ge=0)
     storage_path: str = ".kdpipe/ray_results"
     checkpoint_every: int = Field(5, ge=1, description="epochs between Ray Train checkpoints (the last epoch always checkpoints)")
     shuffle_buffer: int = Field(0, ge=0, description="rows in Ray Data's local shuffle buffer, reseeded every epoch "
                                                      "(0: the same batch order every epoch)")
     unlabeled_split: Literal["train"] = "train"
+
+    @model_validator(mode="after")
+    def _precision(self) -> "TrainConfig":
+        if self.precision == "bf16" and not self.use_gpu:
+            raise ValueError("precision bf16 needs `use_gpu: true` (this CPU has no bf16 units); use auto or fp32")
+        return self
 
 
 class EvaluateConfig(Strict):

@@ -330,6 +330,7 @@ def distil(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResul
         log_inputs(run, cfg, source, taught, views)
         init_state = pretrain_modules(cfg, meta, views, run) or init_state
         fits = train_students(cfg, meta, views, run, init_state, fail_at_epoch)
+        run.log_params({f"train_{k}": v for k, v in fits["student"].env.items()})
         scores = score(cfg, meta, views, taught, *contenders(cfg, meta, run, fits))
         run.log_metrics(scores.metrics)
         log_figures(cfg, run, fits, scores)

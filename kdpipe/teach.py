@@ -170,7 +170,6 @@ def teach_one(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData) -> T
 
 def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData, cache: TeacherCache, fp: str,
                    digest: str) -> TeachResult:
-    import ray
 
     from teachers import TEACHERS
 
@@ -181,23 +180,11 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
         return TeachResult(tcfg.id, cache, fp, 0, True)
     log.info("teacher %s: teaching %d new rows (%d cached) -> %s", tcfg.id, len(todo), len(have), cache.dir)
 
-    t = cfg.teach
-    # blocks of a few batches each: enough to keep every actor busy, small enough to stream
-    blocks = max(t.concurrency * 2, math.ceil(len(todo) / (4 * t.batch_size)) if source.seekable else 0)
-    remote = {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus or None}
     header = {"teacher_id": tcfg.id, "teacher_kind": tcfg.kind, "weights_digest": digest, "fingerprint": fp,
               "output_spec": {"outputs": tcfg.outputs, "topk": tcfg.topk, "format": OUTPUT_FORMAT},
               "params": tcfg.params, "path": tcfg.path}
     with cache.staging() as staging:
-        # the read step shares the teacher's resources, so Ray Data fuses it into the actors
-        ds = source.dataset(todo if len(have) else None, blocks, **remote).map_batches(
-            TeacherActor,
-            fn_constructor_kwargs={"teacher_cfg": tcfg.model_dump(), "device": "cuda" if t.num_gpus > 0 else "cpu"},
-            batch_size=t.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=t.concurrency),
-            **remote,
-        )
+        ds = teach_dataset(cfg.teach, tcfg, source, todo if len(have) else None, len(todo))
         try:
             ds.write_parquet(str(staging), **TEACHERS.get(tcfg.kind).parquet_options)
         except Exception as e:  # Ray Data wraps errors raised in the actors; surface ours as they were
@@ -209,6 +196,29 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
         manifest = cache.commit(staging, header, source.fingerprint)
     log.info("teacher %s: cache now %d rows in %d part(s)", tcfg.id, manifest["rows"], len(manifest["parts"]))
     return TeachResult(tcfg.id, cache, fp, len(todo), False)
+
+
+def teach_dataset(t: Any, tcfg: TeacherConfig, source: SourceData, ids: pa.ChunkedArray | None, rows: int) -> Any:
+    """The lazy Ray Dataset of the teacher's outputs for `ids` (all rows when None): source rows
+    read by position, then the teacher's actor pool (`teach.concurrency` actors, each with
+    `teach.num_cpus` / `teach.num_gpus`)."""
+    import ray
+
+    # blocks of a few batches each: enough to keep every actor busy, small enough to stream
+    blocks = max(t.concurrency * 2, math.ceil(rows / (4 * t.batch_size)) if source.seekable else 0)
+    remote = {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus or None}
+    # On CPUs the read step asks for the teacher's resources, so Ray Data fuses it into the actors.
+    # A GPU teacher gets its rows from CPU read tasks instead: the GPU does not wait on file reads
+    # and tokenising (and Ray Data refuses a GPU map step without a fixed batch size).
+    read = {"num_cpus": t.num_cpus} if t.num_gpus else remote
+    return source.dataset(ids, blocks, **read).map_batches(
+        TeacherActor,
+        fn_constructor_kwargs={"teacher_cfg": tcfg.model_dump(), "device": "cuda" if t.num_gpus > 0 else "cpu"},
+        batch_size=t.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=t.concurrency),
+        **remote,
+    )
 
 
 def _kdpipe_cause(e: BaseException) -> KdpipeError | None:

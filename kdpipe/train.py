@@ -7,7 +7,7 @@ import os
 import tempfile
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +76,16 @@ def accuracy_counts(out: dict[str, Any], labels: torch.Tensor) -> dict[str, torc
     return counts
 
 
-def _allreduce(sums: dict[str, float]) -> dict[str, float]:
+def _allreduce(sums: dict[str, float], device: torch.device | None = None) -> dict[str, float]:
+    """Sum `sums` over the ranks. The tensor lives on the training device: with `use_gpu` the
+    process group is NCCL, which has no CPU backend (found on an H200: "No backend type
+    associated with device type cpu")."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return sums
     keys = sorted(sums)
-    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
 
@@ -121,9 +124,10 @@ def train_loop(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            resume = torch.load(Path(d) / "state.pt", weights_only=True)
+            resume = torch.load(Path(d) / "state.pt", weights_only=True, map_location="cpu")
         done = dict(resume["done"])
         stats["unsent"] = list(resume.get("unsent", []))
+        stats["env"] = dict(resume.get("env", {}))
     for j, job in enumerate(config["jobs"]):
         if job["name"] not in done:
             at = resume if resume is not None and resume["job"] == j else None
@@ -147,7 +151,12 @@ def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, 
     module = DistilModule(student, losses)
     if job.get("init_state"):  # warm start / m2mKD modules; numpy across the Ray boundary
         module.student.load_state_dict({k: torch.as_tensor(v) for k, v in job["init_state"].items()})
-    model = ray.train.torch.prepare_model(module)
+    model = ray.train.torch.prepare_model(module)  # moves it to this worker's device (a GPU with use_gpu)
+    device = ray.train.torch.get_device()
+    amp = autocast_dtype(config.get("precision", "auto"), device)
+    stats.setdefault("env", {})[job["name"]] = {"device": device.type, "precision": precision_name(amp)}
+    if rank == 0:
+        log.info("training %s on %s (%s)", job["name"], device, precision_name(amp))
     opt = make_optimizer(model.parameters(), config["lr"], config["weight_decay"])
     start = 0
     if resume is not None:
@@ -162,7 +171,7 @@ def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, 
     for epoch in range(start, epochs):
         if fail_at is not None and j == 0 and epoch == fail_at and not resumed and rank == 0:
             os._exit(1)  # fault-injection hook used by the tests (kills this worker process)
-        metrics = run_epoch(model, opt, train_shard, val_shard, config, epoch, rank)
+        metrics = run_epoch(model, opt, train_shard, val_shard, config, epoch, rank, device, amp)
         if tracker is not None:
             tracker.log(metrics, step=epoch)
         # `ray.train.report` is a barrier across workers (~1.7 s on 2 CPUs), so report only with checkpoints.
@@ -171,8 +180,8 @@ def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, 
             if epoch == epochs - 1:
                 finished[job["name"]] = _student_state(model)
             unsent = stats["unsent"] + (_as_tuples(tracker.buffer) if tracker is not None else [])
-            state = {"job": j, "epoch": epoch, "module": _unwrap(model).state_dict(), "opt": opt.state_dict(),
-                     "done": finished, "unsent": unsent}
+            state = {"job": j, "epoch": epoch, "module": _cpu(_unwrap(model).state_dict()), "opt": opt.state_dict(),
+                     "done": finished, "unsent": unsent, "env": dict(stats["env"])}
             failures = stats["tracking_failures"] + (tracker.failures if tracker is not None else 0)
             report(state, {**metrics, "job": job["name"], "tracking_failures": failures}, rank)
     if tracker is not None:
@@ -200,15 +209,35 @@ def send_unsent(tracking_uri: str, run_id: str, unsent: list[Any]) -> None:
                 len(metrics))
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training step: none (fp32) on CPU, whose bf16 is emulated here;
+    bf16 on a CUDA device that has it ("auto"), fp32 where it does not. Weights, optimizer state
+    and the losses' reductions stay fp32 either way (autocast keeps softmax/log-softmax in fp32)."""
+    if precision == "fp32" or device.type != "cuda":
+        return None
+    if not torch.cuda.is_bf16_supported():
+        if precision == "bf16":
+            raise RuntimeError(f"train.precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp32 or auto")
+        return None
+    return torch.bfloat16
+
+
+def precision_name(amp: torch.dtype | None) -> str:
+    return "fp32" if amp is None else f"{str(amp).removeprefix('torch.').replace('bfloat16', 'bf16')} autocast"
+
+
 def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: Any, val_shard: Any,
-              config: dict[str, Any], epoch: int, rank: int) -> dict[str, float]:
+              config: dict[str, Any], epoch: int, rank: int, device: torch.device | None = None,
+              amp: torch.dtype | None = None) -> dict[str, float]:
     """One pass over the train shard and one over the val shard; metrics averaged over all ranks."""
+    device = device or torch.device("cpu")
     model.train()
     sums: dict[str, float] = defaultdict(float)
     for batch in epoch_batches(train_shard, config["batch_size"], config.get("shuffle_buffer", 0),
                                config["seed"], epoch, rank):
-        batch = widen(batch)
-        loss, parts = model(batch)
+        batch = widen(batch, device)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, parts = model(batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -221,11 +250,11 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: Any, va
     vs: dict[str, float] = defaultdict(float)
     with torch.no_grad():
         for batch in val_shard.iter_torch_batches(batch_size=512):
-            batch = widen(batch)
+            batch = widen(batch, device)
             for k, v in accuracy_counts(_unwrap(model).student(batch), batch["label"]).items():
                 vs[k] += float(v)
-    sums = _allreduce(dict(sums))
-    vs = _allreduce(dict(vs))
+    sums = _allreduce(dict(sums), device)
+    vs = _allreduce(dict(vs), device)
     metrics = {f"train_{k}": v / max(sums["rows"], 1) for k, v in sums.items() if k != "rows"}
     metrics.update({f"val_{k}": v / max(vs.get("n", 0), 1) for k, v in vs.items() if k != "n"})
     metrics["epoch"] = epoch
@@ -245,13 +274,23 @@ def report(state: dict[str, Any], metrics: dict[str, Any], rank: int) -> None:
 
 
 def _student_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in _unwrap(model).student.state_dict().items()}
+    return _cpu(_unwrap(model).student.state_dict())
 
 
-def widen(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """fp16 cache columns become fp32 here, per batch on the worker: they stay half the size in
-    the object store, and the losses compute in fp32."""
-    return {k: (v.float() if v.dtype == torch.float16 else v) for k, v in batch.items()}
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict on the CPU: checkpoints are read by the driver, which may have no GPU."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def widen(batch: dict[str, torch.Tensor], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The batch on the worker's device, fp16 cache columns widened to fp32 there: they stay half
+    the size in the object store and on the way to the GPU, and the losses compute in fp32."""
+    out = {}
+    for k, v in batch.items():
+        if device is not None and v.device != device:
+            v = v.to(device, non_blocking=True)
+        out[k] = v.float() if v.dtype == torch.float16 else v
+    return out
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -280,6 +319,7 @@ class Job:
 @dataclass
 class FitResult:
     state: dict[str, torch.Tensor]  # the student's state dict
+    env: dict[str, str] = field(default_factory=dict)  # where it trained: {"device": "cuda", "precision": "bf16 autocast"}
 
 
 def fit(
@@ -312,7 +352,7 @@ def fit(
             "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay, "batch_size": train_cfg.batch_size,
             "seed": seed, "tracking_uri": tracking_uri, "run_id": run_id,
             "checkpoint_every": train_cfg.checkpoint_every, "shuffle_buffer": train_cfg.shuffle_buffer,
-            "fail_at_epoch": fail_at_epoch,
+            "fail_at_epoch": fail_at_epoch, "precision": train_cfg.precision,
         },
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
@@ -332,11 +372,12 @@ def fit(
         log.warning("MLflow was unreachable from the training workers %d time(s); their metrics were buffered and "
                     "sent when it answered again (those still unsent when training ended are sent now)", failures)
     with result.checkpoint.as_directory() as d:
-        final = torch.load(Path(d) / "state.pt", weights_only=True)
+        final = torch.load(Path(d) / "state.pt", weights_only=True, map_location="cpu")
     done = final["done"]
     if final.get("unsent"):
         send_unsent(tracking_uri, run_id, final["unsent"])
     missing = [j.name for j in jobs if j.name not in done]
     if missing:
         raise RuntimeError(f"training '{name}' finished without weights for {missing}: {result.error}")
-    return {j.name: FitResult(done[j.name]) for j in jobs}
+    env = final.get("env", {})
+    return {j.name: FitResult(done[j.name], env.get(j.name, {})) for j in jobs}

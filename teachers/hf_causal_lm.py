@@ -128,6 +128,7 @@ class HFCausalLMTeacher(Teacher):
             log.info("teacher '%s': output layer has %d rows, tokenizer %d ids; logits cut to the tokenizer's %d ids "
                      "before the softmax", name, rows, self.vocab, self.vocab)
         self.k = min(topk, self.vocab)
+        log.info("teacher '%s' on %s in %s", name, device, next(self.model.parameters()).dtype)
 
     @classmethod
     def check_config(cls, cfg: "TeacherConfig") -> None:

@@ -53,6 +53,8 @@ def test_lm_pipeline_caches_compressed_topk_trains_and_registers_a_hf_model(ray_
 
     # the registry holds a Hugging Face model: a text-generation pipeline, loadable by from_pretrained
     client = MlflowClient(res.tracking_uri)
+    params = client.get_run(res.run_id).data.params  # where it trained: fp32 on this CPU (no bf16 units)
+    assert (params["train_device"], params["train_precision"]) == ("cpu", "fp32")
     mv = client.get_model_version(cfg.tracking.model_name, res.model_version)
     assert mv.tags["kdpipe.flavor"] == "transformers"
     mlflow.set_tracking_uri(res.tracking_uri)

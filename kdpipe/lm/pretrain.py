@@ -179,8 +179,13 @@ def lr_at(step: int, recipe: PretrainRecipe) -> float:
     return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def train_teacher(recipe: PretrainRecipe) -> tuple[Any, Any, dict[str, Any]]:
-    """Train the recipe's model; returns (model, tokenizer, report with losses and perplexities)."""
+def train_teacher(recipe: PretrainRecipe, device: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """Train the recipe's model; returns (model on the CPU, tokenizer, report with losses and
+    perplexities). On a CUDA device (the default where one is visible) steps run under bf16
+    autocast with fp32 weights; the CPU trains in fp32 (no bf16 units here). The recipe's digest
+    does not name the device: weights trained on either serve the same recipe."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    amp = device.startswith("cuda") and torch.cuda.is_bf16_supported()
     tok = default_tokenizer()
     train_texts = load_glosses("train", recipe.domain, recipe.split, recipe.limit)
     if not train_texts:
@@ -188,7 +193,7 @@ def train_teacher(recipe: PretrainRecipe) -> tuple[Any, Any, dict[str, Any]]:
     windows = torch.from_numpy(pack_texts(tok, train_texts, recipe.max_length))
     if len(windows) == 0:
         raise ValueError(f"{len(train_texts)} glosses are fewer than one {recipe.max_length}-token window; raise limit")
-    model = build_model(recipe, tok)
+    model = build_model(recipe, tok).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.95),
                             fused=True)
     g = torch.Generator().manual_seed(recipe.seed)
@@ -199,11 +204,12 @@ def train_teacher(recipe: PretrainRecipe) -> tuple[Any, Any, dict[str, Any]]:
     for step in range(recipe.steps):
         if pos + recipe.batch_size > len(order):  # next epoch: a new order
             order, pos = torch.randperm(len(windows), generator=g), 0
-        batch = windows[order[pos : pos + recipe.batch_size]]
+        batch = windows[order[pos : pos + recipe.batch_size]].to(device)
         pos += recipe.batch_size
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe)
-        loss = model(input_ids=batch, labels=batch).loss
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -214,7 +220,7 @@ def train_teacher(recipe: PretrainRecipe) -> tuple[Any, Any, dict[str, Any]]:
             log.info("pretrain step %d/%d: loss %.3f, %.0f s, %.0f tokens/s", step + 1, recipe.steps,
                      np.mean(losses[-LOG_EVERY:]), el, (step + 1) * batch.numel() / el)
     train_s = time.perf_counter() - t0
-    model.eval()
+    model.eval().float().cpu()
     eval_texts = load_glosses("val", recipe.domain, recipe.split, recipe.eval_glosses)
     report = {
         "recipe": recipe.model_dump(mode="json"), "losses": losses, "train_seconds": train_s,
@@ -222,6 +228,7 @@ def train_teacher(recipe: PretrainRecipe) -> tuple[Any, Any, dict[str, Any]]:
         "tokens_seen": recipe.steps * recipe.batch_size * recipe.max_length,
         "epochs": recipe.steps * recipe.batch_size / len(windows),
         "params": sum(p.numel() for p in model.parameters()), "eval_glosses": len(eval_texts),
+        "device": device, "autocast": "bf16" if amp else None,
         "heldout_ppl": heldout_perplexity(model, tok, eval_texts, recipe.max_length),
         "unigram_ppl": unigram_perplexity(windows.numpy(), tok, eval_texts, recipe.max_length),
     }

@@ -1,0 +1,110 @@
+"""Causal-LM distillation results: token-level objectives vs the next-token-CE twin, over seeds.
+
+Runs `pipelines/lm_distill.yaml` as the README ships it (the 4 × 256 Llama teacher pretrained once
+on the train glosses, 3,000 glosses, a 2-block student from teacher blocks 0 and 3) with each
+objective below (+ `lm_ce`), for every seed; the twin (the same student on `lm_ce` alone, same
+epochs) trains once per seed. The teacher and its cache are built once and reused. Held-out
+metrics on the test glosses: perplexity, next-token accuracy, top-1 agreement with the teacher,
+KL(teacher ‖ student) over the cached top-k + tail buckets. Writes bench/results/lm_methods.json.
+
+    python bench/lm_methods.py                  # 3 seeds
+    python bench/lm_methods.py --seeds 0 --epochs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+OBJECTIVES = {
+    "forward KL + CE": {"name": "forward_kl", "weight": 1.0},
+    "reverse KL + CE": {"name": "reverse_kl", "weight": 1.0},
+    "JSD(β=0.5) + CE": {"name": "jsd", "weight": 1.0, "beta": 0.5},
+}
+METRICS = ("test_ppl", "test_token_acc", "test_teacher_agreement", "test_kl")
+
+
+def _fmt(values: list[float], digits: int) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def table(rows: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
+    lines = [f"**lm_distill** (test glosses; mean ± sample std over seeds {seeds})", "",
+             "| model | perplexity ↓ | next-token acc | top-1 agreement with teacher | KL(teacher ‖ model) ↓ |",
+             "|---|---|---|---|---|"]
+    for name, m in rows.items():
+        cells = [_fmt(m[k], 2 if k == "test_ppl" else 4) if m.get(k) else "—" for k in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    ap.add_argument("--work", default=str(ROOT / ".kdpipe" / "bench-lm"))
+    ap.add_argument("--teachers", default=str(ROOT / ".kdpipe" / "teachers"),
+                    help="where the pretrained teacher lives (shared with `kdpipe run pipelines/lm_distill.yaml`)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lm_methods.json"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("kdpipe").setLevel(logging.INFO)
+
+    from kdpipe.config import load_spec
+    from kdpipe.pipeline import distil, prepare, teach
+
+    work = Path(args.work).resolve()
+    base = {"teach.cache_root": str(work / "cache"), "train.storage_path": str(work / "ray_results"),
+            "teachers.0.params.pretrain_root": str(Path(args.teachers).resolve()),
+            "tracking.tracking_uri": f"sqlite:///{work / 'mlruns.db'}", "tracking.experiment": "bench-lm",
+            "tracking.model_name": "lm-student-compare"}
+    if args.epochs:
+        base["train.epochs"] = args.epochs
+    spec = str(ROOT / "pipelines" / "lm_distill.yaml")
+    t0 = time.time()
+    cfg0 = load_spec(spec, base)
+    source, uri = prepare(cfg0)
+    taught = teach(cfg0, source)  # pretrains the teacher once (reused by digest), caches once
+    rows: dict[str, dict[str, list[float]]] = {"teacher (4 × 256, from its cache)": {}}
+    runs: list[dict[str, object]] = []
+    for seed in args.seeds:
+        for i, (label, loss) in enumerate(OBJECTIVES.items()):
+            over = {**base, "seed": seed, "losses": [loss, {"name": "lm_ce", "weight": 1.0}],
+                    "evaluate.baseline": i == 0}  # the twin does not depend on the objective: once per seed
+            res = distil(load_spec(spec, over), source, taught, uri)
+            runs.append({"seed": seed, "objective": label, "run_id": res.run_id, "metrics": res.metrics})
+            for k in METRICS:
+                rows.setdefault(label, {}).setdefault(k, []).append(res.metrics[k])
+                if i == 0 and f"baseline_{k}" in res.metrics:
+                    rows.setdefault("twin: lm_ce only", {}).setdefault(k, []).append(res.metrics[f"baseline_{k}"])
+            if i == 0 and seed == args.seeds[0]:
+                rows["teacher (4 × 256, from its cache)"] = {
+                    "test_ppl": [res.metrics["test_teacher_ppl"]], "test_token_acc": [res.metrics["test_teacher_token_acc"]]}
+            print(f"seed {seed} {label}: " + ", ".join(f"{k} {res.metrics[k]:.4f}" for k in METRICS), flush=True)
+    twin = rows.pop("twin: lm_ce only", None)
+    if twin:
+        rows["twin: lm_ce only"] = twin
+    md = table(rows, args.seeds)
+    out = {"command": "python bench/lm_methods.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "seeds": args.seeds,
+           "rows": rows, "runs": runs, "table": md, "seconds": round(time.time() - t0, 1)}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=str))
+    print("\n" + md + f"\n\nwrote {path} ({out['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
