@@ -1,4 +1,5 @@
-"""Run every benchmark in one process group and print their ratios (`make bench`).
+"""Run every benchmark in one process group and print their ratios (`make bench`): about two hours
+on 2 cores, most of it the multi-seed result tables and the LM teachers' pretraining (once).
 Run on a quiet machine: the ratios are measured side by side, but other load still adds noise."""
 
 from __future__ import annotations
@@ -27,3 +28,14 @@ if __name__ == "__main__":
 
     print("== demo end to end, before vs after")
     demo_time.main([])
+    from bench import compare_methods, lm_cache, lm_methods, lm_teach_throughput
+
+    print("== causal-LM cache bytes / fidelity")
+    lm_cache.main()
+    print("== causal-LM teach throughput")
+    lm_teach_throughput.main()
+    print("== methods vs their baselines, 3 seeds (digits fusion, aspects, self-distillation)")
+    compare_methods.main([])
+    print("== causal-LM objectives vs the CE twin, 3 seeds")
+    lm_methods.main([])
+    # not here: bench/driver_memory.py (an hour and more at 1,000,000 rows; run it on its own)

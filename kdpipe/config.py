@@ -182,7 +182,8 @@ class TrainConfig(Strict):
         "auto", description="training step precision: auto = bf16 autocast on a CUDA device that has bf16, else fp32 "
                             "(always fp32 on CPU); weights and optimizer state stay fp32")
     max_failures: int = Field(1, ge=0)
-    storage_path: str = ".kdpipe/ray_results"
+    storage_path: str = Field(".kdpipe/ray_results", description="Ray Train checkpoints: a path, or a URI pyarrow "
+                                                               "resolves (s3://, gs://, hdfs://, file://) shared by the nodes")
     checkpoint_every: int = Field(5, ge=1, description="epochs between Ray Train checkpoints (the last epoch always checkpoints)")
     shuffle_buffer: int = Field(0, ge=0, description="rows in Ray Data's local shuffle buffer, reseeded every epoch "
                                                      "(0: the same batch order every epoch)")
@@ -293,7 +294,10 @@ class PipelineConfig(Strict):
                     raise ValueError(f"teach.fusion.teachers names unknown teacher '{t}'; defined: {ids}")
         from kdpipe.losses import LOSSES
 
-        outputs = {t.id: set(t.outputs) for t in self.teachers} | {"fused": {"logits"}}
+        outputs = {t.id: set(t.outputs) for t in self.teachers}
+        if self.teach.fusion:  # the fused cache holds what its members share: per-token top-k, or class logits
+            members = [outputs[t] for t in self.teach.fusion.teachers]
+            outputs["fused"] = {"tokens", "topk"} if all({"tokens", "topk"} <= m for m in members) else {"logits"}
         for i, loss in enumerate(self.losses):
             ref = loss.params().get("teacher")
             if ref is not None and ref not in known:

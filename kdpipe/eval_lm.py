@@ -25,9 +25,11 @@ from kdpipe.lm.token_functional import (TeacherSignal, forward_kl_rows, next_tok
                                         paired_logprobs)
 
 
-def _teacher_id(batch: dict[str, torch.Tensor]) -> str | None:
+def _teacher_ids(batch: dict[str, torch.Tensor]) -> list[str]:
+    """The batch's token teachers, the reference one first: the fused teacher when there is one
+    (what a fusion student learns from), else the first by id."""
     cands = sorted(k.removesuffix(".topk_ids") for k in batch if k.endswith(".topk_ids"))
-    return cands[0] if cands else None
+    return sorted(cands, key=lambda t: t != "fused")
 
 
 @EVALUATORS.register("lm")
@@ -42,14 +44,18 @@ class LMEvaluator(Evaluator):
         top1 = s.argmax(1)
         sums = {"tokens": float(len(pos)), "nll": float(-logq.gather(1, targets[:, None]).sum()),
                 "correct": float((top1 == targets).sum())}
-        tid = _teacher_id(batch)
-        if tid is not None:
-            sig = TeacherSignal.from_batch(batch, tid, "topk").flat().rows(pos)
+        tids = _teacher_ids(batch)
+        if tids:
+            sig = TeacherSignal.from_batch(batch, tids[0], "topk").flat().rows(pos)
             logp, lq = paired_logprobs(s, sig, 1.0)
             sums["kl"] = float(forward_kl_rows(logp, lq).sum())
             sums["agree"] = float((top1 == sig.topk_ids[:, 0]).sum())
             sums["teacher_correct"] = float((sig.topk_ids[:, 0] == targets).sum())
             sums["teacher_nll"] = float(-_teacher_logprob(sig, targets, v).sum())
+        for tid in tids[1:] if len(tids) > 1 else []:  # every teacher on its own (fusion members)
+            sig = TeacherSignal.from_batch(batch, tid, "topk").flat().rows(pos)
+            sums[f"teacher_{tid}_correct"] = float((sig.topk_ids[:, 0] == targets).sum())
+            sums[f"teacher_{tid}_nll"] = float(-_teacher_logprob(sig, targets, v).sum())
         return sums
 
     def finish(self, sums: dict[str, float], sample: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
@@ -62,6 +68,11 @@ class LMEvaluator(Evaluator):
             out.update({f"{prefix}kl": sums["kl"] / n, f"{prefix}teacher_agreement": sums["agree"] / n,
                         f"{prefix}teacher_ppl": math.exp(sums["teacher_nll"] / n),
                         f"{prefix}teacher_token_acc": sums["teacher_correct"] / n})
+        for k in sums:
+            if k.startswith("teacher_") and k.endswith("_nll") and k != "teacher_nll":
+                tid = k.removeprefix("teacher_").removesuffix("_nll")
+                out[f"{prefix}teacher_{tid}_ppl"] = math.exp(sums[k] / n)
+                out[f"{prefix}teacher_{tid}_token_acc"] = sums[f"teacher_{tid}_correct"] / n
         return out
 
 

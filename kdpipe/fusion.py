@@ -196,6 +196,45 @@ def fuse_block(block: Any, members: list[str], num_classes: int | None, mode: st
                      "weights": to_fixed_list(w.numpy().astype(np.float32))})
 
 
+def _token_members(cfg: "PipelineConfig", members: list[str]) -> bool:
+    """True when the members cache per-token top-k (causal LMs); mixing kinds is an error."""
+    kinds = {t.id: "topk" in t.outputs and "tokens" in t.outputs for t in cfg.teachers if t.id in members}
+    if len(set(kinds.values())) > 1:
+        raise ValueError(f"teach.fusion.teachers {members}: fuse either classifiers or causal LMs, not both "
+                         f"(per-token caches: {sorted(k for k, v in kinds.items() if v)})")
+    return any(kinds.values())
+
+
+def fuse_token_block(block: Any, members: list[str], mode: str, weights: Any, temperature: float, steps: int,
+                     sharpness: float) -> Any:
+    """`map_batches` step for causal-LM members: their per-token top-k -> a fused top-k cache row
+    (``id``, the shared ``input_ids`` / ``attention_mask``, ``topk_lm``, and ``weights``: each
+    member's weight averaged over the row's tokens). See `kdpipe.lm.token_fusion`."""
+    import pyarrow as pa
+
+    from kdpipe.arrays import to_fixed_list
+    from kdpipe.lm.token_fusion import fuse_topk
+    from kdpipe.lm.topk_codec import COLUMN, decode_batch, encode_batch, read_header
+
+    torch.set_num_threads(1)
+    first = members[0]
+    for m in members[1:]:
+        if not block[f"{m}.input_ids"].equals(block[f"{first}.input_ids"]):
+            raise ValueError(f"token fusion: teachers '{first}' and '{m}' tokenised the same rows differently; fuse "
+                             "teachers that share a tokenizer and `max_length`")
+    seq_len = block[f"{first}.input_ids"].type.list_size
+    dec = [decode_batch(block[f"{m}.{COLUMN}"], seq_len) for m in members]
+    blob = block[f"{first}.{COLUMN}"][0].as_py()
+    vocab = read_header(blob)["vocab_size"]
+    fused, w = fuse_topk(dec, vocab, max(d.ids.shape[-1] for d in dec), mode, weights, steps, sharpness, temperature)
+    lengths = fused.mask.sum(1)
+    row_w = w.sum(1) / np.maximum(lengths, 1)[:, None]
+    return pa.table({"id": block["id"], "input_ids": block[f"{first}.input_ids"],
+                     "attention_mask": block[f"{first}.attention_mask"],
+                     **encode_batch(fused.ids, fused.logp, vocab, lengths=lengths, tail_logp=fused.tail_logp),
+                     "weights": to_fixed_list(row_w.astype(np.float32))})
+
+
 def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, "TeachResult"]) -> "TeachResult":
     """Write (or reuse) the ``fused`` teacher cache: columns ``id``, ``logits`` (fused, fp32) and
     ``weights`` (per-example fusion weights, in ``teach.fusion.teachers`` order).
@@ -232,15 +271,25 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
         todo = Side("todo", source.id_dataset(ids, blocks=max(2, cfg.teach.concurrency * 2)).select_columns(["id"]),
                     len(ids) * 24)
         ds = join_on_id([todo] + [cache_side(t, results[t].cache, cfg.teach.verify) for t in f.teachers])
-        fused = ds.map_batches(fuse_block, batch_format="pyarrow", batch_size=cfg.teach.batch_size, fn_kwargs={
-            "members": list(f.teachers), "num_classes": source.num_classes or cfg.source.num_classes, "mode": f.mode,
-            "weights": f.weights, "temperature": f.temperature, "steps": f.steps, "sharpness": f.sharpness})
+        tokens = _token_members(cfg, list(f.teachers))
+        if tokens:  # causal LMs: per-token top-k, fused token by token into a top-k cache of the same format
+            fused = ds.map_batches(fuse_token_block, batch_format="pyarrow", batch_size=cfg.teach.batch_size, fn_kwargs={
+                "members": list(f.teachers), "mode": f.mode, "weights": f.weights, "temperature": f.temperature,
+                "steps": f.steps, "sharpness": f.sharpness})
+            outputs, write = ["tokens", "topk", "weights"], {"compression": "zstd", "use_dictionary": False,
+                                                             "write_statistics": False}
+        else:
+            fused = ds.map_batches(fuse_block, batch_format="pyarrow", batch_size=cfg.teach.batch_size, fn_kwargs={
+                "members": list(f.teachers), "num_classes": source.num_classes or cfg.source.num_classes,
+                "mode": f.mode, "weights": f.weights, "temperature": f.temperature, "steps": f.steps,
+                "sharpness": f.sharpness})
+            outputs, write = ["logits", "weights"], {}
         header = {"teacher_id": "fused", "teacher_kind": "fusion", "fingerprint": fp, "weights_digest": "fusion",
                   "members": {t: results[t].fingerprint for t in f.teachers},
                   "fusion": {**f.model_dump(mode="json"), "sharpness": f.sharpness},
-                  "output_spec": {"outputs": ["logits", "weights"], "format": FUSION_FORMAT}}
+                  "output_spec": {"outputs": outputs, "format": FUSION_FORMAT}}
         with cache.staging() as staging:
-            fused.write_parquet(str(staging))
+            fused.write_parquet(str(staging), **write)
             got = sum(pq.read_metadata(p).num_rows for p in staging.glob("*.parquet"))
             if got < len(ids):  # the inner join dropped rows some member does not hold
                 raise RuntimeError(f"fusion: the member caches lack {len(ids) - got} of {len(ids)} rows; "

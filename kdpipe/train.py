@@ -297,6 +297,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def storage_uri(path: str) -> str:
+    """Ray Train's `storage_path`: a URI that pyarrow's filesystems resolve (`s3://`, `gs://`,
+    `hdfs://`, `file://`) is passed as it is, so every node writes checkpoints to shared storage;
+    a plain path is made absolute (Ray Train needs one)."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
 @dataclass
 class Job:
     """One student of a training run: which dataset it reads, its params and losses, its epochs,
@@ -358,7 +365,7 @@ def fit(
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
             name=f"{name}-{uuid.uuid4().hex[:8]}",
-            storage_path=str(Path(train_cfg.storage_path).resolve()),
+            storage_path=storage_uri(train_cfg.storage_path),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

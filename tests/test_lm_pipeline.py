@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -27,12 +28,19 @@ def test_lm_pipeline_caches_compressed_topk_trains_and_registers_a_hf_model(ray_
     from kdpipe.lm.topk_codec import decode_batch
     from kdpipe.pipeline import run
 
-    teacher = tmp_path / "teacher"
+    # two teachers sharing a tokenizer, fused token by token (dynamic weights) into a third cache the
+    # student learns from; the student takes its tokens and initial blocks from teacher `lm`
+    teacher, teacher2 = tmp_path / "teacher", tmp_path / "teacher2"
     save_tiny_llama(teacher, default_tokenizer(), layers=2)
+    save_tiny_llama(teacher2, default_tokenizer(), layers=2, seed=1)
+    member = {"kind": "hf_causal_lm", "params": {"max_length": 24}, "outputs": ["tokens", "topk"], "topk": 16}
     cfg = load_spec("pipelines/lm_distill.yaml", {
-        "source.limit": 160, "teachers.0.path": str(teacher), "teachers.0.params": {"max_length": 24},
-        "teachers.0.topk": 16, "student.params": {"tokens_from": "lm", "num_layers": 1, "init_from_teacher_layers": [1]},
-        "teach.cache_root": str(tmp_path / "cache"), "train.storage_path": str(tmp_path / "ray"), "train.epochs": 1,
+        "source.limit": 160, "teachers": [{"id": "lm", "path": str(teacher), **member},
+                                          {"id": "lm2", "path": str(teacher2), **member}],
+        "teach.fusion": {"mode": "dynamic", "teachers": ["lm", "lm2"]},
+        "losses": [{"name": "forward_kl", "weight": 1.0, "teacher": "fused"}, {"name": "lm_ce", "weight": 1.0}],
+        "student.params": {"tokens_from": "lm", "num_layers": 1, "init_from_teacher_layers": [1]},
+        "teach.cache_root": str(tmp_path / "cache"), "train.storage_path": (tmp_path / "ray").as_uri(), "train.epochs": 1,
         "train.checkpoint_every": 1, "train.num_workers": 1, "train.batch_size": 8,
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
     assert cfg.student.params["teacher_path"] == str(teacher)  # the student reads the teacher's tokenizer
@@ -46,8 +54,29 @@ def test_lm_pipeline_caches_compressed_topk_trains_and_registers_a_hf_model(ray_
     mask = part["attention_mask"].combine_chunks().flatten().to_numpy().reshape(-1, 24).astype(bool)
     assert (dec.mask == mask).all() and dec.ids.shape[-1] == 16
 
-    # held-out metrics for student, twin and (from its cache) teacher; every one finite
-    for k in ("test_ppl", "test_kl", "test_teacher_agreement", "test_teacher_ppl", "baseline_test_ppl"):
+    # train.storage_path as a URI (file:// here; s3:// etc. the same way): Ray Train wrote its checkpoints there
+    assert list((tmp_path / "ray").rglob("state.pt"))
+
+    # the fused cache: the same tokens, a top-16 per token that is a distribution, per-row member weights
+    import pyarrow as pa
+
+    def rows(cache) -> pa.Table:
+        return pa.concat_tables([pq.read_table(f) for f in cache.files()])
+
+    fused, lm_rows = rows(res.teach["fused"].cache), rows(t.cache)
+    tokens = lambda tab: dict(zip(tab["id"].to_pylist(), tab["input_ids"].to_pylist()))  # noqa: E731
+    assert tokens(fused) == tokens(lm_rows)  # every row, the member's tokens
+    fdec = decode_batch(fused["topk_lm"], 24)
+    m = fdec.mask
+    total = np.exp(fdec.logp[m].astype(np.float64)).sum(-1) + np.exp(fdec.tail_logp[m].astype(np.float64))
+    np.testing.assert_allclose(total, 1.0, atol=1e-3)
+    w = np.stack(fused["weights"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-4)
+
+    # held-out metrics for student, twin and the teachers (the fused one as reference, each member on
+    # its own, all from their caches); every one finite
+    for k in ("test_ppl", "test_kl", "test_teacher_agreement", "test_teacher_ppl", "baseline_test_ppl",
+              "test_teacher_lm_ppl", "test_teacher_lm2_ppl"):
         assert math.isfinite(res.metrics[k]), k
     assert res.metrics["test_teacher_ppl"] > 1 and 0 <= res.metrics["test_teacher_agreement"] <= 1
 
