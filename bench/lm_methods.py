@@ -7,8 +7,10 @@ epochs) trains once per seed. The teacher and its cache are built once and reuse
 metrics on the test glosses: perplexity, next-token accuracy, top-1 agreement with the teacher,
 KL(teacher ‖ student) over the cached top-k + tail buckets. Writes bench/results/lm_methods.json.
 
-    python bench/lm_methods.py                  # 3 seeds
-    python bench/lm_methods.py --seeds 0 --epochs 1
+    python bench/lm_methods.py                  # 3 seeds, every objective (≈ 1.5 h on 2 cores)
+    python bench/lm_methods.py --objectives "forward KL + CE"   # what the README's table ran
+
+Runs already finished in its MLflow store (.kdpipe/bench-lm) are not run again.
 """
 
 from __future__ import annotations
@@ -49,9 +51,46 @@ def table(rows: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def collect(uri: str, seeds: list[int]) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, object]]]:
+    """Rows of the table from the finished MLflow runs of this benchmark (so a stopped benchmark
+    resumes where it was: `--seeds` / `--objectives` run only what is missing)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("bench-lm")
+    label_of = {v["name"]: k for k, v in OBJECTIVES.items()}
+    rows: dict[str, dict[str, list[float]]] = {}
+    twin: dict[str, list[float]] = {}
+    runs = []
+    for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]):
+        seed, label = int(r.data.params["seed"]), label_of.get(r.data.params.get("losses.0.name", ""))
+        if label is None or seed not in seeds:
+            continue
+        m = r.data.metrics
+        runs.append({"seed": seed, "objective": label, "run_id": r.info.run_id,
+                     "metrics": {k: v for k, v in m.items() if "test_" in k}})
+        for k in METRICS:
+            rows.setdefault(label, {}).setdefault(k, []).append(m[k])
+            if f"baseline_{k}" in m:
+                twin.setdefault(k, []).append(m[f"baseline_{k}"])
+        if "teacher" not in rows:
+            rows["teacher"] = {"test_ppl": [m["test_teacher_ppl"]], "test_token_acc": [m["test_teacher_token_acc"]]}
+    ordered = {"teacher (4 × 256, from its cache)": rows.pop("teacher", {})}
+    ordered.update({k: rows[k] for k in OBJECTIVES if k in rows})
+    if twin:
+        ordered["twin: lm_ce only"] = twin
+    return ordered, runs
+
+
+def done(uri: str) -> set[tuple[int, str]]:
+    rows, runs = collect(uri, list(range(1000)))
+    return {(int(r["seed"]), str(r["objective"])) for r in runs}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES))
     ap.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     ap.add_argument("--work", default=str(ROOT / ".kdpipe" / "bench-lm"))
     ap.add_argument("--teachers", default=str(ROOT / ".kdpipe" / "teachers"),
@@ -76,29 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg0 = load_spec(spec, base)
     source, uri = prepare(cfg0)
     taught = teach(cfg0, source)  # pretrains the teacher once (reused by digest), caches once
-    rows: dict[str, dict[str, list[float]]] = {"teacher (4 × 256, from its cache)": {}}
-    runs: list[dict[str, object]] = []
+    have = done(uri)
     for seed in args.seeds:
-        for i, (label, loss) in enumerate(OBJECTIVES.items()):
-            over = {**base, "seed": seed, "losses": [loss, {"name": "lm_ce", "weight": 1.0}],
+        for i, label in enumerate(args.objectives):
+            if (seed, label) in have:
+                continue
+            over = {**base, "seed": seed, "losses": [OBJECTIVES[label], {"name": "lm_ce", "weight": 1.0}],
                     "evaluate.baseline": i == 0}  # the twin does not depend on the objective: once per seed
             res = distil(load_spec(spec, over), source, taught, uri)
-            runs.append({"seed": seed, "objective": label, "run_id": res.run_id, "metrics": res.metrics})
-            for k in METRICS:
-                rows.setdefault(label, {}).setdefault(k, []).append(res.metrics[k])
-                if i == 0 and f"baseline_{k}" in res.metrics:
-                    rows.setdefault("twin: lm_ce only", {}).setdefault(k, []).append(res.metrics[f"baseline_{k}"])
-            if i == 0 and seed == args.seeds[0]:
-                rows["teacher (4 × 256, from its cache)"] = {
-                    "test_ppl": [res.metrics["test_teacher_ppl"]], "test_token_acc": [res.metrics["test_teacher_token_acc"]]}
             print(f"seed {seed} {label}: " + ", ".join(f"{k} {res.metrics[k]:.4f}" for k in METRICS), flush=True)
-    twin = rows.pop("twin: lm_ce only", None)
-    if twin:
-        rows["twin: lm_ce only"] = twin
-    md = table(rows, args.seeds)
+    rows, runs = collect(uri, args.seeds)
+    md = table(rows, sorted({int(r["seed"]) for r in runs}))
     out = {"command": "python bench/lm_methods.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "seeds": args.seeds,
-           "rows": rows, "runs": runs, "table": md, "seconds": round(time.time() - t0, 1)}
+           "epochs": cfg0.train.epochs, "rows": rows, "runs": runs, "table": md, "seconds": round(time.time() - t0, 1)}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, default=str))
