@@ -51,7 +51,7 @@ def table(rows: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def collect(uri: str, seeds: list[int]) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, object]]]:
+def collect(uri: str, seeds: list[int], want: dict[str, str]) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, object]]]:
     """Rows of the table from the finished MLflow runs of this benchmark (so a stopped benchmark
     resumes where it was: `--seeds` / `--objectives` run only what is missing)."""
     from mlflow.tracking import MlflowClient
@@ -64,8 +64,8 @@ def collect(uri: str, seeds: list[int]) -> tuple[dict[str, dict[str, list[float]
     runs = []
     for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]):
         seed, label = int(r.data.params["seed"]), label_of.get(r.data.params.get("losses.0.name", ""))
-        if label is None or seed not in seeds:
-            continue
+        if label is None or seed not in seeds or any(r.data.params.get(k) != v for k, v in want.items()):
+            continue  # another objective, seed, or training budget
         m = r.data.metrics
         runs.append({"seed": seed, "objective": label, "run_id": r.info.run_id,
                      "metrics": {k: v for k, v in m.items() if "test_" in k}})
@@ -82,8 +82,8 @@ def collect(uri: str, seeds: list[int]) -> tuple[dict[str, dict[str, list[float]
     return ordered, runs
 
 
-def done(uri: str) -> set[tuple[int, str]]:
-    rows, runs = collect(uri, list(range(1000)))
+def done(uri: str, want: dict[str, str]) -> set[tuple[int, str]]:
+    _, runs = collect(uri, list(range(1000)), want)
     return {(int(r["seed"]), str(r["objective"])) for r in runs}
 
 
@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES))
     ap.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    ap.add_argument("--shuffle-buffer", type=int, default=2000,
+                    help="train.shuffle_buffer: the student starts from teacher blocks, so without a shuffled, "
+                         "seeded batch order every seed trains the same model (0 = the spec's fixed order)")
     ap.add_argument("--work", default=str(ROOT / ".kdpipe" / "bench-lm"))
     ap.add_argument("--teachers", default=str(ROOT / ".kdpipe" / "teachers"),
                     help="where the pretrained teacher lives (shared with `kdpipe run pipelines/lm_distill.yaml`)")
@@ -110,12 +113,14 @@ def main(argv: list[str] | None = None) -> int:
             "tracking.model_name": "lm-student-compare"}
     if args.epochs:
         base["train.epochs"] = args.epochs
+    base["train.shuffle_buffer"] = args.shuffle_buffer
     spec = str(ROOT / "pipelines" / "lm_distill.yaml")
     t0 = time.time()
     cfg0 = load_spec(spec, base)
+    want = {"train.epochs": str(cfg0.train.epochs), "train.shuffle_buffer": str(cfg0.train.shuffle_buffer)}
     source, uri = prepare(cfg0)
     taught = teach(cfg0, source)  # pretrains the teacher once (reused by digest), caches once
-    have = done(uri)
+    have = done(uri, want)
     for seed in args.seeds:
         for i, label in enumerate(args.objectives):
             if (seed, label) in have:
@@ -124,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
                     "evaluate.baseline": i == 0}  # the twin does not depend on the objective: once per seed
             res = distil(load_spec(spec, over), source, taught, uri)
             print(f"seed {seed} {label}: " + ", ".join(f"{k} {res.metrics[k]:.4f}" for k in METRICS), flush=True)
-    rows, runs = collect(uri, args.seeds)
+    rows, runs = collect(uri, args.seeds, want)
     md = table(rows, sorted({int(r["seed"]) for r in runs}))
     out = {"command": "python bench/lm_methods.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "seeds": args.seeds,
-           "epochs": cfg0.train.epochs, "rows": rows, "runs": runs, "table": md, "seconds": round(time.time() - t0, 1)}
+           "epochs": cfg0.train.epochs, "shuffle_buffer": cfg0.train.shuffle_buffer, "rows": rows, "runs": runs, "table": md, "seconds": round(time.time() - t0, 1)}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, default=str))

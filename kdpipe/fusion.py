@@ -222,16 +222,17 @@ def fuse_token_block(block: Any, members: list[str], mode: str, weights: Any, te
         if not block[f"{m}.input_ids"].equals(block[f"{first}.input_ids"]):
             raise ValueError(f"token fusion: teachers '{first}' and '{m}' tokenised the same rows differently; fuse "
                              "teachers that share a tokenizer and `max_length`")
+    tokens = {"id": block["id"], "input_ids": block[f"{first}.input_ids"], "attention_mask": block[f"{first}.attention_mask"]}
+    if block.num_rows == 0:
+        return pa.table({**tokens, COLUMN: pa.array([], pa.binary()),
+                         "weights": to_fixed_list(np.zeros((0, len(members)), np.float32))})
     seq_len = block[f"{first}.input_ids"].type.list_size
     dec = [decode_batch(block[f"{m}.{COLUMN}"], seq_len) for m in members]
-    blob = block[f"{first}.{COLUMN}"][0].as_py()
-    vocab = read_header(blob)["vocab_size"]
+    vocab = read_header(block[f"{first}.{COLUMN}"][0].as_py())["vocab_size"]
     fused, w = fuse_topk(dec, vocab, max(d.ids.shape[-1] for d in dec), mode, weights, steps, sharpness, temperature)
     lengths = fused.mask.sum(1)
     row_w = w.sum(1) / np.maximum(lengths, 1)[:, None]
-    return pa.table({"id": block["id"], "input_ids": block[f"{first}.input_ids"],
-                     "attention_mask": block[f"{first}.attention_mask"],
-                     **encode_batch(fused.ids, fused.logp, vocab, lengths=lengths, tail_logp=fused.tail_logp),
+    return pa.table({**tokens, **encode_batch(fused.ids, fused.logp, vocab, lengths=lengths, tail_logp=fused.tail_logp),
                      "weights": to_fixed_list(row_w.astype(np.float32))})
 
 
