@@ -211,6 +211,11 @@ def teach_dataset(t: Any, tcfg: TeacherConfig, source: SourceData, ids: pa.Chunk
     # A GPU teacher gets its rows from CPU read tasks instead: the GPU does not wait on file reads
     # and tokenising (and Ray Data refuses a GPU map step without a fixed batch size).
     read = {"num_cpus": t.num_cpus} if t.num_gpus else remote
+    total = ray.cluster_resources().get("CPU", 0.0) if ray.is_initialized() else 0.0
+    if total and t.num_cpus * t.concurrency >= total:
+        log.warning("teach: %d teacher actor(s) × %g CPUs take all %g CPUs of the cluster; Ray Data's read tasks "
+                    "may then never be scheduled and the stage waits forever (seen with a text source on 2 CPUs). "
+                    "Leave a CPU free: lower teach.num_cpus or teach.concurrency", t.concurrency, t.num_cpus, total)
     return source.dataset(ids, blocks, **read).map_batches(
         TeacherActor,
         fn_constructor_kwargs={"teacher_cfg": tcfg.model_dump(), "device": "cuda" if t.num_gpus > 0 else "cpu"},

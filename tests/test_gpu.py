@@ -1,7 +1,7 @@
 """The CUDA path: teacher actors on a GPU in bf16, Ray Train workers with `use_gpu` under bf16
 autocast, and what they produce on the CPU side (checkpoints a GPU-less driver reads, a registered
-model that loads on CPU). The CUDA tests skip without a GPU; `scripts/gpu_check.py` runs them and
-the measurements on a GPU machine (README, "GPU")."""
+model that loads on CPU). The CUDA tests skip without a GPU; on a GPU machine run them with pytest,
+and `scripts/gpu_check.py` for the measurements (README, "On a GPU")."""
 
 from __future__ import annotations
 
@@ -100,17 +100,3 @@ def test_digits_pipeline_trains_on_gpu_and_beats_its_twin(ray_local, tmp_path: P
     assert params["train_device"] == "cuda"
     assert res.metrics["test_acc"] > res.metrics["baseline_test_acc"], res.table
 
-
-def test_gpu_teacher_plan_builds_with_cpu_read_tasks(ray_local, tmp_path: Path) -> None:
-    """`teach.num_gpus > 0` failed before reading a row (found on an H200): the read step asked for
-    the teacher's GPU, and Ray Data refuses a GPU map step without a batch size. The plan is lazy,
-    so it builds (and is checked) on a machine without a GPU."""
-    from kdpipe.pipeline import prepare
-    from kdpipe.teach import teach_dataset
-
-    cfg = load_spec("pipelines/digits_kd.yaml", {
-        "teach.num_gpus": 1, "teach.cache_root": str(tmp_path / "cache"),
-        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
-    source, _ = prepare(cfg)
-    ds = teach_dataset(cfg.teach, cfg.teachers[0], source, None, source.num_rows)
-    assert "TeacherActor" in str(ds)
