@@ -1,4 +1,4 @@
-"""Run every benchmark in one process group and print their ratios (`make bench`): about two hours
+"""Run every benchmark in one process group and print their ratios (`make bench`): two to three hours
 on 2 cores, most of it the multi-seed result tables and the LM teachers' pretraining (once).
 Run on a quiet machine: the ratios are measured side by side, but other load still adds noise."""
 
