@@ -45,17 +45,15 @@ class LMEvaluator(Evaluator):
         sums = {"tokens": float(len(pos)), "nll": float(-logq.gather(1, targets[:, None]).sum()),
                 "correct": float((top1 == targets).sum())}
         tids = _teacher_ids(batch)
-        if tids:
-            sig = TeacherSignal.from_batch(batch, tids[0], "topk").flat().rows(pos)
-            logp, lq = paired_logprobs(s, sig, 1.0)
-            sums["kl"] = float(forward_kl_rows(logp, lq).sum())
-            sums["agree"] = float((top1 == sig.topk_ids[:, 0]).sum())
-            sums["teacher_correct"] = float((sig.topk_ids[:, 0] == targets).sum())
-            sums["teacher_nll"] = float(-_teacher_logprob(sig, targets, v).sum())
-        for tid in tids[1:] if len(tids) > 1 else []:  # every teacher on its own (fusion members)
+        for i, tid in enumerate(tids):  # the reference teacher; then each other one on its own (fusion members)
             sig = TeacherSignal.from_batch(batch, tid, "topk").flat().rows(pos)
-            sums[f"teacher_{tid}_correct"] = float((sig.topk_ids[:, 0] == targets).sum())
-            sums[f"teacher_{tid}_nll"] = float(-_teacher_logprob(sig, targets, v).sum())
+            name = "teacher" if i == 0 else f"teacher_{tid}"
+            sums[f"{name}_correct"] = float((sig.topk_ids[:, 0] == targets).sum())
+            sums[f"{name}_nll"] = float(-_teacher_logprob(sig, targets, v).sum())
+            if i == 0:
+                logp, lq = paired_logprobs(s, sig, 1.0)
+                sums["kl"] = float(forward_kl_rows(logp, lq).sum())
+                sums["agree"] = float((top1 == sig.topk_ids[:, 0]).sum())
         return sums
 
     def finish(self, sums: dict[str, float], sample: dict[str, np.ndarray], prefix: str) -> dict[str, float]:

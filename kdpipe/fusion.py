@@ -272,19 +272,18 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
         todo = Side("todo", source.id_dataset(ids, blocks=max(2, cfg.teach.concurrency * 2)).select_columns(["id"]),
                     len(ids) * 24)
         ds = join_on_id([todo] + [cache_side(t, results[t].cache, cfg.teach.verify) for t in f.teachers])
-        tokens = _token_members(cfg, list(f.teachers))
-        if tokens:  # causal LMs: per-token top-k, fused token by token into a top-k cache of the same format
-            fused = ds.map_batches(fuse_token_block, batch_format="pyarrow", batch_size=cfg.teach.batch_size, fn_kwargs={
-                "members": list(f.teachers), "mode": f.mode, "weights": f.weights, "temperature": f.temperature,
-                "steps": f.steps, "sharpness": f.sharpness})
-            outputs, write = ["tokens", "topk", "weights"], {"compression": "zstd", "use_dictionary": False,
-                                                             "write_statistics": False}
+        common = {"members": list(f.teachers), "mode": f.mode, "weights": f.weights, "temperature": f.temperature,
+                  "steps": f.steps, "sharpness": f.sharpness}
+        if _token_members(cfg, list(f.teachers)):  # causal LMs: fused token by token into the members' format
+            from teachers import TEACHERS
+
+            member = next(t for t in cfg.teachers if t.id == f.teachers[0])
+            fn, kwargs, outputs = fuse_token_block, common, ["tokens", "topk", "weights"]
+            write = TEACHERS.get(member.kind).parquet_options
         else:
-            fused = ds.map_batches(fuse_block, batch_format="pyarrow", batch_size=cfg.teach.batch_size, fn_kwargs={
-                "members": list(f.teachers), "num_classes": source.num_classes or cfg.source.num_classes,
-                "mode": f.mode, "weights": f.weights, "temperature": f.temperature, "steps": f.steps,
-                "sharpness": f.sharpness})
-            outputs, write = ["logits", "weights"], {}
+            fn, outputs, write = fuse_block, ["logits", "weights"], {}
+            kwargs = {**common, "num_classes": source.num_classes or cfg.source.num_classes}
+        fused = ds.map_batches(fn, batch_format="pyarrow", batch_size=cfg.teach.batch_size, fn_kwargs=kwargs)
         header = {"teacher_id": "fused", "teacher_kind": "fusion", "fingerprint": fp, "weights_digest": "fusion",
                   "members": {t: results[t].fingerprint for t in f.teachers},
                   "fusion": {**f.model_dump(mode="json"), "sharpness": f.sharpness},

@@ -170,7 +170,6 @@ def teach_one(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData) -> T
 
 def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData, cache: TeacherCache, fp: str,
                    digest: str) -> TeachResult:
-
     from teachers import TEACHERS
 
     have = cache.id_array()

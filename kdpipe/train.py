@@ -227,10 +227,9 @@ def precision_name(amp: torch.dtype | None) -> str:
 
 
 def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: Any, val_shard: Any,
-              config: dict[str, Any], epoch: int, rank: int, device: torch.device | None = None,
-              amp: torch.dtype | None = None) -> dict[str, float]:
+              config: dict[str, Any], epoch: int, rank: int, device: torch.device,
+              amp: torch.dtype | None) -> dict[str, float]:
     """One pass over the train shard and one over the val shard; metrics averaged over all ranks."""
-    device = device or torch.device("cpu")
     model.train()
     sums: dict[str, float] = defaultdict(float)
     for batch in epoch_batches(train_shard, config["batch_size"], config.get("shuffle_buffer", 0),
@@ -282,13 +281,12 @@ def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
-def widen(batch: dict[str, torch.Tensor], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+def widen(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The batch on the worker's device, fp16 cache columns widened to fp32 there: they stay half
     the size in the object store and on the way to the GPU, and the losses compute in fp32."""
     out = {}
     for k, v in batch.items():
-        if device is not None and v.device != device:
-            v = v.to(device, non_blocking=True)
+        v = v.to(device, non_blocking=True)  # no copy when it is there already
         out[k] = v.float() if v.dtype == torch.float16 else v
     return out
 
