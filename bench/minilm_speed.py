@@ -1,7 +1,11 @@
-"""Embedding throughput of the all-MiniLM-L6-v2 teacher vs the small_transformer student, measured
-side by side in one process (same sentences, same batch size, same threads, interleaved rounds).
+"""Throughput of an encoder teacher vs its Hugging Face student, measured side by side in one
+process (same sentences, same batch size, same threads, interleaved rounds): all-MiniLM-L6-v2 vs
+the hf_encoder student (embeddings), or the fine-tuned classifier vs the hf_classifier student
+(logits) with the text-classifier spec.
 
     .venv/bin/python bench/minilm_speed.py [--spec pipelines/minilm_distill.yaml] [--batch-size 64]
+    .venv/bin/python bench/minilm_speed.py --spec pipelines/text_classifier_distill.yaml \
+        --out bench/results/text_classifier_speed.json
 
 Sentences are WordNet glosses (the pipeline's data). Two timings per model: `model` (forward +
 pooling on pre-tokenised, max_length-padded batches, what the student replaces) and `end_to_end`
@@ -43,16 +47,23 @@ def main() -> int:
     from kdpipe.config import SourceConfig, load_spec
     from kdpipe.datasets.wordnet import read_wordnet
     from kdpipe.train import StudentMeta, build_student
-    from teachers.hf_encoder import HFEncoderTeacher, mean_pool
+    from teachers import TEACHERS
+    from teachers.hf_encoder import mean_pool
 
     torch.set_num_threads(args.threads)
     cfg = load_spec(args.spec)
     tcfg = cfg.teachers[0]
     max_length = int(tcfg.params["max_length"])
-    d = HFEncoderTeacher.model_dir(tcfg)
+    d = TEACHERS.get(tcfg.kind).model_dir(tcfg)
     tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
-    teacher = AutoModel.from_pretrained(d, local_files_only=True, dtype=torch.float32).eval()
-    meta = StudentMeta(in_dim=None, num_classes=0, teachers=[tcfg.id], widths={})
+    classifier = tcfg.kind == "hf_classifier"
+    if classifier:
+        from transformers import AutoModelForSequenceClassification as Auto
+    else:
+        Auto = AutoModel
+    teacher = Auto.from_pretrained(d, local_files_only=True, dtype=torch.float32).eval()
+    num_classes = int(teacher.config.num_labels) if classifier else 0
+    meta = StudentMeta(in_dim=None, num_classes=num_classes, teachers=[tcfg.id], widths={})
     student = build_student(cfg.student.kind, cfg.student.params, meta).eval()
     texts = [r["text"] for r in read_wordnet(SourceConfig(kind="wordnet", limit=args.sentences))[0]]
     batches = [texts[i : i + args.batch_size] for i in range(0, len(texts), args.batch_size)]
@@ -61,10 +72,12 @@ def main() -> int:
 
     def teacher_model(enc) -> torch.Tensor:
         out = teacher(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        if classifier:
+            return out.logits
         return F.normalize(mean_pool(out.last_hidden_state, enc["attention_mask"]), dim=-1)
 
     def student_model(enc) -> torch.Tensor:
-        return student({ids_key: enc["input_ids"], mask_key: enc["attention_mask"]})["embedding"]
+        return student({ids_key: enc["input_ids"], mask_key: enc["attention_mask"]})[student.serving_output]
 
     def encode(b: list[str], enc, end_to_end: bool):
         return tok(b, padding=True, truncation=True, max_length=max_length, return_tensors="pt") if end_to_end else enc
@@ -106,8 +119,10 @@ def main() -> int:
         "bench": "minilm_speed", "spec": str(Path(args.spec).relative_to(ROOT)) if Path(args.spec).is_relative_to(ROOT) else args.spec,
         "sentences": len(texts), "batch_size": args.batch_size, "max_length": max_length, "threads": args.threads,
         "teacher": {"layers": int(teacher.config.num_hidden_layers), "params": n_params(teacher)},
-        "student": {"layers": len(student.layers), "params": n_params(student),
-                    "params_without_embeddings": n_params(student) - n_params(student.embeddings)},
+        "student": {"kind": cfg.student.kind, "layers": len(student.layers), "params": n_params(student),
+                    "params_without_embeddings": n_params(student) - n_params(student.hf_model.embeddings
+                                                                           if hasattr(student.hf_model, "embeddings")
+                                                                           else student.hf_model.base_model.embeddings)},
         "results": summary, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                         "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

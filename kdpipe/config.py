@@ -324,19 +324,23 @@ class PipelineConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _student_teacher_path(cls, data: Any) -> Any:
-        """A causal-LM student reads its tokenizer (and initial layers) from the teacher it takes its
-        tokens from: `student.params.teacher_path` defaults to that teacher's directory."""
+        """A Hugging Face student reads its architecture, tokenizer (and initial layers) from the
+        teacher it takes its tokens from: `student.params.teacher_path` defaults to that teacher's
+        model directory (a path, a package's model, or the directory a recipe trains once)."""
+        from students import STUDENTS
+        from teachers import TEACHERS
+
         student = data.get("student") if isinstance(data, dict) else None
         params = student.get("params") if isinstance(student, dict) else None
-        if not isinstance(params, dict) or student.get("kind") != "causal_lm" or params.get("teacher_path"):
+        if not isinstance(params, dict) or params.get("teacher_path") or student.get("kind") not in STUDENTS:
+            return data
+        if "teacher_path" not in STUDENTS.get(student["kind"]).Params.model_fields:
             return data
         src = next((t for t in data.get("teachers") or [] if isinstance(t, dict) and t.get("id") == params.get("tokens_from")), None)
-        if src is None or src.get("kind") != "hf_causal_lm":
+        if src is None or src.get("kind") not in TEACHERS or not hasattr(TEACHERS.get(src["kind"]), "model_dir"):
             return data
         try:
-            from teachers.hf_causal_lm import model_dir
-
-            path = str(model_dir(TeacherConfig.model_validate(src)))
+            path = str(TEACHERS.get(src["kind"]).model_dir(TeacherConfig.model_validate(src)))
         except (ValueError, ValidationError):
             return data  # the teacher's own validation reports what is wrong with it
         return {**data, "student": {**student, "params": {**params, "teacher_path": path}}}

@@ -29,7 +29,7 @@ def _inputs(student: nn.Module) -> list[str]:
     # a built student has `serving_inputs`; a registered model loaded back (ServedStudent) has `inputs`
     names = getattr(student, "serving_inputs", None) or getattr(student, "inputs", None)
     if not names:
-        raise ValueError("the embedding evaluator needs a student with `serving_inputs` (e.g. small_transformer)")
+        raise ValueError("the embedding evaluator needs a student with `serving_inputs` (e.g. hf_encoder)")
     return list(names)
 
 

@@ -94,6 +94,18 @@ def expected_calibration_error(a: dict[str, np.ndarray]) -> float:
     return float(np.sum(np.abs(a["calib_correct"] - a["calib_conf"])) / n.sum())
 
 
+def macro_f1(confusion: np.ndarray) -> float:
+    """Unweighted mean F1 over the classes that occur as a label or a prediction (scikit-learn's
+    `f1_score(average="macro")`): rare classes count as much as common ones."""
+    tp = np.diag(confusion)
+    true, pred = confusion.sum(1), confusion.sum(0)
+    seen = (true + pred) > 0
+    if not seen.any():
+        return float("nan")
+    f1 = np.divide(2 * tp, true + pred, out=np.zeros_like(tp, dtype=np.float64), where=seen)
+    return float(f1[seen].mean())
+
+
 def scalars(sums: dict[str, Any]) -> dict[str, float]:
     """The scalar sums (metrics); array sums (figure data) are left out."""
     return {k: float(v) for k, v in sums.items() if np.ndim(v) == 0}
@@ -192,6 +204,8 @@ def evaluate_models(task: str, factories: dict[str, ModelFactory], ds: Any, teac
     for prefix, a in out.arrays.items():
         if "calib_n" in a and a["calib_n"].sum() > 0:
             out.metrics[f"{prefix}ece"] = expected_calibration_error(a)
+        if "confusion" in a and a["confusion"].sum() > 0:
+            out.metrics[f"{prefix}macro_f1"] = macro_f1(a["confusion"])
     return out
 
 

@@ -122,7 +122,7 @@ def pretrain_modules(cfg: PipelineConfig, meta: Any, splits: dict[str, Any], run
     torch.manual_seed(cfg.seed)
     student = build_student(cfg.student.kind, cfg.student.params, meta)
     if not hasattr(student, "run_layers") or not hasattr(student, "layers"):
-        raise ValueError(f"m2mkd needs a modular student with `layers` and `run_layers` (e.g. small_transformer), "
+        raise ValueError(f"m2mkd needs a modular student with `layers` and `run_layers` (e.g. hf_encoder), "
                          f"not '{cfg.student.kind}'")
     tcfg = cfg.teacher(tid)
     from teachers.hf_encoder import HFEncoderTeacher

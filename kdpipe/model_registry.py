@@ -172,23 +172,44 @@ def pickles_in(path: Any) -> list[str]:
 
 
 def _log_transformers(run_id: str, student: nn.Module, model_name: str, tags: dict[str, str]) -> Any:
-    """A Hugging Face student as a `text-generation` model: `save_pretrained` weights (safetensors)
-    + tokenizer, so `mlflow.transformers.load_model("models:/NAME@ALIAS")` gives a working pipeline
-    and `AutoModelForCausalLM.from_pretrained(<artifact>/model)` loads it; no pickles."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    """A Hugging Face student as an `mlflow.transformers` model of the student's pipeline task
+    (`text-generation`, `text-classification`, `feature-extraction`): safetensors weights and
+    tokenizer, so `mlflow.transformers.load_model("models:/NAME@ALIAS")` gives a working pipeline.
+    Its `model/` directory also receives the rest of what the student's `save_hf` writes (the
+    tokenizer; for encoders the sentence-transformers modules), so `AutoModel*.from_pretrained`
+    and `SentenceTransformer` load `<artifact>/model` as it is. No pickles."""
+    import shutil
+    import tempfile
+    from pathlib import Path
 
-    hf = student.hf_model.eval()  # type: ignore[attr-defined]
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.transformers.log_model(
-            {"model": hf, "tokenizer": student.tokenizer}, name="student", task="text-generation",  # type: ignore[attr-defined]
-            registered_model_name=model_name, await_registration_for=60,
-            pip_requirements=_requirements("torch", "transformers", "tokenizers", "safetensors"))
+    import mlflow
+    import mlflow.transformers
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoTokenizer
+
+    task = getattr(student, "hf_task", "text-generation")
     client = MlflowClient()
-    version = info.registered_model_version
-    for k, v in {**tags, "kdpipe.flavor": "transformers"}.items():
-        client.set_model_version_tag(model_name, str(version), k, str(v))
-    return client.get_model_version(model_name, str(version))
+    with tempfile.TemporaryDirectory() as d:
+        hf_dir = student.save_hf(Path(d) / "hf")  # type: ignore[operator]
+        path = Path(d) / "student"
+        mlflow.transformers.save_model(
+            {"model": student.hf_model.eval(), "tokenizer": AutoTokenizer.from_pretrained(hf_dir)},  # type: ignore[attr-defined]
+            str(path), task=task,
+            pip_requirements=_requirements("torch", "transformers", "tokenizers", "safetensors",
+                                           *(["sentence-transformers"] if task == "feature-extraction" else [])))
+        for f in hf_dir.rglob("*"):  # what save_pretrained of the pipeline left out
+            dst = path / "model" / f.relative_to(hf_dir)
+            if f.is_file() and not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dst)
+        found = pickles_in(path)
+        if found:
+            raise RuntimeError(f"the model to register holds pickled files {found}; kdpipe registers no pickles")
+        client.log_artifacts(run_id, str(path), "student")
+    mv = mlflow.register_model(f"runs:/{run_id}/student", model_name, await_registration_for=60)
+    for k, v in {**tags, "kdpipe.flavor": "transformers", "kdpipe.hf_task": task}.items():
+        client.set_model_version_tag(model_name, str(mv.version), k, str(v))
+    return client.get_model_version(model_name, str(mv.version))
 
 
 def _requirements(*packages: str) -> list[str]:
@@ -243,10 +264,8 @@ def load_served(version: Any) -> nn.Module:
     tags = version.tags or {}
     uri = f"models:/{version.name}/{version.version}"
     if tags.get("kdpipe.flavor") == "transformers":
-        import mlflow.transformers
-
-        hf = mlflow.transformers.load_model(uri, return_type="components")["model"].eval()
-        return ServedStudent(HFLogits(hf), json.loads(tags["kdpipe.serving_inputs"]), tags.get("kdpipe.serving_output", "logits"))
+        inputs, output = json.loads(tags["kdpipe.serving_inputs"]), tags.get("kdpipe.serving_output", "logits")
+        return ServedStudent(load_hf_served(uri, tags.get("kdpipe.hf_task", "text-generation")), inputs, output).eval()
     local = Path(mlflow.artifacts.download_artifacts(uri))
     flavor = Model.load(str(local / "MLmodel")).flavors.get(KDPIPE_FLAVOR)
     if flavor is None:
@@ -258,16 +277,46 @@ def load_served(version: Any) -> nn.Module:
     return student.eval()
 
 
+def load_hf_served(uri: str, task: str) -> nn.Module:
+    """A registered Hugging Face model as (input_ids, attention_mask) -> its served output: logits
+    for generation and classification, the sentence embedding (the sentence-transformers modules
+    saved beside the weights: pooling, dense, normalisation) for feature extraction."""
+    import mlflow
+
+    if task == "feature-extraction":
+        from pathlib import Path
+
+        from sentence_transformers import SentenceTransformer
+
+        local = Path(mlflow.artifacts.download_artifacts(uri)) / "model"
+        return SentenceEmbedding(SentenceTransformer(str(local), device="cpu", local_files_only=True))
+    import mlflow.transformers
+
+    return HFLogits(mlflow.transformers.load_model(uri, return_type="components")["model"].eval())
+
+
 class HFLogits(nn.Module):
-    """A loaded Hugging Face causal LM as (input_ids, attention_mask) -> logits, the serving
-    signature the champion is re-scored through."""
+    """A loaded Hugging Face causal LM or sequence classifier as (input_ids, attention_mask) ->
+    logits, the serving signature the champion is re-scored through."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.extra = {"use_cache": False} if model.can_generate() else {}  # type: ignore[operator]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids.long(), attention_mask=attention_mask.long(), **self.extra).logits
+
+
+class SentenceEmbedding(nn.Module):
+    """A sentence-transformers model as (input_ids, attention_mask) -> sentence embedding."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids.long(), attention_mask=attention_mask.long(), use_cache=False).logits
+        return self.model({"input_ids": input_ids.long(), "attention_mask": attention_mask.long()})["sentence_embedding"]
 
 
 class RegisteredFactory:
@@ -283,6 +332,22 @@ class RegisteredFactory:
 
         mlflow.set_tracking_uri(self.uri)
         return load_served(MlflowClient(self.uri).get_model_version(self.name, self.version))
+
+
+def log_exit_models(client: Any, run_id: str, student: nn.Module) -> list[str]:
+    """Every early exit of a multi-exit Hugging Face student as its own truncated model directory
+    (`save_hf(dir, depth=d)`, loadable with `from_pretrained`) under the run's `exits/depth_<d>`:
+    the family of smaller models one hierarchical self-distillation run yields."""
+    import tempfile
+    from pathlib import Path
+
+    paths = []
+    for depth in student.exit_depths:  # type: ignore[attr-defined]
+        with tempfile.TemporaryDirectory() as d:
+            student.save_hf(Path(d) / "m", depth=depth)  # type: ignore[operator]
+            client.log_artifacts(run_id, str(Path(d) / "m"), f"exits/depth_{depth}")
+        paths.append(f"exits/depth_{depth}")
+    return paths
 
 
 STATE_ARTIFACT = "student_state/model.safetensors"

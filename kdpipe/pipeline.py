@@ -310,6 +310,8 @@ def ship(cfg: PipelineConfig, meta: Any, views: Any, run: Any, student: Any, sco
     spec = {"kind": cfg.student.kind, "params": cfg.student.params, "meta": meta.as_dict()}
     version = reg.log_and_register(run.run_id, model, serving_example(model, views.test), cfg.tracking.model_name, tags,
                                    spec)
+    if getattr(model, "exit_depths", None) and hasattr(model, "save_hf"):
+        reg.log_exit_models(run.client, run.run_id, model)
     if gate.passed:
         reg.promote(run.client, cfg.tracking.model_name, version.version, cfg.tracking.alias)
     run.client.set_model_version_tag(cfg.tracking.model_name, str(version.version), "kdpipe.cycle_complete", "true")

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kdpipe.lm.corpus import encode_texts
+from kdpipe.lm.corpus import check_holdout, encode_texts
 from kdpipe.lm.pretrain import DEFAULT_ROOT, PretrainRecipe, is_pretrained, pretrain, pretrained_dir
 from teachers import TEACHERS
 from teachers.base import Teacher, digest_dir
@@ -111,6 +111,7 @@ class HFCausalLMTeacher(Teacher):
     Params = HFCausalLMParams
     input_kind = "text"
     parquet_options = {"compression": "zstd", "use_dictionary": False, "write_statistics": False}  # see topk_codec
+    model_dir = staticmethod(model_dir)
 
     def __init__(self, model: Any, tokenizer: Any, params: HFCausalLMParams, outputs: list[str], topk: int,
                  device: str, name: str = "hf_causal_lm") -> None:
@@ -158,13 +159,7 @@ class HFCausalLMTeacher(Teacher):
         p = _params(cfg)
         if p.pretrain is None:
             return
-        s = source.split or {}
-        src_cfg = getattr(source, "cfg", None)
-        if getattr(src_cfg, "kind", None) == "wordnet" and s and not p.pretrain.split.covers(
-                s.get("salt", ""), float(s.get("val", 0)), float(s.get("test", 0))):
-            raise ValueError(f"teacher '{cfg.id}': params.pretrain.split {p.pretrain.split.model_dump()} does not hold out "
-                             f"every val/test row of source.split {s}, so the teacher would train on rows the student is "
-                             "evaluated on; use the same salt and a val + test at least as large")
+        check_holdout(cfg.id, "params.pretrain.split", p.pretrain.split, source)
         pretrain(p.pretrain, out_dir=cfg.path, root=p.pretrain_root)
 
     @classmethod

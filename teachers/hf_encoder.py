@@ -138,10 +138,8 @@ class HFEncoderTeacher(Teacher):
         enc = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
         mask = enc["attention_mask"]
         need_hidden = "features" in self.outputs or "attn_rel" in self.outputs or "value_rel" in self.outputs
-        out = self.model(**enc, output_hidden_states=need_hidden)
+        last, hidden, res = self.run_model(enc, need_hidden)
         store = np.float16 if self.p.fp16 else np.float32
-        res: dict[str, np.ndarray] = {}
-        last = out.last_hidden_state.float()
         if "embedding" in self.outputs:
             emb = mean_pool(last, mask) if self.p.pooling == "mean" else last[:, 0]
             if self.p.normalize:
@@ -153,13 +151,18 @@ class HFEncoderTeacher(Teacher):
         n = last.shape[0]
         if "features" in self.outputs:
             for layer in self.p.layers:
-                res[f"features.{layer}"] = out.hidden_states[layer].float().reshape(n, -1).cpu().numpy().astype(store)
+                res[f"features.{layer}"] = hidden[layer].float().reshape(n, -1).cpu().numpy().astype(store)
         if "attn_rel" in self.outputs or "value_rel" in self.outputs:
-            rel = self.relations(out.hidden_states[-2], mask)
+            rel = self.relations(hidden[-2], mask)
             for k, v in rel.items():
                 if k in self.outputs:
                     res[k] = v.reshape(n, -1).cpu().numpy().astype(store)
         return res
+
+    def run_model(self, enc: dict[str, torch.Tensor], need_hidden: bool) -> tuple[torch.Tensor, Any, dict[str, np.ndarray]]:
+        """(last hidden state fp32, all hidden states or None, outputs of the model's own head)."""
+        out = self.model(**enc, output_hidden_states=need_hidden)
+        return out.last_hidden_state.float(), out.hidden_states, {}
 
     def relations(self, h_in: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Last-layer attention and value-relation probabilities from the hidden state entering that layer."""
@@ -175,8 +178,9 @@ class HFEncoderTeacher(Teacher):
 
 
 def _last_self_attention(model: Any) -> Any:
-    """The self-attention module (with query/key/value projections) of a BERT-style model's last layer."""
-    enc = getattr(model, "encoder", None)
+    """The self-attention module (with query/key/value projections) of a BERT-style model's last
+    layer (of its base model, for a model with a task head)."""
+    enc = getattr(getattr(model, "base_model", model), "encoder", None)
     layers = getattr(enc, "layer", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__} is not a BERT-style encoder (no encoder.layer); attn_rel/value_rel need one")

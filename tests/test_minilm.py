@@ -1,5 +1,5 @@
 """Transformer teachers -> small transformer students: the wordnet source, the hf_encoder teacher,
-the small_transformer student, the embedding / hidden_mse / minilm losses, the `embedding`
+the hf_encoder student (a real BertModel), the embedding / hidden_mse / minilm losses, the `embedding`
 evaluator, m2mKD module pre-training as parallel Ray tasks, and the text pipeline end to end."""
 
 from __future__ import annotations
@@ -185,18 +185,18 @@ def test_student_init_from_teacher_copies_the_right_layers() -> None:
 
     meta = StudentMeta(in_dim=None, num_classes=0, teachers=["minilm"], widths={})
     teacher = AutoModel.from_pretrained(_model_dir(), local_files_only=True).eval()
-    s = build_student("small_transformer", {"tokens_from": "minilm", "init_from_teacher": [0, 2, 5]}, meta)
+    s = build_student("hf_encoder", {"tokens_from": "minilm", "init_from_teacher": [0, 2, 5]}, meta)
     for i, t in enumerate([0, 2, 5]):
         ts, ss = teacher.encoder.layer[t].state_dict(), s.layers[i].state_dict()
         assert set(ts) == set(ss) and all(torch.equal(ts[k], ss[k]) for k in ts)
     assert not torch.equal(s.layers[1].attention.self.query.weight, teacher.encoder.layer[1].attention.self.query.weight)
     assert torch.equal(s.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight)
-    rnd = build_student("small_transformer", {"tokens_from": "minilm", "init_from_teacher": None}, meta)
+    rnd = build_student("hf_encoder", {"tokens_from": "minilm", "init_from_teacher": None}, meta)
     assert not torch.equal(rnd.layers[0].attention.self.query.weight, teacher.encoder.layer[0].attention.self.query.weight)
     assert s.serving_inputs == ["minilm.input_ids", "minilm.attention_mask"] and s.serving_output == "embedding"
 
     # all six layers copied: the student *is* the teacher, embedding for embedding
-    full = build_student("small_transformer", {"tokens_from": "minilm", "layers": 6, "init_from_teacher": list(range(6)),
+    full = build_student("hf_encoder", {"tokens_from": "minilm", "layers": 6, "init_from_teacher": list(range(6)),
                                                "relations": True}, meta).eval()
     out = _teacher(["embedding", "tokens"]).forward({"text": SENTENCES})
     batch = {"minilm.input_ids": torch.from_numpy(out["input_ids"]), "minilm.attention_mask": torch.from_numpy(out["attention_mask"])}
@@ -208,7 +208,7 @@ def test_student_init_from_teacher_copies_the_right_layers() -> None:
     got = full(batch)
     assert got["attn_logits"].shape == (3, 12, 32, 32) and got["value_logits"].shape == (3, 12, 32, 32)
     with pytest.raises(ValueError, match="one per student layer"):
-        build_student("small_transformer", {"tokens_from": "minilm", "init_from_teacher": [0, 1]}, meta)
+        build_student("hf_encoder", {"tokens_from": "minilm", "init_from_teacher": [0, 1]}, meta)
 
 
 def test_narrow_student_starts_from_projected_teacher_embeddings() -> None:
@@ -227,8 +227,8 @@ def test_narrow_student_starts_from_projected_teacher_embeddings() -> None:
         back = student.embeddings.word_embeddings.weight.detach() @ student.out_proj.weight.detach().T
         return float((w - back).norm() / w.norm())
 
-    pca = residual(build_student("small_transformer", {**narrow, "init_embeddings": True}, meta))
-    rnd = residual(build_student("small_transformer", {**narrow, "init_embeddings": False}, meta))
+    pca = residual(build_student("hf_encoder", {**narrow, "init_embeddings": True}, meta))
+    rnd = residual(build_student("hf_encoder", {**narrow, "init_embeddings": False}, meta))
     assert pca < 0.8 and rnd > 0.99
 
 

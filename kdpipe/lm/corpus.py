@@ -77,6 +77,17 @@ def in_domain(label: int, domain: str) -> bool:
     return domain == "all" or name == domain or name.split(".")[0] == domain
 
 
+def check_holdout(teacher_id: str, setting: str, split: CorpusSplit, source: Any) -> None:
+    """Refuse a teacher that kdpipe trains on glosses (`setting`: its recipe's split) when a
+    `kind: wordnet` source would evaluate the student on rows that teacher trained on."""
+    s = source.split or {}
+    if getattr(getattr(source, "cfg", None), "kind", None) == "wordnet" and s and not split.covers(
+            s.get("salt", ""), float(s.get("val", 0)), float(s.get("test", 0))):
+        raise ValueError(f"teacher '{teacher_id}': {setting} {split.model_dump()} does not hold out every val/test row "
+                         f"of source.split {s}, so the teacher would train on rows the student is evaluated on; use "
+                         "the same salt and a val + test at least as large")
+
+
 def split_of(text: str, split: CorpusSplit) -> Literal["train", "val", "test"]:
     """The split of one text: the same hashing as `kdpipe.sources` (row id of the stripped text)."""
     from kdpipe.sources import _unit, row_id
@@ -117,6 +128,12 @@ def load_glosses(split: Split = "train", domain: str = "all", corpus_split: Corp
     `limit` keeps an evenly spread, deterministic subset (every n-th gloss), so a small run still
     covers every part of speech.
     """
+    return [t for t, _ in load_labeled_glosses(split, domain, corpus_split, limit, wordnet_dir)]
+
+
+def load_labeled_glosses(split: Split = "train", domain: str = "all", corpus_split: CorpusSplit | None = None,
+                         limit: int | None = None, wordnet_dir: str | Path | None = None) -> list[tuple[str, int]]:
+    """`load_glosses` with each gloss's lexicographer file number (its label, 0..44)."""
     cs = corpus_split or CorpusSplit()
     check_domain(domain)
     root = str(wordnet_dir or WORDNET_DIR)
@@ -124,11 +141,11 @@ def load_glosses(split: Split = "train", domain: str = "all", corpus_split: Corp
     lo, hi = {"train": (cs.test + cs.val, 1.0), "val": (cs.test, cs.test + cs.val), "test": (0.0, cs.test),
               "heldout": (0.0, cs.test + cs.val)}[split]
     keep = (u >= lo) & (u < hi)  # the same thresholds as split_of
-    texts = [t for (t, lab), k in zip(_all_glosses(root), keep) if k and in_domain(lab, domain)]
-    if limit is not None and limit < len(texts):
-        step = len(texts) / limit
-        texts = [texts[int(i * step)] for i in range(limit)]
-    return texts
+    rows = [(t, lab) for (t, lab), k in zip(_all_glosses(root), keep) if k and in_domain(lab, domain)]
+    if limit is not None and limit < len(rows):
+        step = len(rows) / limit
+        rows = [rows[int(i * step)] for i in range(limit)]
+    return rows
 
 
 def wordnet_digest(wordnet_dir: str | Path | None = None) -> str:

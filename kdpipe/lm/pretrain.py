@@ -23,10 +23,7 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +35,11 @@ from kdpipe.lm.corpus import (
     CorpusSplit, check_domain, default_tokenizer, encode_texts, load_glosses, pack_texts, tokenizer_digest,
     wordnet_digest,
 )
+from kdpipe.trained_once import REPORT, TrainedOnce, is_trained, train_once
 
 log = logging.getLogger("kdpipe.lm.pretrain")
 
 RECIPE_FORMAT = 1  # bump when the training procedure changes, so old teachers are not reused
-REPORT = "kdpipe_pretrain.json"
 DEFAULT_ROOT = ".kdpipe/teachers"
 LOG_EVERY = 50  # steps between progress lines
 
@@ -100,54 +97,27 @@ def pretrained_dir(recipe: PretrainRecipe, root: str | Path = DEFAULT_ROOT) -> P
     return Path(root) / f"lm-{recipe_digest(recipe)}"
 
 
-@dataclass
-class PretrainResult:
-    """`trained` is False when an earlier run's directory was reused."""
-
-    path: Path
-    digest: str
-    trained: bool
-    report: dict[str, Any] = field(default_factory=dict)
+PretrainResult = TrainedOnce
 
 
 def is_pretrained(path: Path) -> bool:
-    return (path / REPORT).is_file()
+    return is_trained(path, REPORT)
 
 
 def pretrain(recipe: PretrainRecipe, out_dir: str | Path | None = None, root: str | Path = DEFAULT_ROOT,
              num_threads: int | None = None) -> PretrainResult:
     """The teacher of `recipe`: reused when its directory holds a finished run of the same digest,
-    trained (and saved atomically) otherwise.
+    trained (and saved atomically) otherwise (`kdpipe.trained_once`).
 
     `out_dir` pins the directory (a teacher's `path:`); a finished run there with another recipe
     raises instead of silently serving other weights. `num_threads` sets torch's intra-op threads
     for this call only."""
-    digest = recipe_digest(recipe)
     path = Path(out_dir) if out_dir is not None else pretrained_dir(recipe, root)
-    if is_pretrained(path):
-        report = json.loads((path / REPORT).read_text())
-        if report.get("digest") != digest:
-            raise ValueError(f"{path} holds a teacher pretrained with another recipe (digest {report.get('digest')}, "
-                             f"recipe {report.get('recipe')}); this recipe's digest is {digest}. Delete the directory to "
-                             "retrain, or point the teacher's `path:` elsewhere")
-        log.info("pretrained teacher %s reused (digest %s)", path, digest)
-        return PretrainResult(path, digest, False, report)
-    if path.exists() and any(path.iterdir()):
-        raise ValueError(f"{path} exists but holds no finished pretraining ({REPORT} missing); delete it or pick another path")
-    old = torch.get_num_threads()
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    try:
-        model, tok, report = train_teacher(recipe)
-    finally:
-        torch.set_num_threads(old)
-    report["digest"] = digest
-    if not _save(model, tok, report, path):
-        log.info("pretrained teacher %s was finished by another process meanwhile; using it", path)
-        return PretrainResult(path, digest, False, json.loads((path / REPORT).read_text()))
-    log.info("pretrained teacher %s: held-out ppl %.1f (unigram %.1f) in %.0f s", path, report["heldout_ppl"],
-             report["unigram_ppl"], report["train_seconds"])
-    return PretrainResult(path, digest, True, report)
+    res = train_once(path, recipe_digest(recipe), lambda: train_teacher(recipe), "pretrained teacher", REPORT, num_threads)
+    if res.trained:
+        log.info("pretrained teacher %s: held-out ppl %.1f (unigram %.1f) in %.0f s", path, res.report["heldout_ppl"],
+                 res.report["unigram_ppl"], res.report["train_seconds"])
+    return res
 
 
 def build_model(recipe: PretrainRecipe, tokenizer: Any) -> Any:
@@ -269,24 +239,3 @@ def unigram_perplexity(train_windows: np.ndarray, tok: Any, texts: list[str], ma
     logp = np.log((counts + 1) / (counts.sum() + len(counts)))
     ids, _, predicted = _targets(tok, texts, max_length)
     return float(math.exp(-logp[ids[predicted.astype(bool)]].mean()))
-
-
-def _save(model: Any, tok: Any, report: dict[str, Any], path: Path) -> bool:
-    """save_pretrained + tokenizer + report into a temporary sibling, then one rename: a crash
-    never leaves a directory that looks finished. False when another process finished first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / REPORT).write_text(json.dumps(report, indent=1))
-    try:
-        if path.exists() and not any(path.iterdir()):  # an empty directory made by the caller
-            path.rmdir()
-        os.replace(tmp, path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if is_pretrained(path):
-            return False
-        raise
-    return True
