@@ -87,22 +87,32 @@ def main() -> int:
         fn(encode(b, enc, end_to_end))
         return time.perf_counter() - t0
 
-    # The machine is shared: teacher and student run on the same batch back to back (alternating
-    # which goes first), so load changes hit both alike; throughput = sentences / summed batch time.
+    def exit_model(depth: int):
+        m = student.exit_model(depth)
+
+        def run(enc) -> torch.Tensor:
+            return m(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        return run
+
+    # The machine is shared: every model runs on the same batch back to back (the order rotating
+    # from batch to batch), so load changes hit all alike; throughput = sentences / summed batch time.
     load_before = os.getloadavg()
     models = {"teacher": teacher_model, "student": student_model}
+    for depth in getattr(student, "exit_depths", []):  # a multi-exit student: every early exit on its own
+        models[f"exit_depth_{depth}"] = exit_model(depth)
+    names = list(models)
     res: dict[str, dict[str, list[float]]] = {}
     with torch.no_grad():
         for fn in models.values():  # warm-up
             for b, enc in zip(batches[:2], padded[:2]):
                 fn(enc)
         for mode in ("model", "end_to_end"):
-            rounds: dict[str, list[float]] = {"teacher": [], "student": []}
+            rounds: dict[str, list[float]] = {n: [] for n in names}
             for r in range(args.rounds):
-                spent = {"teacher": 0.0, "student": 0.0}
+                spent = dict.fromkeys(names, 0.0)
                 for i, (b, enc) in enumerate(zip(batches, padded)):
-                    order = ("teacher", "student") if (i + r) % 2 == 0 else ("student", "teacher")
-                    for name in order:
+                    k = (i + r) % len(names)
+                    for name in names[k:] + names[:k]:
                         spent[name] += timed(models[name], b, enc, mode == "end_to_end")
                 for name in rounds:
                     rounds[name].append(len(texts) / spent[name])
@@ -114,6 +124,10 @@ def main() -> int:
         summary[mode] = {"teacher_sentences_per_s": round(t, 1), "student_sentences_per_s": round(s, 1),
                          "speedup": round(statistics.median(ratios), 2),
                          "speedup_min_max": [round(min(ratios), 2), round(max(ratios), 2)], "rounds": r}
+        for name in names[2:]:
+            ratios = [b / a for a, b in zip(r["teacher"], r[name])]
+            summary[mode][name] = {"sentences_per_s": round(statistics.median(r[name]), 1),
+                                   "speedup": round(statistics.median(ratios), 2)}
     n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     result = {
         "bench": "minilm_speed", "spec": str(Path(args.spec).relative_to(ROOT)) if Path(args.spec).is_relative_to(ROOT) else args.spec,
@@ -136,6 +150,8 @@ def main() -> int:
         lo, hi = s["speedup_min_max"]
         print(f"{mode:12} {s['teacher_sentences_per_s']:>16.1f}/s {s['student_sentences_per_s']:>16.1f}/s "
               f"{s['speedup']:>8.2f}x {lo:>5.2f}-{hi:.2f}")
+        for name in names[2:]:
+            print(f"{'':12} {name:>20} {s[name]['sentences_per_s']:>16.1f}/s {s[name]['speedup']:>8.2f}x")
     print(f"wrote {args.out}")
     return 0
 

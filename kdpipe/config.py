@@ -185,6 +185,10 @@ class TrainConfig(Strict):
     storage_path: str = Field(".kdpipe/ray_results", description="Ray Train checkpoints: a path, or a URI pyarrow "
                                                                "resolves (s3://, gs://, hdfs://, file://) shared by the nodes")
     checkpoint_every: int = Field(5, ge=1, description="epochs between Ray Train checkpoints (the last epoch always checkpoints)")
+    lr_schedule: Literal["constant", "linear"] = Field("constant", description="constant, or linear decay to 0 by the "
+                                                                             "last step (after the warm-up)")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the run's optimizer steps over which the lr "
+                                                              "rises linearly from 0 (BERT-style fine-tuning needs it)")
     shuffle_buffer: int = Field(0, ge=0, description="rows in Ray Data's local shuffle buffer, reseeded every epoch "
                                                      "(0: the same batch order every epoch)")
     unlabeled_split: Literal["train"] = "train"
@@ -340,7 +344,8 @@ class PipelineConfig(Strict):
         if src is None or src.get("kind") not in TEACHERS or not hasattr(TEACHERS.get(src["kind"]), "model_dir"):
             return data
         try:
-            path = str(TEACHERS.get(src["kind"]).model_dir(TeacherConfig.model_validate(src)))
+            # absolute: Ray Train workers do not run in the driver's working directory
+            path = str(Path(TEACHERS.get(src["kind"]).model_dir(TeacherConfig.model_validate(src))).absolute())
         except (ValueError, ValidationError):
             return data  # the teacher's own validation reports what is wrong with it
         return {**data, "student": {**student, "params": {**params, "teacher_path": path}}}

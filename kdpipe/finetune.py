@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kdpipe.datasets.wordnet import LEXNAMES
 from kdpipe.lm.corpus import CorpusSplit, load_labeled_glosses, wordnet_digest
-from kdpipe.trained_once import REPORT, TrainedOnce, train_once
+from kdpipe.trained_once import REPORT, TrainedOnce, optimizer_step, train_once
 
 log = logging.getLogger("kdpipe.finetune")
 
@@ -132,16 +132,10 @@ def train_classifier(recipe: FinetuneRecipe, device: str | None = None) -> tuple
         pos += recipe.batch_size
         mask = enc["attention_mask"][idx]
         width = int(mask.sum(1).max())  # right padding: train only up to the longest real row
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, recipe)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
             loss = model(input_ids=enc["input_ids"][idx, :width].to(device), attention_mask=mask[:, :width].to(device),
                          labels=labels[idx].to(device)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(opt, model, loss, lr_at(step, recipe)))
         if (step + 1) % LOG_EVERY == 0 or step + 1 == recipe.steps:
             log.info("fine-tune step %d/%d: loss %.3f, %.0f s", step + 1, recipe.steps, np.mean(losses[-LOG_EVERY:]),
                      time.perf_counter() - t0)

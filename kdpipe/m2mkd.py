@@ -43,6 +43,12 @@ def _boundary_loss(kind: str, out: torch.Tensor, target: torch.Tensor, mask: tor
     return (((out - target) ** 2) * m[..., None]).sum() / (m.sum() * out.shape[-1]).clamp(min=1.0)
 
 
+def layer_prefix(student: torch.nn.Module, i: int) -> str:
+    """The state-dict prefix of the student's block i (`hf_model.encoder.layer.<i>.` for a BertModel)."""
+    target = student.layers[i]
+    return next(f"{name}." for name, m in student.named_modules() if m is target)
+
+
 def train_module(plan: dict[str, int], job: dict[str, Any], init: dict[str, np.ndarray],
                  x: np.ndarray, y: np.ndarray, mask: np.ndarray,
                  vx: np.ndarray, vy: np.ndarray, vmask: np.ndarray) -> dict[str, Any]:
@@ -91,7 +97,7 @@ def train_module(plan: dict[str, int], job: dict[str, Any], init: dict[str, np.n
                 vl += float(_boundary_loss(job["loss"], student.run_layers(hx, m, s0, s1), hy, m)) * len(idx)
                 vrows += len(idx)
         history.append({"train_loss": tot / max(rows, 1), "val_loss": vl / max(vrows, 1)})
-    state = {f"layers.{i}.{k}": v.detach().cpu().numpy()
+    state = {f"{layer_prefix(student, i)}{k}": v.detach().cpu().numpy()
              for i in range(s0, s1) for k, v in student.layers[i].state_dict().items()}
     return {"module": plan["module"], "state": state, "history": history, "pid": os.getpid(),
             "start": start, "end": time.time()}
@@ -164,8 +170,8 @@ def pretrain_modules(cfg: PipelineConfig, meta: Any, splits: dict[str, Any], run
     t0 = time.time()
     futures = []
     for p in plan:
-        layer_init = {k: v for k, v in init_state.items()
-                      if any(k.startswith(f"layers.{i}.") for i in range(p["s0"], p["s1"]))}
+        prefixes = tuple(layer_prefix(student, i) for i in range(p["s0"], p["s1"]))
+        layer_init = {k: v for k, v in init_state.items() if k.startswith(prefixes)}
         futures.append(remote.remote(p, job, layer_init,
                                      refs[("train", p["t0"])], refs[("train", p["t1"])], refs[("train", "mask")],
                                      refs[("val", p["t0"])], refs[("val", p["t1"])], refs[("val", "mask")]))

@@ -67,6 +67,17 @@ def train_once(path: Path, digest: str, train: Callable[[], tuple[Any, Any, dict
     return TrainedOnce(path, digest, True, result)
 
 
+def optimizer_step(opt: Any, model: Any, loss: Any, lr: float) -> float:
+    """One clipped AdamW step at learning rate `lr` (the recipes' training loops); the loss as a float."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def save_atomically(model: Any, tok: Any, result: dict[str, Any], path: Path, report: str = REPORT) -> bool:
     """save_pretrained + tokenizer + report into a temporary sibling, then one rename. False when
     another process finished the same directory first."""

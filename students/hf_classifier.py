@@ -186,11 +186,12 @@ class HFClassifierStudent(nn.Module):
         with `depth`, the model truncated to that exit (its first `depth` layers and its head)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self._exit_model(depth).save_pretrained(d)
+        self.exit_model(depth).save_pretrained(d)
         load_tokenizer(str(self.teacher_dir), None).save_pretrained(d)
         return d
 
-    def _exit_model(self, depth: int | None) -> nn.Module:
+    def exit_model(self, depth: int | None) -> nn.Module:
+        """The model truncated to the exit at `depth` (the full model for None or the last layer)."""
         import copy
 
         from transformers import BertForSequenceClassification

@@ -258,3 +258,23 @@ def test_multi_exit_classifier_exports_each_exit_as_its_own_model(tmp_path: Path
         torch.testing.assert_close(got, out["exits"][i], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="increasing layer numbers in 1..2"):
         build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "layers": 3, "exits": [3]}, meta)
+
+
+def test_lr_schedule_warms_up_then_decays_linearly_to_zero() -> None:
+    """BERT-style fine-tuning's schedule (`train.lr_schedule: linear`, `warmup_ratio`): the lr rises
+    from lr/warm to lr over the warm-up steps, then falls linearly to 0 at the job's last step."""
+    from kdpipe.train import make_schedule
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = make_schedule(opt, {"lr_schedule": "linear", "warmup_ratio": 0.1}, {"steps_per_epoch": 25, "epochs": 4})
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # 10 warm-up steps of 100
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5) and lrs[99] == pytest.approx(1 / 90)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    const = make_schedule(torch.optim.SGD([p], lr=1.0), {}, {"epochs": 3})
+    assert const.get_last_lr() == [1.0]

@@ -85,3 +85,42 @@ def test_a_version_without_the_kdpipe_flavor_is_refused_not_unpickled(tmp_path: 
     import shutil
 
     shutil.rmtree(tmp_path / "mlartifacts")  # the one pickle made on purpose; the suite-wide scan finds any other
+
+
+class _TokenBag(torch.nn.Module):
+    """A student that is not a Hugging Face model but serves on (input_ids, attention_mask)."""
+
+    serving_inputs = ["t.input_ids", "t.attention_mask"]
+    serving_output = "embedding"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(3000, 8)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        m = batch["t.attention_mask"].float()[..., None]
+        return {"embedding": (self.emb(batch["t.input_ids"].long()) * m).sum(1) / m.sum(1).clamp(min=1)}
+
+
+def test_a_token_student_exports_with_dynamic_batch_and_length(tmp_path: Path) -> None:
+    """Custom token students go through the exported program too: two named inputs, the batch and
+    the sequence length dynamic, no pickle."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    torch.manual_seed(0)
+    student = _TokenBag().eval()
+    rng = np.random.default_rng(0)
+    example = {"t.input_ids": rng.integers(0, 3000, (4, 12)), "t.attention_mask": np.ones((4, 12), np.int64)}
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    exp = MlflowClient().create_experiment("tok", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    with mlflow.start_run(experiment_id=exp) as run:
+        pass
+    mv = reg.log_and_register(run.info.run_id, student, example, "tok", {}, {"kind": "custom", "params": {}, "meta": {}})
+    assert reg.pickles_in(tmp_path / "mlartifacts") == []
+    served = mlflow.pytorch.load_model(f"models:/tok/{mv.version}")
+    ids, mask = torch.randint(0, 3000, (3, 7)), torch.ones(3, 7, dtype=torch.int64)  # other batch and length
+    mask[0, 4:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids, mask), student({"t.input_ids": ids, "t.attention_mask": mask})["embedding"])

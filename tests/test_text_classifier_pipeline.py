@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.timeout(900),
               pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").exists(), reason="needs wordnet-base (make install)")]
 
 
+@pytest.mark.slow  # fine-tune + MiniLM teaching + two TorchTrainer fits + registry: ≈ 3 min idle; `make test-all`
 def test_text_classifier_pipeline_fine_tunes_teaches_distils_and_ships(ray_local, tmp_path: Path) -> None:
     import mlflow
     import mlflow.transformers

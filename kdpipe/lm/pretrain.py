@@ -35,7 +35,7 @@ from kdpipe.lm.corpus import (
     CorpusSplit, check_domain, default_tokenizer, encode_texts, load_glosses, pack_texts, tokenizer_digest,
     wordnet_digest,
 )
-from kdpipe.trained_once import REPORT, TrainedOnce, is_trained, train_once
+from kdpipe.trained_once import REPORT, TrainedOnce, is_trained, optimizer_step, train_once
 
 log = logging.getLogger("kdpipe.lm.pretrain")
 
@@ -176,15 +176,9 @@ def train_teacher(recipe: PretrainRecipe, device: str | None = None) -> tuple[An
             order, pos = torch.randperm(len(windows), generator=g), 0
         batch = windows[order[pos : pos + recipe.batch_size]].to(device)
         pos += recipe.batch_size
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, recipe)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
             loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(opt, model, loss, lr_at(step, recipe)))
         if (step + 1) % LOG_EVERY == 0 or step + 1 == recipe.steps:
             el = time.perf_counter() - t0
             log.info("pretrain step %d/%d: loss %.3f, %.0f s, %.0f tokens/s", step + 1, recipe.steps,
