@@ -18,8 +18,8 @@ labels' names (``id2label``): `pipeline("text-classification", dir)` and
 `mlflow.transformers` (task ``text-classification``) load it.
 
 Multi-exit (hierarchical self-distillation, as in "One Model to Train them All"): `exits: [1, 2]`
-adds a classification head (pooler + classifier, started from the model's own head) after layers 1
-and 2 of a deeper student; `forward` then also returns ``exits``, the list of exit logits shallow ->
+adds a classification head (a fresh pooler + classifier, BERT's own init) after layers 1 and 2 of
+a deeper student; `forward` then also returns ``exits``, the list of exit logits shallow ->
 deep ending with the final ``logits``, which the `self_distill` loss trains (deeper exits teach
 shallower ones) and the classification evaluator scores one by one. One run yields a family of
 models: `save_hf(dir, depth=d)` writes the first d layers and the exit head at d as a standalone
@@ -129,9 +129,11 @@ class HFClassifierStudent(nn.Module):
                 a.endswith("ForSequenceClassification") for a in tc.get("architectures") or []):
             self._copy_head(d)
         self.exit_depths = list(exits or [])
+        # fresh heads: the teacher's pooler, copied to a shallow exit, saturated its tanh on that
+        # layer's differently scaled states (measured: exits 1 and 2 stuck at the majority class)
         self.exit_heads = nn.ModuleList([ExitHead(self.config) for _ in self.exit_depths])
-        for head in self.exit_heads:  # every exit starts from the final head (the teacher's, when copied)
-            head.start_from(self.hf_model)
+        for head in self.exit_heads:
+            head.apply(self.hf_model._init_weights)
 
     @staticmethod
     def _labels(tc: dict[str, Any], num_classes: int) -> dict[int, str]:
@@ -224,10 +226,6 @@ class ExitHead(nn.Module):
         drop = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(drop)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-
-    def start_from(self, model: Any) -> None:
-        self.pooler.load_state_dict(model.bert.pooler.state_dict())
-        self.classifier.load_state_dict(model.classifier.state_dict())
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.pooler(hidden)))

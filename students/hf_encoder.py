@@ -40,7 +40,7 @@ def _teacher_config(teacher_path: str | None, teacher_package: str | None) -> di
     return json.loads(f.read_text())
 
 
-class SmallTransformerParams(BaseModel):
+class HFEncoderStudentParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tokens_from: str = Field(description="teacher id whose cached input_ids/attention_mask the student reads")
     teacher_path: str | None = Field(None, description="teacher's local model dir (config, and weights for init)")
@@ -61,7 +61,7 @@ class SmallTransformerParams(BaseModel):
     classifier: bool = Field(False, description="a linear probe on the detached embedding -> `logits` (train it with `ce`)")
 
     @model_validator(mode="after")
-    def _check(self) -> "SmallTransformerParams":
+    def _check(self) -> "HFEncoderStudentParams":
         tc = _teacher_config(self.teacher_path, self.teacher_package)
         t_layers, t_hidden = int(tc["num_hidden_layers"]), int(tc["hidden_size"])
         hidden = self.hidden_size or t_hidden
@@ -173,7 +173,7 @@ def _migrate_state(state: dict[str, Any], prefix: str, *_: Any) -> None:
 @STUDENTS.register("hf_encoder")
 @STUDENTS.register("small_transformer")
 class HFEncoderStudent(nn.Module):
-    Params = SmallTransformerParams
+    Params = HFEncoderStudentParams
     hf_task = "feature-extraction"
 
     def __init__(self, in_dim: int | None, num_classes: int, tokens_from: str, teacher_path: str | None = None,
