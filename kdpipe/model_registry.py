@@ -193,7 +193,8 @@ def _log_transformers(run_id: str, student: nn.Module, model_name: str, tags: di
         hf_dir = student.save_hf(Path(d) / "hf")  # type: ignore[operator]
         path = Path(d) / "student"
         mlflow.transformers.save_model(
-            {"model": student.hf_model.eval(), "tokenizer": AutoTokenizer.from_pretrained(hf_dir)},  # type: ignore[attr-defined]
+            {"model": student.hf_model.eval(),  # type: ignore[attr-defined]
+             "tokenizer": getattr(student, "tokenizer", None) or AutoTokenizer.from_pretrained(hf_dir)},
             str(path), task=task,
             pip_requirements=_requirements("torch", "transformers", "tokenizers", "safetensors",
                                            *(["sentence-transformers"] if task == "feature-extraction" else [])))
