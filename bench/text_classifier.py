@@ -66,7 +66,7 @@ def collect(uri: str, seeds: list[int]) -> tuple[dict[str, dict[str, list[float]
         seed, m = int(r.data.params["seed"]), r.data.metrics
         if seed not in seeds or "test_acc" not in m:
             continue
-        label = ROWS[2] if r.data.params.get("student.params.init_from") not in (None, "None", "") else ROWS[0]
+        label = ROWS[2] if r.data.params.get("student.params.init_from") not in (None, "None", "null", "") else ROWS[0]
         runs.append({"seed": seed, "row": label, "run_id": r.info.run_id, "metrics": {k: v for k, v in m.items() if "test_" in k}})
         for k in METRICS:
             rows[label].setdefault(k, []).append(m[k])
