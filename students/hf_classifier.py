@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from students import STUDENTS
-from students.hf_encoder import copy_from_teacher, load_tokenizer, relation_outputs, student_bert_config
+from students.hf_encoder import copy_from_teacher, load_tokenizer, relation_outputs, student_bert_config, teacher_dir
 
 
 class HFClassifierParams(BaseModel):
@@ -77,16 +77,6 @@ class HFClassifierParams(BaseModel):
         return self
 
 
-def _teacher_dir(teacher_path: str | None, teacher_package: str | None) -> Path:
-    from teachers.hf_encoder import resolve_model_dir
-
-    d = resolve_model_dir(teacher_path, teacher_package)
-    if not (d / "config.json").is_file():
-        raise ValueError(f"teacher model directory '{d}' has no config.json (student.params.teacher_path); the teacher "
-                         "must exist before its student is built (`kdpipe teach SPEC` fine-tunes a recipe teacher)")
-    return d
-
-
 @STUDENTS.register("hf_classifier")
 class HFClassifierStudent(nn.Module):
     Params = HFClassifierParams
@@ -101,7 +91,7 @@ class HFClassifierStudent(nn.Module):
         super().__init__()
         from transformers import BertForSequenceClassification
 
-        d = _teacher_dir(teacher_path, teacher_package)
+        d = teacher_dir(teacher_path, teacher_package)
         tc = json.loads((d / "config.json").read_text())
         bad = [l for l in init_from_teacher or [] if not 0 <= l < int(tc["num_hidden_layers"])]
         if bad:

@@ -30,14 +30,20 @@ from torch import nn
 from students import STUDENTS
 
 
-def _teacher_config(teacher_path: str | None, teacher_package: str | None) -> dict[str, Any]:
+def teacher_dir(teacher_path: str | None, teacher_package: str | None) -> Path:
+    """The teacher's Hugging Face directory (`teacher_path`, else the package's model), which must exist."""
     from teachers.hf_encoder import resolve_model_dir
 
     d = resolve_model_dir(teacher_path, teacher_package)
-    f = d / "config.json"
-    if not f.is_file():
-        raise ValueError(f"teacher model directory '{d}' has no config.json (student.params.teacher_path / teacher_package)")
-    return json.loads(f.read_text())
+    if not (d / "config.json").is_file():
+        raise ValueError(f"teacher model directory '{d}' has no config.json (student.params.teacher_path / "
+                         "teacher_package); the teacher must exist before its student is built (`kdpipe teach SPEC` "
+                         "fine-tunes a recipe teacher)")
+    return d
+
+
+def _teacher_config(teacher_path: str | None, teacher_package: str | None) -> dict[str, Any]:
+    return json.loads((teacher_dir(teacher_path, teacher_package) / "config.json").read_text())
 
 
 class HFEncoderStudentParams(BaseModel):
@@ -185,9 +191,8 @@ class HFEncoderStudent(nn.Module):
         super().__init__()
         from transformers import BertModel
 
-        from teachers.hf_encoder import resolve_model_dir
-
-        tc = _teacher_config(teacher_path, teacher_package)
+        d = teacher_dir(teacher_path, teacher_package)
+        tc = json.loads((d / "config.json").read_text())
         self.config = student_bert_config(tc, layers, hidden_size, num_heads, intermediate_size, dropout)
         self.hf_model = BertModel(self.config, add_pooling_layer=False)  # BERT's own init (normal(0, 0.02))
         hidden, heads = self.config.hidden_size, self.config.num_attention_heads
@@ -203,8 +208,7 @@ class HFEncoderStudent(nn.Module):
         self.teacher_path, self.teacher_package = teacher_path, teacher_package
         copy_emb = init_embeddings and hidden <= int(tc["hidden_size"])
         if init_from_teacher is not None or copy_emb:
-            copy_from_teacher(self.hf_model, resolve_model_dir(teacher_path, teacher_package), init_from_teacher,
-                              copy_emb, self.out_proj)
+            copy_from_teacher(self.hf_model, d, init_from_teacher, copy_emb, self.out_proj)
         self._register_load_state_dict_pre_hook(_migrate_state)
 
     @property
@@ -216,8 +220,6 @@ class HFEncoderStudent(nn.Module):
         return self.hf_model.encoder.layer
 
     # ---- pieces shared with m2mKD module training --------------------------------------------
-    additive_mask = staticmethod(additive_mask)
-
     def run_layers(self, h: torch.Tensor, mask: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Blocks [start, end) on hidden states h (N, L, H)."""
         ext = additive_mask(mask, h.dtype)
