@@ -14,7 +14,9 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	# torch first: the CPU wheel found locally; the constraints file keeps every other package on it.
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	# compat: the project dir goes on sys.path, so Ray workers started in a directory that holds its own
+	# `teachers/` or `students/` folder still import kdpipe's packages (the default finder loses to it)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e . --config-settings editable_mode=compat
 	# real offline English text for pipelines/minilm_*.yaml (WordNet 3.0 glosses, 28 MB)
 	test -d /usr/share/wordnet || (apt-get update -qq && apt-get install -y -qq --no-install-recommends wordnet-base)
 	touch $@

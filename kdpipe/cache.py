@@ -7,6 +7,13 @@ Layout: ``<cache_root>/<teacher_id>/<fingerprint>/``
 
 A cache (or a part) exists only once the manifest names it; the manifest is replaced
 atomically (write + fsync + rename), so an interrupted run leaves nothing that looks complete.
+
+A cache may also live at a URI that pyarrow's filesystems resolve (`teach.cache_root: s3://…`,
+see `kdpipe.storage`). Object stores have neither rename nor file locks, so there a running teach
+stage writes its part straight into ``parts/<unique name>/`` — unread until the manifest names
+it — and the manifest is one object written whole. Runs are not serialised there: of two teach
+runs that add to one remote cache at the same moment, the manifest written last wins and the
+other run's rows are taught again by the next run (never held twice).
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ import shutil
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from kdpipe import storage
 from kdpipe.config import KdpipeError
 
 import pyarrow as pa
@@ -42,14 +50,6 @@ def fingerprint(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "w") as fh:
@@ -59,15 +59,31 @@ def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def cache_at(root: str | os.PathLike[str], *parts: str) -> "TeacherCache":
+    """The cache below `teach.cache_root` (a path or a URI)."""
+    return TeacherCache(storage.join(root, *parts) if storage.is_remote(root) else Path(storage.local(root), *parts))
+
+
 @dataclass
 class TeacherCache:
-    dir: Path
+    dir: Path | str  # a local directory, or a URI (`s3://bucket/cache/<teacher>/<fingerprint>`)
+    _committed: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @property
-    def manifest_path(self) -> Path:
-        return self.dir / MANIFEST
+    def remote(self) -> bool:
+        return storage.is_remote(self.dir)
+
+    def location(self, rel: str) -> Any:
+        """A file of the cache by its manifest path (a Path locally, a URI string remotely)."""
+        return storage.join(self.dir, rel) if self.remote else Path(self.dir) / rel
+
+    @property
+    def manifest_path(self) -> Any:
+        return self.location(MANIFEST)
 
     def manifest(self) -> dict[str, Any] | None:
+        if self.remote:
+            return json.loads(storage.read_text(self.manifest_path)) if storage.exists(self.manifest_path) else None
         if not self.manifest_path.exists():
             return None
         return json.loads(self.manifest_path.read_text())
@@ -75,7 +91,7 @@ class TeacherCache:
     def is_complete(self) -> bool:
         return self.manifest() is not None
 
-    def files(self, verify: bool = True) -> list[Path]:
+    def files(self, verify: bool = True) -> list[Any]:
         """Parquet files named by the manifest (checked against their sha256 when verify)."""
         m = self.manifest()
         if m is None:
@@ -83,13 +99,13 @@ class TeacherCache:
         out = []
         for part in m["parts"]:
             for f in part["files"]:
-                p = self.dir / f["path"]
-                if not p.exists():
+                p = self.location(f["path"])
+                if not storage.exists(str(p)):
                     raise CacheCorruptError(f"cache file {p} named in {self.manifest_path} is missing; delete {self.dir} and rerun `kdpipe teach`")
-                if verify and sha256_file(p) != f["sha256"]:
+                if verify and storage.sha256(str(p)) != f["sha256"]:
                     raise CacheCorruptError(
                         f"cache file {p} does not match its checksum in {self.manifest_path} (corrupt or truncated); "
-                        f"delete {self.dir / 'parts' / part['name']} and its entry, or the whole cache dir, and rerun `kdpipe teach`"
+                        f"delete {self.location('parts/' + part['name'])} and its entry, or the whole cache dir, and rerun `kdpipe teach`"
                     )
                 out.append(p)
         return out
@@ -101,7 +117,8 @@ class TeacherCache:
         tables = []
         for f in files:
             try:
-                tables.append(pq.read_table(f, columns=columns))
+                with storage.open_input(str(f)) as fh:
+                    tables.append(pq.read_table(fh, columns=columns))
             except (pa.ArrowInvalid, OSError) as e:
                 raise CacheCorruptError(f"cache file {f} cannot be read ({e}); delete {self.dir} and rerun `kdpipe teach`") from None
         if not tables:
@@ -118,18 +135,27 @@ class TeacherCache:
         return self.read(columns=["id"], verify=False)["id"].combine_chunks()
 
     @contextlib.contextmanager
-    def staging(self) -> Iterator[Path]:
-        """A fresh staging dir, owned by this run for as long as the context is open.
+    def staging(self) -> Iterator[Any]:
+        """Where this run writes its part, owned by the run for as long as the context is open.
 
-        Ownership is an flock on ``.staging/<name>.lock``, taken before the dir exists and held
-        until it is committed or removed. Clean-up removes only the staging dirs whose lock no
-        live process holds (a crashed run's), never one that a concurrent run is still writing.
-        The dir is gone on exit unless `commit` moved it into parts/.
+        Locally: a fresh dir under ``.staging``, owned through an flock on ``.staging/<name>.lock``,
+        taken before the dir exists and held until it is committed or removed. Clean-up removes only
+        the staging dirs whose lock no live process holds (a crashed run's), never one that a
+        concurrent run is still writing. The dir is gone on exit unless `commit` moved it into parts/.
+        Remotely: ``parts/<unique name>`` (see the module docstring), removed on exit unless committed.
         """
-        root = self.dir / ".staging"
+        name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        if self.remote:
+            path = self.location(f"parts/{_part_name()}-{name}")
+            try:
+                yield path
+            finally:
+                if path not in self._committed:
+                    storage.delete_dir(path)
+            return
+        root = Path(self.dir) / ".staging"
         root.mkdir(parents=True, exist_ok=True)
         self._remove_orphans(root)
-        name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         lock_path, path = root / f"{name}.lock", root / name
         fh = open(lock_path, "w")
         try:
@@ -161,43 +187,68 @@ class TeacherCache:
                 shutil.rmtree(entry, ignore_errors=True)
                 lock_path.unlink(missing_ok=True)
 
-    def commit(self, staging: Path, header: dict[str, Any], source_fingerprint: str) -> dict[str, Any]:
-        """Move a staged part into parts/ and publish it in the manifest (atomically, manifest last)."""
-        files = sorted(staging.glob("*.parquet"))
+    def commit(self, staging: Any, header: dict[str, Any], source_fingerprint: str) -> dict[str, Any]:
+        """Publish a staged part in the manifest (locally: moved into parts/ first; manifest last)."""
+        files = staged_files(staging)
         m = self.manifest() or {**header, "format": FORMAT_VERSION, "parts": [], "created": _now()}
-        name = f"{len(m['parts']) + 1:04d}-{uuid.uuid4().hex[:8]}"
-        part_dir = self.dir / "parts" / name
-        part_dir.parent.mkdir(parents=True, exist_ok=True)
+        if self.remote:  # already in parts/: the manifest is what publishes it
+            name = storage.name(str(staging))
+        else:
+            name = f"{len(m['parts']) + 1:04d}-{uuid.uuid4().hex[:8]}"
+            for f in files:
+                _fsync(Path(f))  # the bytes are on disk before any manifest names them
         entries = []
         rows = 0
         schema = None
         for f in files:
-            _fsync(f)  # the bytes are on disk before any manifest names them
-            meta = pq.read_metadata(f)
-            rows += meta.num_rows
-            schema = schema or pq.read_schema(f)
-            entries.append({"path": f"parts/{name}/{f.name}", "sha256": sha256_file(f), "rows": meta.num_rows})
-        os.replace(staging, part_dir)
-        _fsync(part_dir.parent)
+            with storage.open_input(f) as fh:
+                pf = pq.ParquetFile(fh)
+                rows += pf.metadata.num_rows
+                schema = schema or pf.schema_arrow
+                entries.append({"path": f"parts/{name}/{storage.name(f)}", "sha256": storage.sha256(f),
+                                "rows": pf.metadata.num_rows})
+        if not self.remote:
+            part_dir = Path(self.dir) / "parts" / name
+            part_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging, part_dir)
+            _fsync(part_dir.parent)
         m["parts"].append({"name": name, "files": entries, "rows": rows, "source_fingerprint": source_fingerprint, "created": _now()})
         m["rows"] = sum(p["rows"] for p in m["parts"])
         if schema is not None and not m.get("schema"):
             m["schema"] = {fld.name: str(fld.type) for fld in schema}
         m["updated"] = _now()
-        _atomic_write_json(self.manifest_path, m)
-        _fsync(self.dir)
+        if self.remote:
+            storage.write_text(self.manifest_path, json.dumps(m, indent=2, sort_keys=True))
+            self._committed.add(str(staging))
+        else:
+            _atomic_write_json(self.manifest_path, m)
+            _fsync(Path(self.dir))
         return m
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive per-cache lock (a scheduled retrain beside a manual run must not both add a part)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "w") as fh:
+        """Exclusive per-cache lock (a scheduled retrain beside a manual run must not both add a part).
+        Object stores have no locks: remote caches are not serialised (see the module docstring)."""
+        if self.remote:
+            yield
+            return
+        Path(self.dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(self.dir) / ".lock", "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def staged_files(staging: Any) -> list[str]:
+    """The Parquet files a teach or fusion stage wrote into its staging location, sorted."""
+    return storage.files_under(str(staging), (".parquet",))
+
+
+def _part_name() -> str:
+    """Remote part names sort by creation time (local ones by their number in the manifest)."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime())
 
 
 def _fsync(path: Path) -> None:

@@ -30,7 +30,6 @@ with the base folded into the members: with weights on the simplex the base canc
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -249,7 +248,8 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from kdpipe.cache import TeacherCache
+    from kdpipe import storage
+    from kdpipe.cache import cache_at, staged_files
     from kdpipe.teach import TeachResult, _check_staged
     from kdpipe.views import Side, cache_side, join_on_id
 
@@ -260,7 +260,7 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
     if missing:
         raise KeyError(f"fusion: no cache for teacher(s) {missing}; taught: {sorted(results)}")
     fp = fused_fingerprint(cfg, results)
-    cache = TeacherCache(Path(cfg.teach.cache_root) / "fused" / fp)
+    cache = cache_at(cfg.teach.cache_root, "fused", fp)
     with cache.lock():
         have = cache.id_array()
         ids = source.ids
@@ -290,7 +290,7 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
                   "output_spec": {"outputs": outputs, "format": FUSION_FORMAT}}
         with cache.staging() as staging:
             fused.write_parquet(str(staging), **write)
-            got = sum(pq.read_metadata(p).num_rows for p in staging.glob("*.parquet"))
+            got = sum(pq.ParquetFile(storage.open_input(p)).metadata.num_rows for p in staged_files(staging))
             if got < len(ids):  # the inner join dropped rows some member does not hold
                 raise RuntimeError(f"fusion: the member caches lack {len(ids) - got} of {len(ids)} rows; "
                                    "run `kdpipe teach SPEC` first")

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kdpipe import storage
 from kdpipe.config import KdpipeError, PipelineConfig
 from kdpipe.sources import SourceData, load_source
 from kdpipe.teach import TeachResult
@@ -45,8 +45,9 @@ class Scores:
     arrays: dict[str, dict[str, Any]] = field(default_factory=dict)  # figure data by metric prefix
 
 
-def quarantine_dir(cfg: PipelineConfig) -> Path:
-    return Path(cfg.teach.cache_root).parent / "quarantine"
+def quarantine_dir(cfg: PipelineConfig) -> str:
+    """Bad rows are kept beside the caches (a bucket too, when `teach.cache_root` is a URI)."""
+    return storage.join(storage.parent(storage.normalize(cfg.teach.cache_root)), "quarantine")
 
 
 # ------------------------------------------------------------------ prepare and teach
@@ -97,14 +98,14 @@ def check_vocabularies(cfg: PipelineConfig) -> None:
 
 def locate_caches(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachResult]:
     """Find the complete caches for this spec without teaching (for `kdpipe distil`)."""
-    from kdpipe.cache import TeacherCache
+    from kdpipe.cache import cache_at
     from kdpipe.teach import teacher_fingerprint
     from teachers import TEACHERS
 
     out: dict[str, TeachResult] = {}
     for t in cfg.teachers:
         fp = teacher_fingerprint(t, TEACHERS.get(t.kind).weights_digest(t))
-        cache = TeacherCache(Path(cfg.teach.cache_root) / t.id / fp)
+        cache = cache_at(cfg.teach.cache_root, t.id, fp)
         if not cache.is_complete():
             raise KdpipeError(f"no complete cache for teacher '{t.id}' at {cache.dir}; run `kdpipe teach SPEC` first")
         out[t.id] = TeachResult(t.id, cache, fp, 0, True)
@@ -163,7 +164,11 @@ def log_inputs(run: Any, cfg: PipelineConfig, source: SourceData, taught: dict[s
     for tid, r in taught.items():
         run.client.log_text(run.run_id, json.dumps(r.manifest(), indent=2), f"caches/{tid}/MANIFEST.json")
     if source.quarantine_path:  # the skipped rows and why, beside the run that skipped them
-        run.client.log_artifact(run.run_id, source.quarantine_path, "quarantine")
+        q = source.quarantine_path
+        if storage.is_remote(q):
+            run.client.log_text(run.run_id, storage.read_text(q), f"quarantine/{storage.name(q)}")
+        else:
+            run.client.log_artifact(run.run_id, q, "quarantine")
     counts = {f"rows_{k}": v for k, v in views.rows.items()}
     counts["rows_train_labeled"] = count_labeled(views.train)
     counts["rows_bad_skipped"] = source.bad_rows
@@ -175,9 +180,9 @@ def log_inputs(run: Any, cfg: PipelineConfig, source: SourceData, taught: dict[s
 def dataset_inputs(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult]) -> list[tuple[str, str, str, str]]:
     """The source and each teacher cache as MLflow dataset inputs: (name, fingerprint, URI, context)."""
     src = cfg.source
-    where = str(Path(src.path).resolve()) if src.path and "://" not in src.path else (src.path or f"{src.kind}:")
+    where = storage.display(src.path) if src.path else f"{src.kind}:"
     out = [(f"source:{src.kind}", source.fingerprint, where, "source")]
-    out += [(f"cache:{tid}", r.fingerprint, str(Path(r.cache.dir).resolve()), "teacher-cache") for tid, r in taught.items()]
+    out += [(f"cache:{tid}", r.fingerprint, storage.display(r.cache.dir), "teacher-cache") for tid, r in taught.items()]
     return out
 
 

@@ -14,11 +14,13 @@ and `SourceData.table` materialises the full table for the student, which trains
 from __future__ import annotations
 
 import csv
-import glob
 import hashlib
+import io
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kdpipe import storage
 from kdpipe.arrays import to_fixed_list
 from kdpipe.config import KdpipeError, SourceConfig
 
@@ -54,13 +57,10 @@ def _unit(salt: str, rid: str) -> float:
 
 
 def _resolve_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
-    else:
-        files = sorted(glob.glob(path))
+    files = storage.files_under(path, suffixes)
     if not files:
-        raise BadInputError(f"source.path '{path}' matches no {'/'.join(suffixes)} files; check the path (relative to {os.getcwd()})")
+        where = "" if storage.is_remote(path) else f" (relative to {os.getcwd()})"
+        raise BadInputError(f"source.path '{path}' matches no {'/'.join(suffixes)} files; check the path{where}")
     return files
 
 
@@ -75,12 +75,14 @@ def list_files(cfg: SourceConfig) -> list[str]:
     return _resolve_files(cfg.path, suffix)
 
 
+def _builtin(f: str) -> bool:
+    """The pseudo-file of a built-in set (`sklearn:digits`, `wordnet:`), not a path or a URI."""
+    return f in ("sklearn:digits", "wordnet:")
+
+
 def _stamp(f: str) -> list[int]:
     """Size and mtime of a real file (what a later read checks to catch a file changed underneath)."""
-    if ":" in f and not os.path.exists(f):
-        return [0, 0]
-    st = os.stat(f)
-    return [st.st_size, st.st_mtime_ns]
+    return [0, 0] if _builtin(f) else storage.stamp(f)
 
 
 def _chunks(items: list[Any], start: int) -> Iterator[list[Any]]:
@@ -125,7 +127,7 @@ def raw_chunks(cfg: SourceConfig, f: str, start: int = 0) -> Iterator[pa.Table |
 def _parquet_chunks(cfg: SourceConfig, f: str, start: int) -> Iterator[pa.Table]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(f)
+    pf = pq.ParquetFile(storage.open_input(f))
     names = pf.schema_arrow.names
     col = cfg.features or cfg.text
     for key, name in (("features" if cfg.features else "text", col), ("label", cfg.label)):
@@ -174,7 +176,7 @@ def _records(cfg: SourceConfig, f: str, start: int) -> Iterator[dict[str, Any]]:
                 continue
             yield _pick(cfg, f, r)
         return
-    with open(f, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+    with io.TextIOWrapper(storage.open_binary(f), newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
         for name, setting in ((cfg.features or cfg.text, "features" if cfg.features else "text"), (cfg.label, "label")):
@@ -186,10 +188,16 @@ def _records(cfg: SourceConfig, f: str, start: int) -> Iterator[dict[str, Any]]:
 
 
 def _lines(f: str) -> Iterator[bytes]:
-    """Lines as `bytes.splitlines` cuts them (\\n, \\r\\n and a lone \\r all end a line), streamed."""
-    with open(f, "rb") as fh:
-        for raw in fh:
-            yield from raw.splitlines()
+    """Lines as `bytes.splitlines` cuts them (\\n, \\r\\n and a lone \\r all end a line), streamed
+    a MB at a time (cut at the last \\n, so a \\r\\n never straddles two reads)."""
+    rest = b""
+    with storage.open_binary(f) as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            buf = rest + chunk
+            cut = buf.rfind(b"\n") + 1
+            yield from buf[:cut].splitlines()
+            rest = buf[cut:]
+    yield from rest.splitlines()
 
 
 def _pick(cfg: SourceConfig, f: str, r: dict[str, Any], vector_cells: bool = False) -> dict[str, Any]:
@@ -409,7 +417,8 @@ class SourceData:
         import pyarrow.parquet as pq
 
         assert self.index_path is not None
-        return pq.read_table(self.index_path)
+        with storage.open_input(self.index_path) as fh:
+            return pq.read_table(fh)
 
     @property
     def ids(self) -> pa.ChunkedArray:
@@ -418,7 +427,9 @@ class SourceData:
             return self.index_["id"]
         import pyarrow.parquet as pq
 
-        return pq.read_table(self.index_path, columns=["id"])["id"]
+        assert self.index_path is not None
+        with storage.open_input(self.index_path) as fh:
+            return pq.read_table(fh, columns=["id"])["id"]
 
     @property
     def num_rows(self) -> int:
@@ -576,22 +587,30 @@ def read_file_rows(cfg: SourceConfig, f: str, stamp: list[int] | None, rows: np.
 
 
 class _Quarantine:
-    """Bad rows go to a side file as they are found (opened on the first one)."""
+    """Bad rows go to a side file as they are found (opened on the first one). A remote quarantine
+    dir gets the file when the pass ends (written locally first: object stores do not append)."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.dir, self.path, self.fh, self.count = Path(directory), None, None, 0
+        self.dir, self.path, self.fh, self.count = str(directory), None, None, 0
+        self.local: str | None = None
 
     def add(self, rec: dict[str, Any]) -> None:
         if self.fh is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.path = str(self.dir / f"bad-rows-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl")
-            self.fh = open(self.path, "w")
+            fname = f"bad-rows-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
+            self.path = storage.join(self.dir, fname)
+            if storage.is_remote(self.dir):
+                self.local = os.path.join(tempfile.mkdtemp(prefix="kdpipe-quarantine-"), fname)
+            else:
+                Path(storage.local(self.dir)).mkdir(parents=True, exist_ok=True)
+            self.fh = open(self.local or self.path, "w")
         self.fh.write(json.dumps(rec) + "\n")
         self.count += 1
 
     def close(self) -> None:
         if self.fh is not None:
             self.fh.close()
+            if self.local is not None and self.path is not None:
+                storage.upload(self.local, self.path)
 
 
 RAW_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("file", pa.int32()), ("row", pa.int64())])
@@ -606,18 +625,20 @@ def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kd
 
     The only per-row memory is an 8-byte digest of each id (for de-duplication): 8 MB a million rows.
     """
-    if cfg.kind == "wordnet" or cfg.path:  # readers run in Ray workers: give them absolute paths
+    if cfg.kind == "wordnet" or cfg.path:  # readers run in Ray workers: give them absolute paths (or URIs)
         from kdpipe.datasets.wordnet import WORDNET_DIR
 
-        cfg = cfg.model_copy(update={"path": os.path.abspath(cfg.path or WORDNET_DIR)})
+        cfg = cfg.model_copy(update={"path": storage.normalize(cfg.path or WORDNET_DIR)})
     files = list_files(cfg)
     stamps = [_stamp(f) for f in files]
     features = cfg.features is not None or cfg.kind == "sklearn_digits"
-    index_dir = Path(index_dir if index_dir is not None else Path(quarantine_dir).parent / "index")
-    index_dir.mkdir(parents=True, exist_ok=True)
+    index_dir = str(index_dir) if index_dir is not None else storage.join(storage.parent(str(quarantine_dir)), "index")
+    # built locally (a remote index dir gets the finished file as one object), read by Ray Data from index_dir
+    work = Path(tempfile.mkdtemp(prefix="kdpipe-index-") if storage.is_remote(index_dir) else storage.local(index_dir))
+    work.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), files, stamps]).encode()).hexdigest()[:16]
     stem = f".{key}-{os.getpid()}-{time.time_ns()}"
-    raw, staged = index_dir / f"{stem}.raw", index_dir / f"{stem}.parquet"
+    raw, staged = work / f"{stem}.raw", work / f"{stem}.parquet"
     try:
         digests, dim, bad, quarantine = _index_pass(cfg, files, features, quarantine_dir, raw)
         drop = _duplicate_rows(digests)
@@ -625,11 +646,13 @@ def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kd
         stats = _split_pass(raw, staged, drop, cfg.split)
         if stats["rows"] == 0:
             raise BadInputError(f"source {cfg.kind} {cfg.path or ''} yielded no usable rows ({bad} bad)")
-        path = index_dir / f"index-{key}.parquet"
-        os.replace(staged, path)  # atomic: a concurrent run with the same key writes the same rows
+        path = storage.join(index_dir, f"index-{key}.parquet")
+        storage.upload(staged, path)  # a rename locally (atomic: a concurrent run with the same key writes the same rows)
     finally:
         for f in (raw, staged):
             f.unlink(missing_ok=True)
+        if storage.is_remote(index_dir):
+            shutil.rmtree(work, ignore_errors=True)
     num_classes = cfg.num_classes or (stats["max_label"] + 1 if stats["max_label"] >= 0 else None)
     return SourceData(None, "features" if features else "text", dim, num_classes, stats["fingerprint"], files, bad,
                       quarantine, cfg.split.model_dump(), cfg=cfg, stamps=stamps, index_path=str(path), rows_=stats["rows"])
@@ -658,7 +681,7 @@ def _index_pass(cfg: SourceConfig, files: list[str], features: bool, quarantine_
                 dim = c.dim if features else None
                 for off, why, preview in c.bad:
                     if cfg.on_bad_rows == "fail":
-                        where = "" if ":" in f and not os.path.exists(f) else f" (record {row0 + off} of {f}, from 0)"
+                        where = "" if _builtin(f) else f" (record {row0 + off} of {f}, from 0)"
                         raise BadInputError(f"bad input row {seen_raw + off}: {why}{where}. Fix the data, or set "
                                             "`source.on_bad_rows: skip` to quarantine bad rows")
                     q.add({"row": seen_raw + off, "file": f, "file_row": row0 + off, "reason": why, "preview": preview})

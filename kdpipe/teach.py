@@ -7,7 +7,6 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kdpipe.arrays import to_fixed_list
-from kdpipe.cache import TeacherCache, fingerprint
+from kdpipe import storage
+from kdpipe.cache import TeacherCache, cache_at, fingerprint, staged_files
 from kdpipe.config import KdpipeError, PipelineConfig, TeacherConfig
 from kdpipe.sources import SourceData
 
@@ -163,7 +163,7 @@ def teach_one(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData) -> T
     cls.prepare(tcfg, source)
     digest = cls.weights_digest(tcfg)
     fp = teacher_fingerprint(tcfg, digest)
-    cache = TeacherCache(Path(cfg.teach.cache_root) / tcfg.id / fp)
+    cache = cache_at(cfg.teach.cache_root, tcfg.id, fp)
     with cache.lock():
         return _teach_missing(cfg, tcfg, source, cache, fp, digest)
 
@@ -245,12 +245,13 @@ def id_multiset_hash(ids: pa.Array | pa.ChunkedArray) -> int:
     return total % 2**64
 
 
-def _check_staged(staging: Path, todo: pa.ChunkedArray | pa.Array) -> None:
+def _check_staged(staging: Any, todo: pa.ChunkedArray | pa.Array) -> None:
     """Every requested row exactly once, before the part may be published. Staged files are read
     one at a time and folded into a count and a multiset hash, so memory does not grow with rows."""
     rows, digest = 0, 0
-    for f in sorted(staging.glob("*.parquet")):
-        ids = pq.read_table(f, columns=["id"])["id"]
+    for f in staged_files(staging):
+        with storage.open_input(f) as fh:
+            ids = pq.read_table(fh, columns=["id"])["id"]
         rows += len(ids)
         digest = (digest + id_multiset_hash(ids)) % 2**64
     want = len(todo)

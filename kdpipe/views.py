@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kdpipe import storage
 from kdpipe.cache import TeacherCache
 from kdpipe.config import KdpipeError
 from kdpipe.sources import SourceData
@@ -61,7 +62,7 @@ def cache_side(tid: str, cache: TeacherCache, verify: bool = True) -> Side:
         raise KdpipeError(f"teacher cache {cache.dir} holds no rows; run `kdpipe teach SPEC` first")
     ds = ray.data.read_parquet([str(f) for f in files])
     names = [c for c in ds.columns() if c != "id"]
-    return Side(tid, ds.rename_columns({c: f"{tid}.{c}" for c in names}), sum(f.stat().st_size for f in files))
+    return Side(tid, ds.rename_columns({c: f"{tid}.{c}" for c in names}), sum(storage.size(str(f)) for f in files))
 
 
 def source_side(source: SourceData) -> Side:

@@ -121,3 +121,38 @@ class RayCluster:
         psutil.wait_procs(procs, timeout=15)
         shutil.rmtree(self.tmp, ignore_errors=True)
         shutil.rmtree(f"{self.tmp}w", ignore_errors=True)
+
+
+class S3Server:
+    """moto's standalone S3-compatible server on 127.0.0.1, with one bucket; `env` is what a
+    process needs to use it (the same AWS_* variables a MinIO or AWS user sets)."""
+
+    def __init__(self, root: Path, bucket: str = "kdpipe-test") -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.bucket = bucket
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+                    "AWS_ENDPOINT_URL": self.endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
+        self.proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=open(root / "s3.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_http(f"{self.endpoint}/moto-api/", timeout=60)
+            self.filesystem().create_dir(bucket)
+        except BaseException:
+            self.stop()
+            raise
+
+    def filesystem(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1",
+                                 endpoint_override=f"127.0.0.1:{self.port}", scheme="http", allow_bucket_creation=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
