@@ -77,9 +77,9 @@ def accuracy_counts(out: dict[str, Any], labels: torch.Tensor) -> dict[str, torc
     return counts
 
 
-def _allreduce(sums: dict[str, float], device: torch.device | None = None) -> dict[str, float]:
-    """Sum `sums` over the ranks. The tensor lives on the training device: with `use_gpu` the
-    process group is NCCL, which has no CPU backend (found on an H200: "No backend type
+def _allreduce(sums: dict[str, float], device: torch.device | None = None, op: str = "sum") -> dict[str, float]:
+    """Sum (or min) `sums` over the ranks. The tensor lives on the training device: with `use_gpu`
+    the process group is NCCL, which has no CPU backend (found on an H200: "No backend type
     associated with device type cpu")."""
     import torch.distributed as dist
 
@@ -87,7 +87,7 @@ def _allreduce(sums: dict[str, float], device: torch.device | None = None) -> di
         return sums
     keys = sorted(sums)
     t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))
 
 
@@ -98,7 +98,63 @@ def epoch_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, e
     if not shuffle_buffer:
         return shard.iter_torch_batches(batch_size=batch_size)
     return shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=shuffle_buffer,
-                                    local_shuffle_seed=(seed * 1_000_003 + epoch * 1_009 + rank) % 2**31)
+                                    local_shuffle_seed=_shuffle_seed(seed, epoch, rank))
+
+
+def _shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
+
+
+class EpochReplay:
+    """A worker's shard, kept in its memory after the first epoch when every rank's shard fits.
+
+    Each epoch of a Ray Data shard is a new streaming execution: ~0.25 s here even for a shard of a
+    few hundred rows, which is most of a small student's epoch. A shard whose tensors fit in
+    `limit_bytes` on every rank is kept (as one tensor per column, dtype as streamed) after its first
+    pass, and later epochs are sliced from memory: the same batches in the same order, or, with a
+    shuffle buffer, a full shuffle of the shard seeded by (seed, epoch, rank). The ranks decide
+    together (an all-reduce): Ray Data's streaming split starts an epoch only when every rank asks.
+    """
+
+    def __init__(self, shard: Any, limit_bytes: float, device: torch.device | None = None) -> None:
+        self.shard, self.limit, self.device = shard, limit_bytes, device
+        self.columns: dict[str, torch.Tensor] | None = None
+        self.decided = limit_bytes <= 0
+
+    def batches(self, batch_size: int, shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0, rank: int = 0) -> Any:
+        if self.columns is not None:
+            yield from self._replay(batch_size, shuffle_buffer, seed, epoch, rank)
+            return
+        kept: list[dict[str, torch.Tensor]] | None = [] if not self.decided else None
+        size = 0
+        for batch in epoch_batches(self.shard, batch_size, shuffle_buffer, seed, epoch, rank):
+            if kept is not None:
+                size += sum(v.nbytes for v in batch.values() if isinstance(v, torch.Tensor))
+                if size <= self.limit and all(isinstance(v, torch.Tensor) for v in batch.values()):
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield batch
+        if not self.decided:
+            self.decided = True
+            if _allreduce({"fits": float(kept is not None)}, self.device, op="min")["fits"]:
+                # every rank replays from now on (an empty shard too: no rank may ask Ray Data for an epoch alone)
+                self.columns = {k: torch.cat([b[k] for b in kept]) for k in kept[0]} if kept else {}
+
+    def _replay(self, batch_size: int, shuffle_buffer: int, seed: int, epoch: int, rank: int) -> Any:
+        assert self.columns is not None
+        if not self.columns:
+            return
+        n = len(next(iter(self.columns.values())))
+        order = None
+        if shuffle_buffer:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(_shuffle_seed(seed, epoch, rank)))
+        for i in range(0, n, batch_size):
+            if order is None:
+                yield {k: v[i : i + batch_size] for k, v in self.columns.items()}
+            else:
+                idx = order[i : i + batch_size]
+                yield {k: v.index_select(0, idx) for k, v in self.columns.items()}
 
 
 def steps_per_epoch(ds: Any, train_cfg: Any) -> int:
@@ -152,15 +208,17 @@ def train_loop(config: dict[str, Any]) -> None:
         done = dict(resume["done"])
         stats["unsent"] = list(resume.get("unsent", []))
         stats["env"] = dict(resume.get("env", {}))
-    for j, job in enumerate(config["jobs"]):
+    shards: dict[str, EpochReplay] = {}  # by dataset name: the student and its twin share the val shard (and
+    for j, job in enumerate(config["jobs"]):  # the train shard when the twin reads all train rows)
         if job["name"] not in done:
             at = resume if resume is not None and resume["job"] == j else None
-            done[job["name"]] = train_job(config, meta, j, job, done, at, resumed=ckpt is not None, stats=stats)
+            done[job["name"]] = train_job(config, meta, j, job, done, at, resumed=ckpt is not None, stats=stats,
+                                          shards=shards)
 
 
 def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, Any],
               done: dict[str, dict[str, torch.Tensor]], resume: dict[str, Any] | None, resumed: bool,
-              stats: dict[str, Any]) -> dict[str, torch.Tensor]:
+              stats: dict[str, Any], shards: dict[str, EpochReplay] | None = None) -> dict[str, torch.Tensor]:
     """One student's epochs on this worker's shard of `job["dataset"]`; returns its weights."""
     import ray.train
     import ray.train.torch
@@ -191,8 +249,12 @@ def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, 
             sched.load_state_dict(resume["sched"])
         start = int(resume["epoch"]) + 1
     tracker = MetricsLogger(config["tracking_uri"], config["run_id"], prefix=job["prefix"]) if rank == 0 else None
-    train_shard = ray.train.get_dataset_shard(job["dataset"])
-    val_shard = ray.train.get_dataset_shard("val")
+    shards = {} if shards is None else shards
+    limit = float(config.get("keep_in_memory_mb", 0)) * 2**20
+    for name in (job["dataset"], "val"):
+        if name not in shards:
+            shards[name] = EpochReplay(ray.train.get_dataset_shard(name), limit, device)
+    train_shard, val_shard = shards[job["dataset"]], shards["val"]
     fail_at = config.get("fail_at_epoch")
     epochs = job["epochs"]
     for epoch in range(start, epochs):
@@ -254,14 +316,13 @@ def precision_name(amp: torch.dtype | None) -> str:
     return "fp32" if amp is None else f"{str(amp).removeprefix('torch.').replace('bfloat16', 'bf16')} autocast"
 
 
-def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: Any, val_shard: Any,
+def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: EpochReplay, val_shard: EpochReplay,
               config: dict[str, Any], epoch: int, rank: int, device: torch.device,
               amp: torch.dtype | None, sched: Any = None) -> dict[str, float]:
     """One pass over the train shard and one over the val shard; metrics averaged over all ranks."""
     model.train()
     sums: dict[str, float] = defaultdict(float)
-    for batch in epoch_batches(train_shard, config["batch_size"], config.get("shuffle_buffer", 0),
-                               config["seed"], epoch, rank):
+    for batch in train_shard.batches(config["batch_size"], config.get("shuffle_buffer", 0), config["seed"], epoch, rank):
         batch = widen(batch, device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss, parts = model(batch)
@@ -278,7 +339,7 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: Any, va
     model.eval()
     vs: dict[str, float] = defaultdict(float)
     with torch.no_grad():
-        for batch in val_shard.iter_torch_batches(batch_size=512):
+        for batch in val_shard.batches(512):
             batch = widen(batch, device)
             for k, v in accuracy_counts(_unwrap(model).student(batch), batch["label"]).items():
                 vs[k] += float(v)
@@ -389,6 +450,7 @@ def fit(
             "lr_schedule": train_cfg.lr_schedule, "warmup_ratio": train_cfg.warmup_ratio,
             "seed": seed, "tracking_uri": tracking_uri, "run_id": run_id,
             "checkpoint_every": train_cfg.checkpoint_every, "shuffle_buffer": train_cfg.shuffle_buffer,
+            "keep_in_memory_mb": train_cfg.keep_in_memory_mb,
             "fail_at_epoch": fail_at_epoch, "precision": train_cfg.precision,
         },
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,

@@ -168,3 +168,35 @@ def test_shuffle_buffer_reorders_batches_every_epoch_reproducibly(ray_local) -> 
     assert sorted(e0) == sorted(e1) == list(range(200))
     assert e0 == e0_again and e0 != e1
     assert order(0, 0) == order(0, 1) == list(range(200))
+
+
+def test_small_shards_are_replayed_from_worker_memory_after_the_first_epoch(ray_local) -> None:
+    """train.keep_in_memory_mb: a shard that fits is streamed from Ray Data once, then every epoch
+    is sliced from memory — the same rows in the same batches (no shuffle), or a new seeded order
+    of all rows (shuffle); a shard over the limit is streamed every epoch."""
+    from kdpipe.train import EpochReplay
+
+    class Counting:  # the shard, counting how many epochs Ray Data was asked for
+        def __init__(self, it):
+            self.it, self.epochs = it, 0
+
+        def iter_torch_batches(self, **kw):
+            self.epochs += 1
+            return self.it.iter_torch_batches(**kw)
+
+    def epochs(limit_mb: float, buffer: int, n: int = 3) -> tuple[list[list[list[int]]], int]:
+        shard = Counting(ray_local.data.range(200, override_num_blocks=4).iterator())
+        replay = EpochReplay(shard, limit_mb * 2**20)
+        out = [[b["id"].tolist() for b in replay.batches(32, buffer, seed=0, epoch=e, rank=0)] for e in range(n)]
+        return out, shard.epochs
+
+    kept, asked = epochs(1, 0)
+    assert asked == 1 and kept[0] == kept[1] == kept[2] and [len(b) for b in kept[0]] == [32] * 6 + [8]
+    assert sum(kept[0], []) == list(range(200))
+    streamed, asked = epochs(0.0001, 0)  # 1.6 KB of ids: more than 100 bytes
+    assert asked == 3 and streamed == kept
+    shuffled, asked = epochs(1, 500)
+    again, _ = epochs(1, 500)
+    assert asked == 1 and shuffled == again
+    assert all(sorted(sum(e, [])) == list(range(200)) for e in shuffled)
+    assert sum(shuffled[1], []) != sum(shuffled[2], [])
