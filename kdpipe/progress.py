@@ -1,9 +1,10 @@
-"""What a person watching the console sees while a student trains: one line per epoch.
+"""What a person watching the console sees while a stage runs: plain lines every few seconds.
 
-Training runs in Ray Train workers, whose output the embedded Ray keeps off the console. Rank 0
-already writes every epoch's metrics to the MLflow run, so the driver reads them back from there
-(a poll of the run's metric history every few seconds) and logs them with the time per epoch and
-an ETA: the progress shown is what the run recorded, nothing else.
+Teaching and training run in Ray workers, whose output the embedded Ray keeps off the console, so
+the driver watches what they record and logs it with a rate and an ETA: the teach stage's Parquet
+files as they land in the staging location (rows come from the files' footers), and the training
+run's per-epoch metrics, which rank 0 already writes to MLflow. The progress shown is what was
+written, nothing else; polling never raises (progress is cosmetic).
 """
 
 from __future__ import annotations
@@ -16,7 +17,72 @@ from typing import Any
 log = logging.getLogger("kdpipe.progress")
 
 
-class EpochProgress:
+class _Poller:
+    """A context manager that calls `poll` every `every_s` seconds on a thread, and once at exit."""
+
+    every_s = 3.0
+
+    def __enter__(self) -> Any:
+        self._start = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kdpipe-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.poll()  # what was written just before the stage returned
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.poll()
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+
+class TeachProgress(_Poller):
+    """Context manager around a teach stage's write: logs `<label>: done/total rows (rows/s, ETA)`
+    whenever more output files have landed in `staging` (a path or URI)."""
+
+    def __init__(self, label: str, staging: Any, total: int, every_s: float = 5.0) -> None:
+        self.label, self.staging, self.total, self.every_s = label, str(staging), total, every_s
+        self.rows: dict[str, int] = {}  # rows per finished file (a footer is read once)
+        self.shown = 0
+        self._start = time.monotonic()
+
+    def poll(self) -> None:
+        try:
+            self._count()
+        except Exception as e:  # noqa: BLE001
+            log.debug("teach progress poll failed: %s", e)
+            return
+        done = sum(self.rows.values())
+        if done <= self.shown:
+            return
+        self.shown = done
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        rate = done / elapsed
+        eta = f", ETA {(self.total - done) / rate:.0f} s" if done < self.total else ""
+        log.info("%s: %d/%d rows (%.0f rows/s%s)", self.label, done, self.total, rate, eta)
+
+    def _count(self) -> None:
+        import pyarrow.parquet as pq
+
+        from kdpipe.cache import staged_files
+        from kdpipe.storage import open_input
+
+        for f in staged_files(self.staging):
+            if f not in self.rows:
+                try:
+                    with open_input(f) as fh:
+                        self.rows[f] = pq.ParquetFile(fh).metadata.num_rows
+                except Exception:  # noqa: BLE001 - still being written: counted at a later poll
+                    continue
+
+
+class EpochProgress(_Poller):
     """Context manager around a fit: for each track `(name, metric prefix, epochs)` (the student and
     its twin train in one run, one after the other), logs `<name> epoch i/N: loss … val_…
     (s/epoch, ETA)` for the newest recorded epoch at each poll (every `every_s` seconds) and for
@@ -27,25 +93,7 @@ class EpochProgress:
         self.uri, self.run_id, self.tracks = tracking_uri, run_id, tracks
         self.every_s = every_s
         self.shown = {prefix: -1 for _, prefix, _ in tracks}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._start = 0.0
-
-    def __enter__(self) -> "EpochProgress":
         self._start = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="kdpipe-progress", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self.poll()  # the last epochs, logged just before the fit returned
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.poll()
 
     def poll(self) -> None:
         """Log each track's newest epoch recorded since the last poll (never raises: progress is

@@ -18,6 +18,7 @@ from kdpipe.arrays import to_fixed_list
 from kdpipe import storage
 from kdpipe.cache import TeacherCache, cache_at, fingerprint, staged_files
 from kdpipe.config import KdpipeError, PipelineConfig, TeacherConfig
+from kdpipe.progress import TeachProgress
 from kdpipe.sources import SourceData
 
 log = logging.getLogger("kdpipe.teach")
@@ -185,7 +186,8 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
     with cache.staging() as staging:
         ds = teach_dataset(cfg.teach, tcfg, source, todo if len(have) else None, len(todo))
         try:
-            ds.write_parquet(str(staging), **TEACHERS.get(tcfg.kind).parquet_options)
+            with TeachProgress(f"teacher {tcfg.id}", staging, len(todo)):
+                ds.write_parquet(str(staging), **TEACHERS.get(tcfg.kind).parquet_options)
         except Exception as e:  # Ray Data wraps errors raised in the actors; surface ours as they were
             root = _kdpipe_cause(e)
             if root is None:

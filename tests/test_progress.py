@@ -38,3 +38,24 @@ def test_progress_logs_the_newest_recorded_epoch_with_pace_and_eta(tmp_path: Pat
     assert "first epoch, 0 s into the run" in lines[0]
     assert "train_loss 0.5000 val_acc 0.6000 (2.00 s/epoch, ETA 6 s)" in lines[1]
     assert "train_loss 0.2500 val_acc 0.8000 (2.00 s/epoch, ETA 2 s)" in lines[2]
+
+
+def test_teach_progress_counts_the_rows_of_files_that_landed(tmp_path: Path, caplog) -> None:
+    """Teach progress reads rows from the footers of the output files in the staging dir; a file
+    still being written (no footer yet) is counted once it is whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kdpipe.progress import TeachProgress
+
+    caplog.set_level(logging.INFO, logger="kdpipe.progress")
+    with TeachProgress("teacher t", tmp_path, 300, every_s=3600) as p:
+        p.poll()  # nothing yet: no line
+        pq.write_table(pa.table({"id": [str(i) for i in range(100)]}), tmp_path / "a.parquet")
+        (tmp_path / "b.parquet").write_bytes(b"PAR1 half a file")
+        p.poll()
+        p.poll()  # nothing new: no line
+        pq.write_table(pa.table({"id": [str(i) for i in range(200)]}), tmp_path / "b.parquet")
+    lines = [r.getMessage() for r in caplog.records if r.name == "kdpipe.progress"]
+    assert [line.split(" (")[0] for line in lines] == ["teacher t: 100/300 rows", "teacher t: 300/300 rows"]
+    assert "ETA" in lines[0] and "ETA" not in lines[1]
