@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -75,11 +75,17 @@ def source_side(source: SourceData) -> Side:
     return Side("source", base.select_columns(["id", "label", "split", "labeled"]), source.num_rows * 48)
 
 
-def join_on_id(sides: list[Side], broadcast_bytes: int | None = None) -> Any:
+def join_on_id(sides: list[Side], broadcast_bytes: int | None = None,
+               then: Callable[[pa.Table], pa.Table] | None = None) -> Any:
     """Inner join of `sides` on `id`, planned like a query engine plans it: the largest side
     streams; every other side small enough (`broadcast_bytes`, default `BROADCAST_BYTES`) is
     loaded once per worker and looked up by id (a broadcast join: no shuffle); larger sides are
-    hash-joined by Ray Data (`Dataset.join`, a shuffle). No side passes through the driver."""
+    hash-joined by Ray Data (`Dataset.join`, a shuffle). No side passes through the driver.
+
+    `then` (a block -> block function) runs on each joined block inside the lookup actor, not as
+    a step of its own: on 2 CPUs a separate step after the actor could not get a CPU while the
+    read and rename tasks upstream held both, backpressured, waiting for it (the MiniLM views of
+    20,000 rows stalled that way, for good)."""
     limit = BROADCAST_BYTES if broadcast_bytes is None else broadcast_bytes
     ordered = sorted(sides, key=lambda s: -s.nbytes)
     out = ordered[0].ds
@@ -89,9 +95,9 @@ def join_on_id(sides: list[Side], broadcast_bytes: int | None = None) -> Any:
             parts = max(1, min(256, math.ceil(side.nbytes / JOIN_PARTITION_BYTES)))
             out = out.join(side.ds, "inner", num_partitions=parts, on=("id",))
     if small:  # one actor looks up every small side: one process, a fraction of a CPU
-        out = out.map_batches(LookupJoin, fn_constructor_kwargs={"sides": [side_table(s.ds) for s in small]},
-                              batch_format="pyarrow", batch_size=None, compute=_one_actor(), num_cpus=0.5)
-    return out
+        return out.map_batches(LookupJoin, fn_constructor_kwargs={"sides": [side_table(s.ds) for s in small], "then": then},
+                               batch_format="pyarrow", batch_size=None, compute=_one_actor(), num_cpus=0.5)
+    return out if then is None else out.map_batches(then, batch_format="pyarrow", batch_size=None)
 
 
 def side_table(ds: Any) -> Any:
@@ -117,10 +123,11 @@ class LookupJoin:
     """`map_batches` callable: the small sides' rows for each id of a block (inner join). Each side
     is fetched once per actor and its ids sorted once, so a block costs a binary search per side."""
 
-    def __init__(self, sides: list[Any]) -> None:
+    def __init__(self, sides: list[Any], then: Callable[[pa.Table], pa.Table] | None = None) -> None:
         import numpy as np
         import ray
 
+        self.then = then
         self.sides = []
         for ref in sides:
             table = ray.get(ref)
@@ -132,24 +139,24 @@ class LookupJoin:
         import numpy as np
 
         for ids, order, table in self.sides:
-            want = np.asarray(block["id"].to_numpy(zero_copy_only=False)).astype("S")
-            if len(ids) == 0:
-                return block.slice(0, 0)
-            pos = np.minimum(np.searchsorted(ids, want), len(ids) - 1)
-            found = ids[pos] == want
-            block = block.filter(pa.array(found))
-            rows = table.take(pa.array(order[pos[found]], pa.int64()))
+            if len(ids) == 0:  # an empty side: no row joins, but the block keeps the side's columns
+                block, rows = block.slice(0, 0), table.slice(0, 0)
+            else:
+                want = np.asarray(block["id"].to_numpy(zero_copy_only=False)).astype("S")
+                pos = np.minimum(np.searchsorted(ids, want), len(ids) - 1)
+                found = ids[pos] == want
+                block = block.filter(pa.array(found))
+                rows = table.take(pa.array(order[pos[found]], pa.int64()))
             for name in rows.column_names:
                 block = block.append_column(name, rows[name])
-        return block
+        return block if self.then is None else self.then(block)
 
 
 def build_views(source: SourceData, caches: dict[str, TeacherCache], verify: bool = True,
                 broadcast_bytes: int | None = None) -> SplitViews:
     """The split datasets of a run: source ⋈ every cache on `id`, prepared and materialised."""
     sides = [source_side(source)] + [cache_side(tid, c, verify) for tid, c in caches.items()]
-    joined = join_on_id(sides, broadcast_bytes).map_batches(prepare_block, batch_format="pyarrow",
-                                                             batch_size=None).materialize()
+    joined = join_on_id(sides, broadcast_bytes, then=prepare_block).materialize()
     counts = _split_counts(joined)
     if sum(counts.values()) != source.num_rows:
         missing = source.num_rows - sum(counts.values())
