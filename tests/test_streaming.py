@@ -57,6 +57,8 @@ def test_views_join_every_part_keep_fp16_and_hide_labels(ray_local, tmp_path: Pa
 
     views = build_views(source, {"digits_mlp": cache})
     assert sum(views.rows.values()) == 600
+    plan = views.train.stats()  # blocks are prepared inside the lookup actor: a step after it stalled on 2 CPUs
+    assert "MapBatches(LookupJoin)" in plan and "prepare_block" not in plan
     batch = views.train.take_batch(1000, batch_format="numpy")
     assert batch["digits_mlp.topk_val"].dtype == np.float16  # stays fp16 in the object store
     assert float_batch(batch)["digits_mlp.topk_val"].dtype.is_floating_point
