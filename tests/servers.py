@@ -35,6 +35,16 @@ def wait_http(url: str, timeout: float = 240.0) -> None:
     raise TimeoutError(f"{url} did not come up in {timeout:.0f} s")
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a server started in its own session (and its children), SIGKILL if it lingers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 class MlflowServer:
     """`mlflow server` on 127.0.0.1 with a sqlite store and served artifacts under `root`."""
 
@@ -65,12 +75,7 @@ class MlflowServer:
         self.proc.wait(15)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_group(self.proc)
 
 
 class RayCluster:
@@ -150,9 +155,4 @@ class S3Server:
                                  endpoint_override=f"127.0.0.1:{self.port}", scheme="http", allow_bucket_creation=True)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_group(self.proc)
