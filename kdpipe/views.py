@@ -94,12 +94,9 @@ def join_on_id(sides: list[Side], broadcast_bytes: int | None = None,
         if side.nbytes > limit:
             parts = max(1, min(256, math.ceil(side.nbytes / JOIN_PARTITION_BYTES)))
             out = out.join(side.ds, "inner", num_partitions=parts, on=("id",))
-    if small:  # one actor looks up every small side: one process, a fraction of a CPU. Not restarted: its
-        # constructor holds object refs, which Ray flags for a restartable actor with an `E core_worker` console
-        # line on every run; a lookup actor that dies (out of memory) fails the stage with Ray's error instead
+    if small:  # one actor looks up every small side: one process, a fraction of a CPU
         return out.map_batches(LookupJoin, fn_constructor_kwargs={"sides": [side_table(s.ds) for s in small], "then": then},
-                               batch_format="pyarrow", batch_size=None, compute=_one_actor(), num_cpus=0.5,
-                               max_restarts=0)
+                               batch_format="pyarrow", batch_size=None, compute=_one_actor(), num_cpus=0.5)
     return out if then is None else out.map_batches(then, batch_format="pyarrow", batch_size=None)
 
 
