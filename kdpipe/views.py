@@ -45,24 +45,34 @@ class SplitViews:
 
 @dataclass
 class Side:
-    """One input of a join on `id`: a Ray Dataset and the bytes it holds (what the planner reads)."""
+    """One input of a join on `id`: a Ray Dataset, the bytes it holds (what the planner reads) and
+    the prefix its columns other than `id` take in the joined rows (``<prefix>.<column>``). The
+    prefix is applied where the side is consumed, not by a rename step of its own: on 2 CPUs a
+    rename step between a backpressured read and the join actor could never get a CPU (the
+    MiniLM views of 20,000 rows stalled for good that way)."""
 
     name: str
     ds: Any
     nbytes: int
+    prefix: str | None = None
+
+
+def prefixed(block: pa.Table, prefix: str | None) -> pa.Table:
+    if not prefix:
+        return block
+    return block.rename_columns([c if c == "id" else f"{prefix}.{c}" for c in block.column_names])
 
 
 def cache_side(tid: str, cache: TeacherCache, verify: bool = True) -> Side:
     """One teacher's cache: every part the manifest names (checksums verified first, a file at a
-    time), columns renamed to ``<tid>.<column>``."""
+    time); its columns join as ``<tid>.<column>``."""
     import ray.data
 
     files = cache.files(verify=verify)
     if not files:
         raise KdpipeError(f"teacher cache {cache.dir} holds no rows; run `kdpipe teach SPEC` first")
     ds = ray.data.read_parquet([str(f) for f in files])
-    names = [c for c in ds.columns() if c != "id"]
-    return Side(tid, ds.rename_columns({c: f"{tid}.{c}" for c in names}), sum(storage.size(str(f)) for f in files))
+    return Side(tid, ds, sum(storage.size(str(f)) for f in files), prefix=tid)
 
 
 def source_side(source: SourceData) -> Side:
@@ -88,29 +98,44 @@ def join_on_id(sides: list[Side], broadcast_bytes: int | None = None,
     20,000 rows stalled that way, for good)."""
     limit = BROADCAST_BYTES if broadcast_bytes is None else broadcast_bytes
     ordered = sorted(sides, key=lambda s: -s.nbytes)
-    out = ordered[0].ds
-    small = [s for s in ordered[1:] if s.nbytes <= limit]
-    for side in ordered[1:]:
-        if side.nbytes > limit:
+    stream, rest = ordered[0], ordered[1:]
+    small = [s for s in rest if s.nbytes <= limit]
+    large = [s for s in rest if s.nbytes > limit]
+    out, prefix = stream.ds, stream.prefix
+    if large:  # Ray Data's hash join needs distinct column names on its inputs: prefixed by a step of their own
+        out, prefix = _with_prefix(out, prefix), None
+        for side in large:
             parts = max(1, min(256, math.ceil(side.nbytes / JOIN_PARTITION_BYTES)))
-            out = out.join(side.ds, "inner", num_partitions=parts, on=("id",))
+            out = out.join(_with_prefix(side.ds, side.prefix), "inner", num_partitions=parts, on=("id",))
     if small:  # one actor looks up every small side: one process, a fraction of a CPU
-        return out.map_batches(LookupJoin, fn_constructor_kwargs={"sides": [side_table(s.ds) for s in small], "then": then},
+        return out.map_batches(LookupJoin, fn_constructor_kwargs={"sides": [side_table(s.ds, s.prefix) for s in small],
+                                                                  "prefix": prefix, "then": then},
                                batch_format="pyarrow", batch_size=None, compute=_one_actor(), num_cpus=0.5)
-    return out if then is None else out.map_batches(then, batch_format="pyarrow", batch_size=None)
+    if prefix is None and then is None:
+        return out
+    return out.map_batches(_prefix_then, fn_kwargs={"prefix": prefix, "then": then}, batch_format="pyarrow", batch_size=None)
 
 
-def side_table(ds: Any) -> Any:
-    """A small dataset as one Arrow table in the object store, concatenated by a Ray task: the
-    driver holds only the object ref."""
+def _with_prefix(ds: Any, prefix: str | None) -> Any:
+    return ds if not prefix else ds.map_batches(prefixed, fn_kwargs={"prefix": prefix}, batch_format="pyarrow", batch_size=None)
+
+
+def _prefix_then(block: pa.Table, prefix: str | None, then: Callable[[pa.Table], pa.Table] | None) -> pa.Table:
+    block = prefixed(block, prefix)
+    return block if then is None else then(block)
+
+
+def side_table(ds: Any, prefix: str | None = None) -> Any:
+    """A small dataset as one Arrow table in the object store (columns prefixed), concatenated by a
+    Ray task: the driver holds only the object ref."""
     import ray
 
-    return ray.remote(num_cpus=0.25)(_concat).remote(*ds.to_arrow_refs())
+    return ray.remote(num_cpus=0.25)(_concat).options(name="side_table").remote(prefix, *ds.to_arrow_refs())
 
 
-def _concat(*tables: pa.Table) -> pa.Table:
+def _concat(prefix: str | None, *tables: pa.Table) -> pa.Table:
     tables = tuple(t for t in tables if t.num_rows) or tables[:1]
-    return pa.concat_tables(tables, promote_options="default")
+    return prefixed(pa.concat_tables(tables, promote_options="default"), prefix)
 
 
 def _one_actor() -> Any:
@@ -123,11 +148,12 @@ class LookupJoin:
     """`map_batches` callable: the small sides' rows for each id of a block (inner join). Each side
     is fetched once per actor and its ids sorted once, so a block costs a binary search per side."""
 
-    def __init__(self, sides: list[Any], then: Callable[[pa.Table], pa.Table] | None = None) -> None:
+    def __init__(self, sides: list[Any], prefix: str | None = None,
+                 then: Callable[[pa.Table], pa.Table] | None = None) -> None:
         import numpy as np
         import ray
 
-        self.then = then
+        self.prefix, self.then = prefix, then
         self.sides = []
         for ref in sides:
             table = ray.get(ref)
@@ -138,6 +164,7 @@ class LookupJoin:
     def __call__(self, block: pa.Table) -> pa.Table:
         import numpy as np
 
+        block = prefixed(block, self.prefix)
         for ids, order, table in self.sides:
             if len(ids) == 0:  # an empty side: no row joins, but the block keeps the side's columns
                 block, rows = block.slice(0, 0), table.slice(0, 0)
