@@ -3,9 +3,9 @@ something for this run.
 
 Done through the libraries' own switches, not by swallowing output: Ray Data's logging config
 (`RAY_DATA_LOGGING_CONFIG`: its console handler at WARNING, everything still written to the
-session's `ray-data.log`), logger levels for MLflow and friends, and one filter that drops two
-warnings known to be benign here (token auth on the embedded local cluster; progress bars that
-kdpipe turns off outside a terminal). `-v` keeps everything.
+session's `ray-data.log`), logger levels for MLflow and friends, transformers' own switch for its
+weight-loading bars, and one filter that drops warnings known to be benign here (`BENIGN`).
+`-v` keeps everything.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from pathlib import Path
 BENIGN = (
     "Token authentication is enabled for this Ray cluster",  # the embedded cluster listens on 127.0.0.1 only
     "Progress bars disabled",  # kdpipe's own choice outside a terminal (CI logs)
+    # printed when a dataset starts while actors of the previous stage are still being torn down; the one
+    # real case (teacher actors holding every CPU) kdpipe detects and explains itself (kdpipe.teach)
+    "Warning: The Ray cluster currently does not have any available CPUs",
 )
 RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 
@@ -43,5 +46,8 @@ def configure(verbose: bool) -> None:
 
     for name in ("ray", "mlflow", "alembic", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights: 100%" for every student built from a teacher
     for handler in logging.getLogger("ray").handlers:
         handler.addFilter(DropBenign())

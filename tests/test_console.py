@@ -1,5 +1,6 @@
-"""The console a newcomer sees: Ray Data's per-dataset lines and two benign warnings are kept off
-it (still in Ray's session logs), real warnings still reach it."""
+"""The console a newcomer sees: Ray Data's per-dataset lines, benign warnings and transformers'
+weight-loading bars are kept off it (Ray's lines still in its session logs), real warnings still
+reach it; `-v` keeps everything."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import ray
 ray.init(num_cpus=1, include_dashboard=False)
 ray.data.range(10).materialize()  # Ray Data logs "execution finished" at INFO
 logging.getLogger("ray.data._internal.progress").warning("Progress bars disabled. To enable, ...")
+logging.getLogger("ray.data.dataset").warning("Warning: The Ray cluster currently does not have any available CPUs. ...")
+from transformers.utils import logging as hf_logging
+print("HF_BARS", hf_logging.is_progress_bar_enabled())
 logging.getLogger("ray.data.foo").warning("a real Ray Data warning")
 logging.getLogger("ray._private.x").warning("a real Ray warning")
 logging.getLogger("kdpipe.teach").info("kdpipe's own line")
@@ -35,7 +39,8 @@ def test_quiet_console_keeps_what_matters_and_ray_data_logs_the_rest_to_its_file
     quiet = _run(False)
     assert "kdpipe's own line" in quiet and "a real Ray Data warning" in quiet and "a real Ray warning" in quiet
     assert "execution finished" not in quiet and "Progress bars disabled" not in quiet
-    assert "Token authentication is enabled" not in quiet
+    assert "Token authentication is enabled" not in quiet and "does not have any available CPUs" not in quiet
+    assert "HF_BARS False" in quiet and "HF_BARS True" in _run(True)  # transformers' "Loading weights" bars
     # the lines kept off the console were emitted: they are in the session's ray-data.log
     from pathlib import Path
 
