@@ -6,9 +6,11 @@ side by side in one process on the same cache, the same student and the same Ray
   materialised  the old path: the driver reads the whole source and cache, joins them with pyarrow,
                 prepares the blocks and ships each split with `ray.data.from_arrow`
 
-Both then train the same `fit` (one Ray Train worker, KD on the cached logits). Seconds per
-epoch come from the MLflow timestamps of `train_loss` (epoch 0 carries the start-up and is left
-out); the views' build time and the driver's RSS growth are recorded too.
+Both then train the same `fit` (one Ray Train worker, KD on the cached logits), once with the
+default `train.keep_in_memory_mb` (small shards replayed from the worker's memory after epoch 0)
+and once with 0 (every epoch streamed through Ray Data). Seconds per epoch come from the MLflow
+timestamps of `train_loss` (epoch 0 carries the start-up and is left out); the views' build time
+and the driver's RSS growth are recorded too.
 `python bench/streamed_vs_materialised.py [--rows N] [--epochs E]` writes
 bench/results/streamed_vs_materialised.json.
 """
@@ -43,9 +45,11 @@ def materialised_views(source: Any, caches: dict[str, Any]) -> dict[str, Any]:
     from kdpipe.views import prepare_block
 
     table = source.table
-    for tid, cache in caches.items():
+    for tid, cache in caches.items():  # by position (Arrow's hash join refuses fixed-size-list columns)
         part = cache.read()
-        table = table.join(part.rename_columns(["id"] + [f"{tid}.{c}" for c in part.column_names[1:]]), "id")
+        rows = part.take(pc.index_in(table["id"], value_set=part["id"]))
+        for c in part.column_names[1:]:
+            table = table.append_column(f"{tid}.{c}", rows[c])
     table = prepare_block(table)
     return {s: ray.data.from_arrow(table.filter(pc.equal(table["split"], s)).drop_columns(["split"])) for s in ("train", "val")}
 
@@ -98,25 +102,28 @@ def main(rows: int = 200_000, epochs: int = 4, batch: int = 256) -> dict[str, An
     streamed_build = time.perf_counter() - t
     rss_streamed = driver_rss_mb() - rss0
     meta = student_meta(cfg, source, views.train)
-    streamed = train(cfg, meta, {"train": views.train, "val": views.val}, uri, "streamed")
-
     rss0 = driver_rss_mb()
     t = time.perf_counter()
     old = materialised_views(source, caches)
     old_build = time.perf_counter() - t
     rss_old = driver_rss_mb() - rss0
-    materialised = train(cfg, meta, old, uri, "materialised")
 
-    s, m = statistics.median(streamed[1:] or streamed), statistics.median(materialised[1:] or materialised)
-    out = {"rows": rows, "train_rows": views.rows["train"], "epochs": epochs, "batch_size": batch, "num_workers": 1,
-           "streamed_epoch_s": streamed, "materialised_epoch_s": materialised,
-           "streamed_median_epoch_s": s, "materialised_median_epoch_s": m,
-           "streamed_speed_vs_materialised": m / s,
-           "streamed_views_build_s": streamed_build, "materialised_views_build_s": old_build,
-           "streamed_driver_rss_growth_mb": rss_streamed, "materialised_driver_rss_growth_mb": rss_old}
-    print(f"{rows} rows ({views.rows['train']} train): epoch {s:.2f} s streamed vs {m:.2f} s materialised -> "
-          f"streamed runs at {m / s:.2f}x; views built in {streamed_build:.1f} s vs {old_build:.1f} s; driver RSS "
-          f"+{rss_streamed:.0f} MB vs +{rss_old:.0f} MB")
+    out: dict[str, Any] = {"rows": rows, "train_rows": views.rows["train"], "epochs": epochs, "batch_size": batch,
+                           "num_workers": 1, "streamed_views_build_s": streamed_build, "materialised_views_build_s": old_build,
+                           "streamed_driver_rss_growth_mb": rss_streamed, "materialised_driver_rss_growth_mb": rss_old}
+    # with the default train.keep_in_memory_mb (shards replayed from worker memory after epoch 0) and with 0
+    # (every epoch streamed from the object store through Ray Data): the two paths side by side in each
+    for keep, tag in ((cfg.train.keep_in_memory_mb, ""), (0, "_every_epoch_streamed")):
+        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"keep_in_memory_mb": keep})})
+        streamed = train(c, meta, {"train": views.train, "val": views.val}, uri, f"streamed{tag}")
+        materialised = train(c, meta, old, uri, f"materialised{tag}")
+        st, m = statistics.median(streamed[1:] or streamed), statistics.median(materialised[1:] or materialised)
+        out.update({f"streamed_epoch_s{tag}": streamed, f"materialised_epoch_s{tag}": materialised,
+                    f"streamed_median_epoch_s{tag}": st, f"materialised_median_epoch_s{tag}": m,
+                    f"streamed_speed_vs_materialised{tag}": m / st})
+        print(f"{rows} rows ({views.rows['train']} train), keep_in_memory_mb={keep}: epoch {st:.2f} s streamed vs "
+              f"{m:.2f} s materialised -> streamed runs at {m / st:.2f}x")
+    print(f"views built in {streamed_build:.1f} s vs {old_build:.1f} s; driver RSS +{rss_streamed:.0f} MB vs +{rss_old:.0f} MB")
     save("streamed_vs_materialised", out)
     return out
 

@@ -343,8 +343,9 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: EpochRe
             batch = widen(batch, device)
             for k, v in accuracy_counts(_unwrap(model).student(batch), batch["label"]).items():
                 vs[k] += float(v)
-    sums = _allreduce(dict(sums), device)
-    vs = _allreduce(dict(vs), device)
+    both = _allreduce({**{f"t.{k}": v for k, v in sums.items()}, **{f"v.{k}": v for k, v in vs.items()}}, device)
+    sums = {k[2:]: v for k, v in both.items() if k.startswith("t.")}  # one collective per epoch, not two
+    vs = {k[2:]: v for k, v in both.items() if k.startswith("v.")}
     metrics = {f"train_{k}": v / max(sums["rows"], 1) for k, v in sums.items() if k != "rows"}
     metrics.update({f"val_{k}": v / max(vs.get("n", 0), 1) for k, v in vs.items() if k != "n"})
     metrics["epoch"] = epoch
