@@ -24,10 +24,12 @@ if __name__ == "__main__":
     print("== MiniLM student vs teacher")
     sys.argv = sys.argv[:1]
     minilm_speed.main()
-    from bench import demo_time
+    from bench import demo_time, streamed_vs_materialised
 
     print("== demo end to end, before vs after")
     demo_time.main([])
+    print("== distil epochs: streamed views vs the driver-materialised join")
+    streamed_vs_materialised.main()
     from bench import compare_methods, lm_cache, lm_methods, lm_teach_throughput
 
     print("== causal-LM cache bytes / fidelity")
