@@ -1,5 +1,5 @@
-"""Run every benchmark in one process group and print their ratios (`make bench`): two to three hours
-on 2 cores, most of it the multi-seed result tables and the LM teachers' pretraining (once).
+"""Run every benchmark in one process group and print their ratios (`make bench`): four hours and
+more on 2 cores, most of it the multi-seed result tables and the LM teachers' pretraining (once).
 Run on a quiet machine: the ratios are measured side by side, but other load still adds noise."""
 
 from __future__ import annotations
@@ -40,4 +40,11 @@ if __name__ == "__main__":
     compare_methods.main([])
     print("== causal-LM objectives vs the CE twin, 3 seeds")
     lm_methods.main([])
+    from bench import text_classifier
+
+    print("== text classifier: KD student vs labels-only twin vs Well-Read, 3 seeds")
+    text_classifier.main([])
+    print("== text classifier exits vs the fine-tuned teacher, sentences/s")
+    sys.argv = [sys.argv[0], "--spec", str(Path(__file__).resolve().parent.parent / "pipelines" / "text_classifier_hierarchical.yaml")]
+    minilm_speed.main()
     # not here: bench/driver_memory.py (an hour and more at 1,000,000 rows; run it on its own)
