@@ -326,6 +326,9 @@ class PipelineConfig(Strict):
             for ref in loss.params().get("teachers", []) or []:
                 if ref not in known:
                     raise ValueError(f"losses[{i}].teachers names unknown teacher '{ref}'; defined: {sorted(known)}")
+                if loss.name == "token_fusion_kl" and not {"tokens", "topk"} <= outputs[ref]:
+                    raise ValueError(f"losses[{i}] (token_fusion_kl) fuses teacher '{ref}' per token; add "
+                                     f"{sorted({'tokens', 'topk'} - outputs[ref])} to its outputs")
         return self
 
     @model_validator(mode="before")

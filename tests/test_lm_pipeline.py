@@ -38,7 +38,10 @@ def test_lm_pipeline_caches_compressed_topk_trains_and_registers_a_hf_model(ray_
         "source.limit": 160, "teachers": [{"id": "lm", "path": str(teacher), **member},
                                           {"id": "lm2", "path": str(teacher2), **member}],
         "teach.fusion": {"mode": "dynamic", "teachers": ["lm", "lm2"]},
-        "losses": [{"name": "forward_kl", "weight": 1.0, "teacher": "fused"}, {"name": "lm_ce", "weight": 1.0}],
+        "losses": [{"name": "forward_kl", "weight": 1.0, "teacher": "fused"}, {"name": "lm_ce", "weight": 1.0},
+                   # and the same two members fused again at train time, batch by batch, from their own caches
+                   {"name": "token_fusion_kl", "weight": 0.5, "teachers": ["lm", "lm2"], "mode": "static",
+                    "weights": [0.25, 0.75]}],
         "student.params": {"tokens_from": "lm", "num_layers": 1, "init_from_teacher_layers": [1]},
         "teach.cache_root": str(tmp_path / "cache"), "train.storage_path": (tmp_path / "ray").as_uri(), "train.epochs": 1,
         "train.checkpoint_every": 1, "train.num_workers": 1, "train.batch_size": 8,
@@ -72,6 +75,11 @@ def test_lm_pipeline_caches_compressed_topk_trains_and_registers_a_hf_model(ray_
     np.testing.assert_allclose(total, 1.0, atol=1e-3)
     w = np.stack(fused["weights"].to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-4)
+
+    # the train-time fusion ran every step with its static weights: its KL and weights are in the run
+    hist = MlflowClient(res.tracking_uri).get_run(res.run_id).data.metrics
+    assert math.isfinite(hist["train_token_fusion_kl"]) and hist["train_token_fusion_kl"] > 0
+    assert (hist["train_token_fusion_kl.w_lm"], hist["train_token_fusion_kl.w_lm2"]) == pytest.approx((0.25, 0.75))
 
     # held-out metrics for student, twin and the teachers (the fused one as reference, each member on
     # its own, all from their caches); every one finite
