@@ -47,4 +47,7 @@ if __name__ == "__main__":
     print("== text classifier exits vs the fine-tuned teacher, sentences/s")
     sys.argv = [sys.argv[0], "--spec", str(Path(__file__).resolve().parent.parent / "pipelines" / "text_classifier_hierarchical.yaml")]
     minilm_speed.main()
-    # not here: bench/driver_memory.py (an hour and more at 1,000,000 rows; run it on its own)
+    from bench import driver_memory
+
+    print("== driver peak RSS of a full run at N and 10 N rows (digits 100,000; MiniLM 2,000)")
+    driver_memory.main()
