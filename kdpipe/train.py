@@ -154,7 +154,7 @@ class EpochReplay:
                 yield {k: v[i : i + batch_size] for k, v in self.columns.items()}
             else:
                 idx = order[i : i + batch_size]
-                yield {k: v.index_select(0, idx) for k, v in self.columns.items()}
+                yield {k: v.index_select(0, idx.to(v.device)) for k, v in self.columns.items()}  # kept on the GPU
 
 
 def steps_per_epoch(ds: Any, train_cfg: Any) -> int:
