@@ -135,6 +135,14 @@ def fuse_dynamic(logits_list: Sequence[Logits], temperature: float = 1.0, steps:
     return _combine(z, w), w
 
 
+def check_weights(teachers: Sequence[str], mode: str, weights: Sequence[float] | None) -> None:
+    """The weight settings of a fusion loss: one weight per teacher, and weights for a static mode."""
+    if weights is not None and len(weights) != len(teachers):
+        raise ValueError(f"`weights` needs one weight per teacher ({len(teachers)}), got {len(weights)}")
+    if mode == "static" and weights is None:
+        raise ValueError("mode 'static' needs `weights:` (one per teacher)")
+
+
 def fuse(logits_list: Sequence[Logits], mode: str, weights: Sequence[float] | None = None, temperature: float = 1.0,
          steps: int = 50, sharpness: float = DEFAULT_SHARPNESS) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch on the spec's fusion ``mode``: static | uniform | dynamic."""

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kdpipe.fusion import DEFAULT_SHARPNESS, fuse
+from kdpipe.fusion import DEFAULT_SHARPNESS, check_weights, fuse
 from kdpipe.losses import LOSSES
 from kdpipe.losses.base import Loss
 from kdpipe.losses.functional import dense_from_topk, kd_dense
@@ -29,10 +29,7 @@ class FusionKDParams(BaseModel):
 
     @model_validator(mode="after")
     def _w(self) -> "FusionKDParams":
-        if self.weights is not None and len(self.weights) != len(self.teachers):
-            raise ValueError(f"`weights` needs one weight per teacher ({len(self.teachers)}), got {len(self.weights)}")
-        if self.mode == "static" and self.weights is None:
-            raise ValueError("mode 'static' needs `weights:` (one per teacher)")
+        check_weights(self.teachers, self.mode, self.weights)
         return self
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kdpipe.fusion import DEFAULT_SHARPNESS
+from kdpipe.fusion import DEFAULT_SHARPNESS, check_weights
 from kdpipe.lm.token_functional import TeacherSignal
 from kdpipe.losses import LOSSES
 from kdpipe.losses.base import Loss, LossContext
@@ -38,10 +38,7 @@ class TokenFusionParams(BaseModel):
 
     @model_validator(mode="after")
     def _w(self) -> "TokenFusionParams":
-        if self.weights is not None and len(self.weights) != len(self.teachers):
-            raise ValueError(f"`weights` needs one weight per teacher ({len(self.teachers)}), got {len(self.weights)}")
-        if self.mode == "static" and self.weights is None:
-            raise ValueError("mode 'static' needs `weights:` (one per teacher)")
+        check_weights(self.teachers, self.mode, self.weights)
         return self
 
 
