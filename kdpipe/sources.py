@@ -611,6 +611,7 @@ class _Quarantine:
             self.fh.close()
             if self.local is not None and self.path is not None:
                 storage.upload(self.local, self.path)
+                shutil.rmtree(os.path.dirname(self.local), ignore_errors=True)
 
 
 RAW_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("file", pa.int32()), ("row", pa.int64())])
