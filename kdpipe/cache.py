@@ -82,8 +82,11 @@ class TeacherCache:
         return self.location(MANIFEST)
 
     def manifest(self) -> dict[str, Any] | None:
-        if self.remote:
-            return json.loads(storage.read_text(self.manifest_path)) if storage.exists(self.manifest_path) else None
+        if self.remote:  # one request: absent is an answer, not an error
+            try:
+                return json.loads(storage.read_text(self.manifest_path))
+            except FileNotFoundError:
+                return None
         if not self.manifest_path.exists():
             return None
         return json.loads(self.manifest_path.read_text())
@@ -201,12 +204,10 @@ class TeacherCache:
         rows = 0
         schema = None
         for f in files:
-            with storage.open_input(f) as fh:
-                pf = pq.ParquetFile(fh)
-                rows += pf.metadata.num_rows
-                schema = schema or pf.schema_arrow
-                entries.append({"path": f"parts/{name}/{storage.name(f)}", "sha256": storage.sha256(f),
-                                "rows": pf.metadata.num_rows})
+            meta = storage.parquet_metadata(f)
+            rows += meta.num_rows
+            schema = schema or meta.schema.to_arrow_schema()
+            entries.append({"path": f"parts/{name}/{storage.name(f)}", "sha256": storage.sha256(f), "rows": meta.num_rows})
         if not self.remote:
             part_dir = Path(self.dir) / "parts" / name
             part_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -30,11 +30,12 @@ with the base folded into the members: with weights on the simplex the base canc
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     from kdpipe.config import PipelineConfig
@@ -135,12 +136,25 @@ def fuse_dynamic(logits_list: Sequence[Logits], temperature: float = 1.0, steps:
     return _combine(z, w), w
 
 
-def check_weights(teachers: Sequence[str], mode: str, weights: Sequence[float] | None) -> None:
-    """The weight settings of a fusion loss: one weight per teacher, and weights for a static mode."""
-    if weights is not None and len(weights) != len(teachers):
-        raise ValueError(f"`weights` needs one weight per teacher ({len(teachers)}), got {len(weights)}")
-    if mode == "static" and weights is None:
-        raise ValueError("mode 'static' needs `weights:` (one per teacher)")
+class FusionLossParams(BaseModel):
+    """The fusion settings every train-time fusion loss takes (`fusion_kd`, `token_fusion_kl`);
+    a loss adds `teachers` (with its own minimum) and its divergence's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    teachers: list[str]
+    mode: Literal["static", "uniform", "dynamic"] = "dynamic"
+    weights: list[float] | None = Field(None, description="static weights (one per teacher); dynamic: starting weights")
+    fusion_temperature: float = Field(1.0, gt=0, description="temperature of the dynamic fusion objective")
+    steps: int = Field(50, ge=1, description="exponentiated-gradient steps of dynamic fusion")
+    sharpness: float = Field(DEFAULT_SHARPNESS, ge=0, description="λ of the dynamic objective (0 = uniform average)")
+
+    @model_validator(mode="after")
+    def _weights(self) -> "FusionLossParams":
+        if self.weights is not None and len(self.weights) != len(self.teachers):
+            raise ValueError(f"`weights` needs one weight per teacher ({len(self.teachers)}), got {len(self.weights)}")
+        if self.mode == "static" and self.weights is None:
+            raise ValueError("mode 'static' needs `weights:` (one per teacher)")
+        return self
 
 
 def fuse(logits_list: Sequence[Logits], mode: str, weights: Sequence[float] | None = None, temperature: float = 1.0,
@@ -254,7 +268,6 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
     published by ``TeacherCache.commit`` under the cache's lock (manifest last).
     """
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from kdpipe import storage
     from kdpipe.cache import cache_at, staged_files
@@ -298,7 +311,7 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
                   "output_spec": {"outputs": outputs, "format": FUSION_FORMAT}}
         with cache.staging() as staging:
             fused.write_parquet(str(staging), **write)
-            got = sum(pq.ParquetFile(storage.open_input(p)).metadata.num_rows for p in staged_files(staging))
+            got = sum(storage.parquet_metadata(p).num_rows for p in staged_files(staging))
             if got < len(ids):  # the inner join dropped rows some member does not hold
                 raise RuntimeError(f"fusion: the member caches lack {len(ids) - got} of {len(ids)} rows; "
                                    "run `kdpipe teach SPEC` first")

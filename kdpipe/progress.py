@@ -20,7 +20,9 @@ log = logging.getLogger("kdpipe.progress")
 class _Poller:
     """A context manager that calls `poll` every `every_s` seconds on a thread, and once at exit."""
 
-    every_s = 3.0
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._start = time.monotonic()
 
     def __enter__(self) -> Any:
         self._start = time.monotonic()
@@ -47,10 +49,10 @@ class TeachProgress(_Poller):
     whenever more output files have landed in `staging` (a path or URI)."""
 
     def __init__(self, label: str, staging: Any, total: int, every_s: float = 5.0) -> None:
-        self.label, self.staging, self.total, self.every_s = label, str(staging), total, every_s
+        super().__init__(every_s)
+        self.label, self.staging, self.total = label, str(staging), total
         self.rows: dict[str, int] = {}  # rows per finished file (a footer is read once)
         self.shown = 0
-        self._start = time.monotonic()
 
     def poll(self) -> None:
         try:
@@ -68,16 +70,13 @@ class TeachProgress(_Poller):
         log.info("%s: %d/%d rows (%.0f rows/s%s)", self.label, done, self.total, rate, eta)
 
     def _count(self) -> None:
-        import pyarrow.parquet as pq
-
         from kdpipe.cache import staged_files
-        from kdpipe.storage import open_input
+        from kdpipe.storage import parquet_metadata
 
         for f in staged_files(self.staging):
             if f not in self.rows:
                 try:
-                    with open_input(f) as fh:
-                        self.rows[f] = pq.ParquetFile(fh).metadata.num_rows
+                    self.rows[f] = parquet_metadata(f).num_rows
                 except Exception:  # noqa: BLE001 - still being written: counted at a later poll
                     continue
 
@@ -90,10 +89,9 @@ class EpochProgress(_Poller):
 
     def __init__(self, tracking_uri: str, run_id: str, tracks: list[tuple[str, str, int]],
                  every_s: float = 3.0) -> None:
+        super().__init__(every_s)
         self.uri, self.run_id, self.tracks = tracking_uri, run_id, tracks
-        self.every_s = every_s
         self.shown = {prefix: -1 for _, prefix, _ in tracks}
-        self._start = time.monotonic()
 
     def poll(self) -> None:
         """Log each track's newest epoch recorded since the last poll (never raises: progress is

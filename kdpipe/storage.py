@@ -132,6 +132,14 @@ def open_input(loc: str) -> Any:
     return fs.open_input_file(path)
 
 
+def parquet_metadata(loc: str) -> Any:
+    """A Parquet file's footer (rows, row groups, schema), the file closed again."""
+    import pyarrow.parquet as pq
+
+    with open_input(loc) as fh:
+        return pq.ParquetFile(fh).metadata
+
+
 def open_binary(loc: str) -> IO[bytes]:
     """A forward-only binary stream (lines, CSV, checksums)."""
     if not is_remote(loc):

@@ -4,33 +4,22 @@ distribution with Hinton KD. The teacher-side alternative is `teach.fusion` (a `
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
-from kdpipe.fusion import DEFAULT_SHARPNESS, check_weights, fuse
+from kdpipe.fusion import FusionLossParams, fuse
 from kdpipe.losses import LOSSES
 from kdpipe.losses.base import Loss
 from kdpipe.losses.functional import dense_from_topk, kd_dense
 
 
-class FusionKDParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FusionKDParams(FusionLossParams):
     teachers: list[str] = Field(min_length=1, description="teacher ids whose cached logits are fused")
-    mode: Literal["static", "uniform", "dynamic"] = "dynamic"
-    weights: list[float] | None = Field(None, description="static weights (one per teacher); dynamic: starting weights")
     temperature: float = Field(4.0, gt=0, description="KD temperature")
-    fusion_temperature: float = Field(1.0, gt=0, description="temperature of the dynamic fusion objective")
-    steps: int = Field(50, ge=1, description="exponentiated-gradient steps of dynamic fusion")
-    sharpness: float = Field(DEFAULT_SHARPNESS, ge=0, description="λ of the dynamic objective (0 = uniform average)")
     use_topk: bool = Field(False, description="rebuild dense logits from the top-k cache columns")
     output: str = "logits"
-
-    @model_validator(mode="after")
-    def _w(self) -> "FusionKDParams":
-        check_weights(self.teachers, self.mode, self.weights)
-        return self
 
 
 @LOSSES.register("fusion_kd")

@@ -10,12 +10,12 @@ caches, without teaching again.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
-from kdpipe.fusion import DEFAULT_SHARPNESS, check_weights
+from kdpipe.fusion import FusionLossParams
 from kdpipe.lm.token_functional import TeacherSignal
 from kdpipe.losses import LOSSES
 from kdpipe.losses.base import Loss, LossContext
@@ -24,22 +24,11 @@ from kdpipe.losses.token_kl import ForwardKLLoss, TokenDistParams
 FUSED = "fused@train"  # the batch key prefix the fused signal travels under, for the KL it feeds
 
 
-class TokenFusionParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TokenFusionParams(FusionLossParams):
     teachers: list[str] = Field(min_length=2, description="teacher ids whose cached top-k are fused per token")
-    mode: Literal["static", "uniform", "dynamic"] = "dynamic"
-    weights: list[float] | None = Field(None, description="static weights (one per teacher); dynamic: starting weights")
-    fusion_temperature: float = Field(1.0, gt=0, description="temperature of the dynamic fusion objective")
-    steps: int = Field(50, ge=1, description="exponentiated-gradient steps of dynamic fusion")
-    sharpness: float = Field(DEFAULT_SHARPNESS, ge=0, description="λ of the dynamic objective (0 = uniform average)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature T of the KL (teacher and student)")
     chunk_tokens: int = Field(4096, ge=1, description="real tokens per chunk: bounds the (chunk, V) temporaries")
     output: str = Field("logits", description="student output holding the (B, T, V) next-token logits")
-
-    @model_validator(mode="after")
-    def _w(self) -> "TokenFusionParams":
-        check_weights(self.teachers, self.mode, self.weights)
-        return self
 
 
 @LOSSES.register("token_fusion_kl")
