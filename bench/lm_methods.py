@@ -122,11 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     taught = teach(cfg0, source)  # pretrains the teacher once (reused by digest), caches once
     have = done(uri, want)
     for seed in args.seeds:
-        for i, label in enumerate(args.objectives):
+        twin_done = any(s == seed for s, _ in have)  # an earlier run of this seed trained its twin
+        for label in args.objectives:
             if (seed, label) in have:
                 continue
             over = {**base, "seed": seed, "losses": [OBJECTIVES[label], {"name": "lm_ce", "weight": 1.0}],
-                    "evaluate.baseline": i == 0}  # the twin does not depend on the objective: once per seed
+                    "evaluate.baseline": not twin_done}  # the twin does not depend on the objective: once per seed
+            twin_done = True
             res = distil(load_spec(spec, over), source, taught, uri)
             print(f"seed {seed} {label}: " + ", ".join(f"{k} {res.metrics[k]:.4f}" for k in METRICS), flush=True)
     rows, runs = collect(uri, args.seeds, want)

@@ -142,10 +142,13 @@ class _BatchScorer:
     sums per model and per teacher (or, in sample mode, to the batch's sampled arrays), each
     column named `<prefix>|<sum>`."""
 
-    def __init__(self, factories: dict[str, ModelFactory], task: str, mode: str, teachers: list[str],
-                 num_classes: int) -> None:
+    def __init__(self, factories: Any, task: str, mode: str, teachers: list[str], num_classes: int) -> None:
+        import ray
+
         torch.set_num_threads(1)
-        self.models = {prefix: factory().eval() for prefix, factory in factories.items()}
+        # the factories (student weights: 135 MB for the LM student) come as one object-store ref,
+        # fetched here, so Ray Data does not serialise them into the map function itself
+        self.models = {prefix: factory().eval() for prefix, factory in ray.get(factories).items()}
         self.ev = EVALUATORS.get(task)()
         self.mode, self.teachers, self.num_classes = mode, teachers, num_classes
 
@@ -170,11 +173,12 @@ def evaluate_models(task: str, factories: dict[str, ModelFactory], ds: Any, teac
     costs more than a small split's forward passes). Only per-batch sums and a bounded sample
     return to the driver. With `num_classes`, teachers' sums include their confusion and
     calibration arrays."""
+    import ray
     import ray.data
 
     ev = EVALUATORS.get(task)()
     teachers = [t for t in teachers or [] if teacher_predictions_available(ds.columns(), t)]
-    kwargs = {"factories": factories, "task": task, "teachers": teachers, "num_classes": num_classes}
+    kwargs = {"factories": ray.put(factories), "task": task, "teachers": teachers, "num_classes": num_classes}
     sums: dict[str, dict[str, Any]] = defaultdict(dict)
     scored = ds.map_batches(_BatchScorer, fn_constructor_kwargs={**kwargs, "mode": "sums"}, batch_size=batch_size,
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)

@@ -77,6 +77,10 @@ def lm_pipeline_on_gpu(tmp: Path, rec: dict) -> None:
     res = distil(cfg, source, taught, uri)
     rec.update(distil_s=round(time.perf_counter() - t2, 1), table=res.table, promoted=res.promoted, gate=res.gate_reasons,
                metrics={k: v for k, v in res.metrics.items() if k.startswith(("test_", "baseline_test_"))})
+    from mlflow.tracking import MlflowClient
+
+    params = MlflowClient(res.tracking_uri).get_run(res.run_id).data.params
+    rec.update(train_device=params.get("train_device"), train_precision=params.get("train_precision"))
 
 
 def teach_cache(tmp: Path, name: str, rows: int, gpu: bool) -> tuple[float, Path, int]:
@@ -135,6 +139,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(os.environ["OUT"]) / "gpu_check.json") if os.environ.get("OUT")
                     else "bench/results/gpu_check.json")
     ap.add_argument("--smoke", action="store_true", help="tiny teacher and 200 rows (a dry run of this script)")
+    ap.add_argument("--only", choices=["lm_pipeline", "teach"], help="run one section")
     a = ap.parse_args()
     if a.smoke:
         SMOKE.update({"teachers.0.params.pretrain": {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64, "steps": 5},
@@ -146,11 +151,13 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("kdpipe").setLevel(logging.INFO)
 
-    out = {"env": env(), "command": "python scripts/gpu_check.py --rows %d" % a.rows}
+    out = {"env": env(), "command": "python scripts/gpu_check.py " + " ".join(sys.argv[1:])}
     init_ray()
     tmp = Path(tempfile.mkdtemp(prefix="kdpipe-gpu-"))
     for name, fn in (("lm_pipeline", lambda rec: lm_pipeline_on_gpu(tmp, rec)),
                      ("teach", lambda rec: teach_bf16_vs_fp32(tmp, a.rows, rec))):
+        if a.only and name != a.only:
+            continue
         out[name] = {}
         try:
             fn(out[name])

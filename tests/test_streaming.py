@@ -99,3 +99,45 @@ def _shifted(cache, tmp_path: Path, src) -> object:
         pq.write_table(t, staging / "part-0.parquet")
         c.commit(staging, {"teacher_id": "digits_mlp"}, "src")
     return c
+
+
+
+def test_evaluation_ships_the_models_through_the_object_store(ray_local) -> None:
+    """The models' weights go to the scoring actor as one object-store ref, not inside the map
+    function that Ray Data serialises for each operator (the LM student's 135 MB did, with a
+    warning, on the GPU run): no "too large" warning, and the metrics are the model's own."""
+    import logging
+
+    import ray
+
+    import torch
+
+    from kdpipe.evaluate import evaluate_models
+
+    class HeavyFactory:  # local, so Ray pickles it by value (workers cannot import this test module)
+        """A model factory that carries 128 MB of weights, like a transformer student's state."""
+
+        def __init__(self) -> None:
+            self.blob = np.zeros(32 * 1024 * 1024, np.float32)
+
+        def __call__(self) -> torch.nn.Module:
+            class Sign(torch.nn.Module):  # predicts class 1 where x > 0
+                def forward(self, batch):
+                    x = batch["x"].float()
+                    return {"logits": torch.cat([-x, x], 1)}
+
+            return Sign()
+
+    x = np.array([[-1.0], [2.0], [3.0], [-4.0]], np.float32)
+    ds = ray.data.from_items([{"x": r, "label": lab} for r, lab in zip(x, [0, 1, 0, 0])])
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: seen.append(rec.getMessage())  # type: ignore[method-assign]
+    ray_data_log = logging.getLogger("ray.data")
+    ray_data_log.addHandler(handler)
+    try:
+        scored = evaluate_models("classification", {"test_": HeavyFactory()}, ds, num_classes=2)
+    finally:
+        ray_data_log.removeHandler(handler)
+    assert scored.metrics["test_acc"] == 0.75
+    assert not [m for m in seen if "too large" in m], seen
