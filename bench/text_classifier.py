@@ -14,6 +14,9 @@ Held-out metrics on the test glosses: accuracy and macro-F1. The teacher and its
 once and reused. Writes bench/results/text_classifier.json.
 
     python bench/text_classifier.py               # 3 seeds (≈ 45 min on 2 cores after the teacher)
+    python bench/text_classifier.py --no-well-read --labeled-fraction 0.1
+        # KD's own setting: labels on 10 % of the train glosses, the teacher's outputs on all of them;
+        # the twin trains on the labeled 10 % (writes bench/results/text_classifier_labeled_0.1.json)
 
 Runs already finished in its MLflow store (.kdpipe/bench-text-classifier) are not run again.
 """
@@ -42,8 +45,9 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {sd:.4f}"
 
 
-def table(rows: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
-    lines = [f"**text_classifier_distill** (test glosses, 45 classes; mean ± sample std over seeds {seeds})", "",
+def table(rows: dict[str, dict[str, list[float]]], seeds: list[int], labeled: float = 1.0) -> str:
+    setting = "" if labeled == 1.0 else f", labels on {labeled:.0%} of the train glosses"
+    lines = [f"**text_classifier_distill** (test glosses, 45 classes{setting}; mean ± sample std over seeds {seeds})", "",
              "| model | accuracy | macro-F1 | runs |", "|---|---|---|---|"]
     for name, m in rows.items():
         if m.get("test_acc"):
@@ -51,8 +55,9 @@ def table(rows: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def collect(uri: str, seeds: list[int]) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, object]]]:
-    """The table's rows from the finished runs of this benchmark's MLflow experiment."""
+def collect(uri: str, seeds: list[int], labeled: float = 1.0) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, object]]]:
+    """The table's rows from the finished runs of this benchmark's MLflow experiment (those with
+    `labeled` as their source's labeled fraction)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -65,6 +70,8 @@ def collect(uri: str, seeds: list[int]) -> tuple[dict[str, dict[str, list[float]
     for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]):
         seed, m = int(r.data.params["seed"]), r.data.metrics
         if seed not in seeds or "test_acc" not in m:
+            continue
+        if float(r.data.params.get("source.split.labeled_fraction", 1.0)) != labeled:
             continue
         label = ROWS[2] if r.data.params.get("student.params.init_from") not in (None, "None", "null", "") else ROWS[0]
         runs.append({"seed": seed, "row": label, "run_id": r.info.run_id, "metrics": {k: v for k, v in m.items() if "test_" in k}})
@@ -95,8 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teachers", default=str(ROOT / ".kdpipe" / "teachers"),
                     help="where the fine-tuned teacher lives (shared with `kdpipe run pipelines/text_classifier_distill.yaml`)")
     ap.add_argument("--no-well-read", action="store_true", help="skip the two-stage Well-Read rows")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "text_classifier.json"))
+    ap.add_argument("--labeled-fraction", type=float, default=1.0,
+                    help="source.split.labeled_fraction: the share of train glosses whose labels the students see")
+    ap.add_argument("--out", help="default bench/results/text_classifier.json "
+                                  "(text_classifier_labeled_<f>.json below a labeled fraction of 1)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        suffix = "" if args.labeled_fraction == 1.0 else f"_labeled_{args.labeled_fraction:g}"
+        args.out = str(ROOT / "bench" / "results" / f"text_classifier{suffix}.json")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("kdpipe").setLevel(logging.INFO)
 
@@ -108,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
               "tracking.tracking_uri": f"sqlite:///{work / 'mlruns.db'}", "tracking.experiment": "bench-text-classifier"}
     clf_spec, enc_spec = str(ROOT / "pipelines" / "text_classifier_distill.yaml"), str(ROOT / "pipelines" / "minilm_distill.yaml")
     clf_base = {**common, "teachers.0.params.finetune_root": str(Path(args.teachers).resolve()),
-                "tracking.model_name": "text-classifier-compare"}
+                "tracking.model_name": "text-classifier-compare", "source.split.labeled_fraction": args.labeled_fraction}
     clf0 = load_spec(clf_spec, clf_base)
     # stage 1 of Well-Read: the classifier student's shape, distilled from the general encoder on the same glosses
     enc_base = {**common, "source.limit": clf0.source.limit, "source.split": clf0.source.split.model_dump(), "tracking.experiment": "bench-text-classifier-encoders",
@@ -119,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     source, uri = prepare(clf0)
     taught = teach(clf0, source)  # fine-tunes the teacher once (reused by digest), caches once
-    _, runs = collect(uri, args.seeds)
+    _, runs = collect(uri, args.seeds, args.labeled_fraction)
     have = {(int(r["seed"]), r["row"]) for r in runs}
     enc_taught = None
     for seed in args.seeds:
@@ -139,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         res = distil(wr, source, taught, uri)
         print(f"seed {seed} Well-Read: acc {res.metrics['test_acc']:.4f} (stage-1 cosine "
               f"{stage1.metrics['test_cosine']:.4f})", flush=True)
-    rows, runs = collect(uri, args.seeds)
-    md = table(rows, sorted({int(r["seed"]) for r in runs}))
+    rows, runs = collect(uri, args.seeds, args.labeled_fraction)
+    md = table(rows, sorted({int(r["seed"]) for r in runs}), args.labeled_fraction)
     out = {"command": "python bench/text_classifier.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "seeds": args.seeds,
-           "epochs": clf0.train.epochs, "rows": rows, "runs": runs, "table": md, "seconds": round(time.time() - t0, 1)}
+           "labeled_fraction": args.labeled_fraction, "epochs": clf0.train.epochs, "rows": rows, "runs": runs, "table": md, "seconds": round(time.time() - t0, 1)}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, default=str))
