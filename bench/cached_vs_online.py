@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import best_of, big_digits_teacher, digits_parquet, save
+from bench.common import best_of, big_digits_teacher, digits_parquet, epoch_times, save
 
 
 def main(rows: int = 20_000, hidden: tuple[int, ...] = (2048, 2048), batch: int = 256) -> dict:
@@ -88,10 +88,8 @@ def real_path(rows: int, hidden: tuple[int, ...], batch: int, epochs: int = 5) -
         "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "tracking.gates.min_gain_over_baseline": None})
     source, uri = prepare(cfg)
     res = distil(cfg, source, teach(cfg, source), uri)
-    client = MlflowClient(uri)
-    hist = sorted(client.get_metric_history(res.run_id, "train_loss"), key=lambda m: m.step)
-    epoch_s = [(b.timestamp - a.timestamp) / 1000 for a, b in zip(hist, hist[1:])]
-    train_rows = int(client.get_run(res.run_id).data.metrics["rows_train"])
+    epoch_s = epoch_times(uri, res.run_id)
+    train_rows = int(MlflowClient(uri).get_run(res.run_id).data.metrics["rows_train"])
     s = statistics.median(epoch_s)
     return {"epochs": epochs, "epoch_s": epoch_s, "median_epoch_s": s, "train_rows": train_rows,
             "rows_per_s": train_rows / s, "num_workers": 1}

@@ -32,6 +32,15 @@ def matmul_peak_gflops(n: int = 1024, repeat: int = 5) -> float:
     return 2 * n**3 / t / 1e9
 
 
+def epoch_times(tracking_uri: str, run_id: str, metric: str = "train_loss") -> list[float]:
+    """Seconds between consecutive epochs of a kdpipe run, from the timestamps of the per-epoch
+    metric rank 0 logs (epoch 0, which carries the start-up, has no interval of its own)."""
+    from mlflow.tracking import MlflowClient
+
+    hist = sorted(MlflowClient(tracking_uri).get_metric_history(run_id, metric), key=lambda m: m.step)
+    return [(b.timestamp - a.timestamp) / 1000 for a, b in zip(hist, hist[1:])]
+
+
 def save(name: str, data: dict[str, Any]) -> Path:
     import torch
 

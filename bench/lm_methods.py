@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
            "epochs": cfg0.train.epochs, "shuffle_buffer": cfg0.train.shuffle_buffer, "rows": rows, "runs": runs, "table": md, "seconds": round(time.time() - t0, 1)}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():  # rows resume across invocations: keep what earlier ones recorded beside them
+        before = json.loads(path.read_text())
+        out["commands"] = before.get("commands", [before["command"]]) + [out["command"]]
+        out.update({k: v for k, v in before.items() if k not in out})
     path.write_text(json.dumps(out, indent=2, default=str))
     print("\n" + md + f"\n\nwrote {path} ({out['seconds']} s)")
     return 0
