@@ -6,6 +6,8 @@ One training step of the README's LM student (`pipelines/lm_distill.yaml`: 2 Lla
   * cached top-k  — the teacher's k = 64 log-probs + tail bucket, as kdpipe's cache feeds them
   * cached dense  — all V teacher logits per token (what a dense logit cache would feed)
   * online dense  — the teacher runs forward on every step (classic online KD, no cache)
+  * cached top-k, full width — the first, without cutting the batch's all-padding columns
+    (`kdpipe.lm.padding`, which kdpipe's train loop applies and the other three rows use)
 
 Step time is measured side by side (the variants take turns, step by step, in one process; the
 median of each is reported) and turned into tokens/s over the batch's real next-token positions.
@@ -37,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import matmul_peak_gflops, save  # noqa: E402
 
-VARIANTS = {"cached top-k": "topk", "cached dense": "dense", "online dense": "online"}
+VARIANTS = {"cached top-k": "topk", "cached dense": "dense", "online dense": "online",
+            "cached top-k, full width": "topk-full"}
 
 
 def _spec(teachers_root: Path) -> Any:
@@ -82,6 +85,8 @@ class Variant:
         from kdpipe.train import StudentMeta, build_student
 
         torch.manual_seed(0)
+        self.trim = not kind.endswith("-full")
+        kind = kind.removesuffix("-full")
         keep = {"topk": ("lm.topk_", "lm.tail_"), "dense": ("lm.logits",), "online": ()}[kind]
         with safe_open(str(inputs), "pt") as f:
             self.batch = {k: f.get_tensor(k).clone() for k in f.keys()  # in memory, not file-backed pages
@@ -99,7 +104,9 @@ class Variant:
     def step(self) -> None:
         import torch
 
-        batch = self.batch
+        from kdpipe.lm.padding import trim_to_longest
+
+        batch = trim_to_longest(self.batch) if self.trim else self.batch
         if self.teacher is not None:
             with torch.no_grad():
                 out = self.teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
@@ -185,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         probe = Variant(cfg, "online", inputs)
         p_s, p_t = matmul_params(probe.student), matmul_params(probe.teacher.model)  # type: ignore[union-attr]
         vocab, width = probe.teacher.vocab, tuple(probe.batch["input_ids"].shape)  # type: ignore[union-attr]
-    flops = {"cached top-k": 6 * p_s, "cached dense": 6 * p_s, "online dense": 6 * p_s + 2 * p_t}
+    flops = {"cached top-k": 6 * p_s, "cached dense": 6 * p_s, "online dense": 6 * p_s + 2 * p_t,
+             "cached top-k, full width": 6 * p_s}
     rows = {}
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -198,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "sparse_vs_dense_peak_mb_saved": round(memory["cached dense"]["peak_rss_mb"] - memory["cached top-k"]["peak_rss_mb"], 1),
         "cached_vs_online_speedup": round(rows["online dense"]["step_s_median"] / rows["cached top-k"]["step_s_median"], 3),
         "cached_vs_online_flop_bound": round(flops["online dense"] / flops["cached top-k"], 3),
+        "pad_to_longest_step_speedup": round(rows["cached top-k, full width"]["step_s_median"] / rows["cached top-k"]["step_s_median"], 3),
     }
     data = {"command": "python bench/lm_train_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "batch": {"sequences": width[0], "length": width[1], "real_next_tokens": tokens, "vocab": vocab,

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kdpipe.arrays import to_numpy
+from kdpipe.lm.padding import trim_to_longest
 from kdpipe.registry import Registry
 
 ModelFactory = Callable[[], nn.Module]
@@ -157,7 +158,8 @@ class _BatchScorer:
         tb = float_batch(batch)
         out: dict[str, Any] = {}
         for prefix, model in self.models.items():
-            part = self.ev.sample(model, tb) if self.mode == "sample" else self.ev.batch_sums(model, tb)
+            mb = trim_to_longest(tb) if getattr(model, "pads_to_longest", False) else tb
+            part = self.ev.sample(model, mb) if self.mode == "sample" else self.ev.batch_sums(model, mb)
             out.update({f"{prefix}{SEP}{k}": v for k, v in part.items()})
         if self.mode == "sample":
             return out

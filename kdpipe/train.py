@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdpipe.lm.padding import trim_to_longest
+
 log = logging.getLogger("kdpipe.train")
 
 
@@ -321,9 +323,10 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: EpochRe
               amp: torch.dtype | None, sched: Any = None) -> dict[str, float]:
     """One pass over the train shard and one over the val shard; metrics averaged over all ranks."""
     model.train()
+    trim = trim_to_longest if getattr(_unwrap(model).student, "pads_to_longest", False) else (lambda b: b)
     sums: dict[str, float] = defaultdict(float)
     for batch in train_shard.batches(config["batch_size"], config.get("shuffle_buffer", 0), config["seed"], epoch, rank):
-        batch = widen(batch, device)
+        batch = trim(widen(batch, device))
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss, parts = model(batch)
         opt.zero_grad()
@@ -340,7 +343,7 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: EpochRe
     vs: dict[str, float] = defaultdict(float)
     with torch.no_grad():
         for batch in val_shard.batches(512):
-            batch = widen(batch, device)
+            batch = trim(widen(batch, device))
             for k, v in accuracy_counts(_unwrap(model).student(batch), batch["label"]).items():
                 vs[k] += float(v)
     both = _allreduce({**{f"t.{k}": v for k, v in sums.items()}, **{f"v.{k}": v for k, v in vs.items()}}, device)

@@ -128,6 +128,9 @@ def _decoder_parts(model: Any) -> tuple[nn.ModuleList, nn.Module | None]:
 @STUDENTS.register("causal_lm")
 class CausalLMStudent(nn.Module):
     Params = CausalLMParams
+    # causal attention: the padding after a row's last token changes none of its outputs, so the
+    # train loop and the evaluator cut a batch's all-padding columns (`kdpipe.lm.padding`)
+    pads_to_longest = True
 
     def __init__(self, in_dim: int | None = None, num_classes: int = 0, *, tokens_from: str,
                  teacher_path: str | None = None, num_layers: int = 2, hidden_size: int | None = None,
