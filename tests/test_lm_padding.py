@@ -18,6 +18,19 @@ def _mask() -> torch.Tensor:
     return (torch.arange(T)[None] < torch.tensor(LENGTHS)[:, None]).long()
 
 
+def test_each_teacher_is_cut_by_its_own_mask() -> None:
+    """Two tokenizers with the same max_length (the cross-tokenizer `uld` case) tokenise a row to
+    different lengths: each teacher's columns keep that teacher's longest row."""
+    short = (torch.arange(T)[None] < torch.tensor([3, 5])[:, None]).long()
+    long = (torch.arange(T)[None] < torch.tensor([8, 6])[:, None]).long()
+    batch = {"attention_mask": short, "a.attention_mask": short, "a.input_ids": short.clone(),
+             "b.attention_mask": long, "b.input_ids": long.clone(), "b.topk_logp": torch.zeros(2, T, K)}
+    out = trim_to_longest(batch)
+    assert {k: v.shape[1] for k, v in out.items()} == {"attention_mask": 5, "a.attention_mask": 5, "a.input_ids": 5,
+                                                        "b.attention_mask": 8, "b.input_ids": 8, "b.topk_logp": 8}
+    assert int(out["b.attention_mask"].sum()) == int(long.sum())  # no real token of b is lost
+
+
 def test_only_token_columns_are_cut_after_the_longest_row() -> None:
     mask = _mask()
     batch = {"attention_mask": mask, "lm.attention_mask": mask, "lm.input_ids": torch.ones(3, T, dtype=torch.long),
@@ -30,8 +43,8 @@ def test_only_token_columns_are_cut_after_the_longest_row() -> None:
         "lm.tail_logp": (3, 7), "lm.hidden.2": (3, 7, 8), "fused.weights": (3, T), "label": (3,),
         "lm.attn_rel": (3, T, T, T)}
     assert torch.equal(out["attention_mask"], mask[:, :7])
-    full = {**batch, "attention_mask": torch.ones(3, T, dtype=torch.long)}
-    assert trim_to_longest(full) is full  # nothing to cut
+    full = {k: v for k, v in batch.items() if k != "lm.attention_mask"} | {"attention_mask": torch.ones(3, T, dtype=torch.long)}
+    assert trim_to_longest(full) is full  # nothing to cut (and "lm." has no mask of its own)
     plain = {"x": torch.zeros(3, 64)}
     assert trim_to_longest(plain) is plain  # no token mask: unchanged
 
