@@ -30,20 +30,26 @@ if __name__ == "__main__":
     demo_time.main([])
     print("== distil epochs: streamed views vs the driver-materialised join")
     streamed_vs_materialised.main()
-    from bench import compare_methods, lm_cache, lm_methods, lm_teach_throughput
+    from bench import compare_methods, lm_cache, lm_fusion, lm_methods, lm_teach_throughput, lm_train_step
 
     print("== causal-LM cache bytes / fidelity")
     lm_cache.main()
     print("== causal-LM teach throughput")
     lm_teach_throughput.main()
+    print("== causal-LM training step: sparse vs dense, cached vs online, dynamic padding")
+    lm_train_step.main([])
     print("== methods vs their baselines, 3 seeds (digits fusion, aspects, self-distillation)")
     compare_methods.main([])
-    print("== causal-LM objectives vs the CE twin, 3 seeds")
-    lm_methods.main([])
+    print("== causal-LM objectives vs the CE twin, 3 seeds (1 epoch each, as the README's table)")
+    lm_methods.main(["--epochs", "1"])
+    print("== causal-LM experts, their fusions and a student from each (1 epoch each, as the README's table)")
+    lm_fusion.main(["--epochs", "1"])
     from bench import text_classifier
 
     print("== text classifier: KD student vs labels-only twin vs Well-Read, 3 seeds")
     text_classifier.main([])
+    print("== text classifier with labels on 10 % of the train glosses: KD vs the twin on that 10 %")
+    text_classifier.main(["--no-well-read", "--labeled-fraction", "0.1"])
     print("== text classifier exits vs the fine-tuned teacher, sentences/s")
     sys.argv = [sys.argv[0], "--spec", str(Path(__file__).resolve().parent.parent / "pipelines" / "text_classifier_hierarchical.yaml")]
     minilm_speed.main()
