@@ -90,10 +90,10 @@ def collect(uri: str, seeds: list[int], want: dict[str, str]) -> tuple[dict[str,
             students.setdefault(f"student ← {label}", {}).setdefault(k, []).append(m[k])
             if f"baseline_{k}" in m:
                 students.setdefault("twin: `lm_ce` only", {}).setdefault(k, []).append(m[f"baseline_{k}"])
-        if label.endswith("fusion"):  # the fused teacher of this run, and each expert beside it
+        if label.endswith("fusion"):  # the fused teacher of this run; the experts from the dynamic run (once a seed)
             for name, key in ((f"teacher: {label}", "test_teacher"), ("teacher: noun expert", "test_teacher_noun"),
                               ("teacher: verb expert", "test_teacher_verb")):
-                if f"{key}_ppl" in m and (name.endswith("fusion") or seed == min(seeds)):
+                if f"{key}_ppl" in m and (name.endswith("fusion") or label == "dynamic fusion"):
                     teachers.setdefault(name, {}).setdefault("test_ppl", []).append(m[f"{key}_ppl"])
                     teachers[name].setdefault("test_token_acc", []).append(m[f"{key}_token_acc"])
     order = ["teacher: noun expert", "teacher: verb expert", "teacher: uniform fusion", "teacher: dynamic fusion"]
