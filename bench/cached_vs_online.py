@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import best_of, big_digits_teacher, digits_parquet, epoch_times, save
+from bench.common import best_of, big_digits_teacher, digits_parquet, cached_path_rates, save
 
 
 def main(rows: int = 20_000, hidden: tuple[int, ...] = (2048, 2048), batch: int = 256) -> dict:
@@ -67,10 +67,6 @@ def real_path(rows: int, hidden: tuple[int, ...], batch: int, epochs: int = 5) -
     """kdpipe's cached path end to end on `rows` digits-shaped rows: teach, then `distil` with one
     Ray Train worker; seconds per epoch from the MLflow timestamps of epochs 1.. (epoch 0 carries
     the start-up)."""
-    import statistics
-
-    from mlflow.tracking import MlflowClient
-
     from kdpipe.config import load_spec
     from kdpipe.pipeline import distil, prepare, teach
 
@@ -88,11 +84,7 @@ def real_path(rows: int, hidden: tuple[int, ...], batch: int, epochs: int = 5) -
         "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "tracking.gates.min_gain_over_baseline": None})
     source, uri = prepare(cfg)
     res = distil(cfg, source, teach(cfg, source), uri)
-    epoch_s = epoch_times(uri, res.run_id)
-    train_rows = int(MlflowClient(uri).get_run(res.run_id).data.metrics["rows_train"])
-    s = statistics.median(epoch_s)
-    return {"epochs": epochs, "epoch_s": epoch_s, "median_epoch_s": s, "train_rows": train_rows,
-            "rows_per_s": train_rows / s, "num_workers": 1}
+    return cached_path_rates(uri, res.run_id, epochs)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,34 @@ def epoch_times(tracking_uri: str, run_id: str, metric: str = "train_loss") -> l
     return [(b.timestamp - a.timestamp) / 1000 for a, b in zip(hist, hist[1:])]
 
 
+def cached_path_rates(tracking_uri: str, run_id: str, epochs: int) -> dict[str, Any]:
+    """kdpipe's cached path, read back from its run: seconds per epoch (MLflow timestamps) and
+    train rows per second at the median epoch, one Ray Train worker."""
+    import statistics
+
+    from mlflow.tracking import MlflowClient
+
+    epoch_s = epoch_times(tracking_uri, run_id)
+    train_rows = int(MlflowClient(tracking_uri).get_run(run_id).data.metrics["rows_train"])
+    s = statistics.median(epoch_s)
+    return {"epochs": epochs, "epoch_s": epoch_s, "median_epoch_s": s, "train_rows": train_rows,
+            "rows_per_s": train_rows / s, "num_workers": 1}
+
+
+def write_table(path: str | Path, out: dict[str, Any], keep_earlier: bool = False) -> Path:
+    """A results table's JSON. With `keep_earlier` (tables whose rows resume across invocations
+    from their MLflow store), what an earlier invocation recorded stays beside this one's, and
+    `commands` lists every invocation."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if keep_earlier and path.exists():
+        before = json.loads(path.read_text())
+        out = {**out, "commands": before.get("commands", [before["command"]]) + [out["command"]]}
+        out.update({k: v for k, v in before.items() if k not in out})
+    path.write_text(json.dumps(out, indent=2, default=str))
+    return path
+
+
 def save(name: str, data: dict[str, Any]) -> Path:
     import torch
 

@@ -23,7 +23,6 @@ Runs already finished in its MLflow store (.kdpipe/bench-lm-fusion) are not run 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -35,6 +34,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import write_table  # noqa: E402
 
 SIGNALS: dict[str, dict[str, Any]] = {
     "dynamic fusion": {"teach.fusion.mode": "dynamic"},
@@ -151,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "seeds": args.seeds,
            "epochs": cfg0.train.epochs, "shuffle_buffer": cfg0.train.shuffle_buffer, "rows": rows, "runs": runs,
            "table": md, "seconds": round(time.time() - t0, 1)}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, default=str))
+    path = write_table(args.out, out, keep_earlier=True)
     print("\n" + md + f"\n\nwrote {path} ({out['seconds']} s)")
     return 0
 

@@ -16,7 +16,6 @@ Runs already finished in its MLflow store (.kdpipe/bench-lm) are not run again.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -27,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import write_table  # noqa: E402
 
 OBJECTIVES = {
     "forward KL + CE": {"name": "forward_kl", "weight": 1.0},
@@ -136,13 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"command": "python bench/lm_methods.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "seeds": args.seeds,
            "epochs": cfg0.train.epochs, "shuffle_buffer": cfg0.train.shuffle_buffer, "rows": rows, "runs": runs, "table": md, "seconds": round(time.time() - t0, 1)}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():  # rows resume across invocations: keep what earlier ones recorded beside them
-        before = json.loads(path.read_text())
-        out["commands"] = before.get("commands", [before["command"]]) + [out["command"]]
-        out.update({k: v for k, v in before.items() if k not in out})
-    path.write_text(json.dumps(out, indent=2, default=str))
+    path = write_table(args.out, out, keep_earlier=True)  # rows resume across invocations
     print("\n" + md + f"\n\nwrote {path} ({out['seconds']} s)")
     return 0
 

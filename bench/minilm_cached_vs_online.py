@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import best_of, epoch_times, save  # noqa: E402
+from bench.common import best_of, cached_path_rates, save  # noqa: E402
 
 STUDENTS = {
     "2-layer, width 384 (teacher layers 0,5)": {"layers": 2, "init_from_teacher": [0, 5]},
@@ -111,10 +111,7 @@ def main(sentences: int = 512, batch: int = 32) -> dict:
 def real_path(sentences: int, batch: int, epochs: int = 4) -> dict:
     """kdpipe's cached path on `sentences` glosses: teach, then `distil` the full-width student with
     one Ray Train worker and the ideal loops' loss; seconds per epoch from the MLflow timestamps."""
-    import statistics
     import tempfile
-
-    from mlflow.tracking import MlflowClient
 
     from kdpipe.config import load_spec
     from kdpipe.pipeline import distil, prepare, teach
@@ -130,11 +127,7 @@ def real_path(sentences: int, batch: int, epochs: int = 4) -> dict:
         "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "tracking.gates": {"metric": "test_cosine", "min_gain_over_baseline": None}})
     source, uri = prepare(cfg)
     res = distil(cfg, source, teach(cfg, source), uri)
-    epoch_s = epoch_times(uri, res.run_id)
-    train_rows = int(MlflowClient(uri).get_run(res.run_id).data.metrics["rows_train"])
-    s = statistics.median(epoch_s)
-    return {"epochs": epochs, "epoch_s": epoch_s, "median_epoch_s": s, "train_rows": train_rows,
-            "rows_per_s": train_rows / s, "num_workers": 1}
+    return cached_path_rates(uri, res.run_id, epochs)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Runs already finished in its MLflow store (.kdpipe/bench-text-classifier) are no
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -35,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import write_table  # noqa: E402
 
 METRICS = ("test_acc", "test_macro_f1")
 ROWS = ("KD student", "twin: labels only", "Well-Read: distilled encoder, then KD")
@@ -157,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"command": "python bench/text_classifier.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "seeds": args.seeds,
            "labeled_fraction": args.labeled_fraction, "epochs": clf0.train.epochs, "rows": rows, "runs": runs, "table": md, "seconds": round(time.time() - t0, 1)}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, default=str))
+    path = write_table(args.out, out)
     print("\n" + md + f"\n\nwrote {path} ({out['seconds']} s)")
     return 0
 
