@@ -41,6 +41,22 @@ def epoch_times(tracking_uri: str, run_id: str, metric: str = "train_loss") -> l
     return [(b.timestamp - a.timestamp) / 1000 for a, b in zip(hist, hist[1:])]
 
 
+def mean_sd(values: list[float], digits: int) -> str:
+    """A table cell: the mean ± the sample standard deviation (n − 1); one value alone, bare."""
+    import statistics
+
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def bench_store(work: Path, experiment: str) -> dict[str, str]:
+    """Spec overrides that keep a results table's caches, checkpoints and MLflow runs under `work`
+    (its runs are what the table is read back from, so a stopped table resumes)."""
+    return {"teach.cache_root": str(work / "cache"), "train.storage_path": str(work / "ray_results"),
+            "tracking.tracking_uri": f"sqlite:///{work / 'mlruns.db'}", "tracking.experiment": experiment}
+
+
 def cached_path_rates(tracking_uri: str, run_id: str, epochs: int) -> dict[str, Any]:
     """kdpipe's cached path, read back from its run: seconds per epoch (MLflow timestamps) and
     train rows per second at the median epoch, one Ray Train worker."""

@@ -26,7 +26,6 @@ import argparse
 import logging
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import write_table  # noqa: E402
+from bench.common import bench_store, mean_sd, write_table  # noqa: E402
 
 SIGNALS: dict[str, dict[str, Any]] = {
     "dynamic fusion": {"teach.fusion.mode": "dynamic"},
@@ -46,19 +45,13 @@ SIGNALS: dict[str, dict[str, Any]] = {
 METRICS = ("test_ppl", "test_token_acc")
 
 
-def _fmt(values: list[float], digits: int) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def table(rows: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
     spread = "one seed" if len(seeds) == 1 else "mean ± sample std"
     lines = [f"**lm_fusion** (test glosses, every part of speech; {spread}: seeds {seeds})", "",
              "| model | perplexity ↓ | next-token acc |", "|---|---|---|"]
     for name, m in rows.items():
         if m.get("test_ppl"):
-            lines.append(f"| {name} | {_fmt(m['test_ppl'], 2)} | {_fmt(m['test_token_acc'], 4)} |")
+            lines.append(f"| {name} | {mean_sd(m['test_ppl'], 2)} | {mean_sd(m['test_token_acc'], 4)} |")
     return "\n".join(lines)
 
 
@@ -124,10 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work).resolve()
     teachers_root = str(Path(args.teachers).resolve())
-    base = {"teach.cache_root": str(work / "cache"), "train.storage_path": str(work / "ray_results"),
-            "teachers.0.params.pretrain_root": teachers_root, "teachers.1.params.pretrain_root": teachers_root,
-            "tracking.tracking_uri": f"sqlite:///{work / 'mlruns.db'}", "tracking.experiment": "bench-lm-fusion",
-            "tracking.model_name": "lm-fusion-student-compare", "train.shuffle_buffer": args.shuffle_buffer}
+    base = {**bench_store(work, "bench-lm-fusion"), "teachers.0.params.pretrain_root": teachers_root,
+            "teachers.1.params.pretrain_root": teachers_root, "tracking.model_name": "lm-fusion-student-compare",
+            "train.shuffle_buffer": args.shuffle_buffer}
     if args.epochs:
         base["train.epochs"] = args.epochs
     spec = str(ROOT / "pipelines" / "lm_fusion.yaml")

@@ -19,7 +19,6 @@ import argparse
 import logging
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import write_table  # noqa: E402
+from bench.common import bench_store, mean_sd, write_table  # noqa: E402
 
 OBJECTIVES = {
     "forward KL + CE": {"name": "forward_kl", "weight": 1.0},
@@ -37,17 +36,12 @@ OBJECTIVES = {
 METRICS = ("test_ppl", "test_token_acc", "test_teacher_agreement", "test_kl")
 
 
-def _fmt(values: list[float], digits: int) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
-
-
 def table(rows: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
     lines = [f"**lm_distill** (test glosses; mean ± sample std over seeds {seeds})", "",
              "| model | perplexity ↓ | next-token acc | top-1 agreement with teacher | KL(teacher ‖ model) ↓ |",
              "|---|---|---|---|---|"]
     for name, m in rows.items():
-        cells = [_fmt(m[k], 2 if k == "test_ppl" else 4) if m.get(k) else "—" for k in METRICS]
+        cells = [mean_sd(m[k], 2 if k == "test_ppl" else 4) if m.get(k) else "—" for k in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -108,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from kdpipe.pipeline import distil, prepare, teach
 
     work = Path(args.work).resolve()
-    base = {"teach.cache_root": str(work / "cache"), "train.storage_path": str(work / "ray_results"),
-            "teachers.0.params.pretrain_root": str(Path(args.teachers).resolve()),
-            "tracking.tracking_uri": f"sqlite:///{work / 'mlruns.db'}", "tracking.experiment": "bench-lm",
+    base = {**bench_store(work, "bench-lm"), "teachers.0.params.pretrain_root": str(Path(args.teachers).resolve()),
             "tracking.model_name": "lm-student-compare"}
     if args.epochs:
         base["train.epochs"] = args.epochs

@@ -27,7 +27,6 @@ import argparse
 import logging
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,15 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import write_table  # noqa: E402
+from bench.common import bench_store, mean_sd, write_table  # noqa: E402
 
 METRICS = ("test_acc", "test_macro_f1")
 ROWS = ("KD student", "twin: labels only", "Well-Read: distilled encoder, then KD")
-
-
-def _fmt(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.4f} ± {sd:.4f}"
 
 
 def table(rows: dict[str, dict[str, list[float]]], seeds: list[int], labeled: float = 1.0) -> str:
@@ -52,7 +46,7 @@ def table(rows: dict[str, dict[str, list[float]]], seeds: list[int], labeled: fl
              "| model | accuracy | macro-F1 | runs |", "|---|---|---|---|"]
     for name, m in rows.items():
         if m.get("test_acc"):
-            lines.append(f"| {name} | {_fmt(m['test_acc'])} | {_fmt(m['test_macro_f1'])} | {len(m['test_acc'])} |")
+            lines.append(f"| {name} | {mean_sd(m['test_acc'], 4)} | {mean_sd(m['test_macro_f1'], 4)} | {len(m['test_acc'])} |")
     return "\n".join(lines)
 
 
@@ -118,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from kdpipe.pipeline import distil, prepare, teach
 
     work = Path(args.work).resolve()
-    common = {"teach.cache_root": str(work / "cache"), "train.storage_path": str(work / "ray_results"),
-              "tracking.tracking_uri": f"sqlite:///{work / 'mlruns.db'}", "tracking.experiment": "bench-text-classifier"}
+    common = bench_store(work, "bench-text-classifier")
     clf_spec, enc_spec = str(ROOT / "pipelines" / "text_classifier_distill.yaml"), str(ROOT / "pipelines" / "minilm_distill.yaml")
     clf_base = {**common, "teachers.0.params.finetune_root": str(Path(args.teachers).resolve()),
                 "tracking.model_name": "text-classifier-compare", "source.split.labeled_fraction": args.labeled_fraction}
