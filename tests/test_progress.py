@@ -64,3 +64,23 @@ def test_teach_progress_counts_the_rows_of_files_that_landed(tmp_path: Path, cap
     lines = [r.getMessage() for r in caplog.records if r.name == "kdpipe.progress"]
     assert [line.split(" (")[0] for line in lines] == ["teacher t: 100/300 rows", "teacher t: 300/300 rows"]
     assert "ETA" in lines[0] and "ETA" not in lines[1]
+
+
+def test_local_ray_starts_with_ray_train_settings_its_processes_inherit(ray_local) -> None:
+    """The embedded cluster's processes (Train's controller among them) see kdpipe's local Ray
+    Train settings: a 0.2 s poll, so that a checkpointed epoch is not held ~2 s by Ray's default
+    poll; no preemption watcher. Set after Ray started, they would reach no process."""
+    import os
+
+    from kdpipe.runtime import LOCAL_TRAIN_ENV, local_train_settings
+
+    @ray_local.remote(num_cpus=0)
+    def seen() -> dict[str, str | None]:
+        return {k: os.environ.get(k) for k in LOCAL_TRAIN_ENV}
+
+    expected = {k: os.environ.get(k) for k in LOCAL_TRAIN_ENV}
+    assert None not in expected.values(), expected
+    assert ray_local.get(seen.remote()) == expected
+    mine = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0"}
+    local_train_settings(mine)  # a value the user exported wins
+    assert mine == {**LOCAL_TRAIN_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0"}
