@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -91,6 +92,31 @@ def _allreduce(sums: dict[str, float], device: torch.device | None = None, op: s
     t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))
+
+
+def _allreduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the ranks, in place (on its device: NCCL has no CPU backend)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def init_from_first_batch(student: nn.Module, batches: Any, device: torch.device) -> Any:
+    """A student that initialises itself from data (`data_init(batch, reduce)`, e.g. the early-exit
+    heads of `hf_classifier`) sees the first batch of every rank before any step; a rank without
+    rows passes None but still joins the reduction. Returns the batches, the first one included."""
+    it = iter(batches)
+    first = next(it, None)
+    student.data_init(None if first is None else widen(first, device), _allreduce_sum)
+    return it if first is None else itertools.chain([first], it)
+
+
+def starts_fresh(student: nn.Module, job: dict[str, Any], start_epoch: int) -> bool:
+    """Whether the job's first epoch may run the student's `data_init`: only a student starting
+    from its constructor's weights; a resumed or warm-started one carries trained weights."""
+    return start_epoch == 0 and not job.get("init_state") and callable(getattr(student, "data_init", None))
 
 
 def epoch_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, epoch: int, rank: int) -> Any:
@@ -259,10 +285,12 @@ def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, 
     train_shard, val_shard = shards[job["dataset"]], shards["val"]
     fail_at = config.get("fail_at_epoch")
     epochs = job["epochs"]
+    fresh = starts_fresh(student, job, start)
     for epoch in range(start, epochs):
         if fail_at is not None and j == 0 and epoch == fail_at and not resumed and rank == 0:
             os._exit(1)  # fault-injection hook used by the tests (kills this worker process)
-        metrics = run_epoch(model, opt, train_shard, val_shard, config, epoch, rank, device, amp, sched)
+        metrics = run_epoch(model, opt, train_shard, val_shard, config, epoch, rank, device, amp, sched,
+                            init=fresh and epoch == 0)
         if tracker is not None:
             tracker.log(metrics, step=epoch)
         # `ray.train.report` is a barrier across workers (~1.7 s on 2 CPUs), so report only with checkpoints.
@@ -320,12 +348,16 @@ def precision_name(amp: torch.dtype | None) -> str:
 
 def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: EpochReplay, val_shard: EpochReplay,
               config: dict[str, Any], epoch: int, rank: int, device: torch.device,
-              amp: torch.dtype | None, sched: Any = None) -> dict[str, float]:
-    """One pass over the train shard and one over the val shard; metrics averaged over all ranks."""
+              amp: torch.dtype | None, sched: Any = None, init: bool = False) -> dict[str, float]:
+    """One pass over the train shard and one over the val shard; metrics averaged over all ranks.
+    With `init`, the student's `data_init` sees the first batch before the first step."""
     model.train()
     trim = trim_to_longest if getattr(_unwrap(model).student, "pads_to_longest", False) else (lambda b: b)
     sums: dict[str, float] = defaultdict(float)
-    for batch in train_shard.batches(config["batch_size"], config.get("shuffle_buffer", 0), config["seed"], epoch, rank):
+    batches = train_shard.batches(config["batch_size"], config.get("shuffle_buffer", 0), config["seed"], epoch, rank)
+    if init:
+        batches = init_from_first_batch(_unwrap(model).student, batches, device)
+    for batch in batches:
         batch = trim(widen(batch, device))
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss, parts = model(batch)

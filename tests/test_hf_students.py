@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from kdpipe import model_registry as reg
 from kdpipe.train import StudentMeta, build_student
 
 TEXTS = ["a domesticated carnivorous mammal that barks", "move fast by using one's feet", "a hot drink made from leaves"]
+MORE_TEXTS = [*TEXTS, "a large body of salt water", "feel great sorrow for someone", "a tool for driving nails"]
 
 
 def _tokens(student, texts: list[str], length: int = 16) -> dict[str, torch.Tensor]:
@@ -245,6 +248,7 @@ def test_multi_exit_classifier_exports_each_exit_as_its_own_model(tmp_path: Path
     assert s.depths == [1, 2, 3]
     assert not torch.equal(s.exit_heads[0].classifier.weight, s.hf_model.classifier.weight)  # each exit its own head
     assert float(s.exit_heads[0].pooler.dense.weight.detach().std()) == pytest.approx(0.02, rel=0.2)  # BERT init
+    s.data_init(_tokens(s, MORE_TEXTS), lambda t: t)  # the standardising fold stays a plain BERT pooler
     with torch.no_grad():
         batch = _tokens(s, TEXTS)
         out = s(batch)
@@ -257,6 +261,94 @@ def test_multi_exit_classifier_exports_each_exit_as_its_own_model(tmp_path: Path
         torch.testing.assert_close(got, out["exits"][i], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="increasing layer numbers in 1..2"):
         build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "layers": 3, "exits": [3]}, meta)
+
+
+def test_exit_heads_standardise_their_cls_input_over_every_ranks_first_batch(tmp_path: Path) -> None:
+    """Why the shallow exits left the majority class: after one or two layers [CLS] barely varies
+    between sentences, and BERT's head on it learns only the prior. `data_init` folds (h - mean) / std
+    of each exit's [CLS] state into its pooler's dense layer; the statistics are summed over the
+    ranks, so two ranks with half the rows each fold exactly what one rank with all of them does."""
+    import copy
+
+    d = _classifier_teacher(tmp_path)
+    meta = StudentMeta(in_dim=None, num_classes=45, teachers=["clf"], widths={})
+    s = build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "layers": 3,
+                                        "init_from_teacher": [0, 2, 5], "exits": [1, 2]}, meta).double().train()
+    batch = _tokens(s, MORE_TEXTS)  # float64: the fold divides by spreads of ~1e-3, beyond fp32's digits here
+    full = copy.deepcopy(s)
+    full.data_init(batch, lambda t: t)
+    assert full.training  # back in the mode it was in
+    with torch.no_grad():
+        states = s.eval().hf_model.bert(input_ids=batch["clf.input_ids"], attention_mask=batch["clf.attention_mask"],
+                                        output_hidden_states=True).hidden_states
+        for i, depth in enumerate(s.exit_depths):
+            cls = states[depth][:, 0]
+            std = cls.std(0, unbiased=False)
+            z = (cls - cls.mean(0)) / std.clamp_min(1e-2 * std.median())
+            torch.testing.assert_close(full.exit_heads[i].pooler.dense(cls), s.exit_heads[i].pooler.dense(z))
+    halves = [{k: v[:3] for k, v in batch.items()}, {k: v[3:] for k, v in batch.items()}]
+    # two ranks as two threads: each reduction is a collective sum, as `dist.all_reduce` does
+    barrier, slots = threading.Barrier(2, timeout=60), [torch.zeros(0), torch.zeros(0)]
+
+    def all_reduce(rank: int) -> Any:
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+        return reduce
+
+    rank0, rank1 = copy.deepcopy(s), copy.deepcopy(s)
+    ranks = [threading.Thread(target=m.data_init, args=(h, all_reduce(r)))
+             for r, (m, h) in enumerate(zip((rank0, rank1), halves))]
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join()
+    for a, b, c in zip(rank0.exit_heads.parameters(), rank1.exit_heads.parameters(), full.exit_heads.parameters()):
+        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(b, c)
+    empty = copy.deepcopy(s)
+    empty.data_init(None, lambda t: t)  # no rows on any rank: BERT's init stays
+    bert = build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "layers": 3,
+                                           "init_from_teacher": [0, 2, 5], "exits": [1, 2], "exit_init": "bert"}, meta)
+    bert_before = copy.deepcopy(bert)
+    bert.data_init(batch, lambda t: t)
+    for module, untouched in ((empty, s), (bert, bert_before)):
+        for a, b in zip(module.exit_heads.parameters(), untouched.exit_heads.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_the_train_loop_runs_data_init_once_on_a_fresh_students_first_batch(tmp_path: Path) -> None:
+    """`run_epoch(init=True)` hands the first batch to the student's `data_init` before the first step
+    and still steps on every batch; a resumed or warm-started student is not re-initialised."""
+    from kdpipe.losses.base import LossContext, LossSuite
+    from kdpipe.train import DistilModule, run_epoch, starts_fresh
+
+    d = _classifier_teacher(tmp_path)
+    meta = StudentMeta(in_dim=None, num_classes=45, teachers=["clf"], widths={})
+    s = build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "layers": 2, "exits": [1]}, meta)
+    batch = {**_tokens(s, MORE_TEXTS), "label": torch.arange(len(MORE_TEXTS))}
+    seen: list[int] = []
+    init = s.data_init
+    s.data_init = lambda b, reduce: (seen.append(len(b["label"])), init(b, reduce))[1]  # type: ignore[method-assign]
+    steps: list[int] = []
+    forward = s.forward
+    s.forward = lambda b: (steps.append(len(b["label"])), forward(b))[1]  # type: ignore[method-assign]
+
+    class Shard:  # the EpochReplay interface: two batches
+        def batches(self, *args: Any) -> Any:
+            yield {k: v[:4] for k, v in batch.items()}
+            yield {k: v[4:] for k, v in batch.items()}
+
+    model = DistilModule(s, LossSuite([{"name": "ce"}], LossContext(45, ["clf"])))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    run_epoch(model, opt, Shard(), Shard(), {"batch_size": 4, "seed": 0}, 0, 0, torch.device("cpu"), None, init=True)
+    assert seen == [4] and steps[:2] == [4, 2]  # data_init saw the first batch; both were trained on
+    assert starts_fresh(s, {"init_state": None}, 0)
+    assert not starts_fresh(s, {"init_state": {"w": 1}}, 0) and not starts_fresh(s, {}, 3)
+    assert not starts_fresh(torch.nn.Linear(2, 2), {}, 0)  # students without data_init
 
 
 def test_lr_schedule_warms_up_then_decays_linearly_to_zero() -> None:
