@@ -50,6 +50,10 @@ if __name__ == "__main__":
     text_classifier.main([])
     print("== text classifier with labels on 10 % of the train glosses: KD vs the twin on that 10 %")
     text_classifier.main(["--no-well-read", "--labeled-fraction", "0.1"])
+    from bench import hierarchical
+
+    print("== hierarchical self-distillation: every exit with and without the exit-to-exit KL, 3 seeds")
+    hierarchical.main([])
     print("== text classifier exits vs the fine-tuned teacher, sentences/s")
     sys.argv = [sys.argv[0], "--spec", str(Path(__file__).resolve().parent.parent / "pipelines" / "text_classifier_hierarchical.yaml")]
     minilm_speed.main()
