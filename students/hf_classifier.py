@@ -182,7 +182,7 @@ class HFClassifierStudent(nn.Module):
         between sentences (its spread is 2.5 % of its size after all-MiniLM-L6-v2's first layer);
         on that near-constant input BERT's head learns only the class prior. Measured on the
         fine-tuned teacher's frozen layer-1 [CLS]: 0.107 (the majority class) with BERT's init,
-        0.398 with this fold (README, hierarchical self-distillation)."""
+        0.383 with this fold (`bench/exit_probe.py`)."""
         if not self.exit_depths or self.exit_init != "standardise":
             return
         weight = self.exit_heads[0].pooler.dense.weight
