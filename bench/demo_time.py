@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-BEFORE = "290294b"  # the last commit before the student and its twin shared one Ray Train run
+BEFORE = "bb9da04"  # the last commit before the local Ray Train poll of 0.2 s (290294b: before one shared Ray Train run)
 
 
 def worktree(ref: str, where: Path) -> Path:
