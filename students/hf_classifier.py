@@ -179,10 +179,10 @@ class HFClassifierStudent(nn.Module):
         first training batch of every rank (`reduce` sums the statistics over the ranks; `batch`
         is None on a rank without rows) into its pooler's dense layer, so the exported exit stays a
         plain `BertForSequenceClassification`. Why: after one or two layers [CLS] barely varies
-        between sentences (its spread is 2.5 % of its size after all-MiniLM-L6-v2's first layer);
-        on that near-constant input BERT's head learns only the class prior. Measured on the
-        fine-tuned teacher's frozen layer-1 [CLS]: 0.107 (the majority class) with BERT's init,
-        0.383 with this fold (`bench/exit_probe.py`)."""
+        between sentences (its spread is 2.5 % of its size after the fine-tuned MiniLM classifier's
+        first layer), and on that near-constant input BERT's head learns only the class prior.
+        Measured on that frozen layer-1 [CLS]: 0.107 (the majority class) with BERT's init, 0.383
+        with this fold (`bench/exit_probe.py`)."""
         if not self.exit_depths or self.exit_init != "standardise":
             return
         weight = self.exit_heads[0].pooler.dense.weight
@@ -195,8 +195,8 @@ class HFClassifierStudent(nn.Module):
                                          attention_mask=batch[self.serving_inputs[1]].long(), output_hidden_states=True)
             self.train(was_training)
             cls = [out.hidden_states[depth][:, 0].double() for depth in self.exit_depths]
-        # two passes (sum, then squared deviations from the all-rank mean): the spreads are ~1e-3
-        # of the values, which E[x^2] - E[x]^2 would cancel away
+        # two passes (sum, then squared deviations from the all-rank mean): the spreads are a few
+        # per cent of the values or less, which E[x^2] - E[x]^2 would cancel away
         sums = reduce(torch.stack([torch.cat([c.sum(0), c.new_tensor([len(c)])]) for c in cls]) if cls else
                       torch.zeros(len(self.exit_depths), weight.shape[1] + 1, dtype=torch.float64, device=weight.device))
         n = sums[:, -1:].clamp_min(1)
