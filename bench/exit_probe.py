@@ -48,18 +48,16 @@ def probe(x: torch.Tensor, y: torch.Tensor, n_train: int, standardise: bool, see
     """Held-out accuracy of BERT's exit head trained on `x[:n_train]`."""
     from torch import nn
 
+    from students.hf_classifier import fold_standardisation
+
     torch.manual_seed(seed)
     width, classes = x.shape[1], int(y.max()) + 1
     dense, out = nn.Linear(width, width), nn.Linear(width, classes)
     for layer in (dense, out):  # BERT's init
         nn.init.normal_(layer.weight, std=0.02)
         nn.init.zeros_(layer.bias)
-    if standardise:  # the fold of `HFClassifierStudent.data_init`, statistics of the train rows
-        mean, std = x[:n_train].mean(0), x[:n_train].std(0, unbiased=False)
-        std = std.clamp_min(max(1e-6, 1e-2 * float(std.median())))
-        with torch.no_grad():
-            dense.weight /= std
-            dense.bias -= dense.weight @ mean
+    if standardise:  # the fold `HFClassifierStudent.data_init` applies, statistics of the train rows
+        fold_standardisation(dense, x[:n_train].mean(0), x[:n_train].std(0, unbiased=False))
     head = nn.Sequential(dense, nn.Tanh(), nn.Dropout(0.1), out)
     opt = torch.optim.AdamW(head.parameters(), lr=3e-4)
     for _ in range(8):

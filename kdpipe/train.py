@@ -81,25 +81,20 @@ def accuracy_counts(out: dict[str, Any], labels: torch.Tensor) -> dict[str, torc
 
 
 def _allreduce(sums: dict[str, float], device: torch.device | None = None, op: str = "sum") -> dict[str, float]:
-    """Sum (or min) `sums` over the ranks. The tensor lives on the training device: with `use_gpu`
-    the process group is NCCL, which has no CPU backend (found on an H200: "No backend type
-    associated with device type cpu")."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return sums
+    """Sum (or min) `sums` over the ranks, as one float64 tensor on the training device."""
     keys = sorted(sums)
-    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
+    t = _allreduce_tensor(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device), op)
     return dict(zip(keys, t.tolist()))
 
 
-def _allreduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """`t` summed over the ranks, in place (on its device: NCCL has no CPU backend)."""
+def _allreduce_tensor(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """`t` summed (or min-ed) over the ranks, in place; unchanged without a process group. The
+    tensor must live on the training device: with `use_gpu` the process group is NCCL, which has
+    no CPU backend (found on an H200: "No backend type associated with device type cpu")."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
     return t
 
 
@@ -109,7 +104,9 @@ def init_from_first_batch(student: nn.Module, batches: Any, device: torch.device
     rows passes None but still joins the reduction. Returns the batches, the first one included."""
     it = iter(batches)
     first = next(it, None)
-    student.data_init(None if first is None else widen(first, device), _allreduce_sum)
+    if first is not None:
+        first = widen(first, device)  # widened once: `widen` leaves it as it is in the step
+    student.data_init(first, _allreduce_tensor)
     return it if first is None else itertools.chain([first], it)
 
 

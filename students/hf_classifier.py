@@ -204,14 +204,8 @@ class HFClassifierStudent(nn.Module):
         sq = reduce(torch.stack([((c - m) ** 2).sum(0) for c, m in zip(cls, mean)]) if cls else torch.zeros_like(mean))
         if float(sums[0, -1]) < 2:
             return  # no rows on any rank: BERT's init stays
-        with torch.no_grad():
-            for i, head in enumerate(self.exit_heads):
-                std = (sq[i] / n[i]).sqrt()
-                std = std.clamp_min(max(1e-6, 1e-2 * float(std.median())))  # no feature scaled > 100x a typical one
-                dense = head.pooler.dense
-                w = dense.weight.double() / std  # column j scaled by 1 / std_j
-                dense.bias.copy_((dense.bias.double() - w @ mean[i]).to(dense.bias.dtype))
-                dense.weight.copy_(w.to(dense.weight.dtype))
+        for i, head in enumerate(self.exit_heads):
+            fold_standardisation(head.pooler.dense, mean[i], (sq[i] / n[i]).sqrt())
 
     @property
     def depths(self) -> list[int]:
@@ -247,6 +241,17 @@ class HFClassifierStudent(nn.Module):
         m.bert.pooler.load_state_dict(head.pooler.state_dict())
         m.classifier.load_state_dict(head.classifier.state_dict())
         return m.eval()
+
+
+def fold_standardisation(dense: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Make `dense(x)` compute what it computed on (x - mean) / std, in place: column j of the
+    weight scaled by 1 / std_j, the bias shifted. A spread below 1 % of the median one is raised to
+    it, so no feature is scaled more than 100x a typical one (features that barely vary at all)."""
+    std = std.double().clamp_min(max(1e-6, 1e-2 * float(std.median())))
+    with torch.no_grad():
+        w = dense.weight.double() / std
+        dense.bias.copy_((dense.bias.double() - w @ mean.double()).to(dense.bias.dtype))
+        dense.weight.copy_(w.to(dense.weight.dtype))
 
 
 class ExitHead(nn.Module):
