@@ -267,11 +267,10 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
     (the member caches joined on `id`, fused block by block), staged, checked exactly-once and
     published by ``TeacherCache.commit`` under the cache's lock (manifest last).
     """
-    import pyarrow.compute as pc
-
     from kdpipe import storage
     from kdpipe.cache import cache_at, staged_files
-    from kdpipe.teach import TeachResult, _check_staged
+    from kdpipe.teach import TeachResult
+    from kdpipe.todo import ID_BYTES, check_staged, rows_missing
     from kdpipe.views import Side, cache_side, join_on_id
 
     f = cfg.teach.fusion
@@ -283,16 +282,12 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
     fp = fused_fingerprint(cfg, results)
     cache = cache_at(cfg.teach.cache_root, "fused", fp)
     with cache.lock():
-        have = cache.id_array()
-        ids = source.ids
-        if len(have):
-            ids = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=have)))
-        if len(ids) == 0:
-            log.info("fused teacher: reusing cache %s (%d rows, fingerprint %s)", cache.dir, len(have), fp)
+        todo = rows_missing(source, cache, max(2, cfg.teach.concurrency * 2))
+        if todo.rows == 0:
+            log.info("fused teacher: reusing cache %s (fingerprint %s)", cache.dir, fp)
             return TeachResult("fused", cache, fp, 0, True)
-        todo = Side("todo", source.id_dataset(ids, blocks=max(2, cfg.teach.concurrency * 2)).select_columns(["id"]),
-                    len(ids) * 24)
-        ds = join_on_id([todo] + [cache_side(t, results[t].cache, cfg.teach.verify) for t in f.teachers])
+        ds = join_on_id([Side("todo", todo.index.select_columns(["id"]), todo.rows * ID_BYTES)]
+                        + [cache_side(t, results[t].cache, cfg.teach.verify) for t in f.teachers])
         common = {"members": list(f.teachers), "mode": f.mode, "weights": f.weights, "temperature": f.temperature,
                   "steps": f.steps, "sharpness": f.sharpness}
         if _token_members(cfg, list(f.teachers)):  # causal LMs: fused token by token into the members' format
@@ -312,11 +307,11 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
         with cache.staging() as staging:
             fused.write_parquet(str(staging), **write)
             got = sum(storage.parquet_metadata(p).num_rows for p in staged_files(staging))
-            if got < len(ids):  # the inner join dropped rows some member does not hold
-                raise RuntimeError(f"fusion: the member caches lack {len(ids) - got} of {len(ids)} rows; "
+            if got < todo.rows:  # the inner join dropped rows some member does not hold
+                raise RuntimeError(f"fusion: the member caches lack {todo.rows - got} of {todo.rows} rows; "
                                    "run `kdpipe teach SPEC` first")
-            _check_staged(staging, ids)
+            check_staged(staging, todo.tally)
             manifest = cache.commit(staging, header, source.fingerprint)
-    log.info("fused teacher (%s over %s): %d new rows -> %s (now %d rows)", f.mode, f.teachers, len(ids), cache.dir,
+    log.info("fused teacher (%s over %s): %d new rows -> %s (now %d rows)", f.mode, f.teachers, todo.rows, cache.dir,
              manifest["rows"])
-    return TeachResult("fused", cache, fp, len(ids), False)
+    return TeachResult("fused", cache, fp, todo.rows, False)

@@ -8,7 +8,7 @@ teacher cache keyed by id stays valid.
 split, where it lives: file number and row number). The inputs themselves are read again, by
 position, where they are needed: `SourceData.dataset()` gives the teach stage a Ray Dataset whose
 read tasks stream the wanted rows straight to the teacher actors (the driver never holds them),
-and `SourceData.table` materialises the full table for the student, which trains on it anyway.
+`SourceData.table` materialises the full table for tests and small tools only.
 """
 
 from __future__ import annotations
@@ -402,6 +402,7 @@ class SourceData:
     stamps: list[list[int]] = field(default_factory=list)
     index_path: str | None = None  # the index as Parquet (sources read from files)
     rows_: int | None = None
+    ids_digest_: int | None = None  # sum of the ids' digests mod 2**64, folded while the index was written
 
     def __post_init__(self) -> None:
         if self.index_ is None and self.index_path is None:
@@ -421,15 +422,11 @@ class SourceData:
             return pq.read_table(fh)
 
     @property
-    def ids(self) -> pa.ChunkedArray:
-        """Every id (about 30 bytes a row in memory): the teach stage's to-do list is built from these."""
-        if self.index_ is not None:
-            return self.index_["id"]
-        import pyarrow.parquet as pq
-
-        assert self.index_path is not None
-        with storage.open_input(self.index_path) as fh:
-            return pq.read_table(fh, columns=["id"])["id"]
+    def ids_digest(self) -> int:
+        """The multiset hash of every id (see `kdpipe.todo.IdTally`): what a new cache must hold."""
+        if self.ids_digest_ is None:
+            self.ids_digest_ = sum(id_digest(r) for r in self.index["id"].to_pylist()) % 2**64  # in-memory sources
+        return self.ids_digest_
 
     @property
     def num_rows(self) -> int:
@@ -455,7 +452,7 @@ class SourceData:
     def table(self, value: pa.Table) -> None:
         self.table_ = value
         self.index_ = value.select([c for c in ("id", "label", "split", "labeled") if c in value.column_names])
-        self.index_path, self.cfg = None, None
+        self.index_path, self.cfg, self.ids_digest_ = None, None, None
 
     @property
     def seekable(self) -> bool:
@@ -499,23 +496,16 @@ class SourceData:
             fn_kwargs={"cfg": self.cfg.model_dump(), "files": self.files, "stamps": self.stamps, "dim": self.dim},
             **remote_args)
 
-    def id_dataset(self, ids: pa.Array | pa.ChunkedArray | None = None, blocks: int = 8) -> Any:
-        """Index rows (id, label, split, labeled, file, row) of `ids` (all when None) as a Ray
-        Dataset in about `blocks` blocks; the filter runs in the workers."""
-        positions = self.index_dataset(blocks)
-        if ids is not None:
-            positions = positions.map_batches(_keep_ids, batch_size=None, batch_format="pyarrow",
-                                              fn_kwargs={"ids": _plain(ids)})
-        return positions
+    @property
+    def position_columns(self) -> list[str]:
+        """The index columns `rows_dataset` reads inputs by: the file and row (in-memory: the id)."""
+        return ["id"] if self.cfg is None else ["id", "file", "row"]
 
-    def dataset(self, ids: pa.Array | pa.ChunkedArray | None = None, blocks: int = 8, **remote_args: Any) -> Any:
-        """`id` + input rows for `ids` (all when None) in about `blocks` read blocks (the teach stage)."""
-        cols = ["id"] if self.cfg is None else ["id", "file", "row"]
-        return self.rows_dataset(self.id_dataset(ids, blocks).select_columns(cols), **remote_args)
-
-
-def _keep_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
-    return batch.filter(pc.is_in(batch["id"], value_set=ids))
+    def dataset(self, index: Any | None = None, blocks: int = 8, **remote_args: Any) -> Any:
+        """`id` + input rows of the index rows `index` (a Ray Dataset, e.g. the rows a cache lacks;
+        default every row in about `blocks` read blocks): the teach stage's input."""
+        index = self.index_dataset(blocks) if index is None else index
+        return self.rows_dataset(index.select_columns(self.position_columns), **remote_args)
 
 
 def _attach_inputs(batch: pa.Table, table: pa.Table) -> pa.Table:
@@ -523,10 +513,6 @@ def _attach_inputs(batch: pa.Table, table: pa.Table) -> pa.Table:
     idx = pc.index_in(batch["id"], value_set=table["id"])
     col = [c for c in table.column_names if c != "id"][0]
     return batch.append_column(col, table[col].take(idx))
-
-
-def _plain(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
 
 
 def read_rows(batch: pa.Table, cfg: dict[str, Any], files: list[str], stamps: list[list[int]],
@@ -614,7 +600,9 @@ class _Quarantine:
                 shutil.rmtree(os.path.dirname(self.local), ignore_errors=True)
 
 
-RAW_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("file", pa.int32()), ("row", pa.int64())])
+RAW_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("file", pa.int32()), ("row", pa.int64()),
+                        ("digest", pa.uint64())])
+DEDUP_ROWS = 1 << 18  # ids de-duplicated per pass over the raw index: bounds that pass's memory (~10 MB)
 INDEX_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("split", pa.string()), ("labeled", pa.bool_()),
                           ("file", pa.int32()), ("row", pa.int64())])
 
@@ -624,7 +612,8 @@ def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kd
     """Two streaming passes that keep no rows in memory: validate and id every row into a raw
     index file, then de-duplicate and split it into the index file the stages read with Ray Data.
 
-    The only per-row memory is an 8-byte digest of each id (for de-duplication): 8 MB a million rows.
+    Nothing is held per row: duplicates are found a bucket of ids at a time (`_duplicate_rows`),
+    and only the positions of the duplicates themselves are kept.
     """
     if cfg.kind == "wordnet" or cfg.path:  # readers run in Ray workers: give them absolute paths (or URIs)
         from kdpipe.datasets.wordnet import WORDNET_DIR
@@ -641,9 +630,8 @@ def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kd
     stem = f".{key}-{os.getpid()}-{time.time_ns()}"
     raw, staged = work / f"{stem}.raw", work / f"{stem}.parquet"
     try:
-        digests, dim, bad, quarantine = _index_pass(cfg, files, features, quarantine_dir, raw)
-        drop = _duplicate_rows(digests)
-        del digests
+        dim, bad, quarantine = _index_pass(cfg, files, features, quarantine_dir, raw)
+        drop = _duplicate_rows(raw)
         stats = _split_pass(raw, staged, drop, cfg.split)
         if stats["rows"] == 0:
             raise BadInputError(f"source {cfg.kind} {cfg.path or ''} yielded no usable rows ({bad} bad)")
@@ -656,18 +644,18 @@ def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kd
             shutil.rmtree(work, ignore_errors=True)
     num_classes = cfg.num_classes or (stats["max_label"] + 1 if stats["max_label"] >= 0 else None)
     return SourceData(None, "features" if features else "text", dim, num_classes, stats["fingerprint"], files, bad,
-                      quarantine, cfg.split.model_dump(), cfg=cfg, stamps=stamps, index_path=str(path), rows_=stats["rows"])
+                      quarantine, cfg.split.model_dump(), cfg=cfg, stamps=stamps, index_path=str(path), rows_=stats["rows"],
+                      ids_digest_=stats["ids_digest"])
 
 
 def _index_pass(cfg: SourceConfig, files: list[str], features: bool, quarantine_dir: str | os.PathLike[str],
-                out: Path) -> tuple[np.ndarray, int | None, int, str | None]:
+                out: Path) -> tuple[int | None, int, str | None]:
     """Pass 1: every raw row checked, bad ones failed or quarantined, good ones written as
-    (id, label, file, row) to `out`. Returns the ids' 64-bit digests, the vector width, the bad
+    (id, label, file, row, 64-bit digest of the id) to `out`. Returns the vector width, the bad
     row count and the quarantine file."""
     import pyarrow.parquet as pq
 
     q = _Quarantine(quarantine_dir)
-    digests: list[np.ndarray] = []
     seen_raw, dim = 0, None
     writer = pq.ParquetWriter(out, RAW_SCHEMA)
     try:
@@ -688,8 +676,9 @@ def _index_pass(cfg: SourceConfig, files: list[str], features: bool, quarantine_
                     q.add({"row": seen_raw + off, "file": f, "file_row": row0 + off, "reason": why, "preview": preview})
                 writer.write_table(pa.table({"id": pa.array(c.ids, pa.string()), "label": pa.array(c.labels, pa.int64()),
                                              "file": pa.array(np.full(len(c.ids), fi, np.int32)),
-                                             "row": pa.array(row0 + c.pos, pa.int64())}, schema=RAW_SCHEMA))
-                digests.append(np.array([_digest(rid) for rid in c.ids], np.uint64))
+                                             "row": pa.array(row0 + c.pos, pa.int64()),
+                                             "digest": pa.array([id_digest(rid) for rid in c.ids], pa.uint64())},
+                                            schema=RAW_SCHEMA))
                 seen_raw += n
                 row0 += n
                 if cfg.limit and seen_raw >= cfg.limit:
@@ -699,21 +688,39 @@ def _index_pass(cfg: SourceConfig, files: list[str], features: bool, quarantine_
     finally:
         writer.close()
         q.close()
-    return (np.concatenate(digests) if digests else np.zeros(0, np.uint64)), dim, q.count, q.path
+    return dim, q.count, q.path
 
 
-def _digest(rid: str) -> int:
+def id_digest(rid: str) -> int:
+    """A 64-bit digest of an id: the unit of de-duplication and of the ids' multiset hash."""
     return int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8).digest(), "little")
 
 
-def _duplicate_rows(digests: np.ndarray) -> np.ndarray:
-    """Positions of rows whose id appeared earlier (identical inputs share one id and one teacher
-    output; the first occurrence is kept). Sort-based on the 8-byte digests."""
-    if len(digests) < 2:
-        return np.zeros(0, np.int64)
-    order = np.argsort(digests, kind="stable")  # a repeated id's first occurrence sorts first
-    s = digests[order]
-    return np.sort(order[1:][s[1:] == s[:-1]])
+def _duplicate_rows(raw: Path, rows_per_pass: int = DEDUP_ROWS) -> np.ndarray:
+    """Positions (sorted) of the rows of `raw` whose id appeared earlier: identical inputs share one
+    id and one teacher output, and the first occurrence is kept. Equal ids have equal digests, so
+    they fall in the same bucket (digest mod passes): each pass reads only the digest column and
+    sorts one bucket, about `rows_per_pass` ids, so memory does not grow with the source."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(raw)
+    passes = max(1, math.ceil(pf.metadata.num_rows / rows_per_pass))
+    drop: list[np.ndarray] = []
+    for bucket in range(passes):
+        digests, positions, at = [], [], 0
+        for batch in pf.iter_batches(batch_size=65536, columns=["digest"]):
+            d = batch.column(0).to_numpy()
+            mine = np.flatnonzero(d % np.uint64(passes) == bucket) if passes > 1 else np.arange(len(d))
+            digests.append(d[mine])
+            positions.append(mine + at)
+            at += len(d)
+        if not digests:
+            continue
+        d, pos = np.concatenate(digests), np.concatenate(positions)
+        order = np.argsort(d, kind="stable")  # positions ascend within the bucket: a repeat's first occurrence sorts first
+        s = d[order]
+        drop.append(pos[order[1:][s[1:] == s[:-1]]])
+    return np.sort(np.concatenate(drop)) if drop else np.zeros(0, np.int64)
 
 
 def _split_pass(raw: Path, out: Path, drop: np.ndarray, split: Any) -> dict[str, Any]:
@@ -722,7 +729,7 @@ def _split_pass(raw: Path, out: Path, drop: np.ndarray, split: Any) -> dict[str,
     the split settings), the row count and the largest label, all folded a batch at a time."""
     import pyarrow.parquet as pq
 
-    total, rows, max_label, at = 0, 0, -1, 0
+    total, ids, rows, max_label, at = 0, 0, 0, -1, 0
     with pq.ParquetWriter(out, INDEX_SCHEMA) as writer:
         for batch in pq.ParquetFile(raw).iter_batches(batch_size=65536):
             t = pa.Table.from_batches([batch])
@@ -738,13 +745,14 @@ def _split_pass(raw: Path, out: Path, drop: np.ndarray, split: Any) -> dict[str,
                 s = "test" if u < split.test else ("val" if u < split.test + split.val else "train")
                 sp.append(s)
                 lab.append(s != "train" or _unit(split.salt + ":labeled", rid) < split.labeled_fraction)
-                total += _digest(f"{rid}:{label}")
+                total += id_digest(f"{rid}:{label}")
             writer.write_table(pa.table({"id": t["id"], "label": t["label"], "split": pa.array(sp, pa.string()),
                                          "labeled": pa.array(lab, pa.bool_()), "file": t["file"], "row": t["row"]},
                                         schema=INDEX_SCHEMA))
             rows += t.num_rows
+            ids = (ids + int(np.sum(t["digest"].to_numpy(), dtype=np.uint64))) % 2**64  # numpy's sum wraps mod 2**64
             if t.num_rows:
                 max_label = max(max_label, int(pc.max(t["label"]).as_py()))
     h = hashlib.sha256(f"{total % 2**64}:{rows}".encode())
     h.update(json.dumps(split.model_dump(), sort_keys=True).encode())
-    return {"rows": rows, "max_label": max_label, "fingerprint": h.hexdigest()[:16]}
+    return {"rows": rows, "max_label": max_label, "fingerprint": h.hexdigest()[:16], "ids_digest": ids}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -11,15 +10,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from kdpipe.arrays import to_fixed_list
-from kdpipe import storage
-from kdpipe.cache import TeacherCache, cache_at, fingerprint, staged_files
+from kdpipe.cache import TeacherCache, cache_at, fingerprint
 from kdpipe.config import KdpipeError, PipelineConfig, TeacherConfig
 from kdpipe.progress import TeachProgress
 from kdpipe.sources import SourceData
+from kdpipe.todo import check_staged, rows_missing
 
 log = logging.getLogger("kdpipe.teach")
 
@@ -173,40 +170,43 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
                    digest: str) -> TeachResult:
     from teachers import TEACHERS
 
-    have = cache.id_array()
-    todo = source.ids if len(have) == 0 else pc.filter(source.ids, pc.invert(pc.is_in(source.ids, value_set=have)))
-    if len(todo) == 0:
-        log.info("teacher %s: reusing cache %s (%d rows, fingerprint %s)", tcfg.id, cache.dir, len(have), fp)
+    todo = rows_missing(source, cache, read_blocks(cfg.teach, source, source.num_rows))
+    if todo.rows == 0:
+        log.info("teacher %s: reusing cache %s (fingerprint %s)", tcfg.id, cache.dir, fp)
         return TeachResult(tcfg.id, cache, fp, 0, True)
-    log.info("teacher %s: teaching %d new rows (%d cached) -> %s", tcfg.id, len(todo), len(have), cache.dir)
+    log.info("teacher %s: teaching %d new rows (of %d) -> %s", tcfg.id, todo.rows, source.num_rows, cache.dir)
 
     header = {"teacher_id": tcfg.id, "teacher_kind": tcfg.kind, "weights_digest": digest, "fingerprint": fp,
               "output_spec": {"outputs": tcfg.outputs, "topk": tcfg.topk, "format": OUTPUT_FORMAT},
               "params": tcfg.params, "path": tcfg.path}
     with cache.staging() as staging:
-        ds = teach_dataset(cfg.teach, tcfg, source, todo if len(have) else None, len(todo))
+        ds = teach_dataset(cfg.teach, tcfg, source, todo.index)
         try:
-            with TeachProgress(f"teacher {tcfg.id}", staging, len(todo)):
+            with TeachProgress(f"teacher {tcfg.id}", staging, todo.rows):
                 ds.write_parquet(str(staging), **TEACHERS.get(tcfg.kind).parquet_options)
         except Exception as e:  # Ray Data wraps errors raised in the actors; surface ours as they were
             root = _kdpipe_cause(e)
             if root is None:
                 raise
             raise root from None
-        _check_staged(staging, todo)
+        check_staged(staging, todo.tally)
         manifest = cache.commit(staging, header, source.fingerprint)
     log.info("teacher %s: cache now %d rows in %d part(s)", tcfg.id, manifest["rows"], len(manifest["parts"]))
-    return TeachResult(tcfg.id, cache, fp, len(todo), False)
+    return TeachResult(tcfg.id, cache, fp, todo.rows, False)
 
 
-def teach_dataset(t: Any, tcfg: TeacherConfig, source: SourceData, ids: pa.ChunkedArray | None, rows: int) -> Any:
-    """The lazy Ray Dataset of the teacher's outputs for `ids` (all rows when None): source rows
-    read by position, then the teacher's actor pool (`teach.concurrency` actors, each with
-    `teach.num_cpus` / `teach.num_gpus`)."""
+def read_blocks(t: Any, source: SourceData, rows: int) -> int:
+    """How many read blocks to cut `rows` source rows into: enough to keep every actor busy, few
+    enough that each holds a few batches (line formats, scanned from the top by every block: few)."""
+    return max(t.concurrency * 2, math.ceil(rows / (4 * t.batch_size)) if source.seekable else 0)
+
+
+def teach_dataset(t: Any, tcfg: TeacherConfig, source: SourceData, index: Any | None = None) -> Any:
+    """The lazy Ray Dataset of the teacher's outputs for the index rows `index` (a Ray Dataset,
+    default every source row): inputs read by position, then the teacher's actor pool
+    (`teach.concurrency` actors, each with `teach.num_cpus` / `teach.num_gpus`)."""
     import ray
 
-    # blocks of a few batches each: enough to keep every actor busy, small enough to stream
-    blocks = max(t.concurrency * 2, math.ceil(rows / (4 * t.batch_size)) if source.seekable else 0)
     remote = {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus or None}
     # On CPUs the read step asks for the teacher's resources, so Ray Data fuses it into the actors.
     # A GPU teacher gets its rows from CPU read tasks instead: the GPU does not wait on file reads
@@ -217,7 +217,7 @@ def teach_dataset(t: Any, tcfg: TeacherConfig, source: SourceData, ids: pa.Chunk
         log.warning("teach: %d teacher actor(s) × %g CPUs take all %g CPUs of the cluster; Ray Data's read tasks "
                     "may then never be scheduled and the stage waits forever (seen with a text source on 2 CPUs). "
                     "Leave a CPU free: lower teach.num_cpus or teach.concurrency", t.concurrency, t.num_cpus, total)
-    return source.dataset(ids, blocks, **read).map_batches(
+    return source.dataset(index, read_blocks(t, source, source.num_rows), **read).map_batches(
         TeacherActor,
         fn_constructor_kwargs={"teacher_cfg": tcfg.model_dump(), "device": "cuda" if t.num_gpus > 0 else "cpu"},
         batch_size=t.batch_size,
@@ -236,33 +236,6 @@ def _kdpipe_cause(e: BaseException) -> KdpipeError | None:
             return e
         e = e.__cause__ or e.__context__  # type: ignore[assignment]
     return None
-
-
-def id_multiset_hash(ids: pa.Array | pa.ChunkedArray) -> int:
-    """Order-independent hash of a multiset of ids (sum of 64-bit digests, mod 2**64): equal for
-    two id lists exactly when they hold the same ids the same number of times (up to 2**-64)."""
-    total = 0
-    for rid in ids.to_pylist():
-        total += int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8).digest(), "little")
-    return total % 2**64
-
-
-def _check_staged(staging: Any, todo: pa.ChunkedArray | pa.Array) -> None:
-    """Every requested row exactly once, before the part may be published. Staged files are read
-    one at a time and folded into a count and a multiset hash, so memory does not grow with rows."""
-    rows, digest = 0, 0
-    for f in staged_files(staging):
-        with storage.open_input(f) as fh:
-            ids = pq.read_table(fh, columns=["id"])["id"]
-        rows += len(ids)
-        digest = (digest + id_multiset_hash(ids)) % 2**64
-    want = len(todo)
-    if rows > want:
-        raise RuntimeError(f"teach stage produced duplicate rows ({rows} rows for {want} ids); the part was discarded, "
-                           "rerun `kdpipe teach`")
-    if rows < want or digest != sum(id_multiset_hash(todo.slice(i, 65536)) for i in range(0, want, 65536)) % 2**64:
-        raise RuntimeError(f"teach stage returned {rows} rows that are not the {want} requested ones (rows missing or "
-                           "repeated); the part was discarded, rerun `kdpipe teach`")
 
 
 def teach_all(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachResult]:

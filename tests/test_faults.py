@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(900)
 def test_teacher_actor_killed_mid_stage_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     """A teacher actor process is SIGKILLed from outside once the stage has written output files;
     Ray Data restarts the actor and retries its batches; the published cache has every source row
-    exactly once (`_check_staged` would refuse a duplicate). Own Ray in a subprocess, so the
+    exactly once (`todo.check_staged` would refuse a duplicate). Own Ray in a subprocess, so the
     slow-down variable reaches the actor processes."""
     script = textwrap.dedent("""
         import json, os, sys, threading, time
@@ -179,9 +179,10 @@ def test_exactly_once_check_catches_missing_and_repeated_rows(tmp_path: Path) ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kdpipe.teach import _check_staged
+    from kdpipe.todo import IdTally, check_staged
 
     todo = pa.array([f"id{i}" for i in range(10)])
+    want = IdTally.of(todo)
 
     def staged(*parts: list[str]) -> Path:
         d = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
@@ -191,13 +192,13 @@ def test_exactly_once_check_catches_missing_and_repeated_rows(tmp_path: Path) ->
         return d
 
     ids = todo.to_pylist()
-    _check_staged(staged(ids[:4], ids[4:]), todo)  # all rows once, across files: fine
+    check_staged(staged(ids[:4], ids[4:]), want)  # all rows once, across files: fine
     with pytest.raises(RuntimeError, match="returned 9 rows"):
-        _check_staged(staged(ids[:4], ids[5:]), todo)
+        check_staged(staged(ids[:4], ids[5:]), want)
     with pytest.raises(RuntimeError, match="duplicate rows"):
-        _check_staged(staged(ids, ids[:1]), todo)
+        check_staged(staged(ids, ids[:1]), want)
     with pytest.raises(RuntimeError, match="not the 10 requested"):
-        _check_staged(staged(ids[:9], ids[:1]), todo)
+        check_staged(staged(ids[:9], ids[:1]), want)
 
 
 def test_source_file_edited_between_index_and_teach_is_refused(ray_local, tmp_path: Path) -> None:

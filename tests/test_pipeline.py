@@ -37,7 +37,7 @@ def test_full_pipeline_teach_cache_distil_track(ray_local, tmp_path: Path, monke
     with monkeypatch.context() as guard:
         guard.setattr(ray_local.data, "from_arrow", refuse)
         guard.setattr(TeacherCache, "read", refuse)
-        for name in ("table", "index", "ids"):
+        for name in ("table", "index"):
             guard.setattr(SourceData, name, property(refuse))
         res = distil(cfg, source, taught, uri)
     logged = MlflowClient(uri).get_run(res.run_id).data.metrics

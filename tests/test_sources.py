@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from kdpipe.config import SourceConfig
@@ -108,6 +109,30 @@ def _digits_parquet(path, n: int, row_group: int) -> None:
                    row_group_size=row_group)
 
 
+def test_duplicates_are_found_a_bucket_at_a_time(tmp_path) -> None:
+    """De-duplication reads the raw index's digests in passes that each sort one bucket: any
+    number of passes finds exactly the repeats (each after its first occurrence)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kdpipe.sources import RAW_SCHEMA, _duplicate_rows
+
+    rng = np.random.default_rng(0)
+    digests = rng.integers(0, 50, 300).astype(np.uint64) * np.uint64(2**40 + 7)  # many repeats
+    raw = tmp_path / "raw.parquet"
+    n = len(digests)
+    pq.write_table(pa.table({"id": [str(d) for d in digests], "label": np.zeros(n, np.int64),
+                             "file": np.zeros(n, np.int32), "row": np.arange(n), "digest": digests}, schema=RAW_SCHEMA),
+                   raw, row_group_size=64)
+    seen, want = set(), []
+    for i, d in enumerate(digests.tolist()):
+        if d in seen:
+            want.append(i)
+        seen.add(d)
+    for rows_per_pass in (10**6, 64, 7):
+        assert _duplicate_rows(raw, rows_per_pass).tolist() == want
+
+
 def test_index_pass_keeps_no_inputs_and_rereads_exact_rows(tmp_path) -> None:
     """load_source keeps only the index; the table read back by position (across row groups and
     chunks) is the same rows, with duplicates of an input kept once."""
@@ -116,6 +141,7 @@ def test_index_pass_keeps_no_inputs_and_rereads_exact_rows(tmp_path) -> None:
     import pyarrow.parquet as pq
 
     import kdpipe.sources as sources
+    from kdpipe.todo import id_multiset_hash
 
     f = tmp_path / "d.parquet"
     _digits_parquet(f, 900, row_group=128)
@@ -129,6 +155,7 @@ def test_index_pass_keeps_no_inputs_and_rereads_exact_rows(tmp_path) -> None:
         assert src.table_ is None and "x" not in src.index.column_names
         assert src.num_rows == 900  # duplicates share an id and count once
         assert max(src.index["row"].to_pylist()) == 899  # ... and the first occurrence is the one kept
+        assert src.ids_digest == id_multiset_hash(src.index["id"])  # folded while written: what a new cache must hold
         some = src.index.filter(pc.is_in(src.index["row"], value_set=pa.array([3, 250, 251, 899], pa.int64())))
         got = list(sources.read_file_rows(cfg, src.files[0], src.stamps[0], some["row"].to_numpy(), src.dim))
         rows = pa.concat_tables(got)
@@ -170,8 +197,10 @@ def test_dataset_streams_rows_through_ray(tmp_path, ray_local) -> None:
     f = tmp_path / "d.parquet"
     _digits_parquet(f, 600, row_group=64)
     src = load_source(SourceConfig(kind="parquet", path=str(f), features="x", label="label"))
-    want = src.ids.slice(100, 300)
-    got = pa.concat_tables([t for t in ray_local.get(src.dataset(want, blocks=4, num_cpus=0.5).to_arrow_refs()) if t.num_rows])
+    index = src.index.slice(100, 300)
+    want = index["id"]
+    got = pa.concat_tables([t for t in ray_local.get(src.dataset(ray_local.data.from_arrow(index), num_cpus=0.5)
+                                                      .to_arrow_refs()) if t.num_rows])
     assert sorted(got["id"].to_pylist()) == sorted(want.to_pylist())
     table = src.table.filter(pc.is_in(src.table["id"], value_set=want.combine_chunks()))
     by_id = dict(zip(table["id"].to_pylist(), table["x"].to_pylist()))

@@ -38,22 +38,43 @@ def _spec(tmp_path: Path, n: int = 900):
         "train.epochs": 2, "train.checkpoint_every": 2, "evaluate.baseline_epochs": 1}))
 
 
-def test_views_join_every_part_keep_fp16_and_hide_labels(ray_local, tmp_path: Path) -> None:
-    """The views join the source with *every* cache part (incremental caches), keep fp16 columns
-    fp16 until a worker widens a batch, hide labels of unlabeled train rows, and refuse a cache
-    that lacks rows."""
+def test_views_join_every_part_keep_fp16_and_hide_labels(ray_local, tmp_path: Path, monkeypatch) -> None:
+    """An incremental teach finds the rows its cache lacks inside Ray Data (the driver reads
+    neither the source's ids nor the cache's). The views join the source with *every* cache
+    part, keep fp16 columns fp16 until a worker widens a batch, hide labels of unlabeled train
+    rows, and refuse a cache that lacks rows."""
+    from kdpipe.cache import TeacherCache
     from kdpipe.evaluate import float_batch
     from kdpipe.pipeline import prepare, teach
+    from kdpipe.sources import SourceData
+    from kdpipe.todo import IdTally, rows_missing
     from kdpipe.views import build_views
 
     cfg = _spec(tmp_path, 600)
     first = cfg.model_copy(update={"source": cfg.source.model_copy(update={"limit": 400})})
-    source, _ = prepare(first)
-    teach(first, source)
-    source, _ = prepare(cfg)
-    taught = teach(cfg, source)  # a second part with the 200 new rows
-    cache = taught["digits_mlp"].cache
-    assert len(cache.manifest()["parts"]) == 2
+    cache = cache_of(teach(first, prepare(first)[0]))  # 400 rows
+    source, _ = prepare(cfg)  # 600 rows
+
+    # the rows to teach: the 200 new ones, by broadcast filter and by Ray Data's anti-join alike
+    old_ids = set(cache.id_array().to_pylist())
+    new_ids = [i for i in source.index["id"].to_pylist() if i not in old_ids]
+    for broadcast in (None, 0):
+        todo = rows_missing(source, cache, 4, broadcast_bytes=broadcast)
+        assert todo.tally == IdTally.of(pa.array(new_ids)) and todo.rows == 200
+        assert sorted(todo.index.to_pandas()["id"]) == sorted(new_ids)
+
+    def refuse(*a, **k):
+        raise AssertionError("the driver read ids")
+
+    with monkeypatch.context() as guard:
+        guard.setattr(TeacherCache, "read", refuse)
+        guard.setattr(TeacherCache, "id_array", refuse)
+        for name in ("table", "index"):
+            guard.setattr(SourceData, name, property(refuse))
+        taught = teach(cfg, source)  # a second part with the 200 new rows
+    cache = cache_of(taught)
+    assert len(cache.manifest()["parts"]) == 2 and taught["digits_mlp"].rows_taught == 200
+    assert sorted(cache.id_array().to_pylist()) == sorted(source.index["id"].to_pylist())  # each row once
 
     views = build_views(source, {"digits_mlp": cache})
     assert sum(views.rows.values()) == 600
@@ -84,6 +105,10 @@ def test_views_join_every_part_keep_fp16_and_hide_labels(ray_local, tmp_path: Pa
     src_more, _ = prepare(bigger)
     with pytest.raises(KdpipeError, match="lack 100 of 700.*kdpipe teach"):
         build_views(src_more, {"digits_mlp": _shifted(cache, tmp_path, src_more)})
+
+
+def cache_of(taught: dict) -> object:
+    return taught["digits_mlp"].cache
 
 
 def _shifted(cache, tmp_path: Path, src) -> object:

@@ -20,7 +20,7 @@ def test_gpu_teacher_plan_builds_with_cpu_read_tasks(ray_local, tmp_path: Path) 
         "teach.num_gpus": 1, "teach.cache_root": str(tmp_path / "cache"),
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
     source, _ = prepare(cfg)
-    ds = teach_dataset(cfg.teach, cfg.teachers[0], source, None, source.num_rows)
+    ds = teach_dataset(cfg.teach, cfg.teachers[0], source)
     assert "TeacherActor" in str(ds)
 
 
@@ -38,10 +38,10 @@ def test_teacher_actors_taking_every_cpu_are_warned_about(ray_local, tmp_path: P
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
     source, _ = prepare(cfg)
     with caplog.at_level(logging.WARNING, logger="kdpipe.teach"):
-        teach_dataset(cfg.teach, cfg.teachers[0], source, None, source.num_rows)
+        teach_dataset(cfg.teach, cfg.teachers[0], source)
     assert any("teach.num_cpus or teach.concurrency" in m for m in caplog.messages), caplog.messages
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="kdpipe.teach"):
         teach_dataset(load_spec("pipelines/digits_kd.yaml", {"teach.num_cpus": cpus / 2}).teach, cfg.teachers[0],
-                      source, None, source.num_rows)
+                      source)
     assert not caplog.messages
