@@ -6,6 +6,8 @@ Everything it writes (teachers, caches, Ray results, MLflow store) stays under .
 
     python bench/compare_methods.py                 # 3 seeds, all three pipelines
     python bench/compare_methods.py --seeds 0 1 2 3 --only digits_fusion
+    python bench/compare_methods.py --only digits_aspects --extra   # kdpipe.compare.EXTRA_VARIANTS instead
+                                                                     # -> bench/results/methods_extra.json
 """
 
 from __future__ import annotations
@@ -50,14 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=PIPELINES, default=PIPELINES)
     ap.add_argument("--epochs", type=int, default=None, help="override train.epochs of every pipeline")
     ap.add_argument("--work", default=str(ROOT / ".kdpipe" / "bench"), help="where teachers, caches and MLflow go")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "methods.json"))
+    ap.add_argument("--extra", action="store_true", help="run kdpipe.compare.EXTRA_VARIANTS instead of the default variants")
+    ap.add_argument("--out", default=None, help="default bench/results/methods.json (methods_extra.json with --extra)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("mlflow", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
-    from kdpipe.compare import compare
+    from kdpipe.compare import EXTRA_VARIANTS, compare
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -68,13 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     tables = []
     for name in args.only:
         spec = str(ROOT / "pipelines" / f"{name}.yaml")
-        table, res = compare(spec, args.seeds, bench_overrides(name, work, args.epochs))
+        variants = EXTRA_VARIANTS.get(name, {}) if args.extra else None
+        if variants == {}:
+            continue
+        table, res = compare(spec, args.seeds, bench_overrides(name, work, args.epochs), variants)
         out["pipelines"][name] = res  # type: ignore[index]
         tables.append(table)
         print("\n" + table + f"\n\n({name}: {res['seconds']} s; summary MLflow run {res['summary_run_id']})\n", flush=True)
     out["seconds"] = round(time.time() - t0, 1)
     out["tables"] = tables
-    path = Path(args.out)
+    path = Path(args.out or ROOT / "bench" / "results" / ("methods_extra.json" if args.extra else "methods.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2, default=str))

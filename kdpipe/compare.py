@@ -49,6 +49,8 @@ EXTRA_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "digits_aspects": {
         # next to logit KD from the very classifier the aspects are derived from; twin = kd + ce without aspects
         "kd + ce + aspects": {"losses": [_KD, _CE, _ASPECTS], "evaluate.baseline_losses": [_KD, _CE]},
+        # the paper's setting again, but the CE twin trains twice as many epochs (is the gain only more steps?)
+        "ce + aspects vs a CE twin trained 2x longer": {"evaluate.baseline_epochs": 80},
     },
     "digits_selfdistill": {
         # no cached teacher: the deepest exit learns from the labeled rows only; twin = per-exit CE
