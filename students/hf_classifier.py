@@ -114,15 +114,19 @@ class HFClassifierStudent(nn.Module):
         self.relation_heads = relation_heads or self.heads
         self.teacher_dir = d
         same_width = self.config.hidden_size == int(tc["hidden_size"])
+        copy_head = init_head and same_width and int(tc.get("num_labels", len(tc.get("id2label") or {}))) == num_classes \
+            and any(a.endswith("ForSequenceClassification") for a in tc.get("architectures") or [])
+        teacher = self._read_classifier(d) if copy_head else None  # read once: its encoder and its head
         if init_from is not None:
             self._init_encoder_from(Path(init_from))
         elif init_from_teacher is not None or init_embeddings:
             if init_from_teacher is not None and not same_width:
                 raise ValueError("init_from_teacher copies whole layers: it needs the teacher's hidden_size/num_heads")
-            copy_from_teacher(self.hf_model.bert, d, init_from_teacher, init_embeddings and self.config.hidden_size <= int(tc["hidden_size"]))
-        if init_head and same_width and int(tc.get("num_labels", len(tc.get("id2label") or {}))) == num_classes and any(
-                a.endswith("ForSequenceClassification") for a in tc.get("architectures") or []):
-            self._copy_head(d)
+            copy_from_teacher(self.hf_model.bert, teacher.base_model if teacher is not None else d, init_from_teacher,
+                              init_embeddings and self.config.hidden_size <= int(tc["hidden_size"]))
+        if teacher is not None:
+            self._copy_head(teacher)
+        del teacher
         self.exit_depths = list(exits or [])
         # fresh heads (BERT's init): the teacher's head was trained on its last layer's states, not a
         # shallow layer's; `data_init` then standardises their input (exit_init: standardise)
@@ -148,15 +152,17 @@ class HFClassifierStudent(nn.Module):
         if wrong:
             raise ValueError(f"init_from '{d}' does not have this student's shape: it lacks {wrong[:4]}…")
 
-    def _copy_head(self, d: Path) -> None:
+    @staticmethod
+    def _read_classifier(d: Path) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
 
-        t = AutoModelForSequenceClassification.from_pretrained(d, local_files_only=True, dtype=torch.float32)
+        return AutoModelForSequenceClassification.from_pretrained(d, local_files_only=True, dtype=torch.float32)
+
+    def _copy_head(self, t: nn.Module) -> None:
         with torch.no_grad():
             if getattr(t.base_model, "pooler", None) is not None and self.hf_model.bert.pooler is not None:
                 self.hf_model.bert.pooler.load_state_dict(t.base_model.pooler.state_dict())
             self.hf_model.classifier.load_state_dict(t.classifier.state_dict())
-        del t
 
     @property
     def layers(self) -> nn.ModuleList:

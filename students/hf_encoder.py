@@ -109,13 +109,15 @@ def student_bert_config(tc: dict[str, Any], layers: int, hidden_size: int | None
     return cfg
 
 
-def copy_from_teacher(bert: nn.Module, teacher_dir: Any, layers: list[int] | None, embeddings: bool,
+def copy_from_teacher(bert: nn.Module, teacher: Any, layers: list[int] | None, embeddings: bool,
                       out_proj: nn.Module | None = None) -> None:
     """Teacher embeddings (copied, or PCA-projected when the student is narrower) and chosen
-    teacher layers into a student `BertModel` (its `.embeddings` and `.encoder.layer`)."""
+    teacher layers into a student `BertModel` (its `.embeddings` and `.encoder.layer`). `teacher`
+    is the teacher's directory, or its encoder already in memory (a caller that needs more of it)."""
     from transformers import AutoModel
 
-    teacher = AutoModel.from_pretrained(teacher_dir, local_files_only=True, dtype=torch.float32)
+    if not isinstance(teacher, nn.Module):
+        teacher = AutoModel.from_pretrained(teacher, local_files_only=True, dtype=torch.float32)
     with torch.no_grad():
         if embeddings and bert.config.hidden_size == teacher.config.hidden_size:
             bert.embeddings.load_state_dict(teacher.embeddings.state_dict())

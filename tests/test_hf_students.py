@@ -153,14 +153,26 @@ def _classifier_teacher(tmp_path: Path) -> Path:
     return d
 
 
-def test_classifier_student_starts_from_the_named_teacher_layers_and_head(tmp_path: Path) -> None:
-    from transformers import AutoModelForSequenceClassification
+def test_classifier_student_starts_from_the_named_teacher_layers_and_head(tmp_path: Path, monkeypatch) -> None:
+    """Layers, pooler and head come from the teacher, read from disk once (not once for the
+    encoder and again for the head)."""
+    from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
     d = _classifier_teacher(tmp_path)
     teacher = AutoModelForSequenceClassification.from_pretrained(d)
     meta = StudentMeta(in_dim=None, num_classes=45, teachers=["clf"], widths={})
-    s = build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "layers": 2,
-                                        "init_from_teacher": [1, 4]}, meta)
+    reads: list[str] = []
+    load = PreTrainedModel.from_pretrained.__func__
+
+    def counted(cls, *a, **k):
+        reads.append(cls.__name__)
+        return load(cls, *a, **k)
+
+    with monkeypatch.context() as spy:
+        spy.setattr(PreTrainedModel, "from_pretrained", classmethod(counted))
+        s = build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "layers": 2,
+                                            "init_from_teacher": [1, 4]}, meta)
+    assert reads == ["BertForSequenceClassification"], reads
     for i, t in enumerate([1, 4]):
         ts, ss = teacher.bert.encoder.layer[t].state_dict(), s.layers[i].state_dict()
         assert all(torch.equal(ts[k], ss[k]) for k in ts)
