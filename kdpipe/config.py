@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -212,6 +213,33 @@ class EvaluateConfig(Strict):
     baseline_losses: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "ce", "weight": 1.0}])
     baseline_student_params: dict[str, Any] = Field(default_factory=dict, description="overrides of student.params for the twin")
     baseline_labeled_only: bool = Field(True, description="train the twin on the labeled train rows only")
+    slices: dict[str, list[int]] = Field(
+        default_factory=dict, description="named groups of labels, each scored on its own as well: "
+        "`{nouns: ['3-28'], verbs: ['29-43']}` adds test_nouns_<metric> and test_verbs_<metric>")
+
+    @field_validator("slices", mode="before")
+    @classmethod
+    def _slices(cls, v: Any) -> Any:
+        """Label ids, or `"a-b"` ranges of them (inclusive); names become part of metric names."""
+        if not isinstance(v, dict):
+            raise ValueError("must be a mapping of slice name -> list of labels, e.g. {nouns: ['3-28']}")
+        out = {}
+        for name, labels in v.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)):
+                raise ValueError(f"slice name {name!r}: use lowercase letters, digits and _ (it becomes part of metric names)")
+            if not isinstance(labels, list) or not labels:
+                raise ValueError(f"slice {name!r}: give a non-empty list of label ids or 'a-b' ranges")
+            ids: list[int] = []
+            for item in labels:
+                m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", item) if isinstance(item, str) else None
+                if m and int(m[1]) <= int(m[2]):
+                    ids.extend(range(int(m[1]), int(m[2]) + 1))
+                elif isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+                    ids.append(item)
+                else:
+                    raise ValueError(f"slice {name!r}: {item!r} is neither a label id (int >= 0) nor a range 'a-b' with a <= b")
+            out[name] = sorted(set(ids))
+        return out
 
     @field_validator("task")
     @classmethod

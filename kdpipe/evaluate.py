@@ -9,6 +9,7 @@ their docstrings. Only sums and the bounded sample come back to the driver, neve
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -140,10 +141,12 @@ class Scored:
 
 class _BatchScorer:
     """`map_batches` callable: builds every model once per actor and maps a batch to one row of
-    sums per model and per teacher (or, in sample mode, to the batch's sampled arrays), each
-    column named `<prefix>|<sum>`."""
+    sums per model and per teacher, on the whole batch and on each slice's rows (or, in sample
+    mode, to the batch's sampled arrays). The sums travel as one JSON column named `sums`
+    (`<prefix>|<sum>` keys), so batches that hold no row of some slice still share one schema."""
 
-    def __init__(self, factories: Any, task: str, mode: str, teachers: list[str], num_classes: int) -> None:
+    def __init__(self, factories: Any, task: str, mode: str, teachers: list[str], num_classes: int,
+                 slices: dict[str, list[int]] | None = None) -> None:
         import ray
 
         torch.set_num_threads(1)
@@ -152,43 +155,65 @@ class _BatchScorer:
         self.models = {prefix: factory().eval() for prefix, factory in ray.get(factories).items()}
         self.ev = EVALUATORS.get(task)()
         self.mode, self.teachers, self.num_classes = mode, teachers, num_classes
+        self.slices = {name: np.asarray(ids) for name, ids in (slices or {}).items()}
+
+    def parts(self, batch: dict[str, np.ndarray]) -> Any:
+        """(metric-name infix, rows): the whole batch, then each slice's rows where it has any."""
+        yield "", batch
+        if self.mode == "sample" or not self.slices:
+            return
+        labels = np.asarray(batch["label"])
+        for name, ids in self.slices.items():
+            rows = np.isin(labels, ids)
+            if rows.any():
+                yield f"{name}_", {k: np.asarray(v)[rows] for k, v in batch.items()}
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tb = float_batch(batch)
         out: dict[str, Any] = {}
-        for prefix, model in self.models.items():
-            mb = trim_to_longest(tb) if getattr(model, "pads_to_longest", False) else tb
-            part = self.ev.sample(model, mb) if self.mode == "sample" else self.ev.batch_sums(model, mb)
-            out.update({f"{prefix}{SEP}{k}": v for k, v in part.items()})
-        if self.mode == "sample":
-            return out
-        for tid in self.teachers:
-            out.update({f"{teacher_prefix(tid)}{SEP}{k}": v for k, v in teacher_sums(batch, tid, self.num_classes).items()})
-        return {k: np.asarray(v, np.float64)[None] for k, v in out.items()}
+        for infix, part in self.parts(batch):
+            tb = float_batch(part)
+            for prefix, model in self.models.items():
+                mb = trim_to_longest(tb) if getattr(model, "pads_to_longest", False) else tb
+                sums = self.ev.sample(model, mb) if self.mode == "sample" else self.ev.batch_sums(model, mb)
+                out.update({f"{prefix}{infix}{SEP}{k}": v for k, v in sums.items()})
+            if self.mode == "sample":
+                return out
+            for tid in self.teachers:
+                sums = teacher_sums(part, tid, self.num_classes)
+                out.update({f"{teacher_prefix(tid)}{infix}{SEP}{k}": v for k, v in sums.items()})
+        return {"sums": np.array([json.dumps(out, default=_plain)])}
+
+
+def _plain(v: Any) -> Any:
+    """numpy arrays and scalars as JSON lists and numbers."""
+    return np.asarray(v).tolist()
 
 
 def evaluate_models(task: str, factories: dict[str, ModelFactory], ds: Any, teachers: list[str] | None = None,
-                    num_classes: int = 0, batch_size: int = 256) -> Scored:
+                    num_classes: int = 0, batch_size: int = 256,
+                    slices: dict[str, list[int]] | None = None) -> Scored:
     """Metrics of every model (`{metric prefix: factory}`) and every cached teacher on the Ray
     Dataset `ds`, in one `map_batches` pass (one actor holds all the models: an actor's start-up
     costs more than a small split's forward passes). Only per-batch sums and a bounded sample
     return to the driver. With `num_classes`, teachers' sums include their confusion and
-    calibration arrays."""
+    calibration arrays. Each of `slices` ({name: label ids}) is also scored on its own rows, as
+    `<prefix><name>_<metric>` (metrics that need the bounded sample are left out of slices)."""
     import ray
     import ray.data
 
     ev = EVALUATORS.get(task)()
     teachers = [t for t in teachers or [] if teacher_predictions_available(ds.columns(), t)]
-    kwargs = {"factories": ray.put(factories), "task": task, "teachers": teachers, "num_classes": num_classes}
+    kwargs = {"factories": ray.put(factories), "task": task, "teachers": teachers, "num_classes": num_classes,
+              "slices": slices or {}}
     sums: dict[str, dict[str, Any]] = defaultdict(dict)
     scored = ds.map_batches(_BatchScorer, fn_constructor_kwargs={**kwargs, "mode": "sums"}, batch_size=batch_size,
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):  # one small row per input batch
-        for key, col in batch.items():
-            prefix, name = key.split(SEP, 1)
-            total = np.asarray(col, np.float64).sum(0)
-            sums[prefix][name] = sums[prefix].get(name, 0.0) + total
+        for row in batch["sums"]:
+            for key, value in json.loads(row).items():
+                prefix, name = key.split(SEP, 1)
+                sums[prefix][name] = sums[prefix].get(name, 0.0) + np.asarray(value, np.float64)
     samples: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
     if ev.sample_rows and factories:
         parts = ds.limit(ev.sample_rows).map_batches(
@@ -198,20 +223,34 @@ def evaluate_models(task: str, factories: dict[str, ModelFactory], ds: Any, teac
         for key, v in parts.items():
             prefix, name = key.split(SEP, 1)
             samples[prefix][name] = np.asarray(v)
+    infixes = [""] + [f"{name}_" for name in slices or {}]
     out = Scored()
     for prefix in factories:
         out.metrics.update(ev.finish(sums.get(prefix, {}), samples.get(prefix, {}), prefix))
         out.arrays[prefix] = arrays(sums.get(prefix, {}))
+        for infix in infixes[1:]:
+            if sums.get(prefix + infix):
+                out.metrics.update(ev.finish(sums[prefix + infix], {}, prefix + infix))
+                out.metrics.update(array_metrics(arrays(sums[prefix + infix]), prefix + infix))
     for tid in teachers:
-        t = sums.get(teacher_prefix(tid), {})
-        if t.get("n"):
-            out.metrics[f"{teacher_prefix(tid)}acc"] = float(t["correct"]) / float(t["n"])
-            out.arrays[teacher_prefix(tid)] = arrays(t)
+        for infix in infixes:
+            t = sums.get(teacher_prefix(tid) + infix, {})
+            if t.get("n"):
+                out.metrics[f"{teacher_prefix(tid)}{infix}acc"] = float(t["correct"]) / float(t["n"])
+                if not infix:
+                    out.arrays[teacher_prefix(tid)] = arrays(t)
     for prefix, a in out.arrays.items():
-        if "calib_n" in a and a["calib_n"].sum() > 0:
-            out.metrics[f"{prefix}ece"] = expected_calibration_error(a)
-        if "confusion" in a and a["confusion"].sum() > 0:
-            out.metrics[f"{prefix}macro_f1"] = macro_f1(a["confusion"])
+        out.metrics.update(array_metrics(a, prefix))
+    return out
+
+
+def array_metrics(a: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
+    """The metrics drawn from summed arrays: calibration error and macro-F1 (classifiers)."""
+    out = {}
+    if "calib_n" in a and a["calib_n"].sum() > 0:
+        out[f"{prefix}ece"] = expected_calibration_error(a)
+    if "confusion" in a and a["confusion"].sum() > 0:
+        out[f"{prefix}macro_f1"] = macro_f1(a["confusion"])
     return out
 
 

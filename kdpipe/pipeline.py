@@ -243,7 +243,7 @@ def score(cfg: PipelineConfig, meta: Any, views: Any, taught: dict[str, TeachRes
 
     gate_metric = cfg.tracking.gates.metric
     scored = evaluate_models(cfg.evaluate.task, factories, views.test, teachers=list(taught),
-                             num_classes=meta.num_classes)
+                             num_classes=meta.num_classes, slices=cfg.evaluate.slices)
     s = Scores(metrics=scored.metrics, arrays=scored.arrays)
     for tid in taught:
         if (acc := s.metrics.get(f"{teacher_prefix(tid)}acc")) is not None:
@@ -252,6 +252,11 @@ def score(cfg: PipelineConfig, meta: Any, views: Any, taught: dict[str, TeachRes
     if "baseline_test_" in factories:
         s.baseline = s.metrics.get("baseline_" + gate_metric)
         s.rows[f"baseline twin ({'+'.join(l['name'] for l in cfg.evaluate.baseline_losses)})"] = s.baseline
+    for name in cfg.evaluate.slices:  # the gate metric on each slice's rows
+        key = gate_metric.replace("test_", f"test_{name}_", 1)
+        for row, k in ((f"student [{name}]", key), (f"baseline twin [{name}]", "baseline_" + key)):
+            if k in s.metrics:
+                s.rows[row] = s.metrics[k]
     for k in [m for m in s.metrics if m.startswith("test_acc_exit")]:
         s.rows[f"student exit {k.removeprefix('test_acc_exit')}"] = s.metrics[k]
     if champ_v is not None:

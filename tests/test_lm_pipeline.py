@@ -45,6 +45,7 @@ def test_lm_pipeline_caches_compressed_topk_trains_and_registers_a_hf_model(ray_
         "student.params": {"tokens_from": "lm", "num_layers": 1, "init_from_teacher_layers": [1]},
         "teach.cache_root": str(tmp_path / "cache"), "train.storage_path": (tmp_path / "ray").as_uri(), "train.epochs": 1,
         "train.checkpoint_every": 1, "train.num_workers": 1, "train.batch_size": 8,
+        "evaluate.slices": {"nouns": ["3-28"], "verbs": ["29-43"]},  # WordNet's noun and verb categories
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
     assert cfg.student.params["teacher_path"] == str(teacher)  # the student reads the teacher's tokenizer
     res = run(cfg)
@@ -87,6 +88,11 @@ def test_lm_pipeline_caches_compressed_topk_trains_and_registers_a_hf_model(ray_
               "test_teacher_lm_ppl", "test_teacher_lm2_ppl"):
         assert math.isfinite(res.metrics[k]), k
     assert res.metrics["test_teacher_ppl"] > 1 and 0 <= res.metrics["test_teacher_agreement"] <= 1
+    # ... and on each slice's glosses alone (per-domain perplexity), the teachers' included
+    for k in ("test_nouns_ppl", "test_verbs_ppl", "baseline_test_nouns_ppl", "test_nouns_teacher_lm2_ppl"):
+        assert math.isfinite(res.metrics[k]), k
+    assert res.metrics["test_nouns_ppl"] != res.metrics["test_verbs_ppl"]
+    assert "student [nouns]" in res.table and "baseline twin [verbs]" in res.table
 
     # the registry holds a Hugging Face model: a text-generation pipeline, loadable by from_pretrained
     client = MlflowClient(res.tracking_uri)
