@@ -227,6 +227,9 @@ class EvaluateConfig(Strict):
         for name, labels in v.items():
             if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)):
                 raise ValueError(f"slice name {name!r}: use lowercase letters, digits and _ (it becomes part of metric names)")
+            if str(name).startswith(("teacher", "baseline", "champion")):  # test_teacher_ppl is the teacher's, …
+                raise ValueError(f"slice name {name!r}: names starting with teacher, baseline or champion would "
+                                 "collide with those models' metric names; choose another")
             if not isinstance(labels, list) or not labels:
                 raise ValueError(f"slice {name!r}: give a non-empty list of label ids or 'a-b' ranges")
             ids: list[int] = []

@@ -12,7 +12,7 @@ from kdpipe.config import load_spec
 def test_slices_parse_ids_and_ranges_and_name_the_key_when_wrong() -> None:
     cfg = load_spec("pipelines/digits_kd.yaml", {"evaluate.slices": {"round": [0, "6-9"], "straight": ["1-1", 7]}})
     assert cfg.evaluate.slices == {"round": [0, 6, 7, 8, 9], "straight": [1, 7]}
-    for bad, why in (({"Nouns": [1]}, "lowercase"), ({"a": []}, "non-empty"), ({"a": ["5-2"]}, "neither"),
+    for bad, why in (({"Nouns": [1]}, "lowercase"), ({"teachers": [1]}, "collide"), ({"a": []}, "non-empty"), ({"a": ["5-2"]}, "neither"),
                      ({"a": [-1]}, "neither"), ({"a": "3-28"}, "non-empty list")):
         with pytest.raises(Exception, match=why) as e:
             load_spec("pipelines/digits_kd.yaml", {"evaluate.slices": bad})
