@@ -170,7 +170,7 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
                    digest: str) -> TeachResult:
     from teachers import TEACHERS
 
-    todo = rows_missing(source, cache, read_blocks(cfg.teach, source, source.num_rows))
+    todo = rows_missing(source, cache, read_blocks(cfg.teach, source))
     if todo.rows == 0:
         log.info("teacher %s: reusing cache %s (fingerprint %s)", tcfg.id, cache.dir, fp)
         return TeachResult(tcfg.id, cache, fp, 0, True)
@@ -195,10 +195,10 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
     return TeachResult(tcfg.id, cache, fp, todo.rows, False)
 
 
-def read_blocks(t: Any, source: SourceData, rows: int) -> int:
-    """How many read blocks to cut `rows` source rows into: enough to keep every actor busy, few
+def read_blocks(t: Any, source: SourceData) -> int:
+    """How many read blocks to cut the source's rows into: enough to keep every actor busy, few
     enough that each holds a few batches (line formats, scanned from the top by every block: few)."""
-    return max(t.concurrency * 2, math.ceil(rows / (4 * t.batch_size)) if source.seekable else 0)
+    return max(t.concurrency * 2, math.ceil(source.num_rows / (4 * t.batch_size)) if source.seekable else 0)
 
 
 def teach_dataset(t: Any, tcfg: TeacherConfig, source: SourceData, index: Any | None = None) -> Any:
@@ -217,7 +217,7 @@ def teach_dataset(t: Any, tcfg: TeacherConfig, source: SourceData, index: Any | 
         log.warning("teach: %d teacher actor(s) × %g CPUs take all %g CPUs of the cluster; Ray Data's read tasks "
                     "may then never be scheduled and the stage waits forever (seen with a text source on 2 CPUs). "
                     "Leave a CPU free: lower teach.num_cpus or teach.concurrency", t.concurrency, t.num_cpus, total)
-    return source.dataset(index, read_blocks(t, source, source.num_rows), **read).map_batches(
+    return source.dataset(index, read_blocks(t, source), **read).map_batches(
         TeacherActor,
         fn_constructor_kwargs={"teacher_cfg": tcfg.model_dump(), "device": "cuda" if t.num_gpus > 0 else "cpu"},
         batch_size=t.batch_size,
