@@ -132,7 +132,8 @@ class TeacherCache:
         return set(self.id_array().to_pylist())
 
     def id_array(self) -> pa.Array:
-        """The cached ids as one Arrow array (a few bytes per row, unlike a Python set)."""
+        """The cached ids as one Arrow array, in memory: for tests and small tools; the stages find
+        what a cache lacks inside Ray Data (`kdpipe.todo`)."""
         if not self.is_complete():
             return pa.array([], pa.string())
         return self.read(columns=["id"], verify=False)["id"].combine_chunks()

@@ -425,7 +425,7 @@ class SourceData:
     def ids_digest(self) -> int:
         """The multiset hash of every id (see `kdpipe.todo.IdTally`): what a new cache must hold."""
         if self.ids_digest_ is None:
-            self.ids_digest_ = sum(id_digest(r) for r in self.index["id"].to_pylist()) % 2**64  # in-memory sources
+            self.ids_digest_ = id_multiset_hash(self.index["id"])  # in-memory sources
         return self.ids_digest_
 
     @property
@@ -694,6 +694,12 @@ def _index_pass(cfg: SourceConfig, files: list[str], features: bool, quarantine_
 def id_digest(rid: str) -> int:
     """A 64-bit digest of an id: the unit of de-duplication and of the ids' multiset hash."""
     return int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8).digest(), "little")
+
+
+def id_multiset_hash(ids: pa.Array | pa.ChunkedArray) -> int:
+    """Order-independent hash of a multiset of ids (sum of their digests, mod 2**64): equal for
+    two id lists exactly when they hold the same ids the same number of times (up to 2**-64)."""
+    return sum(id_digest(rid) for rid in ids.to_pylist()) % 2**64
 
 
 def _duplicate_rows(raw: Path, rows_per_pass: int = DEDUP_ROWS) -> np.ndarray:

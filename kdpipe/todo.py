@@ -20,17 +20,12 @@ import pyarrow.parquet as pq
 
 from kdpipe import storage
 from kdpipe.cache import TeacherCache, staged_files
-from kdpipe.sources import SourceData, id_digest
+from kdpipe.sources import SourceData, id_multiset_hash
+from kdpipe.views import find_sorted, id_keys
 
 ID_BYTES = 40  # what one cached id costs, for planning the anti-join (20 hex chars + Arrow offsets, rounded up)
 BROADCAST_ID_BYTES = 256 << 20  # cached ids up to this size are broadcast to the filter tasks; more are hash-joined
 JOIN_PARTITION_BYTES = 64 << 20
-
-
-def id_multiset_hash(ids: pa.Array | pa.ChunkedArray) -> int:
-    """Order-independent hash of a multiset of ids (sum of 64-bit digests, mod 2**64): equal for
-    two id lists exactly when they hold the same ids the same number of times (up to 2**-64)."""
-    return sum(id_digest(rid) for rid in ids.to_pylist()) % 2**64
 
 
 @dataclass(frozen=True)
@@ -95,8 +90,8 @@ def drop_known_ids(index: Any, cache: TeacherCache, broadcast_bytes: int | None 
 
 
 def _sorted_ids(*tables: pa.Table) -> np.ndarray:
-    """The ids of `tables` as one sorted fixed-width bytes array (a binary search per lookup)."""
-    ids = [np.asarray(t["id"].to_numpy(zero_copy_only=False)).astype("S") for t in tables if t.num_rows]
+    """The ids of `tables` as one sorted array of `views.id_keys` (a binary search per lookup)."""
+    ids = [id_keys(t["id"]) for t in tables if t.num_rows]
     return np.sort(np.concatenate(ids)) if ids else np.zeros(0, "S1")
 
 
@@ -106,9 +101,8 @@ def _drop_ids(block: pa.Table, known: Any) -> pa.Table:
     ids = ray.get(known) if isinstance(known, ray.ObjectRef) else known
     if len(ids) == 0 or block.num_rows == 0:
         return block
-    want = np.asarray(block["id"].to_numpy(zero_copy_only=False)).astype("S")
-    pos = np.minimum(np.searchsorted(ids, want), len(ids) - 1)
-    return block.filter(pa.array(ids[pos] != want))
+    _, found = find_sorted(ids, id_keys(block["id"]))
+    return block.filter(pa.array(~found))
 
 
 def tally_dataset(ds: Any) -> IdTally:

@@ -157,26 +157,38 @@ class LookupJoin:
         self.sides = []
         for ref in sides:
             table = ray.get(ref)
-            ids = np.asarray(table["id"].to_numpy(zero_copy_only=False)).astype("S")
+            ids = id_keys(table["id"])
             order = np.argsort(ids, kind="stable")
             self.sides.append((ids[order], order, table.drop_columns(["id"])))
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        import numpy as np
-
         block = prefixed(block, self.prefix)
         for ids, order, table in self.sides:
             if len(ids) == 0:  # an empty side: no row joins, but the block keeps the side's columns
                 block, rows = block.slice(0, 0), table.slice(0, 0)
             else:
-                want = np.asarray(block["id"].to_numpy(zero_copy_only=False)).astype("S")
-                pos = np.minimum(np.searchsorted(ids, want), len(ids) - 1)
-                found = ids[pos] == want
+                pos, found = find_sorted(ids, id_keys(block["id"]))
                 block = block.filter(pa.array(found))
                 rows = table.take(pa.array(order[pos[found]], pa.int64()))
             for name in rows.column_names:
                 block = block.append_column(name, rows[name])
         return block if self.then is None else self.then(block)
+
+
+def id_keys(ids: pa.Array | pa.ChunkedArray) -> Any:
+    """Ids as a numpy array of fixed-width bytes: the form the sorted-id lookups compare."""
+    import numpy as np
+
+    return np.asarray(ids.to_numpy(zero_copy_only=False)).astype("S")
+
+
+def find_sorted(keys: Any, want: Any) -> tuple[Any, Any]:
+    """For each of `want`, its position in the sorted, non-empty `keys` and whether it is there
+    (a binary search each)."""
+    import numpy as np
+
+    pos = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+    return pos, keys[pos] == want
 
 
 def build_views(source: SourceData, caches: dict[str, TeacherCache], verify: bool = True,

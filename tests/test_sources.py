@@ -141,7 +141,7 @@ def test_index_pass_keeps_no_inputs_and_rereads_exact_rows(tmp_path) -> None:
     import pyarrow.parquet as pq
 
     import kdpipe.sources as sources
-    from kdpipe.todo import id_multiset_hash
+    from kdpipe.sources import id_multiset_hash
 
     f = tmp_path / "d.parquet"
     _digits_parquet(f, 900, row_group=128)
