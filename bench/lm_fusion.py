@@ -13,9 +13,12 @@ per teacher signal, each with the spec's forward KL + next-token CE:
 A student starts from its teacher's blocks 0 and 3 (the fused students from the noun expert's, as
 the spec ships). Held-out metrics on the test glosses: perplexity and next-token accuracy, for
 every student and every teacher (a teacher's from its cache: its top-64 + tail). The experts and
-their caches are built once and reused. Writes bench/results/lm_fusion.json.
+their caches are built once and reused. Every metric is also read on the noun and the verb glosses
+alone (the spec's `evaluate.slices`), with their geometric mean: a test weighted equally between the
+two domains, which the all-gloss test (74 % nouns) is not. Writes bench/results/lm_fusion.json.
 
-    python bench/lm_fusion.py --epochs 1       # ≈ 20 min to pretrain both experts, then ≈ 5 min a student
+    python bench/lm_fusion.py --epochs 1 --seeds 0 1 2
+        # ≈ 13 min to pretrain both experts, then ≈ 2–5 min a student (2 cores)
 
 Runs already finished in its MLflow store (.kdpipe/bench-lm-fusion) are not run again.
 """
@@ -43,15 +46,35 @@ SIGNALS: dict[str, dict[str, Any]] = {
     "verb expert": {"teach.fusion": None, "losses.0.teacher": "verb", "student.params.tokens_from": "verb"},
 }
 METRICS = ("test_ppl", "test_token_acc")
+SLICES = ("nouns", "verbs")  # `evaluate.slices` of pipelines/lm_fusion.yaml
+COLUMNS = ("test_ppl", "test_token_acc", "test_nouns_ppl", "test_verbs_ppl", "balanced_ppl")
+
+
+def with_balanced(m: dict[str, float], key: str) -> dict[str, float]:
+    """One model's cells from a run's metrics (`key`: test, baseline_test, test_teacher_noun, …):
+    perplexity and accuracy on every test gloss, perplexity on each domain's glosses alone, and the
+    geometric mean of the two domains' perplexities (a test weighted equally between the domains)."""
+    def at(part: str, metric: str) -> float | None:  # the slice sits after "test": test_nouns_teacher_noun_ppl
+        head, _, tail = key.rpartition("test")
+        return m.get(f"{head}test_{part}{tail}_{metric}")
+
+    cells = {c: m[f"{key}_{c[5:]}"] for c in METRICS if f"{key}_{c[5:]}" in m}
+    domains = [at(s, "ppl") for s in SLICES]
+    if all(d is not None for d in domains):
+        cells.update({f"test_{s}_ppl": d for s, d in zip(SLICES, domains)})
+        cells["balanced_ppl"] = (domains[0] * domains[1]) ** 0.5
+    return cells
 
 
 def table(rows: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
     spread = "one seed" if len(seeds) == 1 else "mean ± sample std"
-    lines = [f"**lm_fusion** (test glosses, every part of speech; {spread}: seeds {seeds})", "",
-             "| model | perplexity ↓ | next-token acc |", "|---|---|---|"]
+    lines = [f"**lm_fusion** (test glosses; {spread}: seeds {seeds})", "",
+             "| model | perplexity ↓ (all) | next-token acc (all) | perplexity: noun glosses | perplexity: verb glosses "
+             "| perplexity: both domains weighted equally (geometric mean) |", "|---|---|---|---|---|---|"]
     for name, m in rows.items():
         if m.get("test_ppl"):
-            lines.append(f"| {name} | {mean_sd(m['test_ppl'], 2)} | {mean_sd(m['test_token_acc'], 4)} |")
+            cells = [mean_sd(m[c], 4 if c.endswith("acc") else 1) if m.get(c) else "–" for c in COLUMNS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -80,16 +103,18 @@ def collect(uri: str, seeds: list[int], want: dict[str, str]) -> tuple[dict[str,
             continue
         runs.append({"seed": seed, "signal": label, "run_id": r.info.run_id,
                      "metrics": {k: v for k, v in m.items() if "test_" in k}})
-        for k in METRICS:
-            students.setdefault(f"student ← {label}", {}).setdefault(k, []).append(m[k])
-            if f"baseline_{k}" in m:
-                students.setdefault("twin: `lm_ce` only", {}).setdefault(k, []).append(m[f"baseline_{k}"])
+        def add(rows: dict[str, dict[str, list[float]]], name: str, key: str) -> None:
+            for c, v in with_balanced(m, key).items():
+                rows.setdefault(name, {}).setdefault(c, []).append(v)
+
+        add(students, f"student ← {label}", "test")
+        if "baseline_test_ppl" in m:
+            add(students, "twin: `lm_ce` only", "baseline_test")
         if label.endswith("fusion"):  # the fused teacher of this run; the experts from the dynamic run (once a seed)
-            for name, key in ((f"teacher: {label}", "test_teacher"), ("teacher: noun expert", "test_teacher_noun"),
-                              ("teacher: verb expert", "test_teacher_verb")):
-                if f"{key}_ppl" in m and (name.endswith("fusion") or label == "dynamic fusion"):
-                    teachers.setdefault(name, {}).setdefault("test_ppl", []).append(m[f"{key}_ppl"])
-                    teachers[name].setdefault("test_token_acc", []).append(m[f"{key}_token_acc"])
+            add(teachers, f"teacher: {label}", "test_teacher")
+            if label == "dynamic fusion":
+                add(teachers, "teacher: noun expert", "test_teacher_noun")
+                add(teachers, "teacher: verb expert", "test_teacher_verb")
     order = ["teacher: noun expert", "teacher: verb expert", "teacher: uniform fusion", "teacher: dynamic fusion"]
     rows = {k: teachers[k] for k in order if k in teachers}
     rows.update({f"student ← {s}": students[f"student ← {s}"] for s in SIGNALS if f"student ← {s}" in students})
