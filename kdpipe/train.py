@@ -98,16 +98,17 @@ def _allreduce_tensor(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
-def init_from_first_batch(student: nn.Module, batches: Any, device: torch.device) -> Any:
+def init_from_first_batch(student: nn.Module, batches: Any, device: torch.device) -> tuple[Any, int]:
     """A student that initialises itself from data (`data_init(batch, reduce)`, e.g. the early-exit
     heads of `hf_classifier`) sees the first batch of every rank before any step; a rank without
-    rows passes None but still joins the reduction. Returns the batches, the first one included."""
+    rows passes None but still joins the reduction. Returns the batches, the first one included,
+    and the rows (over all ranks) that `data_init` says it used, so the run can log them."""
     it = iter(batches)
     first = next(it, None)
     if first is not None:
         first = widen(first, device)  # widened once: `widen` leaves it as it is in the step
-    student.data_init(first, _allreduce_tensor)
-    return it if first is None else itertools.chain([first], it)
+    rows = student.data_init(first, _allreduce_tensor)
+    return (it if first is None else itertools.chain([first], it)), int(rows or 0)
 
 
 def starts_fresh(student: nn.Module, job: dict[str, Any], start_epoch: int) -> bool:
@@ -347,13 +348,15 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: EpochRe
               config: dict[str, Any], epoch: int, rank: int, device: torch.device,
               amp: torch.dtype | None, sched: Any = None, init: bool = False) -> dict[str, float]:
     """One pass over the train shard and one over the val shard; metrics averaged over all ranks.
-    With `init`, the student's `data_init` sees the first batch before the first step."""
+    With `init`, the student's `data_init` sees the first batch before the first step (and the
+    rows it used are reported as `data_init_rows`)."""
     model.train()
     trim = trim_to_longest if getattr(_unwrap(model).student, "pads_to_longest", False) else (lambda b: b)
     sums: dict[str, float] = defaultdict(float)
     batches = train_shard.batches(config["batch_size"], config.get("shuffle_buffer", 0), config["seed"], epoch, rank)
+    init_rows = None
     if init:
-        batches = init_from_first_batch(_unwrap(model).student, batches, device)
+        batches, init_rows = init_from_first_batch(_unwrap(model).student, batches, device)
     for batch in batches:
         batch = trim(widen(batch, device))
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -364,9 +367,9 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: EpochRe
         if sched is not None:
             sched.step()
         n = float(batch["label"].shape[0])
-        sums["loss"] += float(loss) * n
+        sums["loss"] += float(loss.detach()) * n
         for k, v in parts.items():
-            sums[k] += float(v) * n
+            sums[k] += float(v.detach() if isinstance(v, torch.Tensor) else v) * n
         sums["rows"] += n
     model.eval()
     vs: dict[str, float] = defaultdict(float)
@@ -381,6 +384,8 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: EpochRe
     metrics = {f"train_{k}": v / max(sums["rows"], 1) for k, v in sums.items() if k != "rows"}
     metrics.update({f"val_{k}": v / max(vs.get("n", 0), 1) for k, v in vs.items() if k != "n"})
     metrics["epoch"] = epoch
+    if init_rows is not None:
+        metrics["data_init_rows"] = init_rows  # the rows a data-initialised student's statistics came from
     return metrics
 
 

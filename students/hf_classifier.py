@@ -180,7 +180,7 @@ class HFClassifierStudent(nn.Module):
             res["exits"] = [h(out.hidden_states[d]) for d, h in zip(self.exit_depths, self.exit_heads)] + [out.logits]
         return res
 
-    def data_init(self, batch: dict[str, torch.Tensor] | None, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def data_init(self, batch: dict[str, torch.Tensor] | None, reduce: Callable[[torch.Tensor], torch.Tensor]) -> int:
         """Standardise each early exit's input: fold (h - mean) / std of its [CLS] state over the
         first training batch of every rank (`reduce` sums the statistics over the ranks; `batch`
         is None on a rank without rows) into its pooler's dense layer, so the exported exit stays a
@@ -188,9 +188,10 @@ class HFClassifierStudent(nn.Module):
         between sentences (its spread is 2.5 % of its size after the fine-tuned MiniLM classifier's
         first layer), and on that near-constant input BERT's head learns only the class prior.
         Measured on that frozen layer-1 [CLS]: 0.107 (the majority class) with BERT's init, 0.383
-        with this fold (`bench/exit_probe.py`)."""
+        with this fold (`bench/exit_probe.py`). Returns the rows (over all ranks) the statistics
+        came from, 0 where nothing was folded."""
         if not self.exit_depths or self.exit_init != "standardise":
-            return
+            return 0
         weight = self.exit_heads[0].pooler.dense.weight
         cls: list[torch.Tensor] = []
         if batch is not None:
@@ -209,9 +210,10 @@ class HFClassifierStudent(nn.Module):
         mean = sums[:, :-1] / n
         sq = reduce(torch.stack([((c - m) ** 2).sum(0) for c, m in zip(cls, mean)]) if cls else torch.zeros_like(mean))
         if float(sums[0, -1]) < 2:
-            return  # no rows on any rank: BERT's init stays
+            return 0  # no rows on any rank: BERT's init stays
         for i, head in enumerate(self.exit_heads):
             fold_standardisation(head.pooler.dense, mean[i], (sq[i] / n[i]).sqrt())
+        return int(sums[0, -1])
 
     @property
     def depths(self) -> list[int]:

@@ -288,7 +288,7 @@ def test_exit_heads_standardise_their_cls_input_over_every_ranks_first_batch(tmp
                                         "init_from_teacher": [0, 2, 5], "exits": [1, 2]}, meta).double().train()
     batch = _tokens(s, MORE_TEXTS)  # float64: the fold divides by spreads of ~1e-3, beyond fp32's digits here
     full = copy.deepcopy(s)
-    full.data_init(batch, lambda t: t)
+    assert full.data_init(batch, lambda t: t) == len(MORE_TEXTS)  # the rows the statistics came from
     assert full.training  # back in the mode it was in
     with torch.no_grad():
         states = s.eval().hf_model.bert(input_ids=batch["clf.input_ids"], attention_mask=batch["clf.attention_mask"],
@@ -322,11 +322,11 @@ def test_exit_heads_standardise_their_cls_input_over_every_ranks_first_batch(tmp
         torch.testing.assert_close(a, c)
         torch.testing.assert_close(b, c)
     empty = copy.deepcopy(s)
-    empty.data_init(None, lambda t: t)  # no rows on any rank: BERT's init stays
+    assert empty.data_init(None, lambda t: t) == 0  # no rows on any rank: BERT's init stays
     bert = build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "layers": 3,
                                            "init_from_teacher": [0, 2, 5], "exits": [1, 2], "exit_init": "bert"}, meta)
     bert_before = copy.deepcopy(bert)
-    bert.data_init(batch, lambda t: t)
+    assert bert.data_init(batch, lambda t: t) == 0
     for module, untouched in ((empty, s), (bert, bert_before)):
         for a, b in zip(module.exit_heads.parameters(), untouched.exit_heads.parameters()):
             assert torch.equal(a, b)
@@ -356,8 +356,11 @@ def test_the_train_loop_runs_data_init_once_on_a_fresh_students_first_batch(tmp_
 
     model = DistilModule(s, LossSuite([{"name": "ce"}], LossContext(45, ["clf"])))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    run_epoch(model, opt, Shard(), Shard(), {"batch_size": 4, "seed": 0}, 0, 0, torch.device("cpu"), None, init=True)
+    metrics = run_epoch(model, opt, Shard(), Shard(), {"batch_size": 4, "seed": 0}, 0, 0, torch.device("cpu"), None, init=True)
     assert seen == [4] and steps[:2] == [4, 2]  # data_init saw the first batch; both were trained on
+    assert metrics["data_init_rows"] == 4
+    assert "data_init_rows" not in run_epoch(model, opt, Shard(), Shard(), {"batch_size": 4, "seed": 0}, 1, 0,
+                                             torch.device("cpu"), None)
     assert starts_fresh(s, {"init_state": None}, 0)
     assert not starts_fresh(s, {"init_state": {"w": 1}}, 0) and not starts_fresh(s, {}, 3)
     assert not starts_fresh(torch.nn.Linear(2, 2), {}, 0)  # students without data_init

@@ -21,8 +21,6 @@ from kdpipe.lm.pretrain import PretrainRecipe, pretrain, pretrained_dir
 from students.causal_lm import CausalLMStudent
 from teachers.hf_causal_lm import HFCausalLMTeacher, check_vocab_compatible, model_dir, topk_logprobs
 
-needs_wordnet = pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").exists(),
-                                   reason="WordNet not installed: run `make install`")
 TEXTS = ["a domesticated carnivorous mammal that typically has a long snout",
          "move fast by using one's feet",
          ("the quality of being honest and telling the truth about what happened to the small animals of the "
@@ -293,7 +291,6 @@ def test_student_without_teacher_uses_default_tokenizer() -> None:
 # ------------------------------------------------------------------ corpus and pretraining
 
 
-@needs_wordnet
 def test_corpus_split_domains_and_packing(tok: Any) -> None:
     train, held = load_glosses("train"), load_glosses("heldout")
     assert len(train) > 60_000 and len(held) > 40_000
@@ -326,7 +323,6 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return root, pretrain(PretrainRecipe(**TINY), root=root)
 
 
-@needs_wordnet
 def test_pretrain_trains_once_and_saves_a_hf_model(pretrained: Any, tok: Any) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -351,7 +347,6 @@ def test_pretrain_trains_once_and_saves_a_hf_model(pretrained: Any, tok: Any) ->
         pretrain(PretrainRecipe(**{**TINY, "steps": 26}), out_dir=res.path)
 
 
-@needs_wordnet
 def test_teacher_prepare_pretrains_then_teaches(pretrained: Any) -> None:
     root, res = pretrained
     cfg = teacher_cfg(None, pretrain=TINY, pretrain_root=str(root))

@@ -25,8 +25,6 @@ M2M_SPEC = str(ROOT / "pipelines" / "minilm_m2mkd.yaml")
 SENTENCES = ["a domesticated carnivorous mammal that typically has a long snout",
              "move fast by using one's feet",
              "the quality of being honest"]
-wordnet_missing = not Path("/usr/share/wordnet/data.noun").exists()
-needs_wordnet = pytest.mark.skipif(wordnet_missing, reason="WordNet not installed: run `make install`")
 
 
 def _model_dir() -> Path:
@@ -234,7 +232,6 @@ def test_narrow_student_starts_from_projected_teacher_embeddings() -> None:
 
 # ---------------------------------------------------------------- data + evaluator
 
-@needs_wordnet
 def test_wordnet_reader_limit_yields_real_glosses() -> None:
     from kdpipe.datasets.wordnet import LEXNAMES, read_wordnet
     from kdpipe.sources import load_source
@@ -289,9 +286,7 @@ def minilm_overrides(tmp: Path, **extra: Any) -> dict[str, Any]:
     return o
 
 
-@needs_wordnet
-@pytest.mark.slow  # two TorchTrainer fits + model registry: 80 s idle, ~3 min on a busy 2-core machine
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(900)  # in the default suite: MiniLM teaching, two Ray Train fits, the registry (~50 s idle)
 def test_minilm_distill_pipeline_end_to_end(ray_local, tmp_path: Path) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -332,7 +327,6 @@ def test_minilm_distill_pipeline_end_to_end(ray_local, tmp_path: Path) -> None:
     assert emb.shape == (3, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
 
 
-@needs_wordnet
 @pytest.mark.slow  # MiniLM teaching + module training: ~2 min; `make test-all`
 @pytest.mark.timeout(600)
 def test_m2mkd_modules_train_in_parallel_ray_tasks(ray_local, tmp_path: Path) -> None:
@@ -382,7 +376,6 @@ def test_m2mkd_modules_train_in_parallel_ray_tasks(ray_local, tmp_path: Path) ->
     assert set(metrics) >= {"test_cosine", "test_recall10"} and all(math.isfinite(v) for v in metrics.values())
 
 
-@needs_wordnet
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_minilm_m2mkd_pipeline_end_to_end(ray_local, tmp_path: Path) -> None:
