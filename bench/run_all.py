@@ -27,7 +27,7 @@ if __name__ == "__main__":
     from bench import demo_time, streamed_vs_materialised
 
     print("== demo end to end, before vs after")
-    demo_time.main([])
+    demo_time.main(["--repeat", "2"])
     print("== distil epochs: streamed views vs the driver-materialised join")
     streamed_vs_materialised.main()
     from bench import compare_methods, lm_cache, lm_fusion, lm_methods, lm_teach_throughput, lm_train_step
@@ -35,15 +35,17 @@ if __name__ == "__main__":
     print("== causal-LM cache bytes / fidelity")
     lm_cache.main()
     print("== causal-LM teach throughput")
-    lm_teach_throughput.main()
+    lm_teach_throughput.main(sizes=(1000, 4000))
     print("== causal-LM training step: sparse vs dense, cached vs online, dynamic padding")
     lm_train_step.main([])
     print("== methods vs their baselines, 3 seeds (digits fusion, aspects, self-distillation)")
     compare_methods.main([])
+    print("== more variants: KD + CE + aspects, a CE twin trained twice as long (3 seeds)")
+    compare_methods.main(["--extra"])
     print("== causal-LM objectives vs the CE twin, 3 seeds (1 epoch each, as the README's table)")
     lm_methods.main(["--epochs", "1"])
     print("== causal-LM experts, their fusions and a student from each (1 epoch each, as the README's table)")
-    lm_fusion.main(["--epochs", "1"])
+    lm_fusion.main(["--epochs", "1", "--seeds", "0", "1", "2"])
     from bench import text_classifier
 
     print("== text classifier: KD student vs labels-only twin vs Well-Read, 3 seeds")
@@ -55,8 +57,14 @@ if __name__ == "__main__":
     print("== hierarchical self-distillation: every exit with and without the exit-to-exit KL, 3 seeds")
     hierarchical.main([])
     print("== text classifier exits vs the fine-tuned teacher, sentences/s")
-    sys.argv = [sys.argv[0], "--spec", str(Path(__file__).resolve().parent.parent / "pipelines" / "text_classifier_hierarchical.yaml")]
+    root = Path(__file__).resolve().parent.parent
+    sys.argv = [sys.argv[0], "--spec", str(root / "pipelines" / "text_classifier_hierarchical.yaml"), "--rounds", "3",
+                "--sentences", "384", "--out", str(root / "bench" / "results" / "text_classifier_speed.json")]
     minilm_speed.main()
+    from bench import exit_probe
+
+    print("== why the shallow exits need the standardising fold: a head on frozen teacher states")
+    exit_probe.main([])
     from bench import driver_memory
 
     print("== driver peak RSS of a full run at N and 10 N rows (digits 100,000; MiniLM 2,000)")
