@@ -21,6 +21,10 @@ if __name__ == "__main__":
 
     print("== MiniLM cached vs online")
     minilm_cached_vs_online.main()
+    from bench import minilm_quality
+
+    print("== MiniLM quality tables (distil, m2mKD vs their twins) and cache KB/row")
+    minilm_quality.main([])
     print("== MiniLM student vs teacher")
     sys.argv = sys.argv[:1]
     minilm_speed.main()
