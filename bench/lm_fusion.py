@@ -66,6 +66,12 @@ def with_balanced(m: dict[str, float], key: str) -> dict[str, float]:
     return cells
 
 
+def add(rows: dict[str, dict[str, list[float]]], name: str, m: dict[str, float], key: str) -> None:
+    """Append one run's cells of model `name` (its metrics under `key`) to the table's rows."""
+    for c, v in with_balanced(m, key).items():
+        rows.setdefault(name, {}).setdefault(c, []).append(v)
+
+
 def table(rows: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
     spread = "one seed" if len(seeds) == 1 else "mean ± sample std"
     lines = [f"**lm_fusion** (test glosses; {spread}: seeds {seeds})", "",
@@ -103,18 +109,14 @@ def collect(uri: str, seeds: list[int], want: dict[str, str]) -> tuple[dict[str,
             continue
         runs.append({"seed": seed, "signal": label, "run_id": r.info.run_id,
                      "metrics": {k: v for k, v in m.items() if "test_" in k}})
-        def add(rows: dict[str, dict[str, list[float]]], name: str, key: str) -> None:
-            for c, v in with_balanced(m, key).items():
-                rows.setdefault(name, {}).setdefault(c, []).append(v)
-
-        add(students, f"student ← {label}", "test")
+        add(students, f"student ← {label}", m, "test")
         if "baseline_test_ppl" in m:
-            add(students, "twin: `lm_ce` only", "baseline_test")
+            add(students, "twin: `lm_ce` only", m, "baseline_test")
         if label.endswith("fusion"):  # the fused teacher of this run; the experts from the dynamic run (once a seed)
-            add(teachers, f"teacher: {label}", "test_teacher")
+            add(teachers, f"teacher: {label}", m, "test_teacher")
             if label == "dynamic fusion":
-                add(teachers, "teacher: noun expert", "test_teacher_noun")
-                add(teachers, "teacher: verb expert", "test_teacher_verb")
+                add(teachers, "teacher: noun expert", m, "test_teacher_noun")
+                add(teachers, "teacher: verb expert", m, "test_teacher_verb")
     order = ["teacher: noun expert", "teacher: verb expert", "teacher: uniform fusion", "teacher: dynamic fusion"]
     rows = {k: teachers[k] for k in order if k in teachers}
     rows.update({f"student ← {s}": students[f"student ← {s}"] for s in SIGNALS if f"student ← {s}" in students})

@@ -369,7 +369,7 @@ def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: EpochRe
         n = float(batch["label"].shape[0])
         sums["loss"] += float(loss.detach()) * n
         for k, v in parts.items():
-            sums[k] += float(v.detach() if isinstance(v, torch.Tensor) else v) * n
+            sums[k] += float(v) * n  # the loss suite hands its parts over detached
         sums["rows"] += n
     model.eval()
     vs: dict[str, float] = defaultdict(float)
