@@ -175,34 +175,27 @@ def _log_transformers(run_id: str, student: nn.Module, model_name: str, tags: di
     """A Hugging Face student as an `mlflow.transformers` model of the student's pipeline task
     (`text-generation`, `text-classification`, `feature-extraction`): safetensors weights and
     tokenizer, so `mlflow.transformers.load_model("models:/NAME@ALIAS")` gives a working pipeline.
-    Its `model/` directory also receives the rest of what the student's `save_hf` writes (the
-    tokenizer; for encoders the sentence-transformers modules), so `AutoModel*.from_pretrained`
-    and `SentenceTransformer` load `<artifact>/model` as it is. No pickles."""
-    import shutil
+    MLflow writes the weights into `model/`; the student's `save_hf_extras` then adds what its
+    `save_hf` writes beside them (the tokenizer; for encoders the sentence-transformers modules),
+    so `AutoModel*.from_pretrained` and `SentenceTransformer` load `<artifact>/model` as it is.
+    No pickles."""
     import tempfile
     from pathlib import Path
 
     import mlflow
     import mlflow.transformers
     from mlflow.tracking import MlflowClient
-    from transformers import AutoTokenizer
 
     task = getattr(student, "hf_task", "text-generation")
     client = MlflowClient()
     with tempfile.TemporaryDirectory() as d:
-        hf_dir = student.save_hf(Path(d) / "hf")  # type: ignore[operator]
         path = Path(d) / "student"
         mlflow.transformers.save_model(
-            {"model": student.hf_model.eval(),  # type: ignore[attr-defined]
-             "tokenizer": getattr(student, "tokenizer", None) or AutoTokenizer.from_pretrained(hf_dir)},
+            {"model": student.hf_model.eval(), "tokenizer": student.hf_tokenizer()},  # type: ignore[attr-defined,operator]
             str(path), task=task,
             pip_requirements=_requirements("torch", "transformers", "tokenizers", "safetensors",
                                            *(["sentence-transformers"] if task == "feature-extraction" else [])))
-        for f in hf_dir.rglob("*"):  # what save_pretrained of the pipeline left out
-            dst = path / "model" / f.relative_to(hf_dir)
-            if f.is_file() and not dst.exists():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, dst)
+        student.save_hf_extras(path / "model")  # type: ignore[operator]
         found = pickles_in(path)
         if found:
             raise RuntimeError(f"the model to register holds pickled files {found}; kdpipe registers no pickles")

@@ -229,5 +229,13 @@ class CausalLMStudent(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.hf_model.save_pretrained(d)
-        self.tokenizer.save_pretrained(d)
-        return d
+        return self.save_hf_extras(d)
+
+    def hf_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def save_hf_extras(self, directory: Path) -> Path:
+        """What `hf_model.save_pretrained` leaves out of the directory: the tokenizer (so whoever
+        already wrote the weights, MLflow at registration, does not have them written again)."""
+        self.tokenizer.save_pretrained(directory)
+        return directory

@@ -226,8 +226,15 @@ class HFClassifierStudent(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.exit_model(depth).save_pretrained(d)
-        load_tokenizer(str(self.teacher_dir), None).save_pretrained(d)
-        return d
+        return self.save_hf_extras(d)
+
+    def hf_tokenizer(self) -> Any:
+        return load_tokenizer(str(self.teacher_dir), None)
+
+    def save_hf_extras(self, directory: Path) -> Path:
+        """What `hf_model.save_pretrained` leaves out of the directory: the teacher's tokenizer."""
+        self.hf_tokenizer().save_pretrained(directory)
+        return directory
 
     def exit_model(self, depth: int | None) -> nn.Module:
         """The model truncated to the exit at `depth` (the full model for None or the last layer)."""

@@ -257,13 +257,22 @@ class HFEncoderStudent(nn.Module):
     def save_hf(self, directory: str | Path) -> Path:
         """One directory that is both a `save_pretrained` BERT + tokenizer and a
         sentence-transformers model (Transformer -> Pooling -> [Dense out_proj] -> [Normalize])."""
-        from sentence_transformers import SentenceTransformer
-        from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.hf_model.save_pretrained(d)
-        load_tokenizer(self.teacher_path, self.teacher_package).save_pretrained(d)
+        return self.save_hf_extras(d)
+
+    def hf_tokenizer(self) -> Any:
+        return load_tokenizer(self.teacher_path, self.teacher_package)
+
+    def save_hf_extras(self, d: Path) -> Path:
+        """What `hf_model.save_pretrained` (already in `d`) leaves out: the tokenizer and the
+        sentence-transformers modules. sentence-transformers saves its modules only as a whole, so
+        its own save writes the BERT weights in `d` once more (the same bytes)."""
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+
+        self.hf_tokenizer().save_pretrained(d)
         modules: list[nn.Module] = [Transformer(str(d)), Pooling(self.config.hidden_size, pooling_mode=self.pooling)]
         if self.out_proj is not None:
             modules.append(Dense(self.out_proj.in_features, self.out_proj.out_features, activation_function=nn.Identity(),

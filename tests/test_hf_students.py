@@ -110,6 +110,25 @@ def test_registered_hf_students_load_in_a_fresh_process_and_match_training(tmp_p
     np.testing.assert_allclose(served_clf, want_logits, atol=1e-4)
 
 
+def test_registration_serialises_the_weights_once_and_adds_the_tokenizer_beside_them(tmp_path: Path) -> None:
+    """MLflow writes the weights of the registered model; kdpipe only adds what `save_pretrained`
+    leaves out (for a 1B student, a second copy would be gigabytes more disk and time)."""
+    clf = build_student("hf_classifier", {"tokens_from": "minilm", "layers": 1, "dropout": 0.0},
+                        StudentMeta(in_dim=None, num_classes=3, teachers=["minilm"], widths={})).eval()
+    calls: list[str] = []
+    real = clf.hf_model.save_pretrained
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(str(args[0] if args else kwargs.get("save_directory")))
+        return real(*args, **kwargs)
+
+    clf.hf_model.save_pretrained = counted
+    _register(tmp_path, clf, "clf")
+    assert len(calls) == 1, calls
+    model_dirs = [p.parent for p in (tmp_path / "mlartifacts").rglob("tokenizer.json") if p.parent.name == "model"]
+    assert model_dirs and (model_dirs[0] / "model.safetensors").is_file()
+
+
 def test_narrow_encoder_ships_its_projection_as_a_dense_module(tmp_path: Path) -> None:
     from sentence_transformers import SentenceTransformer
 
