@@ -69,6 +69,12 @@ if __name__ == "__main__":
 
     print("== why the shallow exits need the standardising fold: a head on frozen teacher states")
     exit_probe.main([])
+    from bench import pipeline_runs, platform_costs
+
+    print("== each shipped spec as a new user runs it: kdpipe run from an empty directory, per stage")
+    pipeline_runs.main([])
+    print("== Ray's and PyTorch's fixed costs on this machine (the platform notes)")
+    platform_costs.main([])
     from bench import driver_memory
 
     print("== driver peak RSS of a full run at N and 10 N rows (digits 100,000; MiniLM 2,000)")
