@@ -5,9 +5,11 @@ random-init twin) and `pipelines/minilm_m2mkd.yaml` (m2mKD modules, then end to 
 of equal compute) as the README ships them, seed 0, and writes their held-out metrics (embedding
 cosine to the teacher, recall@10 of the teacher's neighbours, category kNN accuracy; the student's,
 the twin's and the teacher's) and each teacher cache's Parquet bytes per row to
-bench/results/minilm_quality.json. `--narrow` adds `pipelines/minilm_narrow.yaml`.
+bench/results/minilm_quality.json. `--narrow` adds `pipelines/minilm_narrow.yaml`; `--only` runs
+the named specs alone (give `--out` another file then, so the other table stays).
 
     python bench/minilm_quality.py            # ≈ 12 min on 2 cores (MiniLM teaching included)
+    python bench/minilm_quality.py --only narrow --out bench/results/minilm_narrow.json
 """
 
 from __future__ import annotations
@@ -65,12 +67,13 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--narrow", action="store_true", help="also run pipelines/minilm_narrow.yaml")
+    ap.add_argument("--only", nargs="+", choices=sorted(SPECS), help="run only these specs")
     ap.add_argument("--work", default=str(ROOT / ".kdpipe" / "bench-minilm-quality"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "minilm_quality.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("kdpipe").setLevel(logging.INFO)
-    names = ["distil", "m2mkd"] + (["narrow"] if args.narrow else [])
+    names = args.only or ["distil", "m2mkd"] + (["narrow"] if args.narrow else [])
     results = {n: run_spec(SPECS[n], Path(args.work).resolve()) for n in names}
     md = table(results)
     out = {"command": "python bench/minilm_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -25,6 +25,8 @@ if __name__ == "__main__":
 
     print("== MiniLM quality tables (distil, m2mKD vs their twins) and cache KB/row")
     minilm_quality.main([])
+    print("== the narrow MiniLM student (width 192)")
+    minilm_quality.main(["--only", "narrow", "--out", str(Path(__file__).resolve().parent / "results" / "minilm_narrow.json")])
     print("== MiniLM student vs teacher")
     sys.argv = sys.argv[:1]
     minilm_speed.main()
