@@ -79,5 +79,9 @@ if __name__ == "__main__":
     platform_costs.main([])
     from bench import driver_memory
 
+    from bench import suite_time
+
+    print("== the default test suite on a clean clone, as CI runs it")
+    suite_time.main([])
     print("== driver peak RSS of a full run at N and 10 N rows (digits 100,000; MiniLM 2,000)")
     driver_memory.main()
