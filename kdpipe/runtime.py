@@ -32,15 +32,15 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
     ctx.print_on_execution_start = False
     if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
         # Ray Data's default Parquet reader (datasource V2) starts a pool of 32 footer-reader actors
-        # for every `read_parquet`: 3-6 s per read of a 30 KB file on 2 CPUs, paid by every cache
-        # and index read. The V1 reader: 0.15 s (bench: `make bench`, PLATFORM notes in README).
+        # for every `read_parquet`: ~1 s per read of a 33 KB file on 2 CPUs, paid by every cache
+        # and index read; the V1 reader ~0.1 s (`python bench/platform_costs.py`).
         ctx.use_datasource_v2 = False
 
 
 LOCAL_TRAIN_ENV = {
     # The Train controller polls its workers this often, and `ray.train.report` blocks until the
     # previous report was polled (the workers' result queue holds one): at Ray's default 2 s, each
-    # checkpointed epoch of a small student cost ~2 s, 20 s of the demo's 34 s of training.
+    # checkpointed epoch of a small student cost ~2 s (`report_wait` in bench/platform_costs.py).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     # A local machine is not preempted: no watcher actor (one process start less per fit).
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",

@@ -192,8 +192,9 @@ def steps_per_epoch(ds: Any, train_cfg: Any) -> int:
 
 
 def make_optimizer(params: Any, lr: float, weight_decay: float = 0.01) -> torch.optim.Optimizer:
-    """AdamW with PyTorch's fused kernel. On this CPU the default multi-tensor step took 44 ms of a
-    112 ms step of a 2-layer MiniLM student (most of it the embedding table), the fused one 5 ms."""
+    """AdamW with PyTorch's fused kernel. On this CPU the default multi-tensor step of a 2-layer
+    MiniLM student (most of it the embedding table) took 51.5 ms, the fused one 6.5 ms
+    (`adamw_step` in bench/results/platform_costs.json)."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
