@@ -216,7 +216,8 @@ def make_schedule(opt: torch.optim.Optimizer, config: dict[str, Any], job: dict[
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: the run's jobs in order (the student, then its twin), each
     shard -> step -> evaluate -> report + checkpoint per epoch. One worker group serves every job:
-    starting one costs ~20 s here, more than a small student's whole training."""
+    starting one costs ~9 s to the first batch here (bench/platform_costs.py), more than a small
+    student's whole training."""
     import ray.train
 
     # rank 0 logs each epoch to MLflow; an outage must not stall training behind MLflow's retries
