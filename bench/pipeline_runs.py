@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             specs[spec] = {"commit": commit, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            **run_spec(spec, Path(cwd))}
             print(f"{specs[spec]['wall_s']} s\n{specs[spec]['table']}", flush=True)
-    print(save("pipeline_runs", {"command": "python bench/pipeline_runs.py", "specs": specs}))
+        # after every spec: a later spec that fails keeps what the earlier ones measured
+        print(save("pipeline_runs", {"command": "python bench/pipeline_runs.py", "specs": specs}))
 
 
 if __name__ == "__main__":
