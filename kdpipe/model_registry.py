@@ -69,7 +69,8 @@ def evaluate_gates(metrics: dict[str, float], gates: GateConfig, baseline: float
 def log_and_register(run_id: str, student: nn.Module, example: dict[str, np.ndarray], model_name: str,
                      tags: dict[str, str], spec: dict[str, Any]) -> Any:
     """Log the student and register a new version. Nothing in it is a pickle: a Hugging Face
-    student (one with `hf_model`) goes through `mlflow.transformers` (safetensors); any other is
+    student (one with `hf_model`, `hf_tokenizer()` and `save_hf_extras(dir)`; optional `hf_task`)
+    goes through `mlflow.transformers` (safetensors); any other is
     an exported program (`mlflow.pytorch`, pt2, for other tools) plus kdpipe's own flavor —
     safetensors weights and the student spec — which is all kdpipe itself ever loads back."""
     import tempfile
