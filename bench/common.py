@@ -12,6 +12,28 @@ from typing import Any, Callable
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def fresh_env() -> dict[str, str]:
+    """This process's environment without Ray's and MLflow's variables, for a benchmark's child
+    process: it starts its own embedded Ray and its own MLflow store, as a new user's run does."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+
+
+def results_table(stdout: str) -> str:
+    """The results table `kdpipe run` prints last (from its `model ` header line on)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    return "\n".join(lines[start:])
+
+
+def short_commit(ref: str = "HEAD", repo: str | Path | None = None) -> str:
+    """`git rev-parse --short` of `ref` in `repo` (default: this checkout)."""
+    import subprocess
+
+    repo = repo or Path(__file__).resolve().parent.parent
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", ref], capture_output=True,
+                          text=True).stdout.strip()
+
+
 def best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
     """Minimum wall time of `repeat` runs (the least disturbed one)."""
     times = []

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import save  # noqa: E402
+from bench.common import fresh_env, results_table, save, short_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BEFORE = "bb9da04"  # the last commit before the local Ray Train poll of 0.2 s (290294b: before one shared Ray Train run)
@@ -40,20 +40,12 @@ def demo(code: Path) -> tuple[float, str]:
     with tempfile.TemporaryDirectory(prefix="kdpipe-demo-") as cwd:
         t = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "kdpipe.cli", "run", str(code / "pipelines" / "digits_kd.yaml")],
-                             cwd=cwd, env={**_env(), "PYTHONPATH": str(code)}, capture_output=True, text=True,
+                             cwd=cwd, env={**fresh_env(), "PYTHONPATH": str(code)}, capture_output=True, text=True,
                              timeout=1200)
         seconds = time.perf_counter() - t
     if out.returncode != 0:
         raise RuntimeError(f"demo at {code} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    lines = out.stdout.splitlines()
-    start = next(i for i, l in enumerate(lines) if l.startswith("model "))
-    return seconds, "\n".join(lines[start:])
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
+    return seconds, results_table(out.stdout)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,8 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             for code in trees.values():
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(code)], capture_output=True)
-    refs = {side: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", ref], capture_output=True, text=True)
-            .stdout.strip() for side, ref in (("before", args.before), ("after", args.after))}
+    refs = {side: short_commit(ref) for side, ref in (("before", args.before), ("after", args.after))}
     result = {"before_s": statistics.median(runs["before"]), "after_s": statistics.median(runs["after"]),
               "runs_s": runs, "refs": refs, "same_table": tables["before"] == tables["after"], "tables": tables,
               "command": "kdpipe run pipelines/digits_kd.yaml (from an empty directory, teacher trained from scratch)"}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, save  # noqa: E402
+from bench.common import RESULTS, fresh_env, results_table, save, short_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ("digits_kd", "lm_distill", "lm_fusion", "text_classifier_distill")
@@ -35,8 +34,7 @@ SPECS = ("digits_kd", "lm_distill", "lm_fusion", "text_classifier_distill")
 
 def run_spec(spec: str, cwd: Path) -> dict[str, Any]:
     """One `kdpipe run` in `cwd` (fresh Ray, fresh MLflow store), timed from outside and per stage."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
-    env["PYTHONPATH"] = str(ROOT)
+    env = {**fresh_env(), "PYTHONPATH": str(ROOT)}
     stages = cwd / "stage_times.json"
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "bench.stage_timer", str(ROOT / "pipelines" / f"{spec}.yaml"),
@@ -44,11 +42,9 @@ def run_spec(spec: str, cwd: Path) -> dict[str, Any]:
     wall = time.perf_counter() - t
     if out.returncode != 0:
         raise RuntimeError(f"kdpipe run {spec} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    lines = out.stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("model "))
     timing = json.loads(stages.read_text())
     return {"wall_s": round(wall, 1), **timing, "outside_stages_s": round(wall - sum(timing["stages_s"].values()), 1),
-            "table": "\n".join(lines[start:]), "mlflow": mlflow_record(f"sqlite:///{cwd / 'mlruns.db'}"),
+            "table": results_table(out.stdout), "mlflow": mlflow_record(f"sqlite:///{cwd / 'mlruns.db'}"),
             "teachers": teacher_reports(cwd / ".kdpipe" / "teachers"),
             "fusion_weights": fusion_weights(cwd / ".kdpipe" / "cache" / "fused")}
 
@@ -78,14 +74,15 @@ def teacher_reports(root: Path) -> dict[str, Any]:
 def fusion_weights(root: Path) -> dict[str, Any]:
     """The fused cache's mean weight of each member over its rows (the cache stores one weight per
     member and row); empty where the spec fuses nothing."""
-    import numpy as np
     import pyarrow.dataset as ds
+
+    from kdpipe.arrays import to_numpy
 
     files = [p for p in root.rglob("*.parquet") if ".staging" not in p.parts] if root.is_dir() else []
     if not files:
         return {}
-    col = ds.dataset([str(p) for p in files], format="parquet").to_table(columns=["weights"]).column("weights")
-    w = np.stack([np.asarray(x, dtype=np.float64) for x in col.to_pylist()])
+    w = to_numpy(ds.dataset([str(p) for p in files], format="parquet").to_table(columns=["weights"]).column("weights"),
+                 "float64")
     return {"rows": int(w.shape[0]), "mean": [round(float(x), 4) for x in w.mean(axis=0)],
             "files": len(files)}
 
@@ -96,8 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     path = RESULTS / "pipeline_runs.json"
     specs = json.loads(path.read_text())["specs"] if path.exists() else {}
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = short_commit()
     for spec in args.only:
         with tempfile.TemporaryDirectory(prefix=f"kdpipe-{spec}-") as cwd:
             print(f"== kdpipe run pipelines/{spec}.yaml in an empty directory", flush=True)

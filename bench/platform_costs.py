@@ -22,7 +22,6 @@ Writes bench/results/platform_costs.json.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import save  # noqa: E402
+from bench.common import fresh_env, save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = 6
@@ -41,9 +40,8 @@ REPORTS = 6
 
 def in_fresh_process(name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `name` below in a new interpreter (its own Ray) and return what it printed as JSON."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     out = subprocess.run([sys.executable, "-m", "bench.platform_costs", "--one", name], cwd=ROOT,
-                         env={**base, "PYTHONPATH": str(ROOT), **(env or {})}, capture_output=True, text=True,
+                         env={**fresh_env(), "PYTHONPATH": str(ROOT), **(env or {})}, capture_output=True, text=True,
                          timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import RESULTS  # noqa: E402
 from bench import cache_size, cached_vs_online, student_speed, teach_memory, teach_throughput  # noqa: E402
 
 if __name__ == "__main__":
@@ -26,7 +27,7 @@ if __name__ == "__main__":
     print("== MiniLM quality tables (distil, m2mKD vs their twins) and cache KB/row")
     minilm_quality.main([])
     print("== the narrow MiniLM student (width 192)")
-    minilm_quality.main(["--only", "narrow", "--out", str(Path(__file__).resolve().parent / "results" / "minilm_narrow.json")])
+    minilm_quality.main(["--only", "narrow", "--out", str(RESULTS / "minilm_narrow.json")])
     print("== MiniLM student vs teacher")
     sys.argv = sys.argv[:1]
     minilm_speed.main()
@@ -65,7 +66,7 @@ if __name__ == "__main__":
     print("== text classifier exits vs the fine-tuned teacher, sentences/s")
     root = Path(__file__).resolve().parent.parent
     sys.argv = [sys.argv[0], "--spec", str(root / "pipelines" / "text_classifier_hierarchical.yaml"), "--rounds", "3",
-                "--sentences", "384", "--out", str(root / "bench" / "results" / "text_classifier_speed.json")]
+                "--sentences", "384", "--out", str(RESULTS / "text_classifier_speed.json")]
     minilm_speed.main()
     from bench import exit_probe
 
@@ -77,9 +78,7 @@ if __name__ == "__main__":
     pipeline_runs.main([])
     print("== Ray's and PyTorch's fixed costs on this machine (the platform notes)")
     platform_costs.main([])
-    from bench import driver_memory
-
-    from bench import suite_time
+    from bench import driver_memory, suite_time
 
     print("== the default test suite on a clean clone, as CI runs it")
     suite_time.main([])

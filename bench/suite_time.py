@@ -10,7 +10,6 @@ and the slowest tests with their seconds.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import save  # noqa: E402
+from bench.common import fresh_env, save, short_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,11 +49,9 @@ def junit_summary(path: Path, slowest: int = 12) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="kdpipe-suite-") as d:
         repo = clean_clone(Path(d))
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
+        commit = short_commit(repo=repo)
         junit = Path(d) / "junit.xml"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-        env.update(CI="true", PYTHONPATH=str(repo), PYTEST_ARGS=f"--junitxml={junit}")
+        env = {**fresh_env(), "CI": "true", "PYTHONPATH": str(repo), "PYTEST_ARGS": f"--junitxml={junit}"}
         t = time.perf_counter()
         out = subprocess.run(["bash", ".ci/run"], cwd=repo, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t
