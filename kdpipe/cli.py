@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from typing import Any
 
@@ -198,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.exceptions import MlflowException
 
     from kdpipe.config import KdpipeError
+    from kdpipe.runtime import ray_is_up, stop_local_ray
 
+    started_here = not ray_is_up()
     try:
         return int(args.fn(args) or 0)
     except SpecError as e:
@@ -212,7 +215,21 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({e.filename})" if isinstance(e, FileNotFoundError) and e.filename else ""
         print(f"kdpipe: error: {e}{where}", file=sys.stderr)
         return 1
+    finally:
+        if started_here and not args.verbose:  # with -v, Ray's exit hook stops it after the workers' last lines
+            stop_local_ray()
+
+
+def entry() -> None:
+    """The `kdpipe` console command: `main`, then exit without the interpreter's final garbage
+    collection. After a run that collection walks every object torch, Ray, MLflow and
+    transformers created: 2.3 s of a 35 s demo, spent freeing memory the exit frees anyway.
+    `gc.freeze()` puts them out of its reach; exit hooks still run, and Python never promised
+    `__del__` for objects alive at exit. In-process callers of `main` (tests) keep their GC."""
+    rc = main()
+    gc.freeze()
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -146,10 +146,11 @@ class _BatchScorer:
     (`<prefix>|<sum>` keys), so batches that hold no row of some slice still share one schema."""
 
     def __init__(self, factories: Any, task: str, mode: str, teachers: list[str], num_classes: int,
-                 slices: dict[str, list[int]] | None = None) -> None:
+                 slices: dict[str, list[int]] | None = None, threads: int | None = 1) -> None:
         import ray
 
-        torch.set_num_threads(1)
+        if threads:  # an actor of its own; in the driver (`threads=None`) the process's setting stays
+            torch.set_num_threads(threads)
         # the factories (student weights: 135 MB for the LM student) come as one object-store ref,
         # fetched here, so Ray Data does not serialise them into the map function itself
         self.models = {prefix: factory().eval() for prefix, factory in ray.get(factories).items()}
@@ -190,36 +191,39 @@ def _plain(v: Any) -> Any:
     return np.asarray(v).tolist()
 
 
+# A materialised split at most this big is scored in the driver, which holds torch and the students
+# already: a scoring actor's start-up (a process, ~1.5 s on 2 CPUs) costs more than its forward passes.
+IN_DRIVER_BYTES = 32 * 2**20
+
+
 def evaluate_models(task: str, factories: dict[str, ModelFactory], ds: Any, teachers: list[str] | None = None,
                     num_classes: int = 0, batch_size: int = 256,
-                    slices: dict[str, list[int]] | None = None) -> Scored:
+                    slices: dict[str, list[int]] | None = None, in_driver_bytes: int = IN_DRIVER_BYTES) -> Scored:
     """Metrics of every model (`{metric prefix: factory}`) and every cached teacher on the Ray
     Dataset `ds`, in one `map_batches` pass (one actor holds all the models: an actor's start-up
-    costs more than a small split's forward passes). Only per-batch sums and a bounded sample
+    costs more than a small split's forward passes), or, for a materialised split of at most
+    `in_driver_bytes`, batch by batch in the driver. Only per-batch sums and a bounded sample
     return to the driver. With `num_classes`, teachers' sums include their confusion and
     calibration arrays. Each of `slices` ({name: label ids}) is also scored on its own rows, as
     `<prefix><name>_<metric>` (metrics that need the bounded sample are left out of slices)."""
     import ray
-    import ray.data
 
     ev = EVALUATORS.get(task)()
     teachers = [t for t in teachers or [] if teacher_predictions_available(ds.columns(), t)]
     kwargs = {"factories": ray.put(factories), "task": task, "teachers": teachers, "num_classes": num_classes,
               "slices": slices or {}}
+    in_driver = small_materialised(ds, in_driver_bytes)
     sums: dict[str, dict[str, Any]] = defaultdict(dict)
-    scored = ds.map_batches(_BatchScorer, fn_constructor_kwargs={**kwargs, "mode": "sums"}, batch_size=batch_size,
-                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
-    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):  # one small row per input batch
-        for row in batch["sums"]:
+    for out in scored_batches(ds, {**kwargs, "mode": "sums"}, batch_size, in_driver):
+        for row in out["sums"]:  # one small row per input batch
             for key, value in json.loads(row).items():
                 prefix, name = key.split(SEP, 1)
                 sums[prefix][name] = sums[prefix].get(name, 0.0) + np.asarray(value, np.float64)
     samples: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
     if ev.sample_rows and factories:
-        parts = ds.limit(ev.sample_rows).map_batches(
-            _BatchScorer, fn_constructor_kwargs={**kwargs, "teachers": [], "mode": "sample"}, batch_size=batch_size,
-            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
-        ).take_batch(ev.sample_rows, batch_format="numpy")
+        outs = list(scored_batches(ds.limit(ev.sample_rows), {**kwargs, "teachers": [], "mode": "sample"}, batch_size,
+                                   in_driver))
+        parts = {k: np.concatenate([o[k] for o in outs])[: ev.sample_rows] for k in outs[0]} if outs else {}
         for key, v in parts.items():
             prefix, name = key.split(SEP, 1)
             samples[prefix][name] = np.asarray(v)
@@ -242,6 +246,26 @@ def evaluate_models(task: str, factories: dict[str, ModelFactory], ds: Any, teac
     for prefix, a in out.arrays.items():
         out.metrics.update(array_metrics(a, prefix))
     return out
+
+
+def small_materialised(ds: Any, limit_bytes: int) -> bool:
+    from ray.data.dataset import MaterializedDataset
+
+    return limit_bytes > 0 and isinstance(ds, MaterializedDataset) and ds.size_bytes() <= limit_bytes
+
+
+def scored_batches(ds: Any, scorer_kwargs: dict[str, Any], batch_size: int, in_driver: bool) -> Any:
+    """`_BatchScorer`'s output per batch of `ds`: from one actor (`map_batches`), or computed here."""
+    import ray.data
+
+    if in_driver:
+        scorer = _BatchScorer(**scorer_kwargs, threads=None)
+        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            yield scorer(batch)
+        return
+    scored = ds.map_batches(_BatchScorer, fn_constructor_kwargs=scorer_kwargs, batch_size=batch_size,
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+    yield from scored.iter_batches(batch_size=None, batch_format="numpy")
 
 
 def array_metrics(a: dict[str, np.ndarray], prefix: str) -> dict[str, float]:

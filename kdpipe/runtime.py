@@ -37,6 +37,20 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
         ctx.use_datasource_v2 = False
 
 
+def ray_is_up() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+def stop_local_ray() -> None:
+    """`ray.shutdown()` when a command is done. Ray's own exit hook would do it too, after sleeping
+    0.5 s so that workers' forwarded log lines can print; kdpipe forwards none unless `-v`."""
+    if ray_is_up():
+        import ray
+
+        ray.shutdown()
+
+
 LOCAL_TRAIN_ENV = {
     # The Train controller polls its workers this often, and `ray.train.report` blocks until the
     # previous report was polled (the workers' result queue holds one): at Ray's default 2 s, each

@@ -275,8 +275,16 @@ def _count_block(block: pa.Table) -> pa.Table:
 
 
 def labeled_only(ds: Any) -> Any:
-    """The rows with a visible label (the baseline twin's training set)."""
-    return ds.map_batches(lambda b: b.filter(pc.greater_equal(b["label"], 0)), batch_format="pyarrow", batch_size=None)
+    """The rows with a visible label (the baseline twin's training set); materialised when `ds` is
+    (a filter of it is no bigger), so that training can treat it as the views themselves."""
+    from ray.data.dataset import MaterializedDataset
+
+    out = ds.map_batches(_labeled_block, batch_format="pyarrow", batch_size=None)
+    return out.materialize() if isinstance(ds, MaterializedDataset) else out
+
+
+def _labeled_block(block: pa.Table) -> pa.Table:
+    return block.filter(pc.greater_equal(block["label"], 0))
 
 
 def count_labeled(ds: Any) -> int:

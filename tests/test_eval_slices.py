@@ -19,16 +19,22 @@ def test_slices_parse_ids_and_ranges_and_name_the_key_when_wrong() -> None:
         assert "evaluate.slices" in str(e.value)
 
 
-def test_each_slice_is_scored_on_its_own_rows_even_where_a_batch_lacks_them(ray_local) -> None:
+@pytest.mark.parametrize("in_driver", [True, False], ids=["in_driver", "scoring_actor"])
+def test_each_slice_is_scored_on_its_own_rows_even_where_a_batch_lacks_them(ray_local, tmp_path, in_driver) -> None:
     """Accuracy per slice equals the hand count on that slice's rows; batches of 4 rows that hold
     no row of a slice (the rows are sorted by label) do not disturb the sums; cached teachers are
-    sliced too."""
+    sliced too. The same sums whether the small split is scored in the driver or by an actor."""
+    import os
+
     import torch
 
     from kdpipe.evaluate import evaluate_models
 
+    built_in = tmp_path / "pid"
+
     class Sign:  # local, so Ray pickles it by value
         def __call__(self) -> torch.nn.Module:
+            built_in.write_text(str(os.getpid()))  # which process scored the split
             class M(torch.nn.Module):
                 def forward(self, batch):
                     x = batch["x"].float()
@@ -42,7 +48,9 @@ def test_each_slice_is_scored_on_its_own_rows_even_where_a_batch_lacks_them(ray_
     ds = ray_local.data.from_items([{"x": r, "label": int(l), "t.logits": t} for r, l, t in zip(x, labels, teacher)])
     pred = (x[:, 0] > 0).astype(int)
     scored = evaluate_models("classification", {"test_": Sign()}, ds, teachers=["t"], num_classes=3, batch_size=4,
-                             slices={"zeros": [0], "ones_and_twos": [1, 2], "absent": [7]})
+                             slices={"zeros": [0], "ones_and_twos": [1, 2], "absent": [7]},
+                             in_driver_bytes=2**20 if in_driver else 0)
+    assert (built_in.read_text() == str(os.getpid())) == in_driver
     m = scored.metrics
     assert m["test_acc"] == pytest.approx(np.mean(pred == labels))
     assert m["test_zeros_acc"] == pytest.approx(np.mean(pred[labels == 0] == 0))

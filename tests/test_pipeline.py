@@ -170,6 +170,46 @@ def test_shuffle_buffer_reorders_batches_every_epoch_reproducibly(ray_local) -> 
     assert order(0, 0) == order(0, 1) == list(range(200))
 
 
+def test_a_small_dataset_reaches_every_worker_whole_and_each_rank_keeps_an_equal_share(ray_local) -> None:
+    """`fits_whole`: a materialised dataset within train.keep_in_memory_mb is not split by Ray Data
+    (no split coordinator to start); `EpochReplay.rank_share` then gives rank r the rows r·m to
+    (r+1)·m − 1 of the dataset's order, m = rows // world (the remainder dropped, so every rank
+    steps equally often), read once and replayed every epoch."""
+    from kdpipe.train import EpochReplay, fits_whole
+    from kdpipe.views import labeled_only
+
+    ds = ray_local.data.range(203, override_num_blocks=5).materialize()
+    assert fits_whole(ds, 2**20)
+    assert not fits_whole(ds, 100)  # 1.6 KB of ids: over the limit, split and streamed as before
+    assert not fits_whole(ds, 0)  # keep_in_memory_mb: 0 streams everything
+    assert not fits_whole(ds.map_batches(lambda b: b), 2**20)  # lazy (the LM views decode per batch): its size is unknown
+
+    class Counting:  # the whole dataset's iterator, counting passes over it
+        def __init__(self, it):
+            self.it, self.passes = it, 0
+
+        def iter_torch_batches(self, **kw):
+            self.passes += 1
+            return self.it.iter_torch_batches(**kw)
+
+    order = [int(i) for b in ds.iter_batches(batch_size=None) for i in b["id"]]
+    shares = []
+    for rank in range(3):
+        whole = Counting(ds.iterator())
+        replay = EpochReplay.rank_share(whole, rank, 3)
+        epochs = [[i for b in replay.batches(16, 0, seed=0, epoch=e, rank=rank) for i in b["id"].tolist()] for e in range(3)]
+        assert whole.passes == 1 and epochs[0] == epochs[1] == epochs[2]
+        shuffled = [i for b in replay.batches(16, 50, seed=0, epoch=1, rank=rank) for i in b["id"].tolist()]
+        assert sorted(shuffled) == sorted(epochs[0]) and shuffled != epochs[0]
+        shares.append(epochs[0])
+    assert [len(s) for s in shares] == [67, 67, 67] and sum(shares, []) == order[:201]
+    empty = EpochReplay.rank_share(ray_local.data.range(1).materialize().iterator(), 1, 2)
+    assert list(empty.batches(16)) == []  # fewer rows than ranks: no rank steps
+    labeled = ray_local.data.from_items([{"label": l} for l in (3, -1, 0, -1)]).materialize()
+    kept = labeled_only(labeled)
+    assert fits_whole(kept, 2**20) and sorted(r["label"] for r in kept.take_all()) == [0, 3]
+
+
 def test_small_shards_are_replayed_from_worker_memory_after_the_first_epoch(ray_local) -> None:
     """train.keep_in_memory_mb: a shard that fits is streamed from Ray Data once, then every epoch
     is sliced from memory — the same rows in the same batches (no shuffle), or a new seeded order

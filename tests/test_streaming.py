@@ -161,7 +161,7 @@ def test_evaluation_ships_the_models_through_the_object_store(ray_local) -> None
     ray_data_log = logging.getLogger("ray.data")
     ray_data_log.addHandler(handler)
     try:
-        scored = evaluate_models("classification", {"test_": HeavyFactory()}, ds, num_classes=2)
+        scored = evaluate_models("classification", {"test_": HeavyFactory()}, ds, num_classes=2, in_driver_bytes=0)
     finally:
         ray_data_log.removeHandler(handler)
     assert scored.metrics["test_acc"] == 0.75
