@@ -539,6 +539,9 @@ def fit(
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k not in whole]),
     )
+    # a worker group's start-up is several seconds of silence on a small machine: say what is starting
+    log.info("training %s: starting %d Ray Train worker(s), %g CPU%s each", ", ".join(j.name for j in jobs),
+             train_cfg.num_workers, cpus, " + 1 GPU" if train_cfg.use_gpu else "")
     with EpochProgress(tracking_uri, run_id, [(f"{name}-{j.name}", j.prefix, j.epochs) for j in jobs]):
         result = trainer.fit()
     if result.checkpoint is None:
