@@ -190,9 +190,10 @@ class TrainConfig(Strict):
                                                                              "last step (after the warm-up)")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the run's optimizer steps over which the lr "
                                                               "rises linearly from 0 (BERT-style fine-tuning needs it)")
-    keep_in_memory_mb: float = Field(256, ge=0, description="a training worker keeps its shards in memory after the "
-                                     "first epoch when every worker's fit in this many MB (later epochs skip Ray Data); "
-                                     "0: stream every epoch")
+    keep_in_memory_mb: float = Field(256, ge=0, description="a view of at most this many MB reaches every training "
+                                     "worker whole, each keeps its equal share in memory (no split coordinator); a "
+                                     "bigger one is split by Ray Data, and a worker keeps its shard in memory after the "
+                                     "first epoch when every worker's fits (later epochs skip Ray Data); 0: stream every epoch")
     shuffle_buffer: int = Field(0, ge=0, description="rows in Ray Data's local shuffle buffer, reseeded every epoch "
                                                      "(0: the same batch order every epoch)")
     unlabeled_split: Literal["train"] = "train"
