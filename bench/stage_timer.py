@@ -13,6 +13,7 @@ minus `in_process_s`.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import sys
 import time
@@ -26,7 +27,7 @@ T0 = time.perf_counter()
 STAGES = (("kdpipe.pipeline", "prepare"), ("kdpipe.pipeline", "teach"), ("kdpipe.views", "build_views"),
           ("kdpipe.pipeline", "student_meta"), ("kdpipe.pipeline", "open_run"), ("kdpipe.pipeline", "pretrain_modules"),
           ("kdpipe.pipeline", "train_students"), ("kdpipe.pipeline", "contenders"), ("kdpipe.pipeline", "score"),
-          ("kdpipe.pipeline", "log_figures"), ("kdpipe.pipeline", "ship"))
+          ("kdpipe.pipeline", "log_figures"), ("kdpipe.pipeline", "ship"), ("kdpipe.runtime", "stop_local_ray"))
 
 
 def timed(fn: Callable[..., Any], name: str, seconds: dict[str, float]) -> Callable[..., Any]:
@@ -52,6 +53,7 @@ def main(argv: list[str]) -> int:
         mod = importlib.import_module(module)
         setattr(mod, name, timed(getattr(mod, name), name, seconds))
     rc = cli(["run", spec])
+    gc.freeze()  # as the `kdpipe` command does (kdpipe.cli.entry): no final garbage collection at exit
     result = {"stages_s": {k: round(seconds[k], 2) for _, k in STAGES if k in seconds},
               "in_process_s": round(time.perf_counter() - T0, 2), "rc": rc}
     Path(out).write_text(json.dumps(result, indent=1))
