@@ -169,23 +169,33 @@ class EpochReplay:
                 self.columns = {k: torch.cat([b[k] for b in kept]) for k in kept[0]} if kept else {}
 
     @classmethod
-    def rank_share(cls, whole: Any, rank: int, world: int, device: torch.device | None = None) -> "EpochReplay":
-        """A small dataset handed whole to every worker (`DataConfig.datasets_to_split` leaves it
-        out): read once here, this rank keeps its equal contiguous share, and every epoch replays it.
+    def rank_share(cls, whole: Any, rows: int, rank: int, world: int,
+                   device: torch.device | None = None) -> "EpochReplay":
+        """A small dataset of `rows` rows handed whole to every worker (`DataConfig.datasets_to_split`
+        leaves it out): this rank reads it up to the end of its equal contiguous share, keeps only
+        that share, and every epoch replays it.
 
         What Ray Data's equal streaming split gives a few-block dataset (rank r: rows r·m to
         (r+1)·m − 1 with m = rows // world, the remainder dropped so that every rank steps the same
         number of times), without the split's coordinator actor: each split dataset costs a process
-        start, 1-2.5 s on 2 CPUs, before its first batch. Reading n rows `world` times is the price."""
-        columns: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for batch in whole.iter_torch_batches(batch_size=4096):
-            for k, v in batch.items():
-                columns[k].append(v)
-        full = {k: torch.cat(v) for k, v in columns.items()}
-        n = len(next(iter(full.values()))) if full else 0
-        m = n // world
+        start, 1-2.5 s on 2 CPUs, before its first batch. Reading up to n rows per rank is the price."""
+        m = rows // world
+        lo, hi = rank * m, (rank + 1) * m
+        kept: dict[str, list[torch.Tensor]] = defaultdict(list)
+        at = 0
+        for batch in whole.iter_torch_batches(batch_size=4096) if m else []:
+            n = len(next(iter(batch.values())))
+            if at + n > lo:
+                for k, v in batch.items():  # copied: a view would keep the whole batch alive
+                    kept[k].append(v[max(lo - at, 0) : hi - at].clone())
+            at += n
+            if at >= hi:
+                break
         replay = cls(None, 0, device)
-        replay.columns = {k: v[rank * m : (rank + 1) * m].clone() for k, v in full.items()} if m else {}
+        replay.columns = {k: torch.cat(v) for k, v in kept.items()}
+        got = len(next(iter(replay.columns.values()))) if replay.columns else 0
+        if got != m:  # unequal shares would leave DDP's collectives waiting on the rank that ran out
+            raise RuntimeError(f"rank {rank}: read {got} rows of its share of {m} (the dataset was counted at {rows})")
         replay.decided = True
         return replay
 
@@ -305,7 +315,8 @@ def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, 
     for name in (job["dataset"], "val"):
         if name not in shards:
             shard = ray.train.get_dataset_shard(name)
-            shards[name] = (EpochReplay.rank_share(shard, rank, world, device) if name in config.get("whole", ())
+            whole = config.get("whole", {})
+            shards[name] = (EpochReplay.rank_share(shard, whole[name], rank, world, device) if name in whole
                             else EpochReplay(shard, limit, device))
     train_shard, val_shard = shards[job["dataset"]], shards["val"]
     fail_at = config.get("fail_at_epoch")
@@ -515,7 +526,8 @@ def fit(
     from kdpipe.runtime import default_cpus_per_worker
 
     cpus = train_cfg.cpus_per_worker or default_cpus_per_worker(train_cfg.num_workers)
-    whole = sorted(k for k, ds in datasets.items() if fits_whole(ds, train_cfg.keep_in_memory_mb * 2**20))
+    # views small enough for every worker to read whole, with their row counts (metadata: they are materialised)
+    whole = {k: ds.count() for k, ds in datasets.items() if fits_whole(ds, train_cfg.keep_in_memory_mb * 2**20)}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={

@@ -196,15 +196,21 @@ def test_a_small_dataset_reaches_every_worker_whole_and_each_rank_keeps_an_equal
     shares = []
     for rank in range(3):
         whole = Counting(ds.iterator())
-        replay = EpochReplay.rank_share(whole, rank, 3)
+        replay = EpochReplay.rank_share(whole, ds.count(), rank, 3)
         epochs = [[i for b in replay.batches(16, 0, seed=0, epoch=e, rank=rank) for i in b["id"].tolist()] for e in range(3)]
         assert whole.passes == 1 and epochs[0] == epochs[1] == epochs[2]
         shuffled = [i for b in replay.batches(16, 50, seed=0, epoch=1, rank=rank) for i in b["id"].tolist()]
         assert sorted(shuffled) == sorted(epochs[0]) and shuffled != epochs[0]
         shares.append(epochs[0])
     assert [len(s) for s in shares] == [67, 67, 67] and sum(shares, []) == order[:201]
-    empty = EpochReplay.rank_share(ray_local.data.range(1).materialize().iterator(), 1, 2)
+    # shares that cross batch boundaries: batches of 4,096 rows, a share of 3,333 rows per rank
+    big = ray_local.data.range(10_000, override_num_blocks=3).materialize()
+    cut = [EpochReplay.rank_share(big.iterator(), 10_000, r, 3).columns["id"].tolist() for r in range(3)]
+    assert sum(cut, []) == [int(i) for b in big.iter_batches(batch_size=None) for i in b["id"]][:9_999]
+    empty = EpochReplay.rank_share(ray_local.data.range(1).materialize().iterator(), 1, 1, 2)
     assert list(empty.batches(16)) == []  # fewer rows than ranks: no rank steps
+    with pytest.raises(RuntimeError, match="read 53 rows of its share of 150"):  # counted wrong: refused, not a hang
+        EpochReplay.rank_share(ds.iterator(), 300, 1, 2)
     labeled = ray_local.data.from_items([{"label": l} for l in (3, -1, 0, -1)]).materialize()
     kept = labeled_only(labeled)
     assert fits_whole(kept, 2**20) and sorted(r["label"] for r in kept.take_all()) == [0, 3]
