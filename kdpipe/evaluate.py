@@ -208,6 +208,8 @@ def evaluate_models(task: str, factories: dict[str, ModelFactory], ds: Any, teac
     `<prefix><name>_<metric>` (metrics that need the bounded sample are left out of slices)."""
     import ray
 
+    from kdpipe.views import small_materialised
+
     ev = EVALUATORS.get(task)()
     teachers = [t for t in teachers or [] if teacher_predictions_available(ds.columns(), t)]
     kwargs = {"factories": ray.put(factories), "task": task, "teachers": teachers, "num_classes": num_classes,
@@ -246,12 +248,6 @@ def evaluate_models(task: str, factories: dict[str, ModelFactory], ds: Any, teac
     for prefix, a in out.arrays.items():
         out.metrics.update(array_metrics(a, prefix))
     return out
-
-
-def small_materialised(ds: Any, limit_bytes: int) -> bool:
-    from ray.data.dataset import MaterializedDataset
-
-    return limit_bytes > 0 and isinstance(ds, MaterializedDataset) and ds.size_bytes() <= limit_bytes
 
 
 def scored_batches(ds: Any, scorer_kwargs: dict[str, Any], batch_size: int, in_driver: bool) -> Any:

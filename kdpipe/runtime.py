@@ -43,8 +43,9 @@ def ray_is_up() -> bool:
 
 
 def stop_local_ray() -> None:
-    """`ray.shutdown()` when a command is done. Ray's own exit hook would do it too, after sleeping
-    0.5 s so that workers' forwarded log lines can print; kdpipe forwards none unless `-v`."""
+    """`ray.shutdown()` when a command that started Ray is done (the embedded cluster stops; a
+    cluster's driver only disconnects). Ray's own exit hook would do it too, after sleeping 0.5 s
+    so that workers' forwarded log lines can print; kdpipe forwards none unless `-v`."""
     if ray_is_up():
         import ray
 

@@ -311,11 +311,10 @@ def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, 
     tracker = MetricsLogger(config["tracking_uri"], config["run_id"], prefix=job["prefix"]) if rank == 0 else None
     shards = {} if shards is None else shards
     limit = float(config.get("keep_in_memory_mb", 0)) * 2**20
-    world = ray.train.get_context().get_world_size()
+    world, whole = ray.train.get_context().get_world_size(), config.get("whole", {})
     for name in (job["dataset"], "val"):
-        if name not in shards:
+        if name not in shards:  # a view every worker reads whole (`fits_whole`), or this worker's split of it
             shard = ray.train.get_dataset_shard(name)
-            whole = config.get("whole", {})
             shards[name] = (EpochReplay.rank_share(shard, whole[name], rank, world, device) if name in whole
                             else EpochReplay(shard, limit, device))
     train_shard, val_shard = shards[job["dataset"]], shards["val"]
@@ -496,11 +495,11 @@ class FitResult:
 
 def fits_whole(ds: Any, limit_bytes: float) -> bool:
     """Whether every worker may read all of `ds` and keep its share in memory (`EpochReplay.rank_share`):
-    a materialised dataset (its size is known without a pass) within the `keep_in_memory_mb` limit.
-    Anything bigger, or lazy (the LM views decode per batch), is split by Ray Data and streamed."""
-    from ray.data.dataset import MaterializedDataset
+    a materialised dataset within the `keep_in_memory_mb` limit. Anything bigger, or lazy (the LM
+    views decode per batch), is split by Ray Data and streamed."""
+    from kdpipe.views import small_materialised
 
-    return limit_bytes > 0 and isinstance(ds, MaterializedDataset) and ds.size_bytes() <= limit_bytes
+    return small_materialised(ds, limit_bytes)
 
 
 def fit(
@@ -517,8 +516,9 @@ def fit(
     fail_at_epoch: int | None = None,
 ) -> dict[str, FitResult]:
     """Train every job's student, in order, in one `TorchTrainer` run over the Ray Datasets
-    `datasets` (each worker streams its `get_dataset_shard`; "val" is every job's validation
-    split); returns each job's final weights by name."""
+    `datasets` ("val" is every job's validation split): a view within `train.keep_in_memory_mb`
+    reaches every worker whole and each keeps its share (`fits_whole`), a bigger one is split by
+    Ray Data and each worker streams its `get_dataset_shard`. Returns each job's final weights by name."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -274,6 +274,14 @@ def _count_block(block: pa.Table) -> pa.Table:
     return pa.table({"split": vc.field("values"), "n": vc.field("counts")})
 
 
+def small_materialised(ds: Any, limit_bytes: float) -> bool:
+    """Whether `ds` is materialised (its size known without a pass) and at most `limit_bytes` (0: never):
+    small enough to be read whole where it is used instead of being split or scored by an actor."""
+    from ray.data.dataset import MaterializedDataset
+
+    return limit_bytes > 0 and isinstance(ds, MaterializedDataset) and ds.size_bytes() <= limit_bytes
+
+
 def labeled_only(ds: Any) -> Any:
     """The rows with a visible label (the baseline twin's training set); materialised when `ds` is
     (a filter of it is no bigger), so that training can treat it as the views themselves."""
