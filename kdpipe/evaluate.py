@@ -4,7 +4,9 @@ An evaluator splits a metric into per-batch *sums* (run where the rows are: Ray 
 `map_batches` over the test split, an actor per worker) and a `finish` step on the driver that
 turns the summed counts into metrics. Metrics that need all rows at once (nearest-neighbour
 recall) see a bounded *sample* of the split instead (`Evaluator.sample_rows`), and say so in
-their docstrings. Only sums and the bounded sample come back to the driver, never the split.
+their docstrings. Only sums and the bounded sample come back to the driver, never the split;
+except that a split of at most `IN_DRIVER_BYTES` is scored in the driver, a batch at a time
+(an actor's start-up would cost more than its forward passes).
 """
 
 from __future__ import annotations
