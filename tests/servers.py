@@ -98,11 +98,14 @@ class RayCluster:
             raise
 
     def _start(self, ray: str, env: dict[str, str], head_cpus: int, worker_cpus: int) -> None:
+        # each node's dashboard agent on a port of its own: at Ray's default (52365) it cannot bind while
+        # the test session's embedded Ray holds it, and the head then has "No available agent to submit job"
         subprocess.run([ray, "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={head_cpus}",
                         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash_port}",
-                        f"--temp-dir={self.tmp}", "--disable-usage-stats"], check=True, env=env, capture_output=True)
+                        f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={self.tmp}", "--disable-usage-stats"],
+                       check=True, env=env, capture_output=True)
         subprocess.run([ray, "start", f"--address={self.address}", f"--num-cpus={worker_cpus}", "--disable-usage-stats",
-                        f"--temp-dir={self.tmp}w"],
+                        f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={self.tmp}w"],
                        check=True, env=env, capture_output=True)
         wait_http(self.dashboard + "/api/version")
 
