@@ -121,6 +121,10 @@ class RayCluster:
                 continue
             if marker in cmd or f"127.0.0.1:{self.gcs_port}" in cmd or f"--gcs-address=127.0.0.1:{self.gcs_port}" in cmd:
                 procs.append(p)
+                try:  # and what they started: the agents' titles (`ray::DashboardAgent`) name no address
+                    procs += p.children(recursive=True)
+                except psutil.NoSuchProcess:
+                    pass
         for p in procs:
             try:
                 p.kill()
