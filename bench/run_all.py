@@ -72,10 +72,12 @@ if __name__ == "__main__":
 
     print("== why the shallow exits need the standardising fold: a head on frozen teacher states")
     exit_probe.main([])
-    from bench import pipeline_runs, platform_costs
+    from bench import exit_cost, pipeline_runs, platform_costs
 
     print("== each shipped spec as a new user runs it: kdpipe run from an empty directory, per stage")
     pipeline_runs.main([])
+    print("== the end of the demo: ray.shutdown by process, and the exit with and without the final GC")
+    exit_cost.main([])
     print("== Ray's and PyTorch's fixed costs on this machine (the platform notes)")
     platform_costs.main([])
     from bench import driver_memory, suite_time
