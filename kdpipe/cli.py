@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The `kdpipe` console command: `main`, then exit without the interpreter's final garbage
     collection. After a run that collection walks every object torch, Ray, MLflow and
-    transformers created: 2.3 s of a 35 s demo, spent freeing memory the exit frees anyway.
+    transformers created: the demo's exit took 2.97 s with it, 0.27 s without
+    (`bench/exit_cost.py`), time spent freeing memory the exit frees anyway.
     `gc.freeze()` puts them out of its reach; exit hooks still run, and Python never promised
     `__del__` for objects alive at exit. In-process callers of `main` (tests) keep their GC."""
     rc = main()
