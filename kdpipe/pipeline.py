@@ -200,7 +200,7 @@ def train_students(cfg: PipelineConfig, meta: Any, views: Any, run: Any, init_st
     """The distilled student and, with `evaluate.baseline`, its label-only twin (same student,
     same data budget, its own losses: what KD must beat), trained one after the other in one
     Ray Train run. Returns their weights by job name ("student", "baseline")."""
-    from kdpipe.train import Job, fit
+    from kdpipe.train import Job, fit, fits_whole
     from kdpipe.views import labeled_only
 
     ev = cfg.evaluate
@@ -209,7 +209,8 @@ def train_students(cfg: PipelineConfig, meta: Any, views: Any, run: Any, init_st
     datasets = {"train": views.train, "val": views.val}
     if ev.baseline:
         key = "train_labeled" if ev.baseline_labeled_only else "train"
-        datasets[key] = labeled_only(views.train) if ev.baseline_labeled_only else views.train
+        small = fits_whole(views.train, cfg.train.keep_in_memory_mb * 2**20)  # then its filter is too
+        datasets[key] = labeled_only(views.train, materialise=small) if ev.baseline_labeled_only else views.train
         jobs.append(Job("baseline", key, baseline_params(cfg),
                         ev.baseline_losses, ev.baseline_epochs or cfg.train.epochs, prefix="baseline_"))
     return fit(name=cfg.name, datasets=datasets, jobs=jobs, meta=meta, student_kind=cfg.student.kind,

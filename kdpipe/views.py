@@ -282,13 +282,11 @@ def small_materialised(ds: Any, limit_bytes: float) -> bool:
     return limit_bytes > 0 and isinstance(ds, MaterializedDataset) and ds.size_bytes() <= limit_bytes
 
 
-def labeled_only(ds: Any) -> Any:
-    """The rows with a visible label (the baseline twin's training set); materialised when `ds` is
-    (a filter of it is no bigger), so that training can treat it as the views themselves."""
-    from ray.data.dataset import MaterializedDataset
-
+def labeled_only(ds: Any, materialise: bool = False) -> Any:
+    """The rows with a visible label (the baseline twin's training set): lazy, or materialised (a
+    small view's filter, so that training can hand it to every worker whole like the views)."""
     out = ds.map_batches(_labeled_block, batch_format="pyarrow", batch_size=None)
-    return out.materialize() if isinstance(ds, MaterializedDataset) else out
+    return out.materialize() if materialise else out
 
 
 def _labeled_block(block: pa.Table) -> pa.Table:

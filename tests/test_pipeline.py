@@ -212,8 +212,9 @@ def test_a_small_dataset_reaches_every_worker_whole_and_each_rank_keeps_an_equal
     with pytest.raises(RuntimeError, match="read 53 rows of its share of 150"):  # counted wrong: refused, not a hang
         EpochReplay.rank_share(ds.iterator(), 300, 1, 2)
     labeled = ray_local.data.from_items([{"label": l} for l in (3, -1, 0, -1)]).materialize()
-    kept = labeled_only(labeled)
+    kept = labeled_only(labeled, materialise=True)
     assert fits_whole(kept, 2**20) and sorted(r["label"] for r in kept.take_all()) == [0, 3]
+    assert not fits_whole(labeled_only(labeled), 2**20)  # lazy unless asked: a big view's filter stays streamed
 
 
 def test_small_shards_are_replayed_from_worker_memory_after_the_first_epoch(ray_local) -> None:
