@@ -192,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command(build_parser().parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
     from kdpipe.console import configure
 
     configure(args.verbose)
@@ -221,13 +224,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The `kdpipe` console command: `main`, then exit without the interpreter's final garbage
-    collection. After a run that collection walks every object torch, Ray, MLflow and
-    transformers created: the demo's exit took 2.97 s with it, 0.27 s without
-    (`bench/exit_cost.py`), time spent freeing memory the exit frees anyway.
+    """The `kdpipe` console command: the command with native stderr filtered (unless `-v`: Ray's
+    one benign C++ ERROR line per run stays off the console, `kdpipe.stderr_filter`), then exit
+    without the interpreter's final garbage collection. After a run that collection walks every
+    object torch, Ray, MLflow and transformers created: the demo's exit took 2.97 s with it,
+    0.27 s without (`bench/exit_cost.py`), time spent freeing memory the exit frees anyway.
     `gc.freeze()` puts them out of its reach; exit hooks still run, and Python never promised
-    `__del__` for objects alive at exit. In-process callers of `main` (tests) keep their GC."""
-    rc = main()
+    `__del__` for objects alive at exit. In-process callers of `main` (tests) keep their GC and
+    their stderr."""
+    from kdpipe.stderr_filter import NativeStderrFilter
+
+    args = build_parser().parse_args()
+    native = NativeStderrFilter()
+    if not args.verbose:
+        native.start()
+    try:
+        rc = run_command(args)
+    finally:
+        native.stop()
     gc.freeze()
     sys.exit(rc)
 
