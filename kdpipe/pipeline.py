@@ -355,9 +355,6 @@ def distil(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResul
 
 
 def run(cfg: PipelineConfig, address: str | None = None, fail_at_epoch: int | None = None) -> RunResult:
-    from kdpipe.tracking import warm_store
-
     source, uri = prepare(cfg, address)
-    warm_store(uri)  # while the teachers run
     taught = teach(cfg, source)
     return distil(cfg, source, taught, uri, fail_at_epoch=fail_at_epoch)

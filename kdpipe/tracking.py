@@ -44,31 +44,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
-def warm_store(uri: str) -> Any:
-    """Open the tracking store in a background thread while the teachers run. A fresh sqlite store
-    creates its tables on first open (MLflow's migrations: ~1 s of the demo's `open_run`), and the
-    driver is only waiting on Ray then. MLflow builds each store once per URI, under a lock, and
-    keeps it: the run's first call reuses this one or waits for it. A failure here is left for
-    that call to raise, with its own message. Not a daemon thread: a command that fails meanwhile
-    still lets the migrations finish before it exits, never leaving a half-made store. A server's
-    store (http) costs nothing to open. Returns the thread (None when there is nothing to open)."""
-    if uri.startswith(("http://", "https://", "databricks")):
-        return None
-    import threading
-
-    def _open() -> None:
-        from mlflow.tracking import MlflowClient
-
-        try:
-            MlflowClient(uri)
-        except Exception:  # noqa: BLE001 - the run's first call raises it again, in the driver's own thread
-            log.debug("opening the tracking store %s ahead of the run failed", uri, exc_info=True)
-
-    thread = threading.Thread(target=_open, name="kdpipe-open-tracking-store")
-    thread.start()
-    return thread
-
-
 def ensure_experiment(client: Any, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:

@@ -154,33 +154,6 @@ def test_unreachable_tracking_server_fails_before_compute(tmp_path: Path, monkey
     assert calls == ["load_source", "init_ray"]
 
 
-def test_the_store_opened_while_the_teachers_run_is_the_one_the_run_uses(tmp_path: Path) -> None:
-    """`warm_store` makes a fresh sqlite store's tables in its own thread; the run's client then
-    gets that very store from MLflow's cache instead of opening (and migrating) it again."""
-    import sqlite3
-
-    from kdpipe.tracking import warm_store
-
-    db = tmp_path / "mlruns.db"
-    uri = f"sqlite:///{db}"
-    thread = warm_store(uri)
-    thread.join(120)
-    assert not thread.is_alive() and not thread.daemon  # a command that fails meanwhile waits for the migrations
-    tables = {r[0] for r in sqlite3.connect(db).execute("select name from sqlite_master where type='table'")}
-    assert {"experiments", "runs", "metrics", "alembic_version"} <= tables
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    opened: list[str] = []
-    init = SqlAlchemyStore.__init__
-    try:
-        SqlAlchemyStore.__init__ = lambda self, *a, **k: opened.append(a[0]) or init(self, *a, **k)
-        MlflowClient(uri).search_experiments()
-    finally:
-        SqlAlchemyStore.__init__ = init
-    assert opened == []  # served from MLflow's store cache
-    assert warm_store("http://127.0.0.1:5000") is None  # a server's store: nothing to open ahead
-
-
 def test_a_half_finished_cycle_is_not_the_last_cycle_and_its_run_fails(tmp_path: Path) -> None:
     """A crash between registering a version and tagging it `kdpipe.cycle_complete`: the next
     retrain compares against the last complete version, and the MLflow run ends FAILED."""
