@@ -65,12 +65,12 @@ class NativeStderrFilter:
         self.real: int | None = None
 
     def start(self) -> None:
-        if os.name != "posix" or self.proc is not None:
-            return
+        if os.name != "posix" or self.proc is not None or sys.stderr is None:
+            return  # (no stderr at all, a daemon's: nothing to keep clean)
         sys.stderr.flush()
         try:
             self.real = os.dup(2)
-        except OSError:  # no stderr at all (a daemon): nothing to keep clean
+        except OSError:
             return
         read, write = os.pipe()
         # its own session: Ctrl-C stops kdpipe, not the forwarder, which prints kdpipe's last words
