@@ -289,11 +289,16 @@ def labeled_only(ds: Any, materialise: bool = False) -> Any:
     return out.materialize() if materialise else out
 
 
+def _visible(block: pa.Table) -> Any:
+    """The rows whose label the student may see (hidden labels are -1)."""
+    return pc.greater_equal(block["label"], 0)
+
+
 def _labeled_block(block: pa.Table) -> pa.Table:
-    return block.filter(pc.greater_equal(block["label"], 0))
+    return block.filter(_visible(block))
 
 
 def count_labeled(ds: Any) -> int:
     return int(sum(r["n"] for r in ds.map_batches(
-        lambda b: pa.table({"n": [pc.sum(pc.greater_equal(b["label"], 0)).as_py() or 0]}),
+        lambda b: pa.table({"n": [pc.sum(_visible(b)).as_py() or 0]}),
         batch_format="pyarrow", batch_size=None).iter_rows()))
