@@ -33,7 +33,7 @@ def main() -> dict:
     src = load_source(SourceConfig(kind="sklearn_digits", split={"labeled_fraction": 0.5}))
     tmp = Path(tempfile.mkdtemp())
     tcfg = TeacherConfig(id="t", kind="mlp_classifier", path=str(tmp / "t"), params={"hidden": [256], "epochs": 100})
-    MLPTeacher.prepare(tcfg, src)
+    MLPTeacher.prepare(tcfg, src, str(tmp))
     from kdpipe.arrays import to_numpy
 
     logits = MLPTeacher.load(tcfg).forward({"x": to_numpy(src.table["x"], np.float32)})["logits"]

@@ -77,10 +77,10 @@ def real_path(rows: int, hidden: tuple[int, ...], batch: int, epochs: int = 5) -
         "source": {"kind": "parquet", "path": str(tmp / "data"), "features": "x", "label": "label", "num_classes": 10,
                    "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 1.0}},
         "teachers.0.path": str(tmp / "teacher"), "teachers.0.params": {"hidden": list(hidden), "dropout": 0.0},
-        "teach.cache_root": str(tmp / "cache"), "teach.batch_size": 4096,
+        "storage": str(tmp), "teach.batch_size": 4096,
         "losses": [{"name": "kd", "weight": 1.0, "temperature": 4.0}], "student.params": {"hidden": [32]},
         "train.epochs": epochs, "train.batch_size": batch, "train.lr": 1e-3, "train.num_workers": 1,
-        "train.checkpoint_every": epochs, "train.storage_path": str(tmp / "ray"), "evaluate.baseline": False,
+        "train.checkpoint_every": epochs, "evaluate.baseline": False,
         "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "tracking.gates.min_gain_over_baseline": None})
     source, uri = prepare(cfg)
     res = distil(cfg, source, teach(cfg, source), uri)

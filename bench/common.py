@@ -75,7 +75,7 @@ def mean_sd(values: list[float], digits: int) -> str:
 def bench_store(work: Path, experiment: str) -> dict[str, str]:
     """Spec overrides that keep a results table's caches, checkpoints and MLflow runs under `work`
     (its runs are what the table is read back from, so a stopped table resumes)."""
-    return {"teach.cache_root": str(work / "cache"), "train.storage_path": str(work / "ray_results"),
+    return {"storage": str(work),
             "tracking.tracking_uri": f"sqlite:///{work / 'mlruns.db'}", "tracking.experiment": experiment}
 
 

@@ -30,8 +30,7 @@ PIPELINES = ["digits_fusion", "digits_aspects", "digits_selfdistill"]
 def bench_overrides(name: str, work: Path, epochs: int | None) -> dict[str, object]:
     """Keep every output of the benchmark under `work`; optionally shorten student training."""
     o: dict[str, object] = {
-        "teach.cache_root": str(work / "cache"),
-        "train.storage_path": str(work / "ray_results"),
+        "storage": str(work),
         "tracking.tracking_uri": f"sqlite:///{work / 'mlruns.db'}",
         "tracking.experiment": f"bench-{name}",
     }

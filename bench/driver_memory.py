@@ -54,7 +54,7 @@ def peak_rss(cmd: list[str], cwd: Path) -> dict[str, Any]:
 
 
 def _kdpipe(spec: str, tmp: Path, overrides: dict[str, Any]) -> list[str]:
-    o = {"teach.cache_root": str(tmp / "cache"), "train.storage_path": str(tmp / "ray_results"),
+    o = {"storage": str(tmp),
          "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "train.epochs": 1, "train.checkpoint_every": 1,
          **overrides}
     args = [sys.executable, "-m", "kdpipe.cli", "run", spec]

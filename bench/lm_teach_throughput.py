@@ -70,7 +70,7 @@ def _kdpipe(tcfg: object, text_file: Path, cache_root: Path, cpus: int) -> tuple
     cfg = parse_spec({
         "name": "bench", "source": {"kind": "text", "path": str(text_file)},
         "teachers": [tcfg.model_dump()],
-        "teach": {"concurrency": 1, "batch_size": BATCH, "num_cpus": cpus, "cache_root": str(cache_root), "verify": False},
+        "storage": str(cache_root), "teach": {"concurrency": 1, "batch_size": BATCH, "num_cpus": cpus, "verify": False},
         "student": {"kind": "causal_lm", "params": {"tokens_from": tcfg.id}}, "losses": [{"name": "lm_ce"}],
         "evaluate": {"task": "lm"}, "tracking": {"model_name": "b"},
     })

@@ -119,11 +119,11 @@ def real_path(sentences: int, batch: int, epochs: int = 4) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="kdbench-minilm-cvo-"))
     over = next(iter(STUDENTS.values()))
     cfg = load_spec(ROOT / "pipelines" / "minilm_distill.yaml", {
-        "source.limit": sentences, "teachers.0.outputs": ["embedding", "tokens"], "teach.cache_root": str(tmp / "cache"),
+        "source.limit": sentences, "teachers.0.outputs": ["embedding", "tokens"], "storage": str(tmp),
         "student.params.layers": over["layers"], "student.params.init_from_teacher": over["init_from_teacher"],
         "student.params.relations": False, "losses": [{"name": "embedding_cosine", "weight": 1.0}],
         "train.epochs": epochs, "train.batch_size": batch, "train.lr": 1e-4, "train.num_workers": 1,
-        "train.checkpoint_every": epochs, "train.storage_path": str(tmp / "ray"), "evaluate.baseline": False,
+        "train.checkpoint_every": epochs, "evaluate.baseline": False,
         "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "tracking.gates": {"metric": "test_cosine", "min_gain_over_baseline": None}})
     source, uri = prepare(cfg)
     res = distil(cfg, source, teach(cfg, source), uri)

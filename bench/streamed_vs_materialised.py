@@ -88,10 +88,10 @@ def main(rows: int = 200_000, epochs: int = 4, batch: int = 256) -> dict[str, An
         "source": {"kind": "parquet", "path": str(tmp / "data"), "features": "x", "label": "label", "num_classes": 10,
                    "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 1.0}},
         "teachers.0.path": str(tmp / "teacher"), "teachers.0.params": {"hidden": [512], "dropout": 0.0},
-        "teach.cache_root": str(tmp / "cache"), "teach.batch_size": 4096,
+        "storage": str(tmp), "teach.batch_size": 4096,
         "losses": [{"name": "kd", "weight": 1.0, "temperature": 4.0}], "student.params": {"hidden": [32]},
         "train.epochs": epochs, "train.batch_size": batch, "train.lr": 1e-3, "train.num_workers": 1,
-        "train.checkpoint_every": epochs, "train.storage_path": str(tmp / "ray"), "evaluate.baseline": False,
+        "train.checkpoint_every": epochs, "evaluate.baseline": False,
         "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}"})
     source, uri = prepare(cfg)
     caches = {tid: r.cache for tid, r in teach(cfg, source).items()}

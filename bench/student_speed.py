@@ -23,7 +23,7 @@ def main(batch: int = 512) -> dict:
     src = load_source(SourceConfig(kind="sklearn_digits", split={"labeled_fraction": 0.1}))
     tmp = Path(tempfile.mkdtemp())
     tcfg = TeacherConfig(id="t", kind="mlp_classifier", path=str(tmp / "t"), params={"hidden": [512, 512], "epochs": 300, "dropout": 0.2})
-    MLPTeacher.prepare(tcfg, src)
+    MLPTeacher.prepare(tcfg, src, str(tmp))
     teacher = MLPTeacher.load(tcfg).net
     t = src.table
     split = np.array(t["split"].to_pylist())

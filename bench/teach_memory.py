@@ -41,7 +41,7 @@ def sample():
 th = threading.Thread(target=sample, daemon=True); th.start()
 cfg = parse_spec({"name": "m", "source": {"kind": "parquet", "path": str(data), "features": "x", "label": "label"},
     "teachers": [{"id": "t", "kind": "mlp_classifier", "path": str(tmp / "t"), "outputs": ["logits", "topk"], "topk": 4}],
-    "teach": {"batch_size": 1024, "cache_root": str(tmp / "c")}, "student": {"kind": "mlp"}, "losses": [{"name": "kd"}],
+    "storage": str(tmp / "c"), "teach": {"batch_size": 1024}, "student": {"kind": "mlp"}, "losses": [{"name": "kd"}],
     "tracking": {"model_name": "m"}})
 base = me.memory_info().rss
 src = load_source(cfg.source, tmp / "q")

@@ -100,7 +100,7 @@ def _kdpipe(tmp: Path, data: Path, n: int, conc: int, ncpu: float, batch: int, t
     cfg = parse_spec({
         "name": "bench", "source": {"kind": "parquet", "path": str(data), "features": "x", "label": "label"},
         "teachers": [{"id": "big", "kind": "mlp_classifier", "path": str(tmp / "teacher"), "outputs": ["logits", "topk"], "topk": 4}],
-        "teach": {"concurrency": conc, "batch_size": batch, "num_cpus": ncpu, "cache_root": str(tmp / f"cache-{tag}"), "verify": False},
+        "storage": str(tmp / f"cache-{tag}"), "teach": {"concurrency": conc, "batch_size": batch, "num_cpus": ncpu, "verify": False},
         "student": {"kind": "mlp"}, "losses": [{"name": "kd"}], "tracking": {"model_name": "b"},
     })
     t = time.perf_counter()

@@ -25,3 +25,15 @@ def to_numpy(col: pa.ChunkedArray | pa.Array, dtype: np.dtype | type | None = No
     else:
         out = col.to_numpy(zero_copy_only=False)
     return out.astype(dtype, copy=False) if dtype is not None else out
+
+
+def id_keys(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Ids as a numpy array of fixed-width bytes: the form the sorted-id lookups compare."""
+    return np.asarray(ids.to_numpy(zero_copy_only=False)).astype("S")
+
+
+def find_sorted(keys: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each of `want`, its position in the sorted, non-empty `keys` and whether it is there
+    (a binary search each)."""
+    pos = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+    return pos, keys[pos] == want

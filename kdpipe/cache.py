@@ -1,6 +1,6 @@
 """The teacher-output cache: versioned Parquet parts + a manifest written last.
 
-Layout: ``<cache_root>/<teacher_id>/<fingerprint>/``
+Layout: ``<storage>/cache/<teacher_id>/<fingerprint>/``
   ``parts/<part>/*.parquet``  one part per teach run that added rows (incremental cache)
   ``MANIFEST.json``           teacher id, weights digest, output spec, schema, parts + checksums
   ``.staging/``               where a running teach stage writes (one dir + lock per run); never read
@@ -8,7 +8,7 @@ Layout: ``<cache_root>/<teacher_id>/<fingerprint>/``
 A cache (or a part) exists only once the manifest names it; the manifest is replaced
 atomically (write + fsync + rename), so an interrupted run leaves nothing that looks complete.
 
-A cache may also live at a URI that pyarrow's filesystems resolve (`teach.cache_root: s3://…`,
+A cache may also live at a URI that pyarrow's filesystems resolve (`storage: s3://…`,
 see `kdpipe.storage`). Object stores have neither rename nor file locks, so there a running teach
 stage writes its part straight into ``parts/<unique name>/`` — unread until the manifest names
 it — and the manifest is one object written whole. Runs are not serialised there: of two teach
@@ -32,17 +32,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kdpipe import storage
-from kdpipe.config import KdpipeError
+from kdpipe.errors import CacheCorruptError, KdpipeError
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "MANIFEST.json"
 FORMAT_VERSION = 1
-
-
-class CacheCorruptError(KdpipeError):
-    """A cache file does not match its manifest checksum, or is missing."""
 
 
 def fingerprint(identity: dict[str, Any]) -> str:
@@ -60,7 +56,7 @@ def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def cache_at(root: str | os.PathLike[str], *parts: str) -> "TeacherCache":
-    """The cache below `teach.cache_root` (a path or a URI)."""
+    """The cache below a cache root (`<storage>/cache`, a path or a URI)."""
     return TeacherCache(storage.join(root, *parts) if storage.is_remote(root) else Path(storage.local(root), *parts))
 
 

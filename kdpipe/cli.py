@@ -1,32 +1,65 @@
-"""`kdpipe run | teach | distil | eval | promote | models | submit | retrain | schedule`."""
+"""The `kdpipe` command.
+
+A spec is read and its shape checked before anything heavy is imported (`kdpipe.spec` needs only
+pydantic and YAML), so a typo is reported in a fraction of a second; the commands' own modules —
+torch, Ray, MLflow, transformers — are imported by the dispatch below, after that check. This is
+the one place in kdpipe where imports live inside functions.
+"""
 
 from __future__ import annotations
 
 import argparse
 import gc
 import sys
-from typing import Any
+from typing import Any, Callable
 
-from kdpipe.config import SpecError, load_spec, parse_override
+from kdpipe.errors import KdpipeError, SpecError
+from kdpipe.spec import PipelineConfig, parse_override, read_spec
+
+HELP_TEXT = {
+    "spec": "pipeline spec YAML, e.g. pipelines/digits_kd.yaml (data paths in it are relative to its folder)",
+    "set": "override a spec key, e.g. --set train.epochs=5 (repeatable; the value is read as YAML)",
+    "address": "Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)",
+    "tracking_uri": "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns.db)",
+}
 
 
-def _spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="pipeline spec YAML, e.g. pipelines/digits_kd.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec key, e.g. --set train.epochs=5 (repeatable)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded local Ray)")
+def _spec_args(p: argparse.ArgumentParser, address: bool = True) -> None:
+    p.add_argument("spec", help=HELP_TEXT["spec"])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=HELP_TEXT["set"])
+    if address:
+        p.add_argument("--address", default=None, help=HELP_TEXT["address"])
 
 
-def _load(args: argparse.Namespace) -> Any:
+def read(args: argparse.Namespace) -> PipelineConfig:
+    """The spec's schema and plugin names: fast, no heavy import (see the module docstring)."""
     overrides = dict(parse_override(o) for o in args.overrides)
-    return load_spec(args.spec, overrides)
+    return read_spec(args.spec, overrides)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def checked(spec: PipelineConfig, args: argparse.Namespace) -> PipelineConfig:
+    """The spec checked against the plugins (their params, what each loss reads)."""
+    from kdpipe.config import check_spec
+
+    return check_spec(spec, origin=args.spec)
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_validate(args: argparse.Namespace, spec: PipelineConfig) -> int:
+    cfg = checked(spec, args)
+    teachers = ", ".join(f"{t.id} ({t.kind})" for t in cfg.teachers)
+    losses = " + ".join(f"{l.weight:g}·{l.name}" for l in cfg.losses)
+    print(f"{args.spec}: valid. {cfg.name}: teachers {teachers} -> student {cfg.student.kind} with {losses}; "
+          f"storage {cfg.storage}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, spec: PipelineConfig) -> int:
     from kdpipe.pipeline import run
 
-    cfg = _load(args)
-    res = run(cfg, address=args.address)
+    res = run(checked(spec, args), address=args.address)
     _print_result(res)
     return 0
 
@@ -42,10 +75,10 @@ def _print_result(res: Any) -> None:
     print(res.table)
 
 
-def cmd_teach(args: argparse.Namespace) -> int:
+def cmd_teach(args: argparse.Namespace, spec: PipelineConfig) -> int:
     from kdpipe.pipeline import prepare, teach
 
-    cfg = _load(args)
+    cfg = checked(spec, args)
     source, _ = prepare(cfg, args.address)
     for tid, r in teach(cfg, source).items():
         m = r.manifest()
@@ -54,48 +87,42 @@ def cmd_teach(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_distil(args: argparse.Namespace) -> int:
+def cmd_distil(args: argparse.Namespace, spec: PipelineConfig) -> int:
     from kdpipe.pipeline import distil, locate_caches, prepare
 
-    cfg = _load(args)
+    cfg = checked(spec, args)
     source, uri = prepare(cfg, args.address)
     res = distil(cfg, source, locate_caches(cfg, source), uri)
     _print_result(res)
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def cmd_eval(args: argparse.Namespace, spec: PipelineConfig) -> int:
     from kdpipe.ops import evaluate_registered
 
-    cfg = _load(args)
-    for k, v in evaluate_registered(cfg, args.alias, args.address).items():
+    for k, v in evaluate_registered(checked(spec, args), args.alias, args.address).items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     return 0
 
 
-def cmd_promote(args: argparse.Namespace) -> int:
-    from mlflow.tracking import MlflowClient
+def cmd_promote(args: argparse.Namespace, spec: None) -> int:
+    from kdpipe.ops import promote_version
 
-    from kdpipe.model_registry import promote
-    from kdpipe.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(args.tracking_uri)
-    promote(MlflowClient(uri), args.name, args.version, args.alias)
-    print(f"{args.name}: alias '{args.alias}' -> version {args.version}")
+    print(promote_version(args.name, args.version, args.alias, args.tracking_uri, force=args.force))
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
+def cmd_models(args: argparse.Namespace, spec: None) -> int:
     from kdpipe.ops import list_models
 
     print(list_models(args.name, args.tracking_uri))
     return 0
 
 
-def cmd_retrain(args: argparse.Namespace) -> int:
+def cmd_retrain(args: argparse.Namespace, spec: PipelineConfig) -> int:
     from kdpipe.ops import retrain
 
-    res = retrain(_load(args), address=args.address, force=args.force, warm_start=args.warm_start)
+    res = retrain(checked(spec, args), address=args.address, force=args.force, warm_start=args.warm_start)
     if res.skipped:
         print(f"retrain: skipped: {res.reason}")
     else:
@@ -103,9 +130,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_schedule(args: argparse.Namespace) -> int:
+def cmd_schedule(args: argparse.Namespace, spec: PipelineConfig) -> int:
     from kdpipe.ops import build_scheduler
 
+    checked(spec, args)
     overrides = dict(parse_override(o) for o in args.overrides)
     sched = build_scheduler(args.spec, args.cron, overrides, args.address, args.warm_start, args.timezone)
     print(f"kdpipe schedule: retrain cycles of {args.spec} on '{args.cron}' ({args.timezone}); Ctrl-C stops", flush=True)
@@ -116,20 +144,22 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
+def cmd_submit(args: argparse.Namespace, spec: PipelineConfig) -> int:
     from kdpipe.ops import submit
 
-    load_spec(args.spec, dict(parse_override(o) for o in args.overrides))  # validate locally first
-    job_id, status = submit(args.spec, args.address, args.overrides, follow=not args.no_follow)
+    cfg = checked(spec, args)  # validated here, before anything is shipped
+    job_id, status = submit(args.spec, args.address, args.overrides, follow=not args.no_follow, cfg=cfg,
+                            command=args.command, verbose=args.verbose)
     print(f"job {job_id}: {status}")
     return 0 if status == "SUCCEEDED" or args.no_follow else 1
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def cmd_compare(args: argparse.Namespace, spec: PipelineConfig) -> int:
     import json
 
     from kdpipe.compare import compare
 
+    checked(spec, args)
     overrides = dict(parse_override(o) for o in args.overrides)
     table, results = compare(args.spec, args.seeds, overrides, address=args.address)
     print(table)
@@ -139,55 +169,71 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace, spec: PipelineConfig) -> int:
+    from kdpipe.cache_ops import repair_caches, verify_caches
+
+    cfg = checked(spec, args)
+    if args.action == "verify":
+        report = verify_caches(cfg)
+        print(report.text())
+        return 0 if report.ok else 1
+    print(repair_caches(cfg, address=args.address).text())
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kdpipe", description="Knowledge distillation on Ray: teach -> cache -> distil -> track.")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="debug logging, and Ray's worker output and native messages on the console")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("run", help="teach (reusing caches), distil, evaluate, register, gate and promote")
-    _spec_args(p)
-    p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("teach", help="run the teachers over the source and fill the Parquet cache")
-    _spec_args(p)
-    p.set_defaults(fn=cmd_teach)
-    p = sub.add_parser("distil", help="train the student from an existing cache, evaluate, register")
-    _spec_args(p)
-    p.set_defaults(fn=cmd_distil)
-    p = sub.add_parser("eval", help="evaluate the registered model at an alias on the held-out test split")
-    _spec_args(p)
+
+    def add(name: str, fn: Callable[..., int], help: str, spec: bool = True, address: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        if spec:
+            _spec_args(p, address)
+        p.set_defaults(fn=fn, needs_spec=spec)
+        return p
+
+    add("validate", cmd_validate, "check a spec (schema, plugins and their params) without running anything",
+        address=False)
+    add("run", cmd_run, "teach (reusing caches), distil, evaluate, register, gate and promote")
+    add("teach", cmd_teach, "run the teachers over the source and fill the Parquet cache")
+    add("distil", cmd_distil, "train the student from an existing cache, evaluate, register")
+    p = add("eval", cmd_eval, "evaluate the registered model at an alias on the held-out test split")
     p.add_argument("--alias", default=None, help="alias to evaluate (default: the spec's tracking.alias)")
-    p.set_defaults(fn=cmd_eval)
-    p = sub.add_parser("retrain", help="one idempotent retraining cycle: new rows only, challenger vs champion")
-    _spec_args(p)
+    p = add("retrain", cmd_retrain, "one retraining cycle: new rows only, challenger vs champion, one cycle at a time")
     p.add_argument("--force", action="store_true", help="train even when no new source data arrived")
     p.add_argument("--warm-start", action="store_true", help="initialise the challenger from the champion's weights")
-    p.set_defaults(fn=cmd_retrain)
-    p = sub.add_parser("schedule", help="run retrain cycles on a cron schedule in this process (APScheduler)")
-    _spec_args(p)
+    p = add("schedule", cmd_schedule, "run retrain cycles on a cron schedule in this process (APScheduler)")
     p.add_argument("--cron", required=True, help='5-field crontab expression, e.g. "0 3 * * *"')
-    p.add_argument("--timezone", default="UTC")
-    p.add_argument("--warm-start", action="store_true")
-    p.set_defaults(fn=cmd_schedule)
-    p = sub.add_parser("submit", help="submit `kdpipe run SPEC` to a Ray cluster as a Ray job and follow it")
-    p.add_argument("spec")
-    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-follow", action="store_true", help="print the job id and return")
-    p.set_defaults(fn=cmd_submit)
-    p = sub.add_parser("compare", help="a method vs its baselines over several seeds (mean ± std), logged to MLflow")
-    _spec_args(p)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--timezone", default="UTC", help="time zone of the cron expression (an IANA name, e.g. Europe/Paris)")
+    p.add_argument("--warm-start", action="store_true", help="initialise each challenger from the champion's weights")
+    p = add("submit", cmd_submit, "submit a kdpipe command for SPEC to a Ray cluster as a Ray job and follow its log",
+            address=False)
+    p.add_argument("--address", required=True, help="the cluster's Ray dashboard (Jobs API), e.g. http://127.0.0.1:8265 "
+                                                     "through a port-forward")
+    p.add_argument("--command", default="run", choices=["run", "teach", "retrain"], help="what the job runs (default: run)")
+    p.add_argument("--no-follow", action="store_true", help="print the job id and return without waiting")
+    p = add("compare", cmd_compare, "a method vs its baselines over several seeds (mean ± std), logged to MLflow")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (default: 0 1 2)")
     p.add_argument("--out", default=None, help="write the per-seed results as JSON here")
-    p.set_defaults(fn=cmd_compare)
-    p = sub.add_parser("promote", help="point an alias at a registered model version")
-    p.add_argument("name")
-    p.add_argument("version")
-    p.add_argument("--alias", default="champion")
-    p.add_argument("--tracking-uri", default=None)
-    p.set_defaults(fn=cmd_promote)
-    p = sub.add_parser("models", help="list registered versions with their metrics and aliases")
-    p.add_argument("name")
-    p.add_argument("--tracking-uri", default=None)
-    p.set_defaults(fn=cmd_models)
+    p = add("cache", cmd_cache, "check the spec's teacher caches against their checksums, or repair them")
+    p.add_argument("action", choices=["verify", "repair"],
+                   help="verify: read every part and check it; repair: drop damaged or unreferenced parts, rebuild a "
+                        "lost manifest from verified parts, and teach again only the rows they held")
+    p = add("promote", cmd_promote, "point an alias at a registered model version (refuses a version that failed its "
+                                    "gates unless --force)", spec=False)
+    p.add_argument("name", help="the registered model's name")
+    p.add_argument("version", help="the version to promote")
+    p.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
+    p.add_argument("--force", action="store_true", help="promote even a version whose gates failed")
+    p.add_argument("--tracking-uri", default=None, help=HELP_TEXT["tracking_uri"])
+    p = add("models", cmd_models, "list registered versions with their metrics, gates and aliases", spec=False)
+    p.add_argument("name", help="the registered model's name")
+    p.add_argument("--tracking-uri", default=None, help=HELP_TEXT["tracking_uri"])
     return ap
 
 
@@ -196,17 +242,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    try:
+        spec = read(args) if args.needs_spec else None  # before any heavy import: a typo costs no start-up
+    except SpecError as e:
+        print(f"kdpipe: spec error: {e}", file=sys.stderr)
+        return 2
     from kdpipe.console import configure
 
     configure(args.verbose)
     from mlflow.exceptions import MlflowException
 
-    from kdpipe.config import KdpipeError
     from kdpipe.runtime import ray_is_up, stop_local_ray
 
     started_here = not ray_is_up()
     try:
-        return int(args.fn(args) or 0)
+        return int(args.fn(args, spec) or 0)
     except SpecError as e:
         print(f"kdpipe: spec error: {e}", file=sys.stderr)
         return 2
@@ -226,17 +276,15 @@ def run_command(args: argparse.Namespace) -> int:
 def entry() -> None:
     """The `kdpipe` console command: the command with native stderr filtered (unless `-v`: Ray's
     one benign C++ ERROR line per run stays off the console, `kdpipe.stderr_filter`), then exit
-    without the interpreter's final garbage collection. After a run that collection walks every
-    object torch, Ray, MLflow and transformers created: the demo's exit took 2.97 s with it,
-    0.27 s without (`bench/exit_cost.py`), time spent freeing memory the exit frees anyway.
-    `gc.freeze()` puts them out of its reach; exit hooks still run, and Python never promised
-    `__del__` for objects alive at exit. In-process callers of `main` (tests) keep their GC and
-    their stderr."""
+    without the interpreter's final garbage collection, which after a run walks every object torch,
+    Ray, MLflow and transformers created (`bench/exit_cost.py` measures it): `gc.freeze()` puts
+    them out of its reach; exit hooks still run. In-process callers of `main` (tests) keep their
+    GC and their stderr."""
     from kdpipe.stderr_filter import NativeStderrFilter
 
     args = build_parser().parse_args()
     native = NativeStderrFilter()
-    if not args.verbose:
+    if not args.verbose and args.cmd != "validate":
         native.start()
     try:
         rc = run_command(args)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from kdpipe import storage
 from kdpipe.datasets.wordnet import LEXNAMES
 from kdpipe.lm.corpus import CorpusSplit, load_labeled_glosses, wordnet_digest
 from kdpipe.trained_once import REPORT, TrainedOnce, optimizer_step, train_once
@@ -62,7 +63,7 @@ class FinetuneRecipe(BaseModel):
     def base_dir(self) -> Path:
         from teachers.hf_encoder import resolve_model_dir
 
-        return resolve_model_dir(self.base_path, self.base_package)
+        return Path(resolve_model_dir(self.base_path, self.base_package))
 
 
 def recipe_digest(recipe: FinetuneRecipe) -> str:
@@ -75,15 +76,15 @@ def recipe_digest(recipe: FinetuneRecipe) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def finetuned_dir(recipe: FinetuneRecipe, root: str | Path = DEFAULT_ROOT) -> Path:
-    return Path(root) / f"clf-{recipe_digest(recipe)}"
+def finetuned_dir(recipe: FinetuneRecipe, root: str | Path = DEFAULT_ROOT) -> str:
+    return storage.join(storage.normalize(root), f"clf-{recipe_digest(recipe)}")
 
 
 def finetune(recipe: FinetuneRecipe, out_dir: str | Path | None = None, root: str | Path = DEFAULT_ROOT,
              num_threads: int | None = None) -> TrainedOnce:
     """The classifier of `recipe`: reused when its directory holds a finished run of the same
     digest, trained and saved atomically otherwise. `out_dir` pins the directory."""
-    path = Path(out_dir) if out_dir is not None else finetuned_dir(recipe, root)
+    path = str(out_dir) if out_dir is not None else finetuned_dir(recipe, root)
     res = train_once(path, recipe_digest(recipe), lambda: train_classifier(recipe), "fine-tuned classifier", REPORT,
                      num_threads)
     if res.trained:

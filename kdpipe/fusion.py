@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
-    from kdpipe.config import PipelineConfig
+    from kdpipe.spec import PipelineConfig
     from kdpipe.sources import SourceData
     from kdpipe.teach import TeachResult
 
@@ -261,7 +261,7 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
     """Write (or reuse) the ``fused`` teacher cache: columns ``id``, ``logits`` (fused, fp32) and
     ``weights`` (per-example fusion weights, in ``teach.fusion.teachers`` order).
 
-    Lives at ``<cache_root>/fused/<fingerprint>/``; the fingerprint covers the member caches'
+    Lives at ``<storage>/cache/fused/<fingerprint>/``; the fingerprint covers the member caches'
     fingerprints and the fusion config, so new teacher weights or settings never reuse old fusions.
     Incremental like ``teach_one``: only source rows the fused cache lacks are fused, in Ray Data
     (the member caches joined on `id`, fused block by block), staged, checked exactly-once and
@@ -280,7 +280,7 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
     if missing:
         raise KeyError(f"fusion: no cache for teacher(s) {missing}; taught: {sorted(results)}")
     fp = fused_fingerprint(cfg, results)
-    cache = cache_at(cfg.teach.cache_root, "fused", fp)
+    cache = cache_at(storage.Layout(cfg.storage).cache, "fused", fp)
     with cache.lock():
         todo = rows_missing(source, cache, max(2, cfg.teach.concurrency * 2))
         if todo.rows == 0:

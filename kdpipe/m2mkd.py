@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdpipe.config import PipelineConfig
+from kdpipe import weights
+from kdpipe.spec import PipelineConfig
 
 log = logging.getLogger("kdpipe.m2mkd")
 
@@ -135,7 +136,7 @@ def pretrain_modules(cfg: PipelineConfig, meta: Any, splits: dict[str, Any], run
 
     if tcfg.kind != "hf_encoder":
         raise ValueError(f"m2mkd splits a transformer teacher into modules; teacher '{tid}' is a {tcfg.kind}")
-    t_layers = int(json.loads((HFEncoderTeacher.model_dir(tcfg) / "config.json").read_text())["num_hidden_layers"])
+    t_layers = int(json.loads((weights.local_copy(HFEncoderTeacher.model_dir(tcfg)) / "config.json").read_text())["num_hidden_layers"])
     plan = module_plan(t_layers, len(student.layers), m.modules)
     boundaries = sorted({p["t0"] for p in plan} | {p["t1"] for p in plan})
     train, val = splits["train"], splits["val"]  # Ray Datasets

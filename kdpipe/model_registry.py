@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdpipe.config import GateConfig
+from kdpipe.errors import KdpipeError
+from kdpipe.spec import GateConfig
 
 log = logging.getLogger("kdpipe.registry")
 
@@ -44,12 +45,24 @@ class GateResult:
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def reasons(self) -> str:
-        bad = [f"{k}: {v['value']:.4f} {'<=' if v.get('strict') else '<'} {v['threshold']:.4f}"
+        bad = [f"{k}: {v['message']}" if "message" in v else
+               f"{k}: {v['value']:.4f} {'<=' if v.get('strict') else '<'} {v['threshold']:.4f}"
                for k, v in self.checks.items() if not v["passed"]]
         return "all gates passed" if not bad else "; ".join(bad)
 
+    def fail(self, name: str, message: str) -> None:
+        """A check that is not a threshold (the champion cannot be compared; the alias moved meanwhile)."""
+        self.checks[name] = {"passed": False, "message": message}
+        self.passed = False
 
-def evaluate_gates(metrics: dict[str, float], gates: GateConfig, baseline: float | None, champion: float | None) -> GateResult:
+
+def evaluate_gates(metrics: dict[str, float], gates: GateConfig, baseline: float | None, champion: float | None,
+                   champion_blocked: str | None = None) -> GateResult:
+    """Every gate of the spec; a champion that cannot be compared on these rows (`champion_blocked`
+    says why) fails the champion gate rather than being skipped."""
+    if gates.metric not in metrics:
+        raise KdpipeError(f"tracking.gates.metric '{gates.metric}' was not measured; this run measured "
+                          f"{sorted(k for k in metrics if k.startswith('test_'))}")
     value = metrics[gates.metric]
     checks: dict[str, dict[str, Any]] = {}
 
@@ -63,7 +76,31 @@ def evaluate_gates(metrics: dict[str, float], gates: GateConfig, baseline: float
         add("over_baseline", baseline + gates.min_gain_over_baseline)
     if champion is not None:  # a tie keeps the champion: the alias moves only for a real win
         add("over_champion", champion + gates.min_gain_over_champion, strict=True)
-    return GateResult(all(c["passed"] for c in checks.values()), checks)
+    result = GateResult(all(c["passed"] for c in checks.values()), checks)
+    if champion_blocked:
+        result.fail("over_champion", champion_blocked)
+    return result
+
+
+def comparable(champion: Any, id_scheme: str, split: dict[str, Any]) -> str | None:
+    """Why the champion cannot be scored on this run's test rows, or None when it can: a split is a
+    function of the row id, so the champion never trained on this run's test rows only when both
+    made their ids the same way and split them with the same settings."""
+    import json
+
+    tags = champion.tags or {}
+    theirs_ids, theirs_split = tags.get("kdpipe.id_scheme"), tags.get("kdpipe.split")
+    if theirs_ids is None or theirs_split is None:
+        return (f"champion v{champion.version} records no id scheme or split (registered by an older kdpipe), so "
+                "this run's test rows may include rows it trained on; compare by hand and move the alias with "
+                "`kdpipe promote --force`")
+    mine = json.dumps(split, sort_keys=True)
+    if theirs_ids != id_scheme or json.loads(theirs_split) != json.loads(mine):
+        return (f"champion v{champion.version} was trained with ids '{theirs_ids}' and split {theirs_split}, this run "
+                f"with ids '{id_scheme}' and split {mine}: its training rows may be among this run's test rows, so "
+                "it is not scored on them (set source.id_column to keep ids stable across formats; promote by hand "
+                "with `kdpipe promote --force` after comparing)")
+    return None
 
 
 def log_and_register(run_id: str, student: nn.Module, example: dict[str, np.ndarray], model_name: str,
@@ -230,6 +267,32 @@ def promote(client: Any, name: str, version: str, alias: str) -> None:
     log.info("model %s: alias '%s' -> version %s", name, alias, version)
 
 
+def promote_if_unchanged(client: Any, name: str, version: str, alias: str, expected: str | None) -> str | None:
+    """Move `alias` to `version` only if it still points at `expected` (the champion the gates
+    compared against; None: no champion). MLflow has no compare-and-set: the alias is re-read just
+    before it is set, and cycles of one model are serialised by `kdpipe.cycle_lock`, so only a manual
+    `kdpipe promote` can slip between. Returns why it was not moved, or None."""
+    current = alias_version(client, name, alias)
+    now = str(current.version) if current is not None else None
+    if now != (str(expected) if expected is not None else None):
+        return (f"the alias '{alias}' moved to version {now} while this run compared against "
+                f"{'version ' + str(expected) if expected else 'no champion'}; run again to compare with it")
+    promote(client, name, version, alias)
+    return None
+
+
+def check_promotable(version: Any, force: bool) -> None:
+    """A version whose gates failed is promoted only with `force`."""
+    tags = version.tags or {}
+    if tags.get("kdpipe.gates_passed") == "False" and not force:
+        raise KdpipeError(f"{version.name} version {version.version} failed its gates "
+                          f"({tags.get('kdpipe.gate_reasons') or tags.get('kdpipe.gates', '?')}); pass --force to "
+                          "promote it anyway")
+    if tags.get("kdpipe.cycle_complete") != "true" and tags.get("kdpipe.flavor") and not force:
+        raise KdpipeError(f"{version.name} version {version.version} comes from a cycle that did not finish; pass "
+                          "--force to promote it anyway")
+
+
 class ServedStudent(nn.Module):
     """A registered Hugging Face model behind the student interface, so the champion is
     evaluated by the same evaluator, on the same rows, as the challenger."""
@@ -253,7 +316,7 @@ def load_served(version: Any) -> nn.Module:
     from mlflow.models import Model
     from safetensors.torch import load_file
 
-    from kdpipe.config import KdpipeError
+    from kdpipe.errors import KdpipeError
     from kdpipe.train import StudentMeta, build_student
 
     tags = version.tags or {}

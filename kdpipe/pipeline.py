@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 
 from kdpipe import storage
-from kdpipe.config import KdpipeError, PipelineConfig
+from kdpipe.errors import KdpipeError
+from kdpipe.spec import PipelineConfig
 from kdpipe.sources import SourceData, load_source
 from kdpipe.teach import TeachResult
 
@@ -42,12 +43,14 @@ class Scores:
     rows: dict[str, Any] = field(default_factory=dict)
     baseline: float | None = None
     champion: float | None = None
+    champion_version: str | None = None  # the alias's version when the run read it (what the gates compared)
+    champion_blocked: str | None = None  # why the champion could not be scored on these rows
     arrays: dict[str, dict[str, Any]] = field(default_factory=dict)  # figure data by metric prefix
 
 
 def quarantine_dir(cfg: PipelineConfig) -> str:
-    """Bad rows are kept beside the caches (a bucket too, when `teach.cache_root` is a URI)."""
-    return storage.join(storage.parent(storage.normalize(cfg.teach.cache_root)), "quarantine")
+    """Bad rows are kept under the storage root (a bucket too, when `storage:` is a URI)."""
+    return storage.Layout(cfg.storage).quarantine
 
 
 # ------------------------------------------------------------------ prepare and teach
@@ -55,15 +58,16 @@ def quarantine_dir(cfg: PipelineConfig) -> str:
 
 def prepare(cfg: PipelineConfig, address: str | None = None) -> tuple[SourceData, str]:
     """Everything that can fail fast happens before Ray starts: tracking reachable, data valid."""
-    from kdpipe.runtime import init_ray
+    from kdpipe.runtime import check_storage, init_ray
     from kdpipe.tracking import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_reachable(uri)
-    source = load_source(cfg.source, quarantine_dir(cfg))
+    source = load_source(cfg.source, quarantine_dir(cfg), storage.Layout(cfg.storage).index)
     if source.bad_rows:
         log.warning("%d bad input rows skipped; quarantined to %s", source.bad_rows, source.quarantine_path)
     init_ray(address)
+    check_storage(cfg.storage)  # every node reaches the storage root, or nothing is taught or trained
     return source, uri
 
 
@@ -87,7 +91,9 @@ def check_vocabularies(cfg: PipelineConfig) -> None:
         from kdpipe.lm.corpus import default_tokenizer
 
         student_tok = default_tokenizer()
-    names = [l.name for l in cfg.losses]
+    from kdpipe.losses import vocabulary_bound
+
+    names = vocabulary_bound([{"name": l.name, **l.params()} for l in cfg.losses])
     for t in cfg.teachers:
         if t.kind == "hf_causal_lm":
             try:
@@ -104,8 +110,9 @@ def locate_caches(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachRes
 
     out: dict[str, TeachResult] = {}
     for t in cfg.teachers:
+        t = TEACHERS.get(t.kind).resolve(t, source, cfg.storage)
         fp = teacher_fingerprint(t, TEACHERS.get(t.kind).weights_digest(t))
-        cache = cache_at(cfg.teach.cache_root, t.id, fp)
+        cache = cache_at(storage.Layout(cfg.storage).cache, t.id, fp)
         if not cache.is_complete():
             raise KdpipeError(f"no complete cache for teacher '{t.id}' at {cache.dir}; run `kdpipe teach SPEC` first")
         out[t.id] = TeachResult(t.id, cache, fp, 0, True)
@@ -215,6 +222,7 @@ def train_students(cfg: PipelineConfig, meta: Any, views: Any, run: Any, init_st
                         ev.baseline_losses, ev.baseline_epochs or cfg.train.epochs, prefix="baseline_"))
     return fit(name=cfg.name, datasets=datasets, jobs=jobs, meta=meta, student_kind=cfg.student.kind,
                train_cfg=cfg.train, seed=cfg.seed, tracking_uri=run.uri, run_id=run.run_id,
+               storage_path=storage.Layout(cfg.storage).ray_results,
                fail_at_epoch=fail_at_epoch)
 
 
@@ -232,14 +240,22 @@ def contenders(cfg: PipelineConfig, meta: Any, run: Any, fits: dict[str, Any]) -
     if "baseline" in fits:
         factories["baseline_test_"] = StudentFactory(cfg.student.kind, baseline_params(cfg), meta, fits["baseline"].state)
     champ_v = reg.alias_version(run.client, cfg.tracking.model_name, cfg.tracking.alias)
-    if champ_v is not None:
+    if champ_v is not None and reg.comparable(champ_v, id_scheme(cfg), cfg.source.split.id_settings()) is None:
         factories["champion_test_"] = reg.RegisteredFactory(run.uri, champ_v.name, str(champ_v.version))
     return factories, champ_v
+
+
+def id_scheme(cfg: PipelineConfig) -> str:
+    """How this run's row ids are made: a content hash depends on how the values were read (a CSV
+    cell's text and a Parquet float may differ), so the source format is part of it; an id column is not."""
+    scheme = cfg.source.id_scheme()
+    return scheme if cfg.source.id_column else f"{scheme}({cfg.source.kind})"
 
 
 def score(cfg: PipelineConfig, meta: Any, views: Any, taught: dict[str, TeachResult], factories: dict[str, Any],
           champ_v: Any) -> Scores:
     """Every contender and every cached teacher on the test view, in one `map_batches` pass."""
+    from kdpipe import model_registry as reg
     from kdpipe.evaluate import evaluate_models, teacher_prefix
 
     gate_metric = cfg.tracking.gates.metric
@@ -261,9 +277,14 @@ def score(cfg: PipelineConfig, meta: Any, views: Any, taught: dict[str, TeachRes
     for k in [m for m in s.metrics if m.startswith("test_acc_exit")]:
         s.rows[f"student exit {k.removeprefix('test_acc_exit')}"] = s.metrics[k]
     if champ_v is not None:
-        s.champion = s.metrics.get("champion_" + gate_metric)
+        s.champion_version = str(champ_v.version)
+        s.champion_blocked = reg.comparable(champ_v, id_scheme(cfg), cfg.source.split.id_settings())
         s.metrics["champion_version"] = float(champ_v.version)
-        s.rows[f"champion v{champ_v.version}"] = s.champion
+        if s.champion_blocked is None:
+            s.champion = s.metrics.get("champion_" + gate_metric)
+            s.rows[f"champion v{champ_v.version}"] = s.champion
+        else:
+            log.warning("not scoring champion v%s: %s", champ_v.version, s.champion_blocked)
     return s
 
 
@@ -302,29 +323,43 @@ def describe(cfg: PipelineConfig, run: Any, version: Any, gate: Any, table: str)
                  f"```\n{table}\n```\n")
 
 
-def ship(cfg: PipelineConfig, meta: Any, views: Any, run: Any, student: Any, scores: Scores) -> tuple[Any, Any]:
-    """Register the student with its lineage, promote the alias only past the gates, then mark the
-    cycle complete (a version without that tag came from a cycle that crashed half-way)."""
+def ship(cfg: PipelineConfig, meta: Any, views: Any, run: Any, student: Any, scores: Scores,
+         lock: Any = None) -> tuple[Any, Any]:
+    """Register the student with its lineage, promote the alias only past the gates (and only if
+    the alias still points where this run read it, and the cycle still holds its lock), then mark
+    the cycle complete (a version without that tag came from a cycle that crashed half-way)."""
     from kdpipe import model_registry as reg
     from kdpipe.evaluate import serving_example
     from kdpipe.train import build_student
 
     gate_metric = cfg.tracking.gates.metric
-    gate = reg.evaluate_gates(scores.metrics, cfg.tracking.gates, scores.baseline, scores.champion)
+    gate = reg.evaluate_gates(scores.metrics, cfg.tracking.gates, scores.baseline, scores.champion,
+                              scores.champion_blocked)
     reg.log_student_state(run.client, run.run_id, student.state)
     model = build_student(cfg.student.kind, cfg.student.params, meta)
     model.load_state_dict(student.state)
     tags = {**run.lineage, "kdpipe.run_id": run.run_id, "kdpipe.gates": json.dumps(gate.checks),
             "kdpipe.gates_passed": str(gate.passed), f"metric.{gate_metric}": repr(float(scores.metrics[gate_metric])),
             "kdpipe.serving_inputs": json.dumps(list(getattr(model, "serving_inputs", ["x"]))),
-            "kdpipe.serving_output": getattr(model, "serving_output", "logits")}
+            "kdpipe.serving_output": getattr(model, "serving_output", "logits"),
+            "kdpipe.id_scheme": id_scheme(cfg), "kdpipe.split": json.dumps(cfg.source.split.id_settings(), sort_keys=True),
+            "kdpipe.gate_reasons": gate.reasons()}
     spec = {"kind": cfg.student.kind, "params": cfg.student.params, "meta": meta.as_dict()}
     version = reg.log_and_register(run.run_id, model, serving_example(model, views.test), cfg.tracking.model_name, tags,
                                    spec)
     if getattr(model, "exit_depths", None) and hasattr(model, "save_hf"):
         reg.log_exit_models(run.client, run.run_id, model)
+    if gate.passed and lock is not None and not lock.still_held():
+        gate.fail("cycle_lock", f"another cycle took over this cycle's lock ({lock.holder}); the alias is left to it")
     if gate.passed:
-        reg.promote(run.client, cfg.tracking.model_name, version.version, cfg.tracking.alias)
+        moved = reg.promote_if_unchanged(run.client, cfg.tracking.model_name, str(version.version), cfg.tracking.alias,
+                                         scores.champion_version)
+        if moved:
+            gate.fail("alias_unchanged", moved)
+    if not gate.passed:
+        run.client.set_model_version_tag(cfg.tracking.model_name, str(version.version), "kdpipe.gates_passed", "False")
+        run.client.set_model_version_tag(cfg.tracking.model_name, str(version.version), "kdpipe.gate_reasons",
+                                         gate.reasons())
     run.client.set_model_version_tag(cfg.tracking.model_name, str(version.version), "kdpipe.cycle_complete", "true")
     run.set_tags({"kdpipe.promoted": str(gate.passed), "kdpipe.gate_reasons": gate.reasons()})
     return version, gate
@@ -332,7 +367,7 @@ def ship(cfg: PipelineConfig, meta: Any, views: Any, run: Any, student: Any, sco
 
 def distil(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult], uri: str,
            fail_at_epoch: int | None = None, init_state: dict[str, Any] | None = None,
-           extra_tags: dict[str, str] | None = None) -> RunResult:
+           extra_tags: dict[str, str] | None = None, lock: Any = None) -> RunResult:
     """One MLflow run: views -> student (+ twin) -> scores (with the champion) -> ship."""
     from kdpipe.evaluate import results_table
     from kdpipe.views import build_views
@@ -347,7 +382,7 @@ def distil(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResul
         scores = score(cfg, meta, views, taught, *contenders(cfg, meta, run, fits))
         run.log_metrics(scores.metrics)
         log_figures(cfg, run, fits, scores)
-        version, gate = ship(cfg, meta, views, run, fits["student"], scores)
+        version, gate = ship(cfg, meta, views, run, fits["student"], scores, lock)
         table = results_table(scores.rows, cfg.tracking.gates.metric)
         describe(cfg, run, version, gate, table)
     return RunResult(run.run_id, uri, scores.metrics, cfg.tracking.model_name, str(version.version), gate.passed,

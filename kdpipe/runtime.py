@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import uuid
 from typing import Any
+
+from kdpipe.errors import StorageError
 
 log = logging.getLogger("kdpipe")
 
@@ -35,6 +38,76 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
         # for every `read_parquet`: ~1 s per read of a 33 KB file on 2 CPUs, paid by every cache
         # and index read; the V1 reader ~0.1 s (`python bench/platform_costs.py`).
         ctx.use_datasource_v2 = False
+
+
+def check_storage(root: str) -> None:
+    """Refuse, before anything runs, a storage root that this Ray cluster's nodes cannot all use:
+    a path inside a Ray job's working directory (deleted with the job, and another folder on every
+    node), or, on a multi-node cluster, a root that some node cannot read and write (a node-local
+    path; a bucket a node has no credentials for) — checked by a probe task on every node."""
+    import ray
+
+    from kdpipe import storage
+
+    if not storage.is_remote(root) and _inside_job_folder(storage.local(root)):
+        raise StorageError(f"storage: '{root}' is inside this Ray job's working directory, which Ray deletes when the job "
+                           "ends (and which is another folder on every node): every cache and trained teacher would be "
+                           "lost. Set `storage:` to a URI every node reaches (s3://bucket/kdpipe, gs://…) or a shared "
+                           "filesystem path (an NFS mount or a PVC mounted on every node)")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    token = uuid.uuid4().hex[:12]
+    probe_dir = storage.join(root, ".probe")
+    storage.write_text(storage.join(probe_dir, f"{token}.driver"), token)
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        task = ray.remote(num_cpus=0, max_retries=0)(_probe)
+        refs = {n["NodeManagerAddress"] + " (" + n["NodeID"][:8] + ")": task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False), name="kdpipe-storage-probe",
+        ).remote(probe_dir, token, n["NodeID"][:8]) for n in nodes}
+        bad = {node: why for node, why in zip(refs, ray.get(list(refs.values()), timeout=300)) if why}
+    finally:
+        for f in storage.files_under(probe_dir, (".driver", ".node")):
+            if token in f:
+                storage.delete_file(f)
+    if bad:
+        detail = "; ".join(f"{node}: {why}" for node, why in bad.items())
+        raise StorageError(f"storage: '{root}' is not shared by every node of this cluster ({detail}). Set `storage:` "
+                           "to a URI every node reaches (s3://bucket/kdpipe, gs://…) with its credentials on every "
+                           "node, or to a filesystem mounted at the same path on every node")
+
+
+def _inside_job_folder(path: str) -> bool:
+    """Whether `path` lies in the unpacked working_dir of the Ray job this driver runs in."""
+    import ray
+
+    try:
+        env = ray.get_runtime_context().runtime_env
+        working_dir = env.get("working_dir") if env else None
+    except Exception:  # noqa: BLE001 - not in a job
+        return False
+    if not working_dir:
+        return False
+    cwd = os.path.realpath(os.getcwd())
+    return os.path.realpath(path) == cwd or os.path.realpath(path).startswith(cwd + os.sep)
+
+
+def _probe(probe_dir: str, token: str, node: str) -> str:
+    """On one node: read the driver's marker and write one of its own; '' when both work, else why not."""
+    from kdpipe import storage
+
+    try:
+        if storage.read_text(storage.join(probe_dir, f"{token}.driver")) != token:
+            return "it reads another file at that location"
+    except (FileNotFoundError, OSError) as e:
+        return f"it cannot read what the driver wrote there ({type(e).__name__}: {e})"
+    try:
+        storage.write_text(storage.join(probe_dir, f"{token}-{node}.node"), token)
+    except OSError as e:
+        return f"it cannot write there ({type(e).__name__}: {e})"
+    return ""
 
 
 def ray_is_up() -> bool:

@@ -32,7 +32,8 @@ import pyarrow.compute as pc
 
 from kdpipe import storage
 from kdpipe.arrays import to_fixed_list
-from kdpipe.config import KdpipeError, SourceConfig
+from kdpipe.errors import KdpipeError
+from kdpipe.spec import SourceConfig
 
 CHUNK_ROWS = 8192  # rows per read chunk: bounds reader memory, big enough to vectorise checks
 

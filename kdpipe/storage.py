@@ -21,7 +21,9 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from kdpipe.config import KdpipeError
+from kdpipe.errors import KdpipeError, StorageError
+
+__all__ = ["KdpipeError", "StorageError", "Layout"]
 
 
 def is_remote(loc: str | os.PathLike[str]) -> bool:
@@ -180,6 +182,25 @@ def upload(local_path: str | os.PathLike[str], loc: str) -> None:
     pafs.copy_files(str(local_path), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+def upload_copy(local_path: str | os.PathLike[str], loc: str) -> None:
+    """Copy a local file to `loc` (the local file stays)."""
+    if not is_remote(loc):
+        Path(local(loc)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(str(local_path), local(loc))
+        return
+    fs, path = resolve(loc)
+    pafs.copy_files(str(local_path), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def delete_file(loc: str) -> None:
+    """Remove one file; a missing one is fine."""
+    fs, path = resolve(loc)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def delete_dir(loc: str) -> None:
     """Remove a directory and what it holds; a missing one is fine."""
     fs, path = resolve(loc)
@@ -192,3 +213,36 @@ def delete_dir(loc: str) -> None:
 def display(loc: str | os.PathLike[str]) -> str:
     """A location as a user reads it (and as MLflow records a dataset's source)."""
     return str(loc) if is_remote(loc) else local(loc)
+
+
+class Layout:
+    """Where each kind of artefact lives under the storage root (a path or a URI)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = normalize(root)
+
+    @property
+    def cache(self) -> str:
+        """Teacher-output caches: `<cache>/<teacher>/<fingerprint>/`."""
+        return join(self.root, "cache")
+
+    @property
+    def teachers(self) -> str:
+        """Teachers kdpipe trains itself, by kind and digest."""
+        return join(self.root, "teachers")
+
+    @property
+    def ray_results(self) -> str:
+        """Ray Train's `storage_path`: run folders and checkpoints."""
+        return join(self.root, "ray_results")
+
+    @property
+    def index(self) -> str:
+        return join(self.root, "index")
+
+    @property
+    def quarantine(self) -> str:
+        return join(self.root, "quarantine")
+
+    def __repr__(self) -> str:
+        return f"Layout({self.root!r})"

@@ -11,9 +11,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from kdpipe import storage
 from kdpipe.arrays import to_fixed_list
 from kdpipe.cache import TeacherCache, cache_at, fingerprint
-from kdpipe.config import KdpipeError, PipelineConfig, TeacherConfig
+from kdpipe.errors import KdpipeError
+from kdpipe.spec import PipelineConfig, TeacherConfig
 from kdpipe.progress import TeachProgress
 from kdpipe.sources import SourceData
 from kdpipe.todo import check_staged, rows_missing
@@ -100,11 +102,13 @@ def token_topk_columns(out: dict[str, np.ndarray], vocab: int | None) -> dict[st
 class TeacherActor:
     """Callable class for `map_batches`: loads the teacher once per actor, then maps Arrow batches."""
 
-    def __init__(self, teacher_cfg: dict[str, Any], device: str = "cpu") -> None:
-        from kdpipe.config import TeacherConfig
+    def __init__(self, teacher_cfg: dict[str, Any], device: str = "cpu", digest: str | None = None) -> None:
+        from kdpipe import weights
         from teachers import TEACHERS
 
         self.cfg = TeacherConfig.model_validate(teacher_cfg)
+        if self.cfg.path and storage.is_remote(self.cfg.path):  # one download per node, shared by its actors
+            self.cfg = self.cfg.model_copy(update={"path": str(weights.local_copy(self.cfg.path, digest))})
         self.teacher = TEACHERS.get(self.cfg.kind).load(self.cfg, device=device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -158,10 +162,10 @@ def teach_one(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData) -> T
     if cls.input_kind != source.input_kind:
         raise KdpipeError(f"teacher '{tcfg.id}' ({tcfg.kind}) reads {cls.input_kind} inputs but the source gives "
                           f"{source.input_kind}; set source.{'features' if cls.input_kind == 'features' else 'text'}: <column>")
-    cls.prepare(tcfg, source)
+    tcfg = cls.prepare(tcfg, source, cfg.storage)
     digest = cls.weights_digest(tcfg)
     fp = teacher_fingerprint(tcfg, digest)
-    cache = cache_at(cfg.teach.cache_root, tcfg.id, fp)
+    cache = cache_at(storage.Layout(cfg.storage).cache, tcfg.id, fp)
     with cache.lock():
         return _teach_missing(cfg, tcfg, source, cache, fp, digest)
 
@@ -180,7 +184,7 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
               "output_spec": {"outputs": tcfg.outputs, "topk": tcfg.topk, "format": OUTPUT_FORMAT},
               "params": tcfg.params, "path": tcfg.path}
     with cache.staging() as staging:
-        ds = teach_dataset(cfg.teach, tcfg, source, todo.index)
+        ds = teach_dataset(cfg.teach, tcfg, source, todo.index, digest)
         try:
             with TeachProgress(f"teacher {tcfg.id}", staging, todo.rows):
                 ds.write_parquet(str(staging), **TEACHERS.get(tcfg.kind).parquet_options)
@@ -201,7 +205,8 @@ def read_blocks(t: Any, source: SourceData) -> int:
     return max(t.concurrency * 2, math.ceil(source.num_rows / (4 * t.batch_size)) if source.seekable else 0)
 
 
-def teach_dataset(t: Any, tcfg: TeacherConfig, source: SourceData, index: Any | None = None) -> Any:
+def teach_dataset(t: Any, tcfg: TeacherConfig, source: SourceData, index: Any | None = None,
+                  digest: str | None = None) -> Any:
     """The lazy Ray Dataset of the teacher's outputs for the index rows `index` (a Ray Dataset,
     default every source row): inputs read by position, then the teacher's actor pool
     (`teach.concurrency` actors, each with `teach.num_cpus` / `teach.num_gpus`)."""
@@ -219,7 +224,8 @@ def teach_dataset(t: Any, tcfg: TeacherConfig, source: SourceData, index: Any | 
                     "Leave a CPU free: lower teach.num_cpus or teach.concurrency", t.concurrency, t.num_cpus, total)
     return source.dataset(index, read_blocks(t, source), **read).map_batches(
         TeacherActor,
-        fn_constructor_kwargs={"teacher_cfg": tcfg.model_dump(), "device": "cuda" if t.num_gpus > 0 else "cpu"},
+        fn_constructor_kwargs={"teacher_cfg": tcfg.model_dump(), "device": "cuda" if t.num_gpus > 0 else "cpu",
+                               "digest": digest},
         batch_size=t.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=t.concurrency),

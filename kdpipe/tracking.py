@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kdpipe.config import KdpipeError
+from kdpipe.errors import KdpipeError
 
 log = logging.getLogger("kdpipe.tracking")
 
@@ -101,8 +101,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def git_commit() -> str:
+    """The commit of the code that runs: `$KDPIPE_GIT_COMMIT` when set (a Ray job's folder has no
+    .git; `kdpipe submit` sets it where the user submits), else `git rev-parse` of this checkout."""
     import subprocess
 
+    if os.environ.get("KDPIPE_GIT_COMMIT"):
+        return os.environ["KDPIPE_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                               cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"

@@ -513,6 +513,7 @@ def fit(
     seed: int,
     tracking_uri: str,
     run_id: str,
+    storage_path: str,
     fail_at_epoch: int | None = None,
 ) -> dict[str, FitResult]:
     """Train every job's student, in order, in one `TorchTrainer` run over the Ray Datasets
@@ -544,7 +545,7 @@ def fit(
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
             name=f"{name}-{uuid.uuid4().hex[:8]}",
-            storage_path=storage_uri(train_cfg.storage_path),
+            storage_path=storage_uri(storage_path),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kdpipe import storage
+from kdpipe.arrays import find_sorted, id_keys
 from kdpipe.cache import TeacherCache
-from kdpipe.config import KdpipeError
+from kdpipe.errors import KdpipeError
 from kdpipe.sources import SourceData
 
 log = logging.getLogger("kdpipe.views")
@@ -173,22 +174,6 @@ class LookupJoin:
             for name in rows.column_names:
                 block = block.append_column(name, rows[name])
         return block if self.then is None else self.then(block)
-
-
-def id_keys(ids: pa.Array | pa.ChunkedArray) -> Any:
-    """Ids as a numpy array of fixed-width bytes: the form the sorted-id lookups compare."""
-    import numpy as np
-
-    return np.asarray(ids.to_numpy(zero_copy_only=False)).astype("S")
-
-
-def find_sorted(keys: Any, want: Any) -> tuple[Any, Any]:
-    """For each of `want`, its position in the sorted, non-empty `keys` and whether it is there
-    (a binary search each)."""
-    import numpy as np
-
-    pos = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
-    return pos, keys[pos] == want
 
 
 def build_views(source: SourceData, caches: dict[str, TeacherCache], verify: bool = True,

@@ -49,7 +49,7 @@ def overrides(tmp: Path, **extra) -> dict:
 
     if not torch.cuda.is_available():  # --smoke on a CPU machine: same code path, CPU settings
         extra = {**extra, "teach.num_gpus": 0, "train.use_gpu": False}
-    return {"teach.cache_root": str(tmp / "cache"), "train.storage_path": str(tmp / "ray"),
+    return {"storage": str(tmp),
             "teachers.0.params.pretrain_root": str(tmp / "teachers"),
             "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", **extra, **SMOKE}
 
@@ -87,7 +87,7 @@ def teach_cache(tmp: Path, name: str, rows: int, gpu: bool) -> tuple[float, Path
     from kdpipe.config import load_spec
     from kdpipe.pipeline import prepare, teach
 
-    extra = {"source.limit": rows, "teach.cache_root": str(tmp / f"cache-{name}"), "teach.batch_size": 256}
+    extra = {"source.limit": rows, "storage": str(tmp / f"cache-{name}"), "teach.batch_size": 256}
     extra.update({"teach.num_gpus": 1, "teach.concurrency": 1} if gpu else
                  {"teach.num_gpus": 0, "teach.concurrency": max(1, ((os.cpu_count() or 2) - 2) // 4),
                   "teach.num_cpus": max(1, min(4, (os.cpu_count() or 2) - 1))})  # 2 CPUs spare for Ray Data

@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from kdpipe import weights
 from students import STUDENTS
 
 
@@ -65,7 +66,7 @@ class CausalLMParams(BaseModel):
 def load_teacher_config(teacher_path: str) -> Any:
     from transformers import AutoConfig
 
-    d = Path(teacher_path)
+    d = weights.local_copy(teacher_path)  # fetched once per node when remote
     if not (d / "config.json").is_file():
         raise ValueError(f"student.params.teacher_path '{d}' is not a Hugging Face model directory (no config.json); "
                          "the teacher must exist before the student is built (kdpipe teach trains a pretrained one)")
@@ -79,7 +80,7 @@ def load_tokenizer(teacher_path: str | None) -> Any:
 
     if teacher_path is None:
         return default_tokenizer()
-    return AutoTokenizer.from_pretrained(Path(teacher_path), local_files_only=True)
+    return AutoTokenizer.from_pretrained(weights.local_copy(teacher_path), local_files_only=True)
 
 
 def student_config(p: CausalLMParams, tokenizer: Any) -> Any:
@@ -159,7 +160,7 @@ class CausalLMStudent(nn.Module):
     def _init_from_teacher(self, path: str, layers: list[int] | None, embeddings: bool) -> None:
         from transformers import AutoModelForCausalLM
 
-        teacher = AutoModelForCausalLM.from_pretrained(Path(path), local_files_only=True, dtype=torch.float32)
+        teacher = AutoModelForCausalLM.from_pretrained(weights.local_copy(str(path)), local_files_only=True, dtype=torch.float32)
         s_cfg, t_cfg = self.hf_model.config, teacher.config
         with torch.no_grad():
             if layers is not None:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from kdpipe import weights
 from students import STUDENTS
 
 
@@ -34,7 +35,7 @@ def teacher_dir(teacher_path: str | None, teacher_package: str | None) -> Path:
     """The teacher's Hugging Face directory (`teacher_path`, else the package's model), which must exist."""
     from teachers.hf_encoder import resolve_model_dir
 
-    d = resolve_model_dir(teacher_path, teacher_package)
+    d = weights.local_copy(resolve_model_dir(teacher_path, teacher_package))  # fetched once per node when remote
     if not (d / "config.json").is_file():
         raise ValueError(f"teacher model directory '{d}' has no config.json (student.params.teacher_path / "
                          "teacher_package); the teacher must exist before its student is built (`kdpipe teach SPEC` "

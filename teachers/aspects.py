@@ -25,7 +25,7 @@ from teachers.base import Teacher
 from teachers.mlp import MLPParams, MLPTeacher
 
 if TYPE_CHECKING:
-    from kdpipe.config import TeacherConfig
+    from kdpipe.spec import TeacherConfig
     from kdpipe.sources import SourceData
 
 
@@ -104,17 +104,12 @@ class ClassAspectTeacher(Teacher):
 
     @classmethod
     def _classifier_cfg(cls, cfg: "TeacherConfig") -> "TeacherConfig":
-        from kdpipe.config import TeacherConfig
+        from kdpipe.spec import TeacherConfig
 
         return TeacherConfig(id=cfg.id, kind="mlp_classifier", path=cfg.path, params=dict(cfg.params.get("classifier") or {}))
 
     @classmethod
-    def check_config(cls, cfg: "TeacherConfig") -> None:
-        if not cfg.path:
-            raise ValueError("class_aspects needs `path:` (the classifier's weights directory; trained there when missing)")
-
-    @classmethod
-    def prepare(cls, cfg: "TeacherConfig", source: "SourceData") -> None:
+    def prepare(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
         p = AspectTeacherParams(**cfg.params)
         if source.num_classes:  # check the questions before spending time on the classifier
             for a in p.aspects:
@@ -122,7 +117,12 @@ class ClassAspectTeacher(Teacher):
                 if bad or len(a.classes) >= source.num_classes:
                     raise ValueError(f"teacher '{cfg.id}': aspect '{a.name}' needs classes in [0, {source.num_classes}) "
                                      f"and must leave some class out (got {a.classes})")
-        MLPTeacher.prepare(cls._classifier_cfg(cfg), source)
+        clf = MLPTeacher.prepare(cls._classifier_cfg(cfg), source, storage_root)
+        return cfg.model_copy(update={"path": clf.path})
+
+    @classmethod
+    def resolve(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
+        return cfg.model_copy(update={"path": MLPTeacher.resolve(cls._classifier_cfg(cfg), source, storage_root).path})
 
     @classmethod
     def load(cls, cfg: "TeacherConfig", device: str = "cpu") -> "ClassAspectTeacher":

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel
 
+from kdpipe import weights
+from kdpipe.weights import WEIGHT_PATTERNS
+
 if TYPE_CHECKING:
-    from kdpipe.config import TeacherConfig
+    from kdpipe.spec import TeacherConfig
     from kdpipe.sources import SourceData
 
 
@@ -24,6 +26,7 @@ class Teacher:
 
     Params: ClassVar[type[BaseModel]]
     input_kind: ClassVar[str] = "features"
+    supported_outputs: ClassVar[set[str] | None] = None  # the spec `outputs:` this kind can produce (None: not declared)
     parquet_options: ClassVar[dict[str, Any]] = {}  # extra pyarrow Parquet writer options for its cache parts
 
     @classmethod
@@ -31,13 +34,26 @@ class Teacher:
         """Static checks at spec load time (e.g. a required path exists)."""
 
     @classmethod
-    def prepare(cls, cfg: "TeacherConfig", source: "SourceData") -> None:
-        """Driver-side, before teaching: e.g. train and save weights that do not exist yet."""
+    def default_path(cls, cfg: "TeacherConfig", storage_root: str) -> str | None:
+        """Where the teacher's weights live when the spec gives no `path:` (a recipe kdpipe trains once:
+        under the storage root); None when that depends on the data (decided in `prepare`)."""
+        return None
+
+    @classmethod
+    def prepare(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
+        """Driver-side, before teaching: train weights that do not exist yet. Returns `cfg` with
+        `path` set to where the weights are (what the actors load)."""
+        return cls.resolve(cfg, source, storage_root)
+
+    @classmethod
+    def resolve(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
+        """`cfg` with `path` set to where the weights are or will be, training nothing (`kdpipe distil`)."""
+        return cfg
 
     @classmethod
     def weights_digest(cls, cfg: "TeacherConfig") -> str:
         """Digest of the weights: part of the cache fingerprint, so new weights never reuse old outputs."""
-        return digest_dir(Path(cfg.path)) if cfg.path else "no-weights"
+        return digest_dir(cfg.path) if cfg.path else "no-weights"
 
     @classmethod
     def load(cls, cfg: "TeacherConfig", device: str = "cpu") -> "Teacher":
@@ -47,20 +63,9 @@ class Teacher:
         raise NotImplementedError
 
 
-def digest_dir(path: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.json", "*.bin", "*.pt")) -> str:
-    """sha256 over the weight/config files of a directory (names + bytes, sorted)."""
-    if not path.exists():
-        raise FileNotFoundError(f"teacher weights '{path}' do not exist")
-    h = hashlib.sha256()
-    files = sorted({f for pat in patterns for f in path.rglob(pat) if f.is_file()})
-    if not files:
-        raise FileNotFoundError(f"teacher directory '{path}' holds no weight files ({', '.join(patterns)})")
-    for f in files:
-        h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+def digest_dir(path: str | Path, patterns: tuple[str, ...] = WEIGHT_PATTERNS) -> str:
+    """sha256 over the weight/config files of a directory, a local path or a URI (names + bytes)."""
+    return weights.digest(str(path), patterns)
 
 
 def params_of(cfg: Any, model: type[BaseModel]) -> BaseModel:

@@ -41,11 +41,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kdpipe.lm.corpus import check_holdout, encode_texts
 from kdpipe.lm.pretrain import DEFAULT_ROOT, PretrainRecipe, is_pretrained, pretrain, pretrained_dir
+from kdpipe import storage, weights
 from teachers import TEACHERS
 from teachers.base import Teacher, digest_dir
 
 if TYPE_CHECKING:
-    from kdpipe.config import TeacherConfig
+    from kdpipe.spec import TeacherConfig
     from kdpipe.sources import SourceData
 
 log = logging.getLogger("kdpipe.teachers.hf_causal_lm")
@@ -53,8 +54,6 @@ log = logging.getLogger("kdpipe.teachers.hf_causal_lm")
 SUPPORTED_OUTPUTS = {"tokens", "topk", "hidden"}
 WEIGHT_FILES = ("*.safetensors", "*.json", "*.bin", "*.txt", "*.model", "*.py")  # *.py: remote code changes outputs too
 DEFAULT_TOPK = 64
-VOCAB_FREE_LOSSES = {"uld"}  # compare sorted probabilities: no shared vocabulary needed
-LABEL_ONLY_LOSSES = {"ce", "lm_ce"}  # the student's own next-token loss: reads no teacher distribution
 
 
 class HFCausalLMParams(BaseModel):
@@ -71,22 +70,23 @@ class HFCausalLMParams(BaseModel):
         "auto", description="weights dtype: auto = float32 on CPU, bfloat16 on CUDA (float16 where bf16 is unsupported)")
     pretrain: PretrainRecipe | None = Field(None, description="train this recipe once with kdpipe.lm.pretrain (into "
                                                               "`path:` when set, else <pretrain_root>/lm-<digest>)")
-    pretrain_root: str = Field(DEFAULT_ROOT, description="where recipe-named pretrained teachers live")
+    pretrain_root: str | None = Field(None, description="where recipe-named pretrained teachers live (default: "
+                                                        "<storage>/teachers)")
 
 
 def _params(cfg: "TeacherConfig") -> HFCausalLMParams:
     return HFCausalLMParams(**cfg.params)
 
 
-def model_dir(cfg: "TeacherConfig") -> Path:
-    """The teacher's directory: `path:`, else the pretraining recipe's digest directory."""
+def model_dir(cfg: "TeacherConfig") -> str:
+    """The teacher's directory (a path or a URI): `path:`, else the pretraining recipe's digest directory."""
     p = _params(cfg)
     if cfg.path:
-        return Path(cfg.path)
+        return cfg.path
     if p.pretrain is None:
-        raise ValueError(f"teacher '{cfg.id}' (hf_causal_lm): set `path:` (a local Hugging Face causal-LM directory) "
+        raise ValueError(f"teacher '{cfg.id}' (hf_causal_lm): set `path:` (a Hugging Face causal-LM directory) "
                          "or `params.pretrain:` (a recipe to pretrain a small Llama on WordNet glosses)")
-    return pretrained_dir(p.pretrain, p.pretrain_root)
+    return pretrained_dir(p.pretrain, p.pretrain_root or DEFAULT_ROOT)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -112,6 +112,14 @@ class HFCausalLMTeacher(Teacher):
     input_kind = "text"
     parquet_options = {"compression": "zstd", "use_dictionary": False, "write_statistics": False}  # see topk_codec
     model_dir = staticmethod(model_dir)
+    supported_outputs = SUPPORTED_OUTPUTS
+
+    @classmethod
+    def default_path(cls, cfg: "TeacherConfig", storage_root: str) -> str | None:
+        p = _params(cfg)
+        if p.pretrain is None:
+            return None
+        return pretrained_dir(p.pretrain, p.pretrain_root or storage.Layout(storage_root).teachers)
 
     def __init__(self, model: Any, tokenizer: Any, params: HFCausalLMParams, outputs: list[str], topk: int,
                  device: str, name: str = "hf_causal_lm") -> None:
@@ -140,7 +148,10 @@ class HFCausalLMTeacher(Teacher):
                              "(dense 'logits' would cost V × 4 bytes per token: cache 'topk' instead)")
         if "hidden" in cfg.outputs and not p.hidden_layers:
             raise ValueError("outputs include 'hidden': set params.hidden_layers (hidden-state layers to cache, 0 = embeddings)")
-        d = model_dir(cfg)
+        loc = model_dir(cfg)
+        if storage.is_remote(loc):  # read where the teacher is fetched (once per node), not at spec time
+            return
+        d = Path(loc)
         if p.pretrain is None and not (d / "config.json").is_file():
             raise ValueError(f"teacher '{cfg.id}': path '{d}' is not a Hugging Face model directory (no config.json); point "
                              "`path:` at a saved causal LM or set params.pretrain to train one")
@@ -152,15 +163,20 @@ class HFCausalLMTeacher(Teacher):
             raise ValueError(f"params.hidden_layers {p.hidden_layers}: this model has layers 0..{n_layers} (0 = embeddings)")
 
     @classmethod
-    def prepare(cls, cfg: "TeacherConfig", source: "SourceData") -> None:
+    def prepare(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
         """Pretrain the recipe's teacher if it does not exist yet (driver side, once)."""
         if source.input_kind != "text":
             raise ValueError(f"teacher '{cfg.id}' (hf_causal_lm) needs a text source (source.text or kind text/wordnet)")
         p = _params(cfg)
-        if p.pretrain is None:
-            return
-        check_holdout(cfg.id, "params.pretrain.split", p.pretrain.split, source)
-        pretrain(p.pretrain, out_dir=cfg.path, root=p.pretrain_root)
+        cfg = cls.resolve(cfg, source, storage_root)
+        if p.pretrain is not None:
+            check_holdout(cfg.id, "params.pretrain.split", p.pretrain.split, source)
+            pretrain(p.pretrain, out_dir=cfg.path)
+        return cfg
+
+    @classmethod
+    def resolve(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
+        return cfg if cfg.path else cfg.model_copy(update={"path": cls.default_path(cfg, storage_root)})
 
     @classmethod
     def weights_digest(cls, cfg: "TeacherConfig") -> str:
@@ -170,7 +186,7 @@ class HFCausalLMTeacher(Teacher):
     def load(cls, cfg: "TeacherConfig", device: str = "cpu") -> "HFCausalLMTeacher":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        d = model_dir(cfg)
+        d = Path(model_dir(cfg))  # local: the actor fetched a remote directory to this node first
         p = _params(cfg)
         if p.pretrain is not None and not is_pretrained(d):
             raise FileNotFoundError(f"teacher '{cfg.id}': no pretrained teacher at {d}; run `kdpipe teach SPEC` to train it")
@@ -246,22 +262,23 @@ def _load_tokenizer(obj: Any) -> Any:
         return obj
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(Path(obj), local_files_only=True)
+    return AutoTokenizer.from_pretrained(weights.local_copy(str(obj)), local_files_only=True)
 
 
-def check_vocab_compatible(teacher_dir: str | Path, student_tokenizer_or_dir: Any, loss_names: list[str]) -> bool:
+def check_vocab_compatible(teacher_dir: str | Path, student_tokenizer_or_dir: Any, id_losses: list[str]) -> bool:
     """True when teacher and student tokenizers share one vocabulary (same token -> id map).
 
-    When they differ, only cross-tokenizer losses (`uld`) and losses that read no teacher
-    distribution (`ce`, `lm_ce`) make sense: any other loss would compare probabilities of different
-    tokens under the same id, so this raises ValueError naming both vocabularies (sizes, a sample
-    of the differing tokens). Returns False when they differ and every loss allows it."""
+    `id_losses` are the spec's losses that compare the two distributions id by id
+    (`kdpipe.losses.vocabulary_bound`): when the vocabularies differ and there is one, this raises
+    ValueError naming both vocabularies (sizes, a sample of the differing tokens); cross-tokenizer
+    losses (`uld`) and losses that read no teacher are fine. Returns False when they differ and
+    nothing compares ids."""
     t_tok = _load_tokenizer(teacher_dir)
     s_tok = _load_tokenizer(student_tokenizer_or_dir)
     tv, sv = t_tok.get_vocab(), s_tok.get_vocab()
     if tv == sv:
         return True
-    blocking = sorted(set(loss_names) - VOCAB_FREE_LOSSES - LABEL_ONLY_LOSSES)
+    blocking = sorted(set(id_losses))
     if not blocking:
         return False
     s_name = getattr(s_tok, "name_or_path", None) or str(student_tokenizer_or_dir)

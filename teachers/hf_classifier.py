@@ -24,11 +24,12 @@ from pydantic import Field
 from kdpipe.finetune import DEFAULT_ROOT, FinetuneRecipe, finetune, finetuned_dir
 from kdpipe.lm.corpus import check_holdout
 from kdpipe.trained_once import is_trained
+from kdpipe import storage
 from teachers import TEACHERS
 from teachers.hf_encoder import HFEncoderParams, HFEncoderTeacher
 
 if TYPE_CHECKING:
-    from kdpipe.config import TeacherConfig
+    from kdpipe.spec import TeacherConfig
     from kdpipe.sources import SourceData
 
 SUPPORTED_OUTPUTS = {"logits", "topk", "embedding", "tokens", "features", "attn_rel", "value_rel"}
@@ -37,23 +38,33 @@ SUPPORTED_OUTPUTS = {"logits", "topk", "embedding", "tokens", "features", "attn_
 class HFClassifierParams(HFEncoderParams):
     finetune: FinetuneRecipe | None = Field(None, description="fine-tune this recipe once with kdpipe.finetune (into "
                                                               "`path:` when set, else <finetune_root>/clf-<digest>)")
-    finetune_root: str = Field(DEFAULT_ROOT, description="where recipe-named fine-tuned teachers live")
+    finetune_root: str | None = Field(None, description="where recipe-named fine-tuned teachers live (default: "
+                                                        "<storage>/teachers)")
 
 
 @TEACHERS.register("hf_classifier")
 class HFClassifierTeacher(HFEncoderTeacher):
     Params = HFClassifierParams
 
+    supported_outputs = SUPPORTED_OUTPUTS
+
     @staticmethod
-    def model_dir(cfg: "TeacherConfig") -> Path:
-        """`path:`, else the fine-tuning recipe's digest directory."""
+    def model_dir(cfg: "TeacherConfig") -> str:
+        """`path:`, else the fine-tuning recipe's digest directory (a path or a URI)."""
         p = HFClassifierParams(**cfg.params)
         if cfg.path:
-            return Path(cfg.path)
+            return cfg.path
         if p.finetune is None:
-            raise ValueError(f"teacher '{cfg.id}' (hf_classifier): set `path:` (a local sequence-classification model "
+            raise ValueError(f"teacher '{cfg.id}' (hf_classifier): set `path:` (a sequence-classification model "
                              "directory) or `params.finetune:` (a recipe to fine-tune one on WordNet glosses)")
-        return finetuned_dir(p.finetune, p.finetune_root)
+        return finetuned_dir(p.finetune, p.finetune_root or DEFAULT_ROOT)
+
+    @classmethod
+    def default_path(cls, cfg: "TeacherConfig", storage_root: str) -> str | None:
+        p = HFClassifierParams(**cfg.params)
+        if p.finetune is None:
+            return None
+        return finetuned_dir(p.finetune, p.finetune_root or storage.Layout(storage_root).teachers)
 
     @classmethod
     def check_config(cls, cfg: "TeacherConfig") -> None:
@@ -63,8 +74,11 @@ class HFClassifierTeacher(HFEncoderTeacher):
             raise ValueError(f"teacher kind hf_classifier cannot produce outputs {bad}; choose from {sorted(SUPPORTED_OUTPUTS)}")
         if "features" in cfg.outputs and not p.layers:
             raise ValueError("outputs include 'features': set params.layers (hidden-state layers to cache, 0 = embeddings)")
-        d = cls.model_dir(cfg)
+        loc = cls.model_dir(cfg)
         if p.finetune is None:
+            if storage.is_remote(loc):  # read where the teacher is fetched (once per node), not at spec time
+                return
+            d = Path(loc)
             if not (d / "config.json").is_file():
                 raise ValueError(f"teacher '{cfg.id}': path '{d}' is not a Hugging Face model directory (no config.json); "
                                  "point `path:` at a saved sequence classifier or set params.finetune to train one")
@@ -80,19 +94,24 @@ class HFClassifierTeacher(HFEncoderTeacher):
             raise ValueError(f"params.layers {p.layers}: this model has layers 0..{n_layers} (0 = embedding output)")
 
     @classmethod
-    def prepare(cls, cfg: "TeacherConfig", source: "SourceData") -> None:
+    def prepare(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
         """Fine-tune the recipe's classifier if it does not exist yet (driver side, once)."""
-        super().prepare(cfg, source)
+        cfg = super().prepare(cfg, source, storage_root)
         p = HFClassifierParams(**cfg.params)
         if p.finetune is not None:
             check_holdout(cfg.id, "params.finetune.split", p.finetune.split, source)
-            finetune(p.finetune, out_dir=cfg.path, root=p.finetune_root)
+            finetune(p.finetune, out_dir=cfg.path)
+        return cfg
+
+    @classmethod
+    def resolve(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
+        return cfg if cfg.path else cfg.model_copy(update={"path": cls.default_path(cfg, storage_root)})
 
     @classmethod
     def load(cls, cfg: "TeacherConfig", device: str = "cpu") -> "HFClassifierTeacher":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        d = cls.model_dir(cfg)
+        d = Path(cls.model_dir(cfg))  # local: the actor fetched a remote directory to this node first
         p = HFClassifierParams(**cfg.params)
         if p.finetune is not None and not is_trained(d):
             raise FileNotFoundError(f"teacher '{cfg.id}': no fine-tuned classifier at {d}; run `kdpipe teach SPEC` to train it")

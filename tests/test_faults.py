@@ -33,7 +33,7 @@ def test_teacher_actor_killed_mid_stage_loses_and_duplicates_nothing(tmp_path: P
         killed, staged = [], []
 
         def staged_files():
-            return [f for d, _, fs in os.walk(cfg.teach.cache_root) if "/.staging/" in d + "/" for f in fs
+            return [f for d, _, fs in os.walk(os.path.join(cfg.storage, "cache")) if "/.staging/" in d + "/" for f in fs
                     if f.endswith(".parquet")]
 
         def kill_a_teacher_once_output_is_written():
@@ -213,7 +213,7 @@ def test_source_file_edited_between_index_and_teach_is_refused(ray_local, tmp_pa
     raw = {"name": "edit", "source": {"kind": "jsonl", "path": str(data), "features": "x", "label": "y", "num_classes": 3},
            "teachers": [{"id": "t", "kind": "mlp_classifier", "path": str(tmp_path / "t"), "params": {"hidden": [8], "epochs": 1,
                          "train_on": "all_train"}}],
-           "teach": {"cache_root": str(tmp_path / "cache"), "num_cpus": 0.5}, "student": {"kind": "mlp"},
+           "storage": str(tmp_path), "teach": {"num_cpus": 0.5}, "student": {"kind": "mlp"},
            "losses": [{"name": "ce"}], "tracking": {"model_name": "m"}}
     cfg = parse_spec(raw)
     src = load_source(cfg.source, tmp_path / "q")

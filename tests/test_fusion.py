@@ -147,7 +147,7 @@ def _write_member(root: Path, tid: str, ids: list[str], logits: np.ndarray, topk
 
 
 def _cfg(tmp_path: Path, **fusion):
-    o = {"teach.cache_root": str(tmp_path / "cache"),
+    o = {"storage": str(tmp_path),
          "teach.fusion": {"mode": "dynamic", "teachers": ["expert_0_4", "expert_5_9", "generalist"], **fusion}}
     return load_spec("pipelines/digits_fusion.yaml", o)
 

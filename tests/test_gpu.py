@@ -72,8 +72,7 @@ def test_lm_pipeline_teaches_on_gpu_trains_with_use_gpu_and_registers_a_cpu_load
         "source.limit": 160, "teachers.0.path": str(teacher), "teachers.0.params": {"max_length": 24},
         "teachers.0.topk": 16, "student.params": {"tokens_from": "lm", "num_layers": 1, "init_from_teacher_layers": [1]},
         "teach.num_gpus": 1, "train.use_gpu": True, "train.num_workers": 1, "train.epochs": 2,
-        "train.checkpoint_every": 1, "teach.cache_root": str(tmp_path / "cache"),
-        "train.storage_path": str(tmp_path / "ray"), "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
+        "train.checkpoint_every": 1, "storage": str(tmp_path), "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
     res = run(cfg)
     for k in ("test_ppl", "test_kl", "test_teacher_agreement", "baseline_test_ppl"):
         assert math.isfinite(res.metrics[k]), k
@@ -93,7 +92,7 @@ def test_digits_pipeline_trains_on_gpu_and_beats_its_twin(ray_local, tmp_path: P
 
     cfg = load_spec("pipelines/digits_kd.yaml", {
         "teach.num_gpus": 0.5, "train.use_gpu": True, "train.num_workers": 1,
-        "teach.cache_root": str(tmp_path / "cache"), "train.storage_path": str(tmp_path / "ray"),
+        "storage": str(tmp_path),
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
     res = run(cfg)
     params = __import__("mlflow").tracking.MlflowClient(res.tracking_uri).get_run(res.run_id).data.params

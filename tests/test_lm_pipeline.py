@@ -42,7 +42,7 @@ def test_lm_pipeline_caches_compressed_topk_trains_and_registers_a_hf_model(ray_
                    {"name": "token_fusion_kl", "weight": 0.5, "teachers": ["lm", "lm2"], "mode": "static",
                     "weights": [0.25, 0.75]}],
         "student.params": {"tokens_from": "lm", "num_layers": 1, "init_from_teacher_layers": [1]},
-        "teach.cache_root": str(tmp_path / "cache"), "train.storage_path": (tmp_path / "ray").as_uri(), "train.epochs": 1,
+        "storage": tmp_path.as_uri(), "train.epochs": 1,
         "train.checkpoint_every": 1, "train.num_workers": 1, "train.batch_size": 8,
         "evaluate.slices": {"nouns": ["3-28"], "verbs": ["29-43"]},  # WordNet's noun and verb categories
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
@@ -57,8 +57,8 @@ def test_lm_pipeline_caches_compressed_topk_trains_and_registers_a_hf_model(ray_
     mask = part["attention_mask"].combine_chunks().flatten().to_numpy().reshape(-1, 24).astype(bool)
     assert (dec.mask == mask).all() and dec.ids.shape[-1] == 16
 
-    # train.storage_path as a URI (file:// here; s3:// etc. the same way): Ray Train wrote its checkpoints there
-    assert list((tmp_path / "ray").rglob("state.pt"))
+    # the storage root as a URI (file:// here; s3:// etc. the same way): Ray Train wrote its checkpoints under it
+    assert list((tmp_path / "ray_results").rglob("state.pt"))
 
     # the fused cache: the same tokens, a top-16 per token that is a distribution, per-row member weights
     import pyarrow as pa

@@ -298,7 +298,7 @@ def test_class_aspects_teacher_answers_from_the_classifier(tmp_path: Path) -> No
                         params={"classifier": {"hidden": [8], "epochs": 3}, "temperature": 2.0,
                                 "aspects": [{"name": "low", "classes": [0, 1]}, {"name": "three", "classes": [3]}]})
     cls = TEACHERS.get("class_aspects")
-    cls.prepare(cfg, source)  # trains the wrapped mlp_classifier (labels are used only there, by its own prepare)
+    cls.prepare(cfg, source, str(tmp_path))  # trains the wrapped mlp_classifier (labels are used only there, by its own prepare)
     assert (tmp_path / "clf" / "model.safetensors").exists()
     teacher = cls.load(cfg)
     out = teacher.forward({"x": x[:5]})  # inputs only: no labels reach the aspect answers
@@ -309,7 +309,7 @@ def test_class_aspects_teacher_answers_from_the_classifier(tmp_path: Path) -> No
     bad = TeacherConfig(id="asp", kind="class_aspects", path=str(tmp_path / "clf"),
                         params={"aspects": [{"name": "all", "classes": [0, 1, 2, 3]}]})
     with pytest.raises(ValueError, match="leave some class out"):
-        cls.prepare(bad, source)
+        cls.prepare(bad, source, str(tmp_path))
 
 
 def test_class_aspects_params_are_validated() -> None:

@@ -274,8 +274,7 @@ def test_knn_and_recall_metrics() -> None:
 def minilm_overrides(tmp: Path, **extra: Any) -> dict[str, Any]:
     o = {
         "source.limit": 120,
-        "teach.cache_root": str(tmp / "cache"),
-        "train.storage_path": str(tmp / "ray_results"),
+        "storage": str(tmp),
         "train.epochs": 1,
         "train.checkpoint_every": 1,
         "evaluate.baseline_epochs": 1,

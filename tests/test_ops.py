@@ -113,7 +113,14 @@ def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tm
     assert "champion" in listing and len(listing.splitlines()) == 4
     from kdpipe.cli import main
 
-    assert main(["promote", "retrain-student", c3.run.model_version, "--tracking-uri", uri]) == 0
+    # v3 failed its gates: `promote` refuses it without a word of force, and says so; --force moves the alias
+    capsys.readouterr()
+    assert main(["promote", "retrain-student", c3.run.model_version, "--tracking-uri", uri]) == 1
+    err = capsys.readouterr().err
+    assert "failed its gates" in err and "over_champion" in err and "--force" in err
+    assert client.get_model_version_by_alias("retrain-student", "champion").version == c2.run.model_version
+    assert main(["promote", "retrain-student", c3.run.model_version, "--tracking-uri", uri, "--force"]) == 0
+    assert "forced" in capsys.readouterr().out
     assert client.get_model_version_by_alias("retrain-student", "champion").version == c3.run.model_version
     # `kdpipe eval` (evaluate_registered) scores the champion: same rows, same model, same number;
     # then every command's exit code and message

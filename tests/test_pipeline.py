@@ -25,7 +25,7 @@ def test_full_pipeline_teach_cache_distil_track(ray_local, tmp_path: Path, monke
     from kdpipe.sources import SourceData
 
     # the default pipeline as `make demo` runs it, only its outputs moved under tmp_path
-    paths = {k: v for k, v in tiny_overrides(tmp_path).items() if k.endswith(("cache_root", "path", "storage_path", "tracking_uri"))}
+    paths = {k: v for k, v in tiny_overrides(tmp_path).items() if k in ("storage", "tracking.tracking_uri")}
     cfg = load_spec("pipelines/digits_kd.yaml", paths)
     source, uri = prepare(cfg)
     assert source.index_ is None and Path(source.index_path).exists()  # the index is a file, not driver memory

@@ -63,7 +63,7 @@ def test_teach_then_retrain_with_source_cache_and_checkpoints_in_a_bucket(tmp_pa
     o = tiny_overrides(work, **{
         "source": {"kind": "parquet", "path": f"s3://{b}/data", "features": "pixels", "label": "digit",
                    "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 0.1}},
-        "teach.cache_root": f"s3://{b}/kd/cache", "train.storage_path": f"s3://{b}/kd/ray_results",
+        "storage": f"s3://{b}/kd",
         "evaluate.baseline": False, "train.epochs": 3, "teachers.0.params.epochs": 20})
     _kdpipe("teach", s3, work, o)
     m1 = _manifest(s3, "kd/cache")

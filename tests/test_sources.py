@@ -12,7 +12,7 @@ from kdpipe.sources import BadInputError, load_source
 
 
 def test_digits_ids_and_splits_are_stable() -> None:
-    cfg = SourceConfig(kind="sklearn_digits")
+    cfg = SourceConfig(kind="sklearn_digits", split={"labeled_fraction": 0.1})
     a, b = load_source(cfg), load_source(cfg)
     assert a.table.equals(b.table) and a.fingerprint == b.fingerprint
     assert a.dim == 64 and a.num_classes == 10 and a.input_kind == "features"

@@ -17,7 +17,7 @@ def test_gpu_teacher_plan_builds_with_cpu_read_tasks(ray_local, tmp_path: Path) 
     from kdpipe.teach import teach_dataset
 
     cfg = load_spec("pipelines/digits_kd.yaml", {
-        "teach.num_gpus": 1, "teach.cache_root": str(tmp_path / "cache"),
+        "teach.num_gpus": 1, "storage": str(tmp_path),
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
     source, _ = prepare(cfg)
     ds = teach_dataset(cfg.teach, cfg.teachers[0], source)
@@ -34,7 +34,7 @@ def test_teacher_actors_taking_every_cpu_are_warned_about(ray_local, tmp_path: P
 
     cpus = ray.cluster_resources()["CPU"]
     cfg = load_spec("pipelines/digits_kd.yaml", {
-        "teach.num_cpus": cpus, "teach.cache_root": str(tmp_path / "cache"),
+        "teach.num_cpus": cpus, "storage": str(tmp_path),
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
     source, _ = prepare(cfg)
     with caplog.at_level(logging.WARNING, logger="kdpipe.teach"):

@@ -33,7 +33,7 @@ def test_text_classifier_pipeline_fine_tunes_teaches_distils_and_ships(ray_local
         "student.params": {"tokens_from": "clf", "layers": 1, "init_from_teacher": [5], "relations": True},
         "losses": [{"name": "kd", "weight": 1.0, "temperature": 2.0}, {"name": "ce", "weight": 0.5},
                    {"name": "hidden_mse", "weight": 0.1, "layer_map": {1: 6}}, {"name": "minilm", "weight": 0.5}],
-        "teach.cache_root": str(tmp_path / "cache"), "train.storage_path": str(tmp_path / "ray"), "train.epochs": 1,
+        "storage": str(tmp_path), "train.epochs": 1,
         "train.checkpoint_every": 1, "train.num_workers": 1, "train.batch_size": 16,
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
     teacher_dir = Path(cfg.student.params["teacher_path"])
@@ -74,7 +74,7 @@ def test_multi_exit_student_folds_every_ranks_first_batch_inside_ray_train(ray_l
         "teachers.0.path": str(_classifier_teacher(tmp_path)),
         "teachers.0.params": {"max_length": 16, "layers": [6]}, "teachers.0.outputs": ["logits", "tokens"],
         "student.params": {"tokens_from": "clf", "layers": 2, "init_from_teacher": [0, 5], "exits": [1]},
-        "teach.cache_root": str(tmp_path / "cache"), "train.storage_path": str(tmp_path / "ray"), "train.epochs": 1,
+        "storage": str(tmp_path), "train.epochs": 1,
         "train.checkpoint_every": 1, "train.num_workers": 2, "train.batch_size": 512, "train.lr": 1e-12,
         "evaluate.baseline": False, "tracking.gates.min_gain_over_baseline": None,
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})

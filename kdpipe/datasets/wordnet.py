@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kdpipe.config import SourceConfig
+from kdpipe.spec import SourceConfig
 
 WORDNET_DIR = Path(os.environ.get("KDPIPE_WORDNET_DIR", "/usr/share/wordnet"))
 POS_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")

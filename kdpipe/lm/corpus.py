@@ -99,7 +99,7 @@ def split_of(text: str, split: CorpusSplit) -> Literal["train", "val", "test"]:
 @functools.lru_cache(maxsize=4)
 def _all_glosses(wordnet_dir: str) -> tuple[tuple[str, int], ...]:
     """Every distinct (gloss, lexfile) of WordNet, in file order (first occurrence wins)."""
-    from kdpipe.config import SourceConfig
+    from kdpipe.spec import SourceConfig
     from kdpipe.datasets.wordnet import read_wordnet
 
     rows, _ = read_wordnet(SourceConfig(kind="wordnet", path=wordnet_dir))

@@ -35,6 +35,7 @@ from kdpipe.lm.corpus import (
     CorpusSplit, check_domain, default_tokenizer, encode_texts, load_glosses, pack_texts, tokenizer_digest,
     wordnet_digest,
 )
+from kdpipe import storage
 from kdpipe.trained_once import REPORT, TrainedOnce, is_trained, optimizer_step, train_once
 
 log = logging.getLogger("kdpipe.lm.pretrain")
@@ -92,15 +93,15 @@ def recipe_digest(recipe: PretrainRecipe) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def pretrained_dir(recipe: PretrainRecipe, root: str | Path = DEFAULT_ROOT) -> Path:
-    """Where `pretrain` puts (and finds) the teacher of this recipe when no directory is given."""
-    return Path(root) / f"lm-{recipe_digest(recipe)}"
+def pretrained_dir(recipe: PretrainRecipe, root: str | Path = DEFAULT_ROOT) -> str:
+    """Where `pretrain` puts (and finds) the teacher of this recipe when no directory is given (a path or a URI)."""
+    return storage.join(storage.normalize(root), f"lm-{recipe_digest(recipe)}")
 
 
 PretrainResult = TrainedOnce
 
 
-def is_pretrained(path: Path) -> bool:
+def is_pretrained(path: str | Path) -> bool:
     return is_trained(path, REPORT)
 
 
@@ -112,7 +113,7 @@ def pretrain(recipe: PretrainRecipe, out_dir: str | Path | None = None, root: st
     `out_dir` pins the directory (a teacher's `path:`); a finished run there with another recipe
     raises instead of silently serving other weights. `num_threads` sets torch's intra-op threads
     for this call only."""
-    path = Path(out_dir) if out_dir is not None else pretrained_dir(recipe, root)
+    path = str(out_dir) if out_dir is not None else pretrained_dir(recipe, root)
     res = train_once(path, recipe_digest(recipe), lambda: train_teacher(recipe), "pretrained teacher", REPORT, num_threads)
     if res.trained:
         log.info("pretrained teacher %s: held-out ppl %.1f (unigram %.1f) in %.0f s", path, res.report["heldout_ppl"],

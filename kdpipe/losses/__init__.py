@@ -14,4 +14,18 @@ from kdpipe.losses.base import Loss, LossContext, LossSuite  # noqa: E402
 
 import_submodules(__name__)
 
-__all__ = ["LOSSES", "Loss", "LossContext", "LossSuite"]
+
+
+def vocabulary_bound(specs: list[dict[str, object]]) -> list[str]:
+    """The names of the losses in `specs` ({name, **params}) that compare a teacher's and the
+    student's token distributions id by id, so they need one shared vocabulary."""
+    out = []
+    for spec in specs:
+        params = {k: v for k, v in spec.items() if k not in ("name", "weight")}
+        cls = LOSSES.get(str(spec["name"]))
+        if cls.shares_vocab and cls.teacher_reads(cls.Params(**params)):
+            out.append(str(spec["name"]))
+    return out
+
+
+__all__ = ["LOSSES", "Loss", "LossContext", "LossSuite", "vocabulary_bound"]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from kdpipe.losses import LOSSES
-from kdpipe.losses.base import Loss
+from kdpipe.losses.base import Loss, output_of_column
 
 
 class AspectBCEParams(BaseModel):
@@ -35,6 +35,11 @@ def aspect_bce(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Te
 @LOSSES.register("aspect_bce")
 class AspectBCELoss(Loss):
     Params = AspectBCEParams
+
+    @classmethod
+    def teacher_reads(cls, params: Any) -> set[str]:
+        return {output_of_column(params.teacher_output)}
+
 
     def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         tid = self.ctx.teacher(self.p.teacher)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from kdpipe.losses import LOSSES
-from kdpipe.losses.base import Loss
+from kdpipe.losses.base import Loss, output_of_column
 
 
 class EmbeddingParams(BaseModel):
@@ -22,6 +22,11 @@ class EmbeddingParams(BaseModel):
 
 class _EmbeddingLoss(Loss):
     Params = EmbeddingParams
+
+    @classmethod
+    def teacher_reads(cls, params: Any) -> set[str]:
+        return {output_of_column(params.column)}
+
 
     def _pair(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         tid = self.ctx.teacher(self.p.teacher)

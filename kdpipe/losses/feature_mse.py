@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from kdpipe.losses import LOSSES
-from kdpipe.losses.base import Loss, LossContext
+from kdpipe.losses.base import Loss, LossContext, output_of_column
 
 
 class FeatureMSEParams(BaseModel):
@@ -30,6 +30,11 @@ class FeatureMSEParams(BaseModel):
 @LOSSES.register("feature_mse")
 class FeatureMSELoss(Loss):
     Params = FeatureMSEParams
+
+    @classmethod
+    def teacher_reads(cls, params: Any) -> set[str]:
+        return {output_of_column(params.teacher_output)}
+
 
     def __init__(self, params: FeatureMSEParams, ctx: LossContext) -> None:
         super().__init__(params, ctx)

@@ -26,6 +26,11 @@ class FusionKDParams(FusionLossParams):
 class FusionKDLoss(Loss):
     Params = FusionKDParams
 
+    @classmethod
+    def teacher_reads(cls, params: Any) -> set[str]:
+        return {"topk"} if params.use_topk else {"logits"}
+
+
     def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s = student[self.p.output]
         logits = []

@@ -46,6 +46,11 @@ class HiddenMSEParams(BaseModel):
 class HiddenMSELoss(Loss):
     Params = HiddenMSEParams
 
+    @classmethod
+    def teacher_reads(cls, params: Any) -> set[str]:
+        return {"features", "tokens"}
+
+
     def __init__(self, params: HiddenMSEParams, ctx: LossContext) -> None:
         super().__init__(params, ctx)
         self.tid = ctx.teacher(params.teacher)

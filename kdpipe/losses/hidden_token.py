@@ -48,6 +48,11 @@ class HiddenTokenLoss(Loss):
 
     Params = HiddenTokenParams
 
+    @classmethod
+    def teacher_reads(cls, params: Any) -> set[str]:
+        return {"hidden"}
+
+
     def __init__(self, params: HiddenTokenParams, ctx: LossContext) -> None:
         super().__init__(params, ctx)
         self.tid = ctx.teacher(params.teacher)

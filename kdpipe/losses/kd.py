@@ -26,6 +26,11 @@ class KDLoss(Loss):
 
     Params = KDParams
 
+    @classmethod
+    def teacher_reads(cls, params: Any) -> set[str]:
+        return {"topk"} if params.use_topk else {"logits"}
+
+
     def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         tid = self.ctx.teacher(self.p.teacher)
         s = student[self.p.output]

@@ -35,6 +35,11 @@ class TokenFusionParams(FusionLossParams):
 class TokenFusionKLLoss(Loss):
     Params = TokenFusionParams
 
+    @classmethod
+    def teacher_reads(cls, params: Any) -> set[str]:
+        return {"tokens", "topk"}
+
+
     def __init__(self, params: TokenFusionParams, ctx: LossContext) -> None:
         super().__init__(params, ctx)
         unknown = [t for t in params.teachers if ctx.teachers and t not in ctx.teachers]

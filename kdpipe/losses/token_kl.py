@@ -47,6 +47,10 @@ class TokenDistributionLoss(Loss):
     scale_by_t2: ClassVar[bool] = True
     shares_vocab: ClassVar[bool] = True  # teacher ids index the student's vocabulary
 
+    @classmethod
+    def teacher_reads(cls, params: Any) -> set[str]:
+        return {"tokens", "logits"} if params.signal == "dense" else {"tokens", "topk"}
+
     def divergence(self, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
         """(n, K) teacher, student log-probs -> (n,) per-token values."""
         raise NotImplementedError

@@ -1,0 +1,87 @@
+"""The names of the plugins, known without importing them.
+
+Every teacher, student, loss and evaluator registers itself with a decorator
+(`@LOSSES.register("kd")`). Importing the plugins imports torch and transformers, seconds before
+a spec's typo could be reported; reading their source for those decorators takes milliseconds.
+So the spec schema checks names against this index, and `kdpipe.config.check_spec` — which
+imports the registries — stays the authority (a plugin that registers in another way is still
+found there).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+# registry variable -> (what a user calls it, the packages or modules whose files register into it)
+REGISTRIES = {
+    "TEACHERS": ("teacher kind", ("teachers",)),
+    "STUDENTS": ("student kind", ("students",)),
+    "LOSSES": ("loss", ("kdpipe.losses",)),
+    "EVALUATORS": ("evaluator", ("kdpipe.evaluate", "kdpipe.eval_lm", "kdpipe.eval_embedding")),
+}
+
+
+def _files(module: str) -> list[Path]:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return []
+    origin = Path(spec.origin)
+    if origin.name == "__init__.py":
+        return sorted(p for p in origin.parent.glob("*.py"))
+    return [origin]
+
+
+@functools.lru_cache(maxsize=1)
+def declared() -> dict[str, frozenset[str]]:
+    """Registry variable -> the names its plugin files register, read from their source."""
+    out: dict[str, set[str]] = {name: set() for name in REGISTRIES}
+    for var, (_, modules) in REGISTRIES.items():
+        for module in modules:
+            for f in _files(module):
+                text = f.read_text()
+                if ".register(" not in text:
+                    continue
+                for node in ast.walk(ast.parse(text)):
+                    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "register"
+                            and isinstance(node.func.value, ast.Name) and node.func.value.id == var and node.args
+                            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                        out[var].add(node.args[0].value)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def unknown(var: str, name: Any, where: str) -> str | None:
+    """An error naming `where` when `name` is not a declared plugin of registry `var`; None when it is."""
+    names = declared()[var]
+    if not names or not isinstance(name, str) or name in names:
+        return None  # nothing found (an unusual install): the registries decide later
+    kind = REGISTRIES[var][0]
+    return f"{where}: unknown {kind} '{name}'; available: {', '.join(sorted(names))}"
+
+
+def name_errors(raw: Any) -> list[str]:
+    """Unknown plugin names in a raw spec mapping, each naming its YAML key (best effort on any shape)."""
+    if not isinstance(raw, dict):
+        return []
+    errs: list[str | None] = []
+    for i, t in enumerate(raw.get("teachers") or [] if isinstance(raw.get("teachers"), list) else []):
+        if isinstance(t, dict) and "kind" in t:
+            errs.append(unknown("TEACHERS", t["kind"], f"teachers[{i}].kind"))
+    student = raw.get("student")
+    if isinstance(student, dict) and "kind" in student:
+        errs.append(unknown("STUDENTS", student["kind"], "student.kind"))
+    for key in ("losses",):
+        for i, loss in enumerate(raw.get(key) or [] if isinstance(raw.get(key), list) else []):
+            if isinstance(loss, dict) and "name" in loss:
+                errs.append(unknown("LOSSES", loss["name"], f"{key}[{i}].name"))
+    ev = raw.get("evaluate")
+    if isinstance(ev, dict):
+        if "task" in ev:
+            errs.append(unknown("EVALUATORS", ev["task"], "evaluate.task"))
+        for i, loss in enumerate(ev.get("baseline_losses") or [] if isinstance(ev.get("baseline_losses"), list) else []):
+            if isinstance(loss, dict) and "name" in loss:
+                errs.append(unknown("LOSSES", loss["name"], f"evaluate.baseline_losses[{i}].name"))
+    return [e for e in errs if e]
