@@ -2,11 +2,16 @@
 
 Layout: ``<storage>/cache/<teacher_id>/<fingerprint>/``
   ``parts/<part>/*.parquet``  one part per teach run that added rows (incremental cache)
+  ``parts/<part>/PART.json``  the part's own manifest: its files' sha256, its rows and the tally of its ids
   ``MANIFEST.json``           teacher id, weights digest, output spec, schema, parts + checksums
   ``.staging/``               where a running teach stage writes (one dir + lock per run); never read
 
 A cache (or a part) exists only once the manifest names it; the manifest is replaced
 atomically (write + fsync + rename), so an interrupted run leaves nothing that looks complete.
+Every file is checked against its sha256 before a stage reads it (`files(verify=True)`, once per
+cache object); a damaged part is reported with the fix (`kdpipe cache repair`), and a cache whose
+MANIFEST.json is lost is rebuilt from its verified parts' own manifests (`rebuild_manifest`), never
+taught again silently.
 
 A cache may also live at a URI that pyarrow's filesystems resolve (`storage: s3://…`,
 see `kdpipe.storage`). Object stores have neither rename nor file locks, so there a running teach
@@ -38,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "MANIFEST.json"
+PART_MANIFEST = "PART.json"
 FORMAT_VERSION = 1
 
 
@@ -64,6 +70,7 @@ def cache_at(root: str | os.PathLike[str], *parts: str) -> "TeacherCache":
 class TeacherCache:
     dir: Path | str  # a local directory, or a URI (`s3://bucket/cache/<teacher>/<fingerprint>`)
     _committed: set[str] = field(default_factory=set, repr=False, compare=False)
+    _verified: dict[str, str] = field(default_factory=dict, repr=False, compare=False)  # file -> sha256 checked
 
     @property
     def remote(self) -> bool:
@@ -91,23 +98,65 @@ class TeacherCache:
         return self.manifest() is not None
 
     def files(self, verify: bool = True) -> list[Any]:
-        """Parquet files named by the manifest (checked against their sha256 when verify)."""
+        """Parquet files named by the manifest, each checked against its sha256 when `verify` (once
+        per file for this cache object: a stage's later reads of the same files do not hash again)."""
         m = self.manifest()
         if m is None:
-            raise CacheCorruptError(f"cache {self.dir} has no {MANIFEST}: it is incomplete; rerun `kdpipe teach`")
+            raise CacheCorruptError(f"cache {self.dir} has no {MANIFEST}: it is incomplete; run `kdpipe cache repair SPEC` "
+                                    "(rebuilds it from its verified parts) or `kdpipe teach SPEC`")
         out = []
         for part in m["parts"]:
             for f in part["files"]:
                 p = self.location(f["path"])
-                if not storage.exists(str(p)):
-                    raise CacheCorruptError(f"cache file {p} named in {self.manifest_path} is missing; delete {self.dir} and rerun `kdpipe teach`")
-                if verify and storage.sha256(str(p)) != f["sha256"]:
-                    raise CacheCorruptError(
-                        f"cache file {p} does not match its checksum in {self.manifest_path} (corrupt or truncated); "
-                        f"delete {self.location('parts/' + part['name'])} and its entry, or the whole cache dir, and rerun `kdpipe teach`"
-                    )
+                if verify and self._verified.get(str(p)) != f["sha256"]:
+                    why = self.check_file(str(p), f["sha256"])
+                    if why:
+                        raise CacheCorruptError(f"cache file {p} {why} (part {part['name']} of {self.dir}); run "
+                                                "`kdpipe cache repair SPEC`: it drops the damaged part and teaches its "
+                                                "rows again")
+                    self._verified[str(p)] = f["sha256"]
                 out.append(p)
         return out
+
+    def check_file(self, loc: str, sha: str) -> str | None:
+        """Why a file fails its checksum, or None when it matches."""
+        try:
+            got = storage.sha256(loc)
+        except FileNotFoundError:
+            return "is missing"
+        return None if got == sha else "does not match its checksum (corrupt or truncated)"
+
+    def check_usable(self, verify: bool = True) -> None:
+        """Before a stage adds to or reads this cache: a manifest that was lost is reported (its
+        parts are still there: teaching their rows again would be silent waste), and with `verify`
+        every file is checked against its checksum."""
+        if self.manifest() is None:
+            lost = self.part_dirs()
+            if lost:
+                raise CacheCorruptError(f"cache {self.dir} holds {len(lost)} part(s) but no {MANIFEST} (lost or deleted): "
+                                        "run `kdpipe cache repair SPEC` to rebuild it from its verified parts")
+            return
+        if verify:
+            self.files(verify=True)
+
+    def orphan_parts(self) -> list[str]:
+        """Part directories on disk (or in the bucket) that the manifest does not name."""
+        named = {p["name"] for p in (self.manifest() or {}).get("parts", [])}
+        return sorted(n for n in self.part_dirs() if n not in named)
+
+    def part_dirs(self) -> list[str]:
+        """Names of the part directories under parts/ that hold any file (published or not)."""
+        root = str(self.location("parts"))
+        if not storage.exists(root):
+            return []
+        found = storage.files_under(root, (".json", ".parquet"))
+        return sorted({storage.name(storage.parent(f)) for f in found})
+
+    def part_manifest(self, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(storage.read_text(str(self.location(f"parts/{name}/{PART_MANIFEST}"))))
+        except (FileNotFoundError, OSError, ValueError):
+            return None
 
     def read(self, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
         files = self.files(verify=verify)
@@ -187,8 +236,11 @@ class TeacherCache:
                 shutil.rmtree(entry, ignore_errors=True)
                 lock_path.unlink(missing_ok=True)
 
-    def commit(self, staging: Any, header: dict[str, Any], source_fingerprint: str) -> dict[str, Any]:
-        """Publish a staged part in the manifest (locally: moved into parts/ first; manifest last)."""
+    def commit(self, staging: Any, header: dict[str, Any], source_fingerprint: str,
+               ids: dict[str, int] | None = None) -> dict[str, Any]:
+        """Publish a staged part in the manifest (locally: moved into parts/ first; manifest last).
+        The part gets its own manifest (files, rows, the tally `ids` of its ids) before the
+        cache's manifest names it, so a lost MANIFEST.json can be rebuilt from the parts."""
         files = staged_files(staging)
         m = self.manifest() or {**header, "format": FORMAT_VERSION, "parts": [], "created": _now()}
         if self.remote:  # already in parts/: the manifest is what publishes it
@@ -205,23 +257,37 @@ class TeacherCache:
             rows += meta.num_rows
             schema = schema or meta.schema.to_arrow_schema()
             entries.append({"path": f"parts/{name}/{storage.name(f)}", "sha256": storage.sha256(f), "rows": meta.num_rows})
-        if not self.remote:
+        part = {"name": name, "files": entries, "rows": rows, "source_fingerprint": source_fingerprint, "created": _now(),
+                **({"ids": ids} if ids is not None else {})}
+        part_manifest = {**part, "header": header, "schema": {fld.name: str(fld.type) for fld in schema} if schema else {}}
+        if self.remote:
+            storage.write_text(storage.join(str(staging), PART_MANIFEST), json.dumps(part_manifest, indent=2, sort_keys=True))
+        else:
+            _atomic_write_json(Path(staging) / PART_MANIFEST, part_manifest)
             part_dir = Path(self.dir) / "parts" / name
             part_dir.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging, part_dir)
             _fsync(part_dir.parent)
-        m["parts"].append({"name": name, "files": entries, "rows": rows, "source_fingerprint": source_fingerprint, "created": _now()})
+        m["parts"].append(part)
         m["rows"] = sum(p["rows"] for p in m["parts"])
         if schema is not None and not m.get("schema"):
             m["schema"] = {fld.name: str(fld.type) for fld in schema}
         m["updated"] = _now()
+        self.write_manifest(m)
+        if self.remote:
+            self._committed.add(str(staging))
+        for e in entries:  # hashed just now, by this process
+            self._verified[str(self.location(e["path"]))] = e["sha256"]
+        return m
+
+    def write_manifest(self, m: dict[str, Any]) -> None:
+        """Replace the manifest in one step (a rename locally, one object remotely)."""
         if self.remote:
             storage.write_text(self.manifest_path, json.dumps(m, indent=2, sort_keys=True))
-            self._committed.add(str(staging))
         else:
+            Path(self.dir).mkdir(parents=True, exist_ok=True)
             _atomic_write_json(self.manifest_path, m)
             _fsync(Path(self.dir))
-        return m
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

@@ -174,7 +174,7 @@ def cmd_cache(args: argparse.Namespace, spec: PipelineConfig) -> int:
 
     cfg = checked(spec, args)
     if args.action == "verify":
-        report = verify_caches(cfg)
+        report = verify_caches(cfg, address=args.address)
         print(report.text())
         return 0 if report.ok else 1
     print(repair_caches(cfg, address=args.address).text())
@@ -220,10 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("compare", cmd_compare, "a method vs its baselines over several seeds (mean ± std), logged to MLflow")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (default: 0 1 2)")
     p.add_argument("--out", default=None, help="write the per-seed results as JSON here")
-    p = add("cache", cmd_cache, "check the spec's teacher caches against their checksums, or repair them")
+    p = add("cache", cmd_cache, "check the spec's teacher caches against their checksums, or repair them", spec=False)
     p.add_argument("action", choices=["verify", "repair"],
                    help="verify: read every part and check it; repair: drop damaged or unreferenced parts, rebuild a "
                         "lost manifest from verified parts, and teach again only the rows they held")
+    _spec_args(p)
+    p.set_defaults(needs_spec=True)
     p = add("promote", cmd_promote, "point an alias at a registered model version (refuses a version that failed its "
                                     "gates unless --force)", spec=False)
     p.add_argument("name", help="the registered model's name")

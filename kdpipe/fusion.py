@@ -282,6 +282,7 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
     fp = fused_fingerprint(cfg, results)
     cache = cache_at(storage.Layout(cfg.storage).cache, "fused", fp)
     with cache.lock():
+        cache.check_usable(cfg.teach.verify)
         todo = rows_missing(source, cache, max(2, cfg.teach.concurrency * 2))
         if todo.rows == 0:
             log.info("fused teacher: reusing cache %s (fingerprint %s)", cache.dir, fp)
@@ -311,7 +312,8 @@ def fuse_caches(cfg: "PipelineConfig", source: "SourceData", results: dict[str, 
                 raise RuntimeError(f"fusion: the member caches lack {todo.rows - got} of {todo.rows} rows; "
                                    "run `kdpipe teach SPEC` first")
             check_staged(staging, todo.tally)
-            manifest = cache.commit(staging, header, source.fingerprint)
+            manifest = cache.commit(staging, header, source.fingerprint, ids={"rows": todo.tally.rows,
+                                                                              "digest": todo.tally.digest})
     log.info("fused teacher (%s over %s): %d new rows -> %s (now %d rows)", f.mode, f.teachers, todo.rows, cache.dir,
              manifest["rows"])
     return TeachResult("fused", cache, fp, todo.rows, False)

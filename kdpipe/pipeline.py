@@ -104,15 +104,12 @@ def check_vocabularies(cfg: PipelineConfig) -> None:
 
 def locate_caches(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachResult]:
     """Find the complete caches for this spec without teaching (for `kdpipe distil`)."""
-    from kdpipe.cache import cache_at
-    from kdpipe.teach import teacher_fingerprint
-    from teachers import TEACHERS
+    from kdpipe.teach import cache_of
 
     out: dict[str, TeachResult] = {}
     for t in cfg.teachers:
-        t = TEACHERS.get(t.kind).resolve(t, source, cfg.storage)
-        fp = teacher_fingerprint(t, TEACHERS.get(t.kind).weights_digest(t))
-        cache = cache_at(storage.Layout(cfg.storage).cache, t.id, fp)
+        _, fp, cache = cache_of(cfg, t, source)
+        cache.check_usable(verify=False)  # a lost manifest is named as such (views verify the files)
         if not cache.is_complete():
             raise KdpipeError(f"no complete cache for teacher '{t.id}' at {cache.dir}; run `kdpipe teach SPEC` first")
         out[t.id] = TeachResult(t.id, cache, fp, 0, True)

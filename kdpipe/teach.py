@@ -154,6 +154,17 @@ def teacher_fingerprint(tcfg: TeacherConfig, digest: str) -> str:
     )
 
 
+def cache_of(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData) -> tuple[TeacherConfig, str, TeacherCache]:
+    """A teacher's cache as the spec names it, training nothing: (teacher with its weights located,
+    fingerprint, cache)."""
+    from teachers import TEACHERS
+
+    cls = TEACHERS.get(tcfg.kind)
+    tcfg = cls.resolve(tcfg, source, cfg.storage)
+    fp = teacher_fingerprint(tcfg, cls.weights_digest(tcfg))
+    return tcfg, fp, cache_at(storage.Layout(cfg.storage).cache, tcfg.id, fp)
+
+
 def teach_one(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData) -> TeachResult:
     """Teach the rows of `source` that the cache does not hold yet; reuse the rest."""
     from teachers import TEACHERS
@@ -174,6 +185,7 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
                    digest: str) -> TeachResult:
     from teachers import TEACHERS
 
+    cache.check_usable(cfg.teach.verify)  # its ids are read next: checked first
     todo = rows_missing(source, cache, read_blocks(cfg.teach, source))
     if todo.rows == 0:
         log.info("teacher %s: reusing cache %s (fingerprint %s)", tcfg.id, cache.dir, fp)
@@ -194,7 +206,8 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
                 raise
             raise root from None
         check_staged(staging, todo.tally)
-        manifest = cache.commit(staging, header, source.fingerprint)
+        manifest = cache.commit(staging, header, source.fingerprint, ids={"rows": todo.tally.rows,
+                                                                          "digest": todo.tally.digest})
     log.info("teacher %s: cache now %d rows in %d part(s)", tcfg.id, manifest["rows"], len(manifest["parts"]))
     return TeachResult(tcfg.id, cache, fp, todo.rows, False)
 
