@@ -70,7 +70,7 @@ def cache_at(root: str | os.PathLike[str], *parts: str) -> "TeacherCache":
 class TeacherCache:
     dir: Path | str  # a local directory, or a URI (`s3://bucket/cache/<teacher>/<fingerprint>`)
     _committed: set[str] = field(default_factory=set, repr=False, compare=False)
-    _verified: dict[str, str] = field(default_factory=dict, repr=False, compare=False)  # file -> sha256 checked
+    _verified: dict[str, tuple[str, Any]] = field(default_factory=dict, repr=False, compare=False)  # file -> (sha256, stamp) checked
 
     @property
     def remote(self) -> bool:
@@ -98,8 +98,9 @@ class TeacherCache:
         return self.manifest() is not None
 
     def files(self, verify: bool = True) -> list[Any]:
-        """Parquet files named by the manifest, each checked against its sha256 when `verify` (once
-        per file for this cache object: a stage's later reads of the same files do not hash again)."""
+        """Parquet files named by the manifest, each checked against its sha256 when `verify` (a local
+        file once per cache object while its size and mtime stay the same: a run's teach and distil
+        stages do not hash the same files twice)."""
         m = self.manifest()
         if m is None:
             raise CacheCorruptError(f"cache {self.dir} has no {MANIFEST}: it is incomplete; run `kdpipe cache repair SPEC` "
@@ -108,13 +109,19 @@ class TeacherCache:
         for part in m["parts"]:
             for f in part["files"]:
                 p = self.location(f["path"])
-                if verify and self._verified.get(str(p)) != f["sha256"]:
+                try:
+                    stamp = storage.stamp(str(p))
+                except FileNotFoundError:
+                    stamp = None
+                why = "is missing" if stamp is None else None
+                if why is None and verify and self._verified.get(str(p)) != (f["sha256"], stamp):
                     why = self.check_file(str(p), f["sha256"])
-                    if why:
-                        raise CacheCorruptError(f"cache file {p} {why} (part {part['name']} of {self.dir}); run "
-                                                "`kdpipe cache repair SPEC`: it drops the damaged part and teaches its "
-                                                "rows again")
-                    self._verified[str(p)] = f["sha256"]
+                if why:
+                    raise CacheCorruptError(f"cache file {p} {why} (part {part['name']} of {self.dir}); run "
+                                            "`kdpipe cache repair SPEC`: it drops the damaged part and teaches its "
+                                            "rows again")
+                if verify and not self.remote:  # object stores' mtimes are too coarse to tell a rewrite apart
+                    self._verified[str(p)] = (f["sha256"], stamp)
                 out.append(p)
         return out
 
@@ -276,8 +283,6 @@ class TeacherCache:
         self.write_manifest(m)
         if self.remote:
             self._committed.add(str(staging))
-        for e in entries:  # hashed just now, by this process
-            self._verified[str(self.location(e["path"]))] = e["sha256"]
         return m
 
     def write_manifest(self, m: dict[str, Any]) -> None:

@@ -117,6 +117,7 @@ def local_copy(loc: str, want: str | None = None, patterns: tuple[str, ...] = WE
         tmp = cache / f".fetch-{uuid.uuid4().hex[:12]}"
         try:
             fs, path = storage.resolve(loc)
+            tmp.mkdir(parents=True)
             pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
             got = digest_local(tmp, patterns)
             if want is not None and got != want:
