@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from typing import Any, Callable
 
@@ -249,6 +250,9 @@ def run_command(args: argparse.Namespace) -> int:
     except SpecError as e:
         print(f"kdpipe: spec error: {e}", file=sys.stderr)
         return 2
+    from kdpipe.runtime import embedded_loopback
+
+    embedded_loopback(os.environ, getattr(args, "address", None))  # before Ray is imported
     from kdpipe.console import configure
 
     configure(args.verbose)

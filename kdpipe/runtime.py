@@ -13,6 +13,22 @@ from kdpipe.errors import StorageError
 log = logging.getLogger("kdpipe")
 
 
+LOOPBACK_ENV = {
+    # Ray's own switch for a one-machine cluster (what it does on macOS and Windows): the node's
+    # address is 127.0.0.1, and its GCS, raylet, workers and agents then listen on loopback only.
+    # Read when Ray is imported, so it is set before that (`embedded_loopback`).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
+def embedded_loopback(environ: Any, address: str | None) -> None:
+    """Before Ray is imported: an embedded local Ray (no address given, none in `RAY_ADDRESS`)
+    listens on loopback only; a value the user exported wins."""
+    if not (address or environ.get("RAY_ADDRESS")):
+        for key, value in LOOPBACK_ENV.items():
+            environ.setdefault(key, value)
+
+
 def init_ray(address: str | None = None, verbose: bool = False) -> None:
     import ray
 
@@ -23,6 +39,7 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        embedded_loopback(os.environ, None)  # for the processes Ray starts (the driver's was read at import)
         local_train_settings(os.environ)
         # Local: the dashboard stays off (and would bind to 127.0.0.1 only); all the machine's CPUs.
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
