@@ -160,6 +160,8 @@ def write_text(loc: str, text: str) -> None:
     (S3 and GCS publish an object only when its upload completes). Local writers that need atomic
     replacement (the cache manifest) write a temporary file and rename it themselves."""
     fs, path = resolve(loc)
+    if not is_remote(loc):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     with fs.open_output_stream(path) as fh:
         fh.write(text.encode())
 

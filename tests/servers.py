@@ -78,19 +78,34 @@ class MlflowServer:
         stop_group(self.proc)
 
 
+def can_unshare() -> bool:
+    """Whether this machine lets a process start in a mount namespace of its own (root, or a
+    user namespace), which the cluster fixture uses to give its worker node a disk view of its own."""
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
 class RayCluster:
-    """A head node plus a second worker node on this machine, isolated by their own temp dir;
-    teardown kills only processes of this cluster (never `ray stop`, which would kill every Ray)."""
+    """A head node plus a second worker node on this machine, each with its own temp dir, its own
+    node cache of teacher weights (`KDPIPE_NODE_CACHE`) and, where the machine allows it
+    (`can_unshare`), its own view of the disk: `head_local` is a directory the head node's
+    processes see and the worker node's do not (a tmpfs is mounted over it in the worker's mount
+    namespace), as a node-local disk of a real cluster. Teardown kills only processes of this
+    cluster (never `ray stop`, which would kill every Ray)."""
 
     def __init__(self, root: Path, head_cpus: int = 2, worker_cpus: int = 1) -> None:
         self.tmp = Path("/tmp") / f"kdray{os.getpid()}{free_port()}"  # short: Ray's socket paths have a length limit
         self.gcs_port, self.dash_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dash_port}"
+        self.head_local = root / "head-local"
+        self.head_local.mkdir(parents=True, exist_ok=True)
+        self.separate_disks = can_unshare()
         ray = str(BIN / "ray")
         # explicit: Ray turns token auth on by itself when ~/.ray/auth_token exists, and the CLI then cannot join
         # PATH: like ray_cluster.yaml, the nodes run with the project's venv first, so a job's `python` is it
-        env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}  # nodes of a cluster
+        env.update({"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"})
         try:
             self._start(ray, env, head_cpus, worker_cpus)
         except BaseException:
@@ -103,11 +118,19 @@ class RayCluster:
         subprocess.run([ray, "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={head_cpus}",
                         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash_port}",
                         f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={self.tmp}", "--disable-usage-stats"],
-                       check=True, env=env, capture_output=True)
-        subprocess.run([ray, "start", f"--address={self.address}", f"--num-cpus={worker_cpus}", "--disable-usage-stats",
-                        f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={self.tmp}w"],
-                       check=True, env=env, capture_output=True)
+                       check=True, env={**env, "KDPIPE_NODE_CACHE": f"{self.tmp}/node-cache"}, capture_output=True)
+        worker = [ray, "start", f"--address={self.address}", f"--num-cpus={worker_cpus}", "--disable-usage-stats",
+                  f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={self.tmp}w"]
+        if self.separate_disks:  # the worker's processes see an empty tmpfs where the head sees head_local
+            worker = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                      f"mount -t tmpfs tmpfs {self.head_local} && exec " + " ".join(worker)]
+        subprocess.run(worker, check=True, env={**env, "KDPIPE_NODE_CACHE": f"{self.tmp}w/node-cache"},
+                       capture_output=True)
         wait_http(self.dashboard + "/api/version")
+
+    def job_dirs(self) -> list[Path]:
+        """Every node's unpacked job working directories (what Ray deletes with each job)."""
+        return [p for t in (self.tmp, Path(f"{self.tmp}w")) for p in t.glob("session_*/runtime_resources/working_dir_files/*")]
 
     def stop(self) -> None:
         import psutil

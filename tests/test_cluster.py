@@ -1,46 +1,117 @@
-"""`kdpipe submit` against a real multi-node Ray cluster started on this machine (head + worker node)."""
+"""`kdpipe submit` to a 2-node Ray cluster that behaves like a real one, as the README's cluster
+section says to: each node has its own temp and job directories and its own node cache (and,
+where the machine allows it, its own view of the disk), the storage root is a bucket of a real
+S3 server every node reaches, the tracking server is a real `mlflow server`.
+
+Submitted twice, the default pipeline succeeds both times wherever its actors land, and the second
+submission teaches nothing: the caches and the trained teacher live in the bucket, not in a job
+folder. A storage root inside the job folder, or on one node's disk only, is refused before
+anything is taught; a tracking URI only this machine can write is refused before anything is sent.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import tiny_overrides
-from tests.servers import RayCluster
+from tests.conftest import ROOT
+from tests.servers import BIN, MlflowServer, RayCluster, S3Server
 
-pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # a second Ray cluster beside the session one: `make test-all`
+pytestmark = pytest.mark.timeout(900)
 
-
-def test_submit_default_pipeline_to_cluster(tmp_path: Path, capsys) -> None:
-    from kdpipe.ops import submit
-
-    cluster = RayCluster(tmp_path / "ray")
-    try:
-        o = tiny_overrides(tmp_path, **{"evaluate.baseline": False})
-        sets = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]" for k, v in o.items()]
-        job_id, status = submit("pipelines/digits_kd.yaml", cluster.dashboard, sets, follow=True, timeout_s=600)
-        on_worker = _work_on_worker_node(cluster)
-    finally:
-        cluster.stop()
-    out = capsys.readouterr().out
-    assert status == "SUCCEEDED", out[-3000:]
-    assert "MLflow run:" in out and "registered model: models:/digits-student/1" in out
-    client = MlflowClient(o["tracking.tracking_uri"])
-    runs = client.search_runs([client.get_experiment_by_name("kdpipe-digits").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert (tmp_path / "cache" / "digits_mlp").is_dir()
-    assert on_worker, "no task or actor of the job ran on the second node"
+QUICK = {"teachers.0.params.epochs": 40, "teachers.0.params.hidden": [128], "train.epochs": 3,
+         "train.checkpoint_every": 3, "evaluate.baseline_epochs": 2}
 
 
-def _work_on_worker_node(cluster: RayCluster) -> list[str]:
+def submit(dashboard: str, env: dict[str, str], *sets: str) -> subprocess.CompletedProcess:
+    """`kdpipe submit pipelines/digits_kd.yaml --address DASHBOARD --set ...`, run as a user runs it."""
+    args = [a for o in sets for a in ("--set", o)] + [a for k, v in QUICK.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    return subprocess.run([str(BIN / "kdpipe"), "submit", "pipelines/digits_kd.yaml", "--address", dashboard, *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    s3 = S3Server(root / "s3")
+    mlflow = MlflowServer(root / "mlflow")
+    cluster = RayCluster(root / "ray")
+    # the README's cluster section: the tracking server and the bucket's credentials in the environment
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+           **s3.env, "MLFLOW_TRACKING_URI": mlflow.uri}
+    yield cluster, s3, mlflow, env
+    cluster.stop()
+    mlflow.stop()
+    s3.stop()
+
+
+def test_submitted_twice_both_succeed_and_the_second_teaches_nothing(world) -> None:
+    cluster, s3, mlflow, env = world
+    storage = f"storage=s3://{s3.bucket}/kdpipe"
+    first = submit(cluster.dashboard, env, storage)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    assert "taught 1797 rows" in first.stdout and "registered model: models:/digits-student/1" in first.stdout
+    second = submit(cluster.dashboard, env, storage)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    assert "(reused, fingerprint" in second.stdout and "taught" not in second.stdout.split("MLflow run:")[0]
+    assert "registered model: models:/digits-student/2" in second.stdout
+    assert "teacher digits_mlp: reusing s3://" in second.stdout  # the teacher trained by the first job, from the bucket
+
+    # quiet job logs: kdpipe's lines, not every library's debug output
+    assert "font_manager" not in first.stdout and "urllib3" not in first.stdout
+    # the runs know the code they ran, computed where the user submitted
+    client = MlflowClient(mlflow.uri)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    v = client.get_model_version("digits-student", "2")
+    assert v.tags["kdpipe.git_commit"] == head != "unknown"
+    # nothing of kdpipe's landed in a job folder; everything is in the bucket
+    assert not [p for d in cluster.job_dirs() for p in d.rglob(".kdpipe")]
+    fs = s3.filesystem()
+    listed = {f.path.split("/")[2] for f in fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector(
+        f"{s3.bucket}/kdpipe", recursive=True)) if f.path.count("/") >= 2}
+    assert {"cache", "teachers", "ray_results", "index"} <= listed, listed
+    assert _ran_on_worker_node(cluster), "no task or actor of the jobs ran on the second node"
+
+
+def test_a_storage_root_in_the_job_folder_is_refused_before_anything_runs(world) -> None:
+    cluster, s3, _, env = world
+    out = submit(cluster.dashboard, env)  # the spec's default: a relative .kdpipe, i.e. inside the job's folder
+    assert out.returncode == 1
+    assert "inside this Ray job's working directory" in out.stdout and "s3://" in out.stdout
+    assert "Traceback" not in out.stdout.split("kdpipe: error:")[-1]
+
+
+def test_a_storage_root_on_one_nodes_disk_is_refused(world) -> None:
+    cluster, s3, _, env = world
+    if not cluster.separate_disks:
+        pytest.skip("this machine cannot give the worker node a disk view of its own (no mount namespace)")
+    out = submit(cluster.dashboard, env, f"storage={cluster.head_local / 'kdpipe'}")
+    assert out.returncode == 1
+    assert "is not shared by every node" in out.stdout and "cannot read what the driver wrote" in out.stdout
+
+
+def test_a_tracking_uri_only_this_machine_can_write_is_refused_before_submitting(tmp_path: Path) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
+    out = subprocess.run([str(BIN / "kdpipe"), "submit", "pipelines/digits_kd.yaml", "--address", "http://127.0.0.1:9",
+                          "--set", "storage=s3://bucket/kdpipe"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and "mlflow server" in out.stderr and "Traceback" not in out.stderr
+
+
+def _ran_on_worker_node(cluster: RayCluster) -> list[str]:
     """Names of the tasks and actors that ran on the non-head node (Ray's state API)."""
     from ray.util.state import list_actors, list_nodes, list_tasks
 
     nodes = list_nodes(address=cluster.dashboard)
     worker = [n.node_id for n in nodes if not n.is_head_node]
     assert len(worker) == 1, nodes
-    tasks = list_tasks(address=cluster.dashboard, filters=[("node_id", "=", worker[0])], limit=10_000, raise_on_missing_output=False)
-    actors = list_actors(address=cluster.dashboard, filters=[("node_id", "=", worker[0])], limit=10_000, raise_on_missing_output=False)
+    tasks = list_tasks(address=cluster.dashboard, filters=[("node_id", "=", worker[0])], limit=10_000,
+                       raise_on_missing_output=False)
+    actors = list_actors(address=cluster.dashboard, filters=[("node_id", "=", worker[0])], limit=10_000,
+                         raise_on_missing_output=False)
     return sorted({t.name for t in tasks} | {a.class_name for a in actors})
