@@ -23,7 +23,7 @@ def main() -> dict:
     from kdpipe.arrays import to_fixed_list
     from kdpipe.config import SourceConfig, TeacherConfig
     from kdpipe.losses.functional import topk_teacher_logprobs
-    from kdpipe.sources import load_source
+    from kdpipe.data import load_source
     from kdpipe.teach import topk_compress
     from teachers.mlp import MLPTeacher
 

@@ -64,7 +64,7 @@ def _kdpipe(tcfg: object, text_file: Path, cache_root: Path, cpus: int) -> tuple
     """`teach_one` on a text source of the same glosses: Ray Data read, one actor with `cpus` CPUs,
     forward + encoding, Parquet write, exactly-once row check, checksums, manifest."""
     from kdpipe.config import parse_spec
-    from kdpipe.sources import load_source
+    from kdpipe.data import load_source
     from kdpipe.teach import teach_one
 
     cfg = parse_spec({

@@ -15,7 +15,7 @@ def main(batch: int = 512) -> dict:
     from kdpipe.arrays import to_numpy
     from kdpipe.config import SourceConfig, TeacherConfig
     from kdpipe.losses.functional import kd_dense, masked_ce
-    from kdpipe.sources import load_source
+    from kdpipe.data import load_source
     from kdpipe.train import make_optimizer
     from students.mlp import MLPStudent
     from teachers.mlp import MLPTeacher

@@ -20,7 +20,7 @@ rows, data = int(sys.argv[1]), Path(sys.argv[2])
 from bench.common import big_digits_teacher
 from kdpipe.config import parse_spec
 from kdpipe.runtime import init_ray
-from kdpipe.sources import load_source
+from kdpipe.data import load_source
 from kdpipe.teach import teach_one
 tmp = Path(tempfile.mkdtemp(prefix="kdmem-"))
 big_digits_teacher(tmp / "t", [256])

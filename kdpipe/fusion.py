@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     from kdpipe.spec import PipelineConfig
-    from kdpipe.sources import SourceData
+    from kdpipe.data import SourceData
     from kdpipe.teach import TeachResult
 
 log = logging.getLogger("kdpipe.fusion")

@@ -104,12 +104,16 @@ def comparable(champion: Any, id_scheme: str, split: dict[str, Any]) -> str | No
 
 
 def log_and_register(run_id: str, student: nn.Module, example: dict[str, np.ndarray], model_name: str,
-                     tags: dict[str, str], spec: dict[str, Any]) -> Any:
+                     tags: dict[str, str], spec: dict[str, Any], columns: list[str] | None = None,
+                     classes: list[str] | None = None) -> Any:
     """Log the student and register a new version. Nothing in it is a pickle: a Hugging Face
     student (one with `hf_model`, `hf_tokenizer()` and `save_hf_extras(dir)`; optional `hf_task`)
     goes through `mlflow.transformers` (safetensors); any other is
     an exported program (`mlflow.pytorch`, pt2, for other tools) plus kdpipe's own flavor —
-    safetensors weights and the student spec — which is all kdpipe itself ever loads back."""
+    safetensors weights and the student spec — which is all kdpipe itself ever loads back. A
+    student of a table's named feature `columns` is served by `pyfunc` on a DataFrame of those
+    columns instead (`kdpipe.tabular_model`, with the exported program), one output per class
+    (`classes`, when the labels were names)."""
     import tempfile
     from pathlib import Path
 
@@ -121,7 +125,10 @@ def log_and_register(run_id: str, student: nn.Module, example: dict[str, np.ndar
     client = MlflowClient()
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "student"
-        _save_exported(student, example, path)
+        if columns:
+            _save_tabular(student, example, path, columns, classes, Path(d))
+        else:
+            _save_exported(student, example, path)
         _add_kdpipe_flavor(path, student, spec)
         found = pickles_in(path)
         if found:  # a new torch or MLflow started writing pickles: refuse rather than ship them
@@ -158,6 +165,37 @@ def _save_exported(student: nn.Module, example: dict[str, np.ndarray], path: Any
                                   input_example=tuple(arrays) if tokens else arrays[0],
                                   pip_requirements=_requirements("torch", "numpy"))
     _blank_sample_inputs(path / "data" / "model.pt2")
+
+
+def _save_tabular(student: nn.Module, example: dict[str, np.ndarray], path: Any, columns: list[str],
+                  classes: list[str] | None, work: Any) -> None:
+    """A pyfunc "model from code" (`kdpipe.tabular_model`) over the student's exported program: its
+    signature names the feature columns (doubles: a DataFrame of ints or floats passes) and one
+    float output per class."""
+    from pathlib import Path
+
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    model = InferenceModel(student).eval()
+    x = np.array(example["x"], dtype=np.float32)
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (torch.from_numpy(np.concatenate([x, x])),), dynamic_shapes=({0: batch},))
+    pt2 = Path(work) / "model.pt2"
+    torch.export.save(program, str(pt2))
+    _blank_sample_inputs(pt2)
+    with torch.no_grad():
+        width = int(model(torch.from_numpy(x)).shape[1])
+    outputs = list(classes) if classes and len(classes) == width else [f"logit_{i}" for i in range(width)]
+    signature = ModelSignature(Schema([ColSpec("double", c) for c in columns]),
+                               Schema([ColSpec("float", o) for o in outputs]))
+    code = Path(__file__).with_name("tabular_model.py")
+    mlflow.pyfunc.save_model(str(path), python_model=str(code), artifacts={"program": str(pt2)}, signature=signature,
+                             input_example=pd.DataFrame(x[:2].astype(np.float64), columns=columns),
+                             model_config={"outputs": outputs}, pip_requirements=_requirements("torch", "numpy",
+                                                                                              "pandas", "mlflow"))
 
 
 def _blank_sample_inputs(pt2: Any) -> None:

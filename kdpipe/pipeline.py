@@ -16,7 +16,7 @@ import yaml
 from kdpipe import storage
 from kdpipe.errors import KdpipeError
 from kdpipe.spec import PipelineConfig
-from kdpipe.sources import SourceData, load_source
+from kdpipe.data import SourceData, load_source
 from kdpipe.teach import TeachResult
 
 log = logging.getLogger("kdpipe")
@@ -66,9 +66,29 @@ def prepare(cfg: PipelineConfig, address: str | None = None) -> tuple[SourceData
     source = load_source(cfg.source, quarantine_dir(cfg), storage.Layout(cfg.storage).index)
     if source.bad_rows:
         log.warning("%d bad input rows skipped; quarantined to %s", source.bad_rows, source.quarantine_path)
+    check_rows(cfg, source)
+    log.info("source: %d rows: %s", source.num_rows, source.describe_rows())
     init_ray(address)
     check_storage(cfg.storage)  # every node reaches the storage root, or nothing is taught or trained
     return source, uri
+
+
+def check_rows(cfg: PipelineConfig, source: SourceData) -> None:
+    """The splits every stage needs hold rows: no training on an empty train split, no comparison
+    on an empty test split (or one without a label, where the gate metric needs labels)."""
+    n, s = source.split_rows, cfg.source.split
+    if not n:
+        return
+    fix = "add rows, or change source.split"
+    if n.get("train", 0) == 0:
+        raise KdpipeError(f"source: the train split holds no rows (of {source.num_rows}; source.split val={s.val}, "
+                          f"test={s.test}); {fix}")
+    if n.get("test", 0) == 0:
+        raise KdpipeError(f"source: the test split holds no rows (source.split.test={s.test} of {source.num_rows} rows); "
+                          f"every model is compared on it: {fix} (test: 0.25 is the default)")
+    if cfg.evaluate.task == "classification" and source.labeled_rows.get("test", 0) == 0:
+        raise KdpipeError(f"source: none of the {n['test']} test rows has a label, so {cfg.tracking.gates.metric} cannot "
+                          "be measured; give the source a `label:` column with labels on some of its rows")
 
 
 def teach(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachResult]:
@@ -135,7 +155,8 @@ def student_meta(cfg: PipelineConfig, source: SourceData, train: Any) -> Any:
     sample = train.take_batch(2, batch_format="numpy")
     widths = {k: int(v.reshape(len(v), -1).shape[1]) for k, v in sample.items() if "." in k and getattr(v, "ndim", 1) >= 2}
     num_classes = source.num_classes or cfg.source.num_classes or 0
-    meta = StudentMeta(in_dim=source.dim, num_classes=num_classes, teachers=teachers, widths=widths)
+    meta = StudentMeta(in_dim=source.dim, num_classes=num_classes, teachers=teachers, widths=widths,
+                       class_names=source.class_names, feature_columns=source.feature_columns)
     with torch.no_grad():
         out = build_student(cfg.student.kind, cfg.student.params, meta).eval()(float_batch(sample))
     for k, v in out.items():
@@ -342,8 +363,10 @@ def ship(cfg: PipelineConfig, meta: Any, views: Any, run: Any, student: Any, sco
             "kdpipe.id_scheme": id_scheme(cfg), "kdpipe.split": json.dumps(cfg.source.split.id_settings(), sort_keys=True),
             "kdpipe.gate_reasons": gate.reasons()}
     spec = {"kind": cfg.student.kind, "params": cfg.student.params, "meta": meta.as_dict()}
+    if meta.class_names:
+        tags["kdpipe.classes"] = json.dumps(meta.class_names)[:5000]
     version = reg.log_and_register(run.run_id, model, serving_example(model, views.test), cfg.tracking.model_name, tags,
-                                   spec)
+                                   spec, columns=meta.feature_columns, classes=meta.class_names)
     if getattr(model, "exit_depths", None) and hasattr(model, "save_hf"):
         reg.log_exit_models(run.client, run.run_id, model)
     if gate.passed and lock is not None and not lock.still_held():

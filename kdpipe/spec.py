@@ -37,7 +37,8 @@ class SplitConfig(Strict):
     """Hash-based split: a row's split depends only on its id, so new rows never reshuffle old ones."""
 
     val: float = Field(0.15, ge=0.0, lt=1.0, description="share of rows in the validation split")
-    test: float = Field(0.25, ge=0.0, lt=1.0, description="share of rows held out for the test split")
+    test: float = Field(0.25, gt=0.0, lt=1.0, description="share of rows held out for the test split (every "
+                                                              "model is compared there: it cannot be empty)")
     labeled_fraction: float = Field(
         1.0, gt=0.0, le=1.0,
         description="share of the labeled train rows whose label the models may see (an experiment setting: "

@@ -17,7 +17,7 @@ from kdpipe.cache import TeacherCache, cache_at, fingerprint
 from kdpipe.errors import KdpipeError
 from kdpipe.spec import PipelineConfig, TeacherConfig
 from kdpipe.progress import TeachProgress
-from kdpipe.sources import SourceData
+from kdpipe.data import SourceData
 from kdpipe.todo import check_staged, rows_missing
 
 log = logging.getLogger("kdpipe.teach")

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from kdpipe import storage
 from kdpipe.cache import TeacherCache, staged_files
-from kdpipe.sources import SourceData, id_multiset_hash
+from kdpipe.data import SourceData, id_multiset_hash
 from kdpipe.arrays import find_sorted, id_keys
 
 ID_BYTES = 40  # what one cached id costs, for planning the anti-join (20 hex chars + Arrow offsets, rounded up)

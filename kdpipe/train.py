@@ -29,6 +29,8 @@ class StudentMeta:
     num_classes: int
     teachers: list[str]
     widths: dict[str, int]
+    class_names: list[str] | None = None  # labels that were names: class i is class_names[i]
+    feature_columns: list[str] | None = None  # a table's feature columns, in input order
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -21,7 +21,7 @@ from kdpipe import storage
 from kdpipe.arrays import find_sorted, id_keys
 from kdpipe.cache import TeacherCache
 from kdpipe.errors import KdpipeError
-from kdpipe.sources import SourceData
+from kdpipe.data import SourceData
 
 log = logging.getLogger("kdpipe.views")
 

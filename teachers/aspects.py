@@ -26,7 +26,7 @@ from teachers.mlp import MLPParams, MLPTeacher
 
 if TYPE_CHECKING:
     from kdpipe.spec import TeacherConfig
-    from kdpipe.sources import SourceData
+    from kdpipe.data import SourceData
 
 
 class Aspect(BaseModel):

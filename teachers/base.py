@@ -13,7 +13,7 @@ from kdpipe.weights import WEIGHT_PATTERNS
 
 if TYPE_CHECKING:
     from kdpipe.spec import TeacherConfig
-    from kdpipe.sources import SourceData
+    from kdpipe.data import SourceData
 
 
 class Teacher:

@@ -47,7 +47,7 @@ from teachers.base import Teacher, digest_dir
 
 if TYPE_CHECKING:
     from kdpipe.spec import TeacherConfig
-    from kdpipe.sources import SourceData
+    from kdpipe.data import SourceData
 
 log = logging.getLogger("kdpipe.teachers.hf_causal_lm")
 

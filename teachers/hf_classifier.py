@@ -30,7 +30,7 @@ from teachers.hf_encoder import HFEncoderParams, HFEncoderTeacher
 
 if TYPE_CHECKING:
     from kdpipe.spec import TeacherConfig
-    from kdpipe.sources import SourceData
+    from kdpipe.data import SourceData
 
 SUPPORTED_OUTPUTS = {"logits", "topk", "embedding", "tokens", "features", "attn_rel", "value_rel"}
 

@@ -32,7 +32,7 @@ from teachers.base import Teacher, digest_dir
 
 if TYPE_CHECKING:
     from kdpipe.spec import TeacherConfig
-    from kdpipe.sources import SourceData
+    from kdpipe.data import SourceData
 
 SUPPORTED_OUTPUTS = {"embedding", "tokens", "features", "attn_rel", "value_rel"}
 WEIGHT_FILES = ("*.safetensors", "*.json", "*.bin", "*.txt", "*.model", "*.py")  # *.py: remote code changes outputs too

@@ -39,7 +39,7 @@ from teachers import TEACHERS
 from teachers.base import Teacher
 
 if TYPE_CHECKING:
-    from kdpipe.sources import SourceData
+    from kdpipe.data import SourceData
     from kdpipe.spec import TeacherConfig
 
 log = logging.getLogger("kdpipe.teachers.mlp")
@@ -78,12 +78,13 @@ class FitPlan:
     params, input width, classes and the multiset of (id, label) pairs."""
 
     def __init__(self, source: "SourceData", p: MLPParams) -> None:
-        from kdpipe.sources import id_digest
+        from kdpipe.data import id_digest
 
         picked, n = [], 0
         for batch in _index_batches(source):
-            mask = pc.equal(batch["split"], "train")
-            mask = pc.and_(mask, batch["labeled"]) if p.train_on == "labeled" else pc.and_(mask, pc.greater_equal(batch["label"], 0))
+            mask = pc.and_(pc.equal(batch["split"], "train"), pc.greater_equal(batch["label"], 0))
+            if p.train_on == "labeled":  # the labels the student may see too; all_train: every train label
+                mask = pc.and_(mask, batch["labeled"])
             if p.classes is not None:
                 mask = pc.and_(mask, pc.is_in(batch["label"], value_set=pa.array(p.classes, pa.int64())))
             sel = batch.filter(mask).slice(0, p.fit_rows - n)

@@ -205,7 +205,7 @@ def test_source_file_edited_between_index_and_teach_is_refused(ray_local, tmp_pa
     """The teacher actors read rows by position; if the file changed after indexing they stop
     with an error naming the file, and nothing is published."""
     from kdpipe.config import parse_spec
-    from kdpipe.sources import SourceChangedError, load_source
+    from kdpipe.data import SourceChangedError, load_source
     from kdpipe.teach import teach_one
 
     data = tmp_path / "rows.jsonl"

@@ -17,7 +17,7 @@ from kdpipe.arrays import to_fixed_list, to_numpy
 from kdpipe.cache import TeacherCache
 from kdpipe.config import load_spec
 from kdpipe.fusion import fuse, fuse_caches, fuse_dynamic, fuse_static, fuse_uniform, fusion_objective
-from kdpipe.sources import SourceData
+from kdpipe.data import SourceData
 from kdpipe.teach import TeachResult, topk_compress
 
 # Two experts that each know half of 4 classes and a weak generalist, on a row of class 0:

@@ -10,7 +10,7 @@ import pytest
 
 from kdpipe.config import GateConfig, KdpipeError, SourceConfig, TeacherConfig
 from kdpipe.model_registry import evaluate_gates
-from kdpipe.sources import load_source
+from kdpipe.data import load_source
 from teachers.mlp import MLPTeacher
 
 

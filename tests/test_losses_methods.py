@@ -277,7 +277,7 @@ def test_group_logits_is_the_log_odds_of_the_group() -> None:
 
 
 def _tiny_source(n: int = 48, classes: int = 4, dim: int = 6):
-    from kdpipe.sources import SourceData
+    from kdpipe.data import SourceData
 
     rng = np.random.default_rng(0)
     y = np.arange(n) % classes

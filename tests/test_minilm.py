@@ -234,7 +234,7 @@ def test_narrow_student_starts_from_projected_teacher_embeddings() -> None:
 
 def test_wordnet_reader_limit_yields_real_glosses() -> None:
     from kdpipe.datasets.wordnet import LEXNAMES, read_wordnet
-    from kdpipe.sources import load_source
+    from kdpipe.data import load_source
 
     rows, files = read_wordnet(SourceConfig(kind="wordnet", limit=200))
     assert len(rows) == 200 and len(files) == 4

@@ -22,7 +22,7 @@ def test_full_pipeline_teach_cache_distil_track(ray_local, tmp_path: Path, monke
     """The default pipeline end to end; its distil stage runs with every driver-side read of rows
     (`ray.data.from_arrow` of a table, reading a whole cache, the source table or index) turned
     into an error, so it trains, evaluates and registers from Ray Data alone."""
-    from kdpipe.sources import SourceData
+    from kdpipe.data import SourceData
 
     # the default pipeline as `make demo` runs it, only its outputs moved under tmp_path
     paths = {k: v for k, v in tiny_overrides(tmp_path).items() if k in ("storage", "tracking.tracking_uri")}

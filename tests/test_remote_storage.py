@@ -147,7 +147,7 @@ def test_remote_source_is_indexed_and_its_bad_rows_quarantined_in_the_bucket(s3_
     back; a path that matches nothing names the URI."""
     from kdpipe import storage
     from kdpipe.config import SourceConfig
-    from kdpipe.sources import BadInputError, load_source
+    from kdpipe.data import BadInputError, load_source
 
     b = s3_env.bucket
     good = [{"text": f"gloss number {i}", "label": i % 3} for i in range(20)]

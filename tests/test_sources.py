@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kdpipe.config import SourceConfig
-from kdpipe.sources import BadInputError, load_source
+from kdpipe.data import BadInputError, load_source
 
 
 def test_digits_ids_and_splits_are_stable() -> None:
@@ -115,22 +115,25 @@ def test_duplicates_are_found_a_bucket_at_a_time(tmp_path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kdpipe.sources import RAW_SCHEMA, _duplicate_rows
+    from kdpipe.data.index import RAW_SCHEMA, duplicate_rows
 
     rng = np.random.default_rng(0)
     digests = rng.integers(0, 50, 300).astype(np.uint64) * np.uint64(2**40 + 7)  # many repeats
     raw = tmp_path / "raw.parquet"
     n = len(digests)
-    pq.write_table(pa.table({"id": [str(d) for d in digests], "label": np.zeros(n, np.int64),
-                             "file": np.zeros(n, np.int32), "row": np.arange(n), "digest": digests}, schema=RAW_SCHEMA),
-                   raw, row_group_size=64)
-    seen, want = set(), []
+    pq.write_table(pa.table({"id": [str(d) for d in digests], "label": pa.nulls(n, pa.string()),
+                             "key": pa.nulls(n, pa.string()), "file": np.zeros(n, np.int32), "row": np.arange(n), "seq": np.arange(n),
+                             "digest": digests}, schema=RAW_SCHEMA), raw, row_group_size=64)
+    first: dict[int, int] = {}
+    want, want_first = [], []
     for i, d in enumerate(digests.tolist()):
-        if d in seen:
+        if d in first:
             want.append(i)
-        seen.add(d)
+            want_first.append(first[d])
+        first.setdefault(d, i)
     for rows_per_pass in (10**6, 64, 7):
-        assert _duplicate_rows(raw, rows_per_pass).tolist() == want
+        repeats, firsts = duplicate_rows(raw, rows_per_pass)
+        assert repeats.tolist() == want and firsts.tolist() == want_first
 
 
 def test_index_pass_keeps_no_inputs_and_rereads_exact_rows(tmp_path) -> None:
@@ -140,16 +143,17 @@ def test_index_pass_keeps_no_inputs_and_rereads_exact_rows(tmp_path) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    import kdpipe.sources as sources
-    from kdpipe.sources import id_multiset_hash
+    import kdpipe.data.index as sources
+    import kdpipe.data.readers as readers
+    from kdpipe.data import id_multiset_hash
 
     f = tmp_path / "d.parquet"
     _digits_parquet(f, 900, row_group=128)
     t = pq.read_table(f)
     pq.write_table(pa.concat_tables([t, t.slice(0, 5)]), f, row_group_size=128)  # 5 exact duplicates at the end
     cfg = SourceConfig(kind="parquet", path=str(f), features="x", label="label")
-    old_chunk = sources.CHUNK_ROWS
-    sources.CHUNK_ROWS = 100  # many chunks per row group boundary
+    old_chunk = readers.CHUNK_ROWS
+    readers.CHUNK_ROWS = 100  # many chunks per row group boundary
     try:
         src = load_source(cfg)
         assert src.table_ is None and "x" not in src.index.column_names
@@ -162,13 +166,13 @@ def test_index_pass_keeps_no_inputs_and_rereads_exact_rows(tmp_path) -> None:
         assert rows["id"].to_pylist() == some["id"].to_pylist()
         full = src.table
     finally:
-        sources.CHUNK_ROWS = old_chunk
+        readers.CHUNK_ROWS = old_chunk
     assert full.num_rows == 900
     assert full["x"].to_pylist() == t["x"].to_pylist()  # read back by position: every row, in file order
 
 
 def test_file_changed_after_indexing_is_detected(tmp_path) -> None:
-    from kdpipe.sources import SourceChangedError
+    from kdpipe.data import SourceChangedError
 
     f = tmp_path / "d.jsonl"
     _write_jsonl(f, [{"text": f"row {i}"} for i in range(10)])

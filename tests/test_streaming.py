@@ -46,7 +46,7 @@ def test_views_join_every_part_keep_fp16_and_hide_labels(ray_local, tmp_path: Pa
     from kdpipe.cache import TeacherCache
     from kdpipe.evaluate import float_batch
     from kdpipe.pipeline import prepare, teach
-    from kdpipe.sources import SourceData
+    from kdpipe.data import SourceData
     from kdpipe.todo import IdTally, rows_missing
     from kdpipe.views import build_views
 

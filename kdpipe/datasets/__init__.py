@@ -1,1 +1,1 @@
-"""Offline datasets that packages ship (read by kdpipe/sources.py)."""
+"""Offline datasets that packages ship (read by kdpipe.data.readers)."""

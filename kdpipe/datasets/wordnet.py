@@ -3,7 +3,7 @@
 Each synset line of ``data.{noun,verb,adj,adv}`` holds its lexicographer file number (one of 45
 categories such as ``noun.animal`` or ``verb.motion``: the label), its lemmas and, after ``|``,
 its gloss: definitions, then quoted examples. A row is ``{"text": definition, "label": lexfile,
-"word": first lemma}``; `kdpipe.sources` keeps ``text`` and ``label``.
+"word": first lemma}``; `kdpipe.data` keeps ``text`` and ``label``.
 """
 
 from __future__ import annotations

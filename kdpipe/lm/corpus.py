@@ -4,7 +4,7 @@ Text: every synset definition of WordNet (`kdpipe.datasets.wordnet`, ≈117k glo
 WordPiece tokens), deduplicated. Nothing is downloaded.
 
 Held-out split (fixed, documented): a gloss's split is a function of its text alone, computed
-exactly as `kdpipe.sources` splits a source row: ``u = unit(salt, row_id(utf8(text)))``, then
+exactly as `kdpipe.data` splits a source row: ``u = unit(salt, row_id(utf8(text)))``, then
 ``test`` if ``u < test``, ``val`` if ``u < test + val``, else ``train``. With the defaults
 (salt ``kdpipe``, val 0.15, test 0.25, the defaults of ``source.split``) a teacher pretrained on
 the ``train`` glosses has never seen a row that a ``kind: wordnet`` pipeline with the default
@@ -89,8 +89,8 @@ def check_holdout(teacher_id: str, setting: str, split: CorpusSplit, source: Any
 
 
 def split_of(text: str, split: CorpusSplit) -> Literal["train", "val", "test"]:
-    """The split of one text: the same hashing as `kdpipe.sources` (row id of the stripped text)."""
-    from kdpipe.sources import _unit, row_id
+    """The split of one text: the same hashing as `kdpipe.data` (row id of the stripped text)."""
+    from kdpipe.data.checks import row_id, unit as _unit
 
     u = _unit(split.salt, row_id(text.strip().encode("utf-8")))
     return "test" if u < split.test else ("val" if u < split.test + split.val else "train")
@@ -116,7 +116,7 @@ def _all_glosses(wordnet_dir: str) -> tuple[tuple[str, int], ...]:
 @functools.lru_cache(maxsize=8)
 def _units(wordnet_dir: str, salt: str) -> np.ndarray:
     """The split hash u ∈ [0, 1) of every gloss of `_all_glosses` (one pass, cached per salt)."""
-    from kdpipe.sources import _unit, row_id
+    from kdpipe.data.checks import row_id, unit as _unit
 
     return np.array([_unit(salt, row_id(t.encode("utf-8"))) for t, _ in _all_glosses(wordnet_dir)])
 
