@@ -112,7 +112,8 @@ def save(name: str, data: dict[str, Any]) -> Path:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = {**data, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                                "torch_threads": torch.get_num_threads()}, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                                "torch_threads": torch.get_num_threads()}, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "commit": short_commit(), "host": platform.node()}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2))
     return path

@@ -44,7 +44,7 @@ def configure(verbose: bool) -> None:
     import mlflow  # noqa: F401
     import ray  # noqa: F401
 
-    for name in ("ray", "mlflow", "alembic", "urllib3", "filelock"):
+    for name in ("ray", "mlflow", "alembic", "urllib3", "filelock", "matplotlib", "PIL"):
         logging.getLogger(name).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
 

@@ -7,6 +7,7 @@ so drawing needs no rows. Matplotlib's Agg backend: no display needed, on a clus
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -32,10 +33,15 @@ def label(prefix: str) -> str:
     return MODEL_NAMES.get(prefix, prefix.rstrip("_"))
 
 
-def training_curves(history: dict[str, dict[str, list[tuple[int, float]]]]) -> Any:
+def training_curves(history: dict[str, dict[str, list[tuple[int, float]]]]) -> Any | None:
     """One row per trained model (`{title: {metric: [(epoch, value)]}}`): every loss part on the
-    left (log scale), the validation metrics on the right."""
+    left (log scale), the validation metrics on the right. Epochs are whole numbers: the x ticks
+    are too, however few epochs ran."""
+    if not history:
+        return None
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(len(history), 2, figsize=(10, 3.2 * len(history)), squeeze=False)
     for row, (title, metrics) in zip(axes, history.items()):
         for name, points in sorted(metrics.items()):
@@ -47,6 +53,7 @@ def training_curves(history: dict[str, dict[str, list[tuple[int, float]]]]) -> A
         row[1].set_title(f"{title}: validation")
         for ax in row:
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if ax.has_data():
                 ax.legend(fontsize=8)
     fig.tight_layout()
@@ -54,7 +61,9 @@ def training_curves(history: dict[str, dict[str, list[tuple[int, float]]]]) -> A
 
 
 def gate_bars(rows: dict[str, Any], metric: str) -> Any:
-    """Teacher(s), student, twin and champion on the gate metric, one bar each."""
+    """Teacher(s), student, twin and champion on the gate metric, one bar each. The x range pads
+    both ends by the span, so a value label fits beside its bar on either side of zero (a cosine
+    can be negative)."""
     plt = _plt()
     items = [(k, float(v)) for k, v in rows.items() if isinstance(v, (int, float)) and np.isfinite(v)]
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(items) + 1.2))
@@ -64,8 +73,9 @@ def gate_bars(rows: dict[str, Any], metric: str) -> Any:
     ax.invert_yaxis()
     ax.bar_label(bars, fmt="%.4f", padding=3, fontsize=8)
     ax.set_xlabel(metric)
-    lo = min(values, default=0.0)
-    ax.set_xlim(min(0.0, lo), max(values, default=1.0) * 1.12 or 1.0)
+    lo, hi = min(0.0, *values), max(0.0, *values)
+    pad = 0.15 * ((hi - lo) or 1.0)
+    ax.set_xlim(lo - pad if lo < 0 else 0.0, hi + pad if hi > 0 or lo == 0 else 0.0)
     ax.set_title(f"held-out {metric}")
     fig.tight_layout()
     return fig
@@ -78,24 +88,84 @@ def _colour(name: str) -> str:
     return "#937860"
 
 
-def confusion(arrays: dict[str, dict[str, np.ndarray]]) -> Any | None:
-    """Row-normalised confusion matrices (true class down, predicted across) of every teacher and
-    the student."""
+def confusion(arrays: dict[str, dict[str, np.ndarray]], class_names: list[str] | None = None) -> Any | None:
+    """Confusion matrices of every teacher and the student (true class down, predicted across):
+    colour is the row-normalised share, so rare classes read as well as common ones; the text is
+    the count, so a share of a handful of rows is not mistaken for a trend. `class_names` (one per
+    class, in id order) label the axes; otherwise the class ids do."""
     panels = [(p, a["confusion"]) for p, a in arrays.items() if "confusion" in a
               and (p.startswith("teacher_") or p == "test_")]
     if not panels:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
-    for ax, (prefix, cm) in zip(axes[0], panels):
+    n = max(len(cm) for _, cm in panels)
+    names = [str(c) for c in class_names] if class_names is not None and len(class_names) == n else None
+    ticks = _Ticks(n, names)
+    cols = max(1, min(len(panels), int(26 // ticks.panel_in)))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained",
+                             figsize=(cols * ticks.panel_in + 1.2, rows * (ticks.panel_in + 0.4)))
+    used = list(axes.flat[:len(panels)])
+    for ax in axes.flat[len(panels):]:
+        fig.delaxes(ax)
+    for ax, (prefix, cm) in zip(used, panels):
         norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
         im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+        _cell_counts(ax, im, cm, ticks.cell_pt)
         acc = np.trace(cm) / max(cm.sum(), 1)
-        ax.set_title(f"{label(prefix)} (acc {acc:.3f})")
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+        title = textwrap.fill(label(prefix), width=max(12, int(ticks.panel_in * 11)))
+        ax.set_title(f"{title}\nacc {acc:.3f} ({cm.sum():,.0f} rows)", fontsize=10)
+        idx = list(range(0, len(cm), ticks.every))
+        text = [names[i] if names else str(i) for i in idx]
+        ax.set_xticks(idx, text, fontsize=ticks.font, rotation=90 if ticks.rotate else 0)
+        ax.set_yticks(idx, text, fontsize=ticks.font)
+        ax.tick_params(length=2)
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+    fig.colorbar(im, ax=used, shrink=0.8, label="share of the true class")
     return fig
+
+
+class _Ticks:
+    """How a class axis fits: the matrix gets a cell size it can be read at (growing with the
+    class count up to a bound), the panel adds room for the labels, ticks thin out only when even
+    the smallest font would collide."""
+
+    def __init__(self, n: int, names: list[str] | None) -> None:
+        matrix_in = min(max(0.22 * n, 3.2), 14.0)
+        self.cell_pt = matrix_in * 72 / max(n, 1)
+        self.every = max(1, int(np.ceil(6.5 / self.cell_pt)))
+        self.font = float(np.clip(0.75 * self.cell_pt * self.every, 5.0, 10.0))
+        longest = max((len(t) for t in names), default=0) if names else len(str(n - 1))
+        self.rotate = 0.62 * self.font * longest > 0.8 * self.cell_pt * self.every
+        label_in = 0.6 * self.font * longest / 72 + 0.5
+        self.panel_in = matrix_in + label_in
+
+
+def _cell_counts(ax: Any, im: Any, cm: np.ndarray, cell_pt: float) -> None:
+    """Each cell's count in a font that fits the cell, white on dark cells and black on light
+    ones; a large matrix skips zeros (most of its cells) and shortens thousands, or the few
+    counts that matter drown."""
+    large = len(cm) > 20
+    cells = [(i, j, _count(v, large)) for (i, j), v in np.ndenumerate(cm) if v or not large]
+    if not cells:
+        return
+    longest = max(len(t) for _, _, t in cells)
+    font = min(10.0, 0.8 * cell_pt, 0.85 * cell_pt / (0.62 * longest))
+    if font < 4.0:  # unreadable: the colours alone carry the matrix
+        return
+    for i, j, t in cells:
+        r, g, b, _ = im.cmap(im.norm(im.get_array()[i, j]))
+        ink = "white" if 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.5 else "black"
+        ax.text(j, i, t, ha="center", va="center", fontsize=font, color=ink)
+
+
+def _count(v: float, short: bool) -> str:
+    c = int(round(v))
+    if not short or c < 1000:
+        return str(c)
+    unit, size = ("M", 1e6) if c >= 1e6 else ("k", 1e3)
+    return f"{c / size:.1f}{unit}" if c / size < 9.95 else f"{c / size:.0f}{unit}"
 
 
 def reliability(arrays: dict[str, dict[str, np.ndarray]]) -> Any | None:
@@ -116,7 +186,7 @@ def reliability(arrays: dict[str, dict[str, np.ndarray]]) -> Any | None:
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="best")  # an underconfident model's points sit top left
     ax.set_title("reliability")
     fig.tight_layout()
     return fig

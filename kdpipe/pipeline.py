@@ -196,18 +196,43 @@ def log_inputs(run: Any, cfg: PipelineConfig, source: SourceData, taught: dict[s
             run.client.log_artifact(run.run_id, q, "quarantine")
     counts = {f"rows_{k}": v for k, v in views.rows.items()}
     counts["rows_train_labeled"] = count_labeled(views.train)
+    twin = (f"; its twin on the {counts['rows_train_labeled']} labeled ones" if cfg.evaluate.baseline and
+            cfg.evaluate.baseline_labeled_only else "")
+    log.info("the student trains on %d train rows, %d of them labeled%s; models are compared on %d test rows",
+             counts["rows_train"], counts["rows_train_labeled"], twin, counts["rows_test"])
     counts["rows_bad_skipped"] = source.bad_rows
     counts.update({f"rows_taught_{tid}": r.rows_taught for tid, r in taught.items()})
     run.log_metrics(counts)
     run.log_datasets(dataset_inputs(cfg, source, taught))
 
 
-def dataset_inputs(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult]) -> list[tuple[str, str, str, str]]:
-    """The source and each teacher cache as MLflow dataset inputs: (name, fingerprint, URI, context)."""
+def dataset_inputs(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult]) -> list[Any]:
+    """The source and each teacher cache as MLflow dataset inputs, with their columns and row counts."""
+    from kdpipe.tracking import DatasetRef
+
     src = cfg.source
     where = storage.display(src.path) if src.path else f"{src.kind}:"
-    out = [(f"source:{src.kind}", source.fingerprint, where, "source")]
-    out += [(f"cache:{tid}", r.fingerprint, storage.display(r.cache.dir), "teacher-cache") for tid, r in taught.items()]
+    columns: list[dict[str, Any]] = [{"type": "string", "name": src.id_column or "id"}]
+    if source.feature_columns:
+        columns += [{"type": "double", "name": c} for c in source.feature_columns]
+    elif source.input_kind == "features":
+        columns.append({"type": "array", "items": {"type": "float"}, "name": src.features or "x"})
+    else:
+        columns.append({"type": "string", "name": src.text or "text"})
+    if source.num_classes:
+        columns.append({"type": "string" if source.class_names else "long", "name": src.label or "label"})
+    profile = {"num_rows": source.num_rows, "bad_rows": source.bad_rows, "num_classes": source.num_classes,
+               **{f"rows_{s}": n for s, n in source.split_rows.items()},
+               **{f"labeled_{s}": n for s, n in source.labeled_rows.items()}}
+    out = [DatasetRef(f"source:{src.kind}", source.fingerprint, where, "source", columns, profile)]
+    for tid, r in taught.items():
+        m = r.manifest()
+        cols = [{"type": "array", "items": {"type": "float"}, "name": n} if t.startswith(("fixed_size_list", "list"))
+                else {"type": {"string": "string", "int32": "integer", "int64": "long", "float": "float",
+                               "double": "double", "binary": "binary", "large_binary": "binary"}.get(t, "string"), "name": n}
+                for n, t in (m.get("schema") or {}).items()]
+        out.append(DatasetRef(f"cache:{tid}", r.fingerprint, storage.display(r.cache.dir), "teacher-cache", cols or None,
+                              {"num_rows": m.get("rows", 0), "parts": len(m.get("parts", []))}))
     return out
 
 
@@ -220,8 +245,7 @@ def pretrain_modules(cfg: PipelineConfig, meta: Any, views: Any, run: Any) -> di
     return m2m(cfg, meta, {"train": views.train, "val": views.val}, run_id=run.run_id, tracking_uri=run.uri)
 
 
-def train_students(cfg: PipelineConfig, meta: Any, views: Any, run: Any, init_state: dict[str, Any] | None,
-                   fail_at_epoch: int | None = None) -> dict[str, Any]:
+def train_students(cfg: PipelineConfig, meta: Any, views: Any, run: Any, init_state: dict[str, Any] | None) -> dict[str, Any]:
     """The distilled student and, with `evaluate.baseline`, its label-only twin (same student,
     same data budget, its own losses: what KD must beat), trained one after the other in one
     Ray Train run. Returns their weights by job name ("student", "baseline")."""
@@ -240,8 +264,7 @@ def train_students(cfg: PipelineConfig, meta: Any, views: Any, run: Any, init_st
                         ev.baseline_losses, ev.baseline_epochs or cfg.train.epochs, prefix="baseline_"))
     return fit(name=cfg.name, datasets=datasets, jobs=jobs, meta=meta, student_kind=cfg.student.kind,
                train_cfg=cfg.train, seed=cfg.seed, tracking_uri=run.uri, run_id=run.run_id,
-               storage_path=storage.Layout(cfg.storage).ray_results,
-               fail_at_epoch=fail_at_epoch)
+               storage_path=storage.Layout(cfg.storage).ray_results)
 
 
 def baseline_params(cfg: PipelineConfig) -> dict[str, Any]:
@@ -306,7 +329,7 @@ def score(cfg: PipelineConfig, meta: Any, views: Any, taught: dict[str, TeachRes
     return s
 
 
-def log_figures(cfg: PipelineConfig, run: Any, fits: dict[str, Any], scores: Scores) -> None:
+def log_figures(cfg: PipelineConfig, run: Any, fits: dict[str, Any], scores: Scores, class_names: list[str] | None = None) -> None:
     """The run page's pictures: training curves of every loss part, every model on the gate
     metric, and the task's own (confusion matrix and reliability diagram for classifiers, cosine
     distribution for embedding students). A figure that fails to draw is logged, not fatal: the
@@ -316,7 +339,7 @@ def log_figures(cfg: PipelineConfig, run: Any, fits: dict[str, Any], scores: Sco
     history = {name: run.metric_history("baseline_" if name == "baseline" else "") for name in fits}
     drawings = {"figures/training_curves.png": lambda: figures.training_curves(history),
                 "figures/gate_metric.png": lambda: figures.gate_bars(scores.rows, cfg.tracking.gates.metric),
-                "figures/confusion.png": lambda: figures.confusion(scores.arrays),
+                "figures/confusion.png": lambda: figures.confusion(scores.arrays, class_names=class_names),
                 "figures/reliability.png": lambda: figures.reliability(scores.arrays),
                 "figures/cosine.png": lambda: figures.cosine_hist(scores.arrays)}
     for path, draw in drawings.items():
@@ -386,7 +409,7 @@ def ship(cfg: PipelineConfig, meta: Any, views: Any, run: Any, student: Any, sco
 
 
 def distil(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult], uri: str,
-           fail_at_epoch: int | None = None, init_state: dict[str, Any] | None = None,
+           init_state: dict[str, Any] | None = None,
            extra_tags: dict[str, str] | None = None, lock: Any = None) -> RunResult:
     """One MLflow run: views -> student (+ twin) -> scores (with the champion) -> ship."""
     from kdpipe.evaluate import results_table
@@ -397,11 +420,11 @@ def distil(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResul
     with open_run(cfg, source, taught, uri, extra_tags) as run:
         log_inputs(run, cfg, source, taught, views)
         init_state = pretrain_modules(cfg, meta, views, run) or init_state
-        fits = train_students(cfg, meta, views, run, init_state, fail_at_epoch)
+        fits = train_students(cfg, meta, views, run, init_state)
         run.log_params({f"train_{k}": v for k, v in fits["student"].env.items()})
         scores = score(cfg, meta, views, taught, *contenders(cfg, meta, run, fits))
         run.log_metrics(scores.metrics)
-        log_figures(cfg, run, fits, scores)
+        log_figures(cfg, run, fits, scores, meta.class_names)
         version, gate = ship(cfg, meta, views, run, fits["student"], scores, lock)
         table = results_table(scores.rows, cfg.tracking.gates.metric)
         describe(cfg, run, version, gate, table)
@@ -409,7 +432,7 @@ def distil(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResul
                      gate.reasons(), taught, table)
 
 
-def run(cfg: PipelineConfig, address: str | None = None, fail_at_epoch: int | None = None) -> RunResult:
+def run(cfg: PipelineConfig, address: str | None = None) -> RunResult:
     source, uri = prepare(cfg, address)
     taught = teach(cfg, source)
-    return distil(cfg, source, taught, uri, fail_at_epoch=fail_at_epoch)
+    return distil(cfg, source, taught, uri)

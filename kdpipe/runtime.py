@@ -66,6 +66,8 @@ def check_storage(root: str) -> None:
 
     from kdpipe import storage
 
+    if not ray.is_initialized():
+        return
     if not storage.is_remote(root) and _inside_job_folder(storage.local(root)):
         raise StorageError(f"storage: '{root}' is inside this Ray job's working directory, which Ray deletes when the job "
                            "ends (and which is another folder on every node): every cache and trained teacher would be "

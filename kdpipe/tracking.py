@@ -8,16 +8,50 @@ import os
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from kdpipe.errors import KdpipeError
 
 log = logging.getLogger("kdpipe.tracking")
+T = TypeVar("T")
 
 
 class TrackingUnavailableError(KdpipeError):
     pass
+
+
+@dataclass
+class DatasetRef:
+    """What a run read, as an MLflow dataset input: `columns` in MLflow's column-spec form."""
+
+    name: str
+    digest: str
+    uri: str
+    context: str
+    columns: list[dict[str, Any]] | None = None
+    profile: dict[str, Any] | None = None
+
+
+TRANSIENT = ("UNIQUE constraint failed", "database is locked", "Connection aborted", "Read timed out",
+             "503 Service Unavailable", "502 Bad Gateway")
+
+
+def retrying(fn: Callable[[], T], what: str, attempts: int = 5) -> T:
+    """`fn()`, retried with back-off on the store errors two writers at once produce (a sqlite
+    store's unique index or lock, a tracking server briefly unavailable); other errors at once."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (MlflowException, OSError) as e:
+            if attempt == attempts - 1 or not any(t in str(e) for t in TRANSIENT):
+                raise
+            log.info("could not %s (%s); retrying", what, str(e).splitlines()[0][:120])
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def resolve_tracking_uri(spec_uri: str | None) -> str:
@@ -66,10 +100,20 @@ class MetricsLogger:
         self.prefix = prefix
         self.buffer: list[Any] = []
         self.failures = 0
+        self.skip_through = -1  # after a restart: epochs up to this one are in MLflow already
+
+    def last_step(self, metric: str) -> int:
+        """The last epoch MLflow holds for `<prefix><metric>` (-1: none, or MLflow unreachable)."""
+        try:
+            return max((m.step for m in self.client.get_metric_history(self.run_id, self.prefix + metric)), default=-1)
+        except Exception:  # noqa: BLE001 - then a replayed epoch may be logged twice; training goes on
+            return -1
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if step <= self.skip_through:
+            return
         ts = int(time.time() * 1000)
         self.buffer += [Metric(f"{self.prefix}{k}", float(v), ts, step) for k, v in metrics.items() if k != "epoch"]
         self.flush()
@@ -181,17 +225,20 @@ class TrackedRun:
         return {k.removeprefix(prefix): [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, k)]
                 for k in names}
 
-    def log_datasets(self, datasets: list[tuple[str, str, str, str]]) -> None:
-        """MLflow dataset inputs `(name, digest, source URI, context)`: the run page's Datasets
-        section, and a lineage query (`search_runs` by dataset digest) for every run that read them."""
+    def log_datasets(self, datasets: list["DatasetRef"]) -> None:
+        """MLflow dataset inputs: the run page's Datasets section (with each one's columns and row
+        counts), and a lineage query (`search_runs` by dataset digest) for every run that read them.
+        Two runs logging the same dataset at once can collide in a sqlite store's unique index: retried."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        inputs = [DatasetInput(Dataset(name=name, digest=digest, source_type="local" if "://" not in source or
-                                       source.startswith("file://") else source.split("://", 1)[0],
-                                       source=json.dumps({"uri": source})),
-                               tags=[InputTag("mlflow.data.context", context)])
-                  for name, digest, source, context in datasets]
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        inputs = [DatasetInput(Dataset(name=d.name, digest=d.digest, source_type="local" if "://" not in d.uri or
+                                       d.uri.startswith("file://") else d.uri.split("://", 1)[0],
+                                       source=json.dumps({"uri": d.uri}),
+                                       schema=json.dumps({"mlflow_colspec": d.columns}) if d.columns else None,
+                                       profile=json.dumps(d.profile) if d.profile else None),
+                               tags=[InputTag("mlflow.data.context", d.context)])
+                  for d in datasets]
+        retrying(lambda: self.client.log_inputs(self.run_id, datasets=inputs), "log the run's dataset inputs")
 
     def describe(self, markdown: str) -> None:
         """The run page's Description (MLflow's `mlflow.note.content` tag)."""

@@ -267,6 +267,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = torch.load(Path(d) / "state.pt", weights_only=True, map_location="cpu")
+        if ray.train.get_context().get_world_rank() == 0:
+            note_restart(config["tracking_uri"], config["run_id"], ckpt.path, resume)
         done = dict(resume["done"])
         stats["unsent"] = list(resume.get("unsent", []))
         stats["env"] = dict(resume.get("env", {}))
@@ -311,6 +313,8 @@ def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, 
             sched.load_state_dict(resume["sched"])
         start = int(resume["epoch"]) + 1
     tracker = MetricsLogger(config["tracking_uri"], config["run_id"], prefix=job["prefix"]) if rank == 0 else None
+    if tracker is not None and resumed:  # epochs replayed after a restart: MLflow holds the first run of them
+        tracker.skip_through = tracker.last_step("train_loss")
     shards = {} if shards is None else shards
     limit = float(config.get("keep_in_memory_mb", 0)) * 2**20
     world, whole = ray.train.get_context().get_world_size(), config.get("whole", {})
@@ -320,12 +324,9 @@ def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, 
             shards[name] = (EpochReplay.rank_share(shard, whole[name], rank, world, device) if name in whole
                             else EpochReplay(shard, limit, device))
     train_shard, val_shard = shards[job["dataset"]], shards["val"]
-    fail_at = config.get("fail_at_epoch")
     epochs = job["epochs"]
     fresh = starts_fresh(student, job, start)
     for epoch in range(start, epochs):
-        if fail_at is not None and j == 0 and epoch == fail_at and not resumed and rank == 0:
-            os._exit(1)  # fault-injection hook used by the tests (kills this worker process)
         metrics = run_epoch(model, opt, train_shard, val_shard, config, epoch, rank, device, amp, sched,
                             init=fresh and epoch == 0)
         if tracker is not None:
@@ -347,6 +348,23 @@ def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, 
     return _student_state(model)
 
 
+def note_restart(tracking_uri: str, run_id: str, checkpoint: str, resume: dict[str, Any]) -> None:
+    """Rank 0 after a worker-group restart: the run says it restarted and from which checkpoint
+    (`kdpipe.train.restarts`, `kdpipe.train.resumed_from`), which the driver reports when the fit ends."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri)
+        tags = client.get_run(run_id).data.tags
+        client.set_tag(run_id, "kdpipe.train.restarts", str(int(tags.get("kdpipe.train.restarts", "0")) + 1))
+        client.set_tag(run_id, "kdpipe.train.resumed_from",
+                       f"{checkpoint} (job {resume.get('job')}, after epoch {resume.get('epoch')})")
+    except Exception as e:  # noqa: BLE001 - tracking must never stop a resumed training
+        log.warning("could not record the restart in MLflow: %s", e)
+    log.warning("training restarted: resumed from %s (job %s, after epoch %s)", checkpoint, resume.get("job"),
+                resume.get("epoch"))
+
+
 def _as_tuples(metrics: list[Any]) -> list[tuple[str, float, int, int]]:
     return [(m.key, float(m.value), int(m.timestamp), int(m.step)) for m in metrics]
 
@@ -364,6 +382,16 @@ def send_unsent(tracking_uri: str, run_id: str, unsent: list[Any]) -> None:
         client.log_batch(run_id, metrics=metrics[i : i + 500])
     log.warning("sent %d per-epoch metrics that the training workers could not deliver while MLflow was down",
                 len(metrics))
+
+
+def report_restarts(tracking_uri: str, run_id: str) -> None:
+    """On the driver's console: a fit that survived a worker failure says so, and from where it resumed."""
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(tracking_uri).get_run(run_id).data.tags
+    if tags.get("kdpipe.train.restarts"):
+        log.warning("training restarted %s time(s) after a worker failure; it resumed from %s", tags["kdpipe.train.restarts"],
+                    tags.get("kdpipe.train.resumed_from", "a checkpoint"))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -516,7 +544,6 @@ def fit(
     tracking_uri: str,
     run_id: str,
     storage_path: str,
-    fail_at_epoch: int | None = None,
 ) -> dict[str, FitResult]:
     """Train every job's student, in order, in one `TorchTrainer` run over the Ray Datasets
     `datasets` ("val" is every job's validation split): a view within `train.keep_in_memory_mb`
@@ -541,7 +568,7 @@ def fit(
             "seed": seed, "tracking_uri": tracking_uri, "run_id": run_id,
             "checkpoint_every": train_cfg.checkpoint_every, "shuffle_buffer": train_cfg.shuffle_buffer,
             "keep_in_memory_mb": train_cfg.keep_in_memory_mb,
-            "fail_at_epoch": fail_at_epoch, "precision": train_cfg.precision, "whole": whole,
+            "precision": train_cfg.precision, "whole": whole,
         },
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
@@ -559,6 +586,7 @@ def fit(
              train_cfg.num_workers, cpus, " + 1 GPU" if train_cfg.use_gpu else "")
     with EpochProgress(tracking_uri, run_id, [(f"{name}-{j.name}", j.prefix, j.epochs) for j in jobs]):
         result = trainer.fit()
+    report_restarts(tracking_uri, run_id)
     if result.checkpoint is None:
         raise RuntimeError(f"training '{name}' finished without a checkpoint: {result.error}")
     if failures := (result.metrics or {}).get("tracking_failures"):

@@ -62,6 +62,8 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
              str(self.root / "artifacts")],
             stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            # no background job consumers (four huey processes): kdpipe submits no server-side jobs
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
         try:
             wait_http(self.uri + "/health")

@@ -150,7 +150,9 @@ def test_unreachable_tracking_server_fails_before_compute(tmp_path: Path, monkey
     calls: list[str] = []
     from types import SimpleNamespace
 
-    monkeypatch.setattr(pipeline, "load_source", lambda *a, **k: calls.append("load_source") or SimpleNamespace(bad_rows=0))
+    monkeypatch.setattr(pipeline, "load_source", lambda *a, **k: calls.append("load_source") or SimpleNamespace(
+        bad_rows=0, split_rows={}, labeled_rows={}, num_rows=0, describe_rows=lambda: ""))
+    monkeypatch.setattr(runtime, "check_storage", lambda *a, **k: None)
     monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: calls.append("init_ray"))
     cfg = load_spec("pipelines/digits_kd.yaml", tiny_overrides(tmp_path, **{"tracking.tracking_uri": f"http://127.0.0.1:{free_port()}"}))
     with pytest.raises(TrackingUnavailableError, match="unreachable"):

@@ -68,6 +68,13 @@ def test_full_pipeline_teach_cache_distil_track(ray_local, tmp_path: Path, monke
     assert figs == {f"figures/{n}.png" for n in ("training_curves", "gate_metric", "confusion", "reliability")}
     inputs = {(d.dataset.name, d.dataset.digest) for d in run_.inputs.dataset_inputs}
     assert inputs == {("source:sklearn_digits", source.fingerprint), ("cache:digits_mlp", t.fingerprint)}
+    by_name = {d.dataset.name: d.dataset for d in run_.inputs.dataset_inputs}
+    src_schema = json.loads(by_name["source:sklearn_digits"].schema)["mlflow_colspec"]
+    assert [c["name"] for c in src_schema] == ["id", "x", "label"]  # the columns, not an empty schema
+    profile = json.loads(by_name["source:sklearn_digits"].profile)
+    assert profile["num_rows"] == source.num_rows and profile["rows_test"] == logged["rows_test"]
+    cache_cols = {c["name"] for c in json.loads(by_name["cache:digits_mlp"].schema)["mlflow_colspec"]}
+    assert {"id", "logits", "topk_idx", "topk_val", "tail_lse"} <= cache_cols
     note = run_.data.tags["mlflow.note.content"]
     assert "`digits_mlp`" in note and "student `mlp`" in note and f"/{res.model_version}`" in note
     assert ("promoted to `@champion`" in note) == res.promoted and res.table in note
@@ -105,14 +112,15 @@ def test_incomplete_cache_is_never_reused(ray_local, tmp_path: Path) -> None:
     cfg = load_spec("pipelines/digits_kd.yaml", tiny_overrides(tmp_path, **{"source.limit": 300}))
     source, uri = prepare(cfg)
     first = teach(cfg, source)["digits_mlp"]
-    # simulate an interrupted teach stage: parts on disk but no manifest
+    # a manifest lost or deleted: the parts are there, but nothing may read them as a cache, and
+    # nothing teaches their rows again silently beside them (`kdpipe cache repair` rebuilds it)
     (first.cache.dir / MANIFEST).unlink()
-    with pytest.raises(RuntimeError, match="no complete cache"):
+    with pytest.raises(CacheCorruptError, match="no MANIFEST.json.*kdpipe cache repair"):
         locate_caches(cfg, source)
     assert not TeacherCache(first.cache.dir).is_complete()
-    redo = teach(cfg, source)["digits_mlp"]
-    assert not redo.reused and redo.rows_taught == 300
-    assert redo.manifest()["rows"] == 300
+    with pytest.raises(CacheCorruptError, match="no MANIFEST.json"):
+        teach(cfg, source)
+    assert len(list((first.cache.dir / "parts").iterdir())) == 1
 
 
 def _flip_a_value_in_place(part: Path) -> None:
@@ -150,7 +158,7 @@ def test_corrupt_cache_part_is_detected(ray_local, tmp_path: Path) -> None:
         distil(cfg, source, locate_caches(cfg, source), uri)
     part.write_bytes(good)
     part.unlink()
-    with pytest.raises(CacheCorruptError, match=f"{part} named in .* is missing"):
+    with pytest.raises(CacheCorruptError, match=f"{part} is missing .*kdpipe cache repair"):
         distil(cfg, source, locate_caches(cfg, source), uri)
 
 

@@ -88,7 +88,7 @@ def test_a_spec_that_fuses_a_teacher_without_per_token_outputs_is_refused_at_loa
 
     lm = {"kind": "hf_causal_lm", "params": {"max_length": 48, "pretrain": {"layers": 2, "hidden": 64, "heads": 2,
                                                                            "intermediate": 128, "steps": 10}}, "topk": 16}
-    with pytest.raises(SpecError, match=r"losses\[1\] \(token_fusion_kl\) fuses teacher 'b' per token; add \['topk'\]"):
+    with pytest.raises(SpecError, match=r"losses\[1\] \(token_fusion_kl\) reads teacher 'b' outputs \['tokens', 'topk'\]; add \['topk'\]"):
         load_spec("pipelines/lm_distill.yaml", {
             "teachers": [{"id": "a", **lm, "outputs": ["tokens", "topk"]}, {"id": "b", **lm, "outputs": ["tokens"]}],
             "student.params": {"tokens_from": "a", "num_layers": 1},
