@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +111,6 @@ class TeacherActor:
         self.teacher = TEACHERS.get(self.cfg.kind).load(self.cfg, device=device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        _slow_down_for_test()
         inputs: dict[str, Any] = {}
         if "x" in batch.column_names:
             from kdpipe.arrays import to_numpy
@@ -123,16 +121,6 @@ class TeacherActor:
         out = self.teacher.forward(inputs)
         cols = {"id": batch["id"], **output_columns(out, self.cfg.outputs, self.cfg.topk, getattr(self.teacher, "vocab", None))}
         return pa.table(cols)
-
-
-def _slow_down_for_test() -> None:
-    """For the failure tests: KDPIPE_TEST_TEACHER_DELAY_S=<seconds> per batch keeps a small teach
-    stage running long enough for a test to kill a teacher actor from outside, mid-stage."""
-    delay = os.environ.get("KDPIPE_TEST_TEACHER_DELAY_S")
-    if delay:
-        import time
-
-        time.sleep(float(delay))
 
 
 @dataclass

@@ -992,9 +992,95 @@ def render_spec() -> str:
 
 # ================================================================================================== main
 
+# ---------------------------------------------------------------------------------------- README's pipelines table
+
+
+def _table_value(text: str, row: str) -> str:
+    """The value of `row` in a fixed-width results table stored as text (`model  test_acc` lines)."""
+    for line in text.splitlines():
+        if line.startswith(row):
+            return line[len(row):].split()[-1]
+    raise KeyError(row)
+
+
+def _rows(pipeline: str, *names: str) -> Callable[[Any], list[str]]:
+    """`rows[name]['text']` of a `bench/compare_methods.py` pipeline in methods.json."""
+    return lambda d: [d["pipelines"][pipeline]["rows"][n]["text"] for n in names]
+
+
+def _minilm(kind: str) -> Callable[[Any], list[str]]:
+    return lambda d: [f"{d['results'][kind]['student']['test_cosine']:.3f}", f"{d['results'][kind]['twin']['test_cosine']:.3f}"]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+# pipeline -> (what it does, the JSON its numbers come from, numbers, how they read)
+HEADLINES: dict[str, tuple[str, str, Callable[[Any], list[str]], str]] = {
+    "digits_kd": ("the default: an MLP teacher → a 32-unit MLP, 10 % of the labels", "demo_time",
+                  lambda d: [_table_value(d["tables"]["after"], "student (kd+ce)"),
+                             _table_value(d["tables"]["after"], "baseline twin (ce)")],
+                  "test accuracy {0}, its label-only twin {1}"),
+    "digits_fusion": ("dynamic logit fusion of three partial teachers", "methods",
+                      _rows("digits_fusion", "student <- dynamic fusion", "student <- best single teacher (generalist)"),
+                      "student {0} vs {1} from the best single teacher (test accuracy, 3 seeds)"),
+    "digits_aspects": ("multi-aspect KD: yes/no aspect answers as soft targets", "methods",
+                       _rows("digits_aspects", "ce + aspects", "ce + aspects: twin (ce)"),
+                       "test accuracy {0} vs {1} without aspects (3 seeds)"),
+    "digits_selfdistill": ("multi-exit self-distillation", "methods",
+                           _rows("digits_selfdistill", "kd + exit CE + self-distillation [exit 0]",
+                                 "kd + exit CE + self-distillation: twin (kd+exit-ce) [exit 0]"),
+                           "shallowest exit {0} vs {1} without exit-to-exit KL (3 seeds)"),
+    "minilm_distill": ("all-MiniLM-L6-v2 → a 3-layer encoder on WordNet glosses", "minilm_quality", _minilm("distil"),
+                       "test cosine to the teacher {0} vs {1} for the twin"),
+    "minilm_m2mkd": ("module-to-module KD of the same teacher", "minilm_quality", _minilm("m2mkd"),
+                     "test cosine {0} vs {1} trained end to end"),
+    "minilm_narrow": ("a narrower encoder student with a learned projection", "minilm_narrow",
+                      lambda d: [f"{d['results']['narrow']['student']['test_cosine']:.3f}"], "test cosine {0}"),
+    "text_classifier_distill": ("a fine-tuned 6-layer classifier → a 2-layer student, 45 classes", "text_classifier",
+                                lambda d: [f"{_mean(d['rows']['KD student']['test_acc']):.4f}",
+                                           f"{_mean(d['rows']['twin: labels only']['test_acc']):.4f}"],
+                                "test accuracy {0} vs {1} for the label-only twin (mean of 3 seeds)"),
+    "text_classifier_hierarchical": ("self-distillation between the exits of one classifier",
+                                     "text_classifier_hierarchical",
+                                     lambda d: [f"{_mean(d['rows']['exit 0']['student']):.4f}",
+                                                f"{_mean(d['rows']['exit 0']['twin']):.4f}"],
+                                     "1-layer exit {0} vs {1} without exit-to-exit KL (mean of 3 seeds)"),
+    "lm_distill": ("a causal LM pretrained once → a smaller one, compressed top-64 token cache", "lm_methods",
+                   lambda d: [f"{d['shipped_recipe_seed0']['metrics']['test_ppl']:.0f}",
+                              f"{d['shipped_recipe_seed0']['metrics']['test_teacher_agreement']:.3f}"],
+                   "test perplexity {0}, top-1 agreement with the teacher {1}"),
+    "lm_fusion": ("token-level fusion of a noun and a verb expert", "lm_fusion",
+                  lambda d: [f"{_mean(d['rows']['student ← dynamic fusion']['test_ppl']):.1f}",
+                             f"{_mean(d['rows']['teacher: noun expert']['test_ppl']):.1f}"],
+                  "student test perplexity {0} vs {1} for the better expert (mean of 3 seeds)"),
+}
+
+BEGIN, END = "<!-- generated:pipelines (scripts/gen_docs.py; do not edit by hand) -->", "<!-- /generated:pipelines -->"
+
+
+def render_pipelines(results: Path = RESULTS) -> str:
+    rows = []
+    for name, (what, source, numbers, template) in HEADLINES.items():
+        data = json.loads((results / f"{source}.json").read_text())
+        headline = template.format(*(v.strip() for v in numbers(data)))
+        rows.append([code(name), what, f"{headline} ([{source}](docs/benchmarks.md#{anchor(source)}))"])
+    return table(["pipeline", "what", "headline"], rows)
+
+
+def render_readme(root: Path = ROOT) -> str:
+    """README.md with its pipelines table regenerated between the markers."""
+    text = (root / "README.md").read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{render_pipelines()}\n{END}{tail}"
+
+
 PAGES: dict[str, Callable[[], str]] = {
     "docs/benchmarks.md": render_benchmarks,
     "docs/spec.md": render_spec,
+    "README.md": render_readme,
 }
 
 

@@ -34,7 +34,7 @@ def gen_docs() -> Any:
     return module
 
 
-@pytest.mark.parametrize("page", ["docs/benchmarks.md", "docs/spec.md"])
+@pytest.mark.parametrize("page", ["docs/benchmarks.md", "docs/spec.md", "README.md"])
 def test_page_is_what_its_sources_generate(gen_docs: Any, page: str) -> None:
     path = ROOT / page
     assert path.is_file(), f"{page} is missing: run `{REGEN}`"

@@ -6,7 +6,7 @@ labels missing, written once as CSV and once as Parquet.
 - a teacher trained on the CSV's rows is not reused for the Parquet file whose float text gave
   other content ids (the reused teacher would have scored test rows it trained on), and the CSV
   run's champion is not compared on the Parquet run's test rows;
-- the registered model's pyfunc takes a DataFrame of the feature columns and answers in classes.
+(The registered model's pyfunc over a DataFrame of the feature columns: tests/test_readme.py.)
 
 The data are scikit-learn's real handwritten digits (64 pixel columns), written as a wide table.
 """
@@ -143,24 +143,3 @@ def test_a_teacher_fitted_on_the_csv_never_scores_the_parquet_runs_test_rows(ray
     assert not second.promoted and "champion" in second.gate_reasons and "ids" in second.gate_reasons
     assert "champion_test_acc" not in second.metrics
     assert str(client.get_model_version_by_alias("own-table", "champion").version) == first.model_version
-
-
-def test_the_registered_model_takes_a_dataframe_of_the_feature_columns(ray_local, tmp_path: Path) -> None:
-    import mlflow
-    import mlflow.pyfunc
-
-    from kdpipe.pipeline import run
-
-    _, parquet = write_both(tmp_path, digits_table(labeled=0.5))
-    res = run(_spec(tmp_path, parquet, id_column="image_id"))
-    mlflow.set_tracking_uri(res.tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/own-table/{res.model_version}")
-    assert [c.name for c in model.metadata.get_input_schema().inputs] == COLUMNS
-    frame = digits_table().head(20)
-    out = model.predict(frame[list(reversed(COLUMNS))])  # columns by name, in any order
-    assert list(out.columns) == sorted(NAMES)
-    truth = frame["digit"].dropna()
-    guess = out.idxmax(axis=1)[truth.index]
-    assert (guess == truth).mean() > 0.5
-    tags = mlflow.MlflowClient(res.tracking_uri).get_model_version("own-table", res.model_version).tags
-    assert json.loads(tags["kdpipe.classes"]) == sorted(NAMES) and tags["kdpipe.id_scheme"] == "column:image_id"
