@@ -188,3 +188,38 @@ class S3Server:
 
     def stop(self) -> None:
         stop_group(self.proc)
+
+
+class ListenWatch:
+    """The listening sockets of a process and everything it starts, sampled while it runs: what a
+    port scan of the machine would find open during that time."""
+
+    LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def sample(self, pid: int) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for p in procs:
+            try:
+                name = " ".join(p.cmdline())[:80]
+                for c in p.net_connections(kind="inet"):
+                    if c.status == psutil.CONN_LISTEN:
+                        self.seen.add((c.laddr.ip, c.laddr.port, name))
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+
+    def wide(self) -> list[tuple[str, int, str]]:
+        """Listeners on other addresses than loopback, except PyTorch's c10d store of Ray Train's
+        rank 0 (one port, in a RayTrainWorker process): torch 2.13 has no setting for its bind address."""
+        out = sorted(s for s in self.seen if s[0] not in self.LOOPBACK)
+        store = {port for _, port, name in out if name.startswith("ray::RayTrainWorker")}
+        assert len(store) <= 1, out
+        return [s for s in out if s[1] not in store]

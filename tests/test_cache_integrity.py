@@ -37,11 +37,24 @@ def _flip_in_column(f: Path, column: str) -> None:
     f.write_bytes(bytes(data))
 
 
+@pytest.fixture(scope="module")
+def template(ray_local, tmp_path_factory):
+    """One taught cache (and its trained teacher, index and MLflow store), taught once for the module."""
+    root = tmp_path_factory.mktemp("taught")
+    cfg = load_spec("pipelines/digits_kd.yaml", tiny_overrides(root))
+    source, _ = prepare(cfg)
+    teach(cfg, source)
+    return root
+
+
 @pytest.fixture
-def taught(ray_local, tmp_path: Path):
+def taught(template: Path, tmp_path: Path):
+    """A copy of the template under this test's own storage root, to damage at will."""
+    shutil.copytree(template, tmp_path, dirs_exist_ok=True)
     cfg = load_spec("pipelines/digits_kd.yaml", tiny_overrides(tmp_path))
     source, _ = prepare(cfg)
-    cache = teach(cfg, source)["digits_mlp"].cache
+    cache = _cache(cfg, source)
+    assert cache.is_complete()
     return cfg, source, Path(cache.dir)
 
 

@@ -25,7 +25,7 @@ from tests.servers import BIN, MlflowServer, RayCluster, S3Server
 pytestmark = pytest.mark.timeout(900)
 
 QUICK = {"teachers.0.params.epochs": 40, "teachers.0.params.hidden": [128], "train.epochs": 3,
-         "train.checkpoint_every": 3, "evaluate.baseline_epochs": 2}
+         "train.checkpoint_every": 3, "evaluate.baseline": False, "tracking.gates.min_gain_over_baseline": None}
 
 
 def submit(dashboard: str, env: dict[str, str], *sets: str) -> subprocess.CompletedProcess:

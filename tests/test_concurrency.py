@@ -82,21 +82,41 @@ def test_the_alias_moves_only_from_the_champion_the_cycle_compared_against(tmp_p
 
 def _retrain(tmp_path: Path, uri: str, overrides: dict) -> subprocess.Popen:
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")},
+           "MLFLOW_TRACKING_URI": uri}  # as a user's shell has it: kdpipe itself keeps its Ray on loopback
     return subprocess.Popen([str(Path(sys.executable).with_name("kdpipe")), "retrain", "pipelines/digits_kd.yaml", *sets],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_two_retrain_cycles_started_together_register_one_version_and_move_the_alias_once(server, tmp_path: Path) -> None:
     """A manual `kdpipe retrain` beside the scheduler's, on new data, through a real tracking
-    server: one cycle trains and registers; the other says the lock is held and exits 0."""
+    server: one cycle trains and registers; the other says the lock is held and exits 0. Both
+    are plain local runs, each with its embedded Ray: watched while they run, nothing of theirs
+    listens beyond loopback (but PyTorch's c10d store of Ray Train's rank 0, see ListenWatch)."""
+    import threading
+
+    from tests.servers import ListenWatch
     from tests.test_ops import _overrides, _write_digits
 
     (tmp_path / "data").mkdir()
     _write_digits(tmp_path / "data" / "a.parquet", 0, 1797)
     o = _overrides(tmp_path, server.uri, **{"tracking.model_name": "concurrent", "train.epochs": 2})
     procs = [_retrain(tmp_path, server.uri, o) for _ in range(2)]
+    watch, done = ListenWatch(), threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for p in procs:
+                watch.sample(p.pid)
+            done.wait(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     outs = [p.communicate(timeout=600)[0] for p in procs]
+    done.set()
+    sampler.join(timeout=10)
+    assert len(watch.seen) >= 5, watch.seen  # Ray's processes were watched while they listened
+    assert watch.wide() == [], watch.wide()
     assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(o[-3000:] for o in outs)
     client = MlflowClient(server.uri)
     versions = client.search_model_versions("name='concurrent'")

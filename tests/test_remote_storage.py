@@ -51,6 +51,7 @@ def _manifest(s3: S3Server, key: str) -> dict:
         return {**json.loads(fh.read()), "dir": cache.rsplit("/", 1)[0]}
 
 
+@pytest.mark.slow  # ~65 s; tests/test_cluster.py runs the default pipeline on a bucket in the default suite
 def test_teach_then_retrain_with_source_cache_and_checkpoints_in_a_bucket(tmp_path: Path, s3: S3Server) -> None:
     """`kdpipe teach` reads its source from s3:// and writes the cache there; new rows land in the
     bucket and `kdpipe retrain` teaches only them, as a second part of the same remote cache, then
