@@ -81,7 +81,9 @@ class Variant:
         import torch
         from safetensors import safe_open
 
-        from kdpipe.losses.base import LossContext, LossSuite
+        from kdpipe.losses.base import LossContext
+
+        from kdpipe.losses.suite import LossSuite
         from kdpipe.train import StudentMeta, build_student
 
         torch.manual_seed(0)

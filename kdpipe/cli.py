@@ -170,6 +170,13 @@ def cmd_compare(args: argparse.Namespace, spec: PipelineConfig) -> int:
     return 0
 
 
+def cmd_plugins(args: argparse.Namespace, spec: None) -> int:
+    from kdpipe.plugins import describe_registered
+
+    print(describe_registered())
+    return 0
+
+
 def cmd_cache(args: argparse.Namespace, spec: PipelineConfig) -> int:
     from kdpipe.cache_ops import repair_caches, verify_caches
 
@@ -234,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
     p.add_argument("--force", action="store_true", help="promote even a version whose gates failed")
     p.add_argument("--tracking-uri", default=None, help=HELP_TEXT["tracking_uri"])
+    add("plugins", cmd_plugins, "list the teacher kinds, students, losses and evaluators a spec can name", spec=False)
     p = add("models", cmd_models, "list registered versions with their metrics, gates and aliases", spec=False)
     p.add_argument("name", help="the registered model's name")
     p.add_argument("--tracking-uri", default=None, help=HELP_TEXT["tracking_uri"])

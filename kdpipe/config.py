@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.errors import KdpipeError, SpecError
-from kdpipe.evaluate import EVALUATORS
+from kdpipe.evaluators import EVALUATORS
 from kdpipe.losses import LOSSES
 from kdpipe.spec import (
     EvaluateConfig,

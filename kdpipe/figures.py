@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from kdpipe.evaluate import expected_calibration_error
+from kdpipe.evaluators.base import expected_calibration_error
 
 MODEL_NAMES = {"test_": "student", "baseline_test_": "baseline twin", "champion_test_": "champion"}
 

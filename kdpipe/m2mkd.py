@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from kdpipe import weights
+from kdpipe.errors import KdpipeError
 from kdpipe.spec import PipelineConfig
 
 log = logging.getLogger("kdpipe.m2mkd")
@@ -30,7 +31,7 @@ log = logging.getLogger("kdpipe.m2mkd")
 def module_plan(teacher_layers: int, student_layers: int, modules: int) -> list[dict[str, int]]:
     """Per module j: teacher layers [t0, t1) and student layers [s0, s1)."""
     if teacher_layers % modules or student_layers % modules:
-        raise ValueError(f"m2mkd.modules={modules} must divide the teacher's {teacher_layers} layers and the "
+        raise KdpipeError(f"m2mkd.modules={modules} must divide the teacher's {teacher_layers} layers and the "
                          f"student's {student_layers} layers")
     tm, sm = teacher_layers // modules, student_layers // modules
     return [{"module": j, "t0": j * tm, "t1": (j + 1) * tm, "s0": j * sm, "s1": (j + 1) * sm} for j in range(modules)]
@@ -125,31 +126,31 @@ def pretrain_modules(cfg: PipelineConfig, meta: Any, splits: dict[str, Any], run
     assert m is not None
     tid = m.teacher
     if tid not in [t.id for t in cfg.teachers]:
-        raise ValueError(f"m2mkd.teacher '{tid}' is not a teacher id; defined: {[t.id for t in cfg.teachers]}")
+        raise KdpipeError(f"m2mkd.teacher '{tid}' is not a teacher id; defined: {[t.id for t in cfg.teachers]}")
     torch.manual_seed(cfg.seed)
     student = build_student(cfg.student.kind, cfg.student.params, meta)
     if not hasattr(student, "run_layers") or not hasattr(student, "layers"):
-        raise ValueError(f"m2mkd needs a modular student with `layers` and `run_layers` (e.g. hf_encoder), "
+        raise KdpipeError(f"m2mkd needs a modular student with `layers` and `run_layers` (e.g. hf_encoder), "
                          f"not '{cfg.student.kind}'")
     tcfg = cfg.teacher(tid)
     from teachers.hf_encoder import HFEncoderTeacher
 
     if tcfg.kind != "hf_encoder":
-        raise ValueError(f"m2mkd splits a transformer teacher into modules; teacher '{tid}' is a {tcfg.kind}")
+        raise KdpipeError(f"m2mkd splits a transformer teacher into modules; teacher '{tid}' is a {tcfg.kind}")
     t_layers = int(json.loads((weights.local_copy(HFEncoderTeacher.model_dir(tcfg)) / "config.json").read_text())["num_hidden_layers"])
     plan = module_plan(t_layers, len(student.layers), m.modules)
     boundaries = sorted({p["t0"] for p in plan} | {p["t1"] for p in plan})
     train, val = splits["train"], splits["val"]  # Ray Datasets
     missing = [f"{tid}.feat.{b}" for b in boundaries if f"{tid}.feat.{b}" not in meta.widths]
     if missing or f"{tid}.attention_mask" not in meta.widths:
-        raise ValueError(f"m2mkd with {m.modules} modules needs the teacher's hidden states at layers {boundaries} and its "
+        raise KdpipeError(f"m2mkd with {m.modules} modules needs the teacher's hidden states at layers {boundaries} and its "
                          f"tokens: set teachers[{tid}].params.layers to include {boundaries} and outputs to include "
                          f"'features' and 'tokens' (missing: {missing})")
     hidden = student.config.hidden_size
     L = meta.widths[f"{tid}.attention_mask"]
     t_hidden = meta.widths[f"{tid}.feat.{boundaries[0]}"] // L
     if hidden != t_hidden:
-        raise ValueError(f"m2mkd matches module boundary states directly: the student's hidden_size {hidden} must equal "
+        raise KdpipeError(f"m2mkd matches module boundary states directly: the student's hidden_size {hidden} must equal "
                          f"the teacher's {t_hidden}")
     if student.init_from_teacher is not None:
         log.info("m2mkd: student layers start from teacher layers %s", student.init_from_teacher)

@@ -92,9 +92,12 @@ def check_rows(cfg: PipelineConfig, source: SourceData) -> None:
 
 
 def teach(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachResult]:
+    from kdpipe.fuse_stage import fuse_caches
     from kdpipe.teach import teach_all
 
     taught = teach_all(cfg, source)
+    if cfg.teach.fusion is not None:
+        taught["fused"] = fuse_caches(cfg, source, taught)
     check_vocabularies(cfg)
     return taught
 
@@ -134,7 +137,7 @@ def locate_caches(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachRes
             raise KdpipeError(f"no complete cache for teacher '{t.id}' at {cache.dir}; run `kdpipe teach SPEC` first")
         out[t.id] = TeachResult(t.id, cache, fp, 0, True)
     if cfg.teach.fusion is not None:
-        from kdpipe.fusion import fuse_caches
+        from kdpipe.fuse_stage import fuse_caches
 
         out["fused"] = fuse_caches(cfg, source, out)
     return out

@@ -21,7 +21,7 @@ REGISTRIES = {
     "TEACHERS": ("teacher kind", ("teachers",)),
     "STUDENTS": ("student kind", ("students",)),
     "LOSSES": ("loss", ("kdpipe.losses",)),
-    "EVALUATORS": ("evaluator", ("kdpipe.evaluate", "kdpipe.eval_lm", "kdpipe.eval_embedding")),
+    "EVALUATORS": ("evaluator", ("kdpipe.evaluators",)),
 }
 
 
@@ -85,3 +85,21 @@ def name_errors(raw: Any) -> list[str]:
             if isinstance(loss, dict) and "name" in loss:
                 errs.append(unknown("LOSSES", loss["name"], f"evaluate.baseline_losses[{i}].name"))
     return [e for e in errs if e]
+
+
+def describe_registered() -> str:
+    """Every registered plugin, one line each: what `kdpipe plugins` prints. Imports the registries
+    (and so torch): for people, not for the spec check."""
+    import importlib
+
+    lines = []
+    for var, (kind, modules) in REGISTRIES.items():
+        registry = getattr(importlib.import_module(modules[0]), var)
+        lines.append(("losses" if kind == "loss" else f"{kind}s") + ":")
+        for name in registry.names():
+            obj = registry.get(name)
+            doc = (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+            outputs = getattr(obj, "supported_outputs", None)
+            extra = f" [outputs: {', '.join(sorted(outputs))}]" if outputs else ""
+            lines.append(f"  {name}{extra}" + (f" — {doc}" if doc else ""))
+    return "\n".join(lines) + "\nthe params of each: docs/spec.md"

@@ -137,7 +137,7 @@ class SourceConfig(Strict):
 
 class TeacherConfig(Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", description="names the teacher's cache columns `<id>.<output>`")
-    kind: str = Field(description="a registered teacher kind (`kdpipe plugins`): mlp_classifier, hf_encoder, …")
+    kind: str = Field(description="a registered teacher kind (`kdpipe plugins` lists them): mlp_classifier, hf_encoder, …")
     path: str | None = Field(None, description="a weights directory you provide (a path relative to the spec's "
                                                "folder, or a URI); teachers kdpipe trains itself live under "
                                                "`storage:` when it is unset")
@@ -204,8 +204,8 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
     cpus_per_worker: float | None = Field(
-        None, gt=0, description="default: half the cluster's CPUs split across workers, so Ray Data keeps CPUs to feed them"
-    )
+        None, gt=0, description="default: on up to 4 CPUs, half the cluster's CPUs split across the workers; on more, "
+                                "all but 2 split across them: Ray Data keeps CPUs to feed them")
     use_gpu: bool = False
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="training step precision: auto = bf16 autocast on a CUDA device that has bf16, else fp32 "

@@ -246,9 +246,5 @@ def _kdpipe_cause(e: BaseException) -> KdpipeError | None:
 
 
 def teach_all(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachResult]:
-    results = {t.id: teach_one(cfg, t, source) for t in cfg.teachers}
-    if cfg.teach.fusion is not None:
-        from kdpipe.fusion import fuse_caches
-
-        results["fused"] = fuse_caches(cfg, source, results)
-    return results
+    """Every teacher of the spec into its cache (the fused cache, if any, is `kdpipe.fuse_stage`'s)."""
+    return {t.id: teach_one(cfg, t, source) for t in cfg.teachers}

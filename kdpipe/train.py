@@ -287,7 +287,8 @@ def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, 
     import ray.train
     import ray.train.torch
 
-    from kdpipe.losses import LossContext, LossSuite
+    from kdpipe.losses import LossContext
+    from kdpipe.losses.suite import LossSuite
     from kdpipe.tracking import MetricsLogger
 
     rank = ray.train.get_context().get_world_rank()

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from kdpipe import storage
+from kdpipe.errors import KdpipeError
 from kdpipe.weights import publish_dir
 
 log = logging.getLogger("kdpipe.trained_once")
@@ -54,13 +55,13 @@ def train_once(path: str | Path, digest: str, train: Callable[[], tuple[Any, Any
     if is_trained(path, report):
         done = _read_report(path, report)
         if done.get("digest") != digest:
-            raise ValueError(f"{path} holds a {what} trained with another recipe (digest {done.get('digest')}, "
+            raise KdpipeError(f"{path} holds a {what} trained with another recipe (digest {done.get('digest')}, "
                              f"recipe {done.get('recipe')}); this recipe's digest is {digest}. Delete the directory to "
                              "retrain, or point the teacher's `path:` elsewhere")
         log.info("%s %s reused (digest %s)", what, path, digest)
         return TrainedOnce(path, digest, False, done)
     if not storage.is_remote(path) and Path(path).exists() and any(Path(path).iterdir()):
-        raise ValueError(f"{path} exists but holds no finished {what} ({report} missing); delete it or pick another path")
+        raise KdpipeError(f"{path} exists but holds no finished {what} ({report} missing); delete it or pick another path")
     log.info("training the %s of digest %s into %s (once: later runs reuse it)", what, digest, storage.display(path))
     old = torch.get_num_threads()
     if num_threads:

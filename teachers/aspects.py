@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from kdpipe.errors import KdpipeError
 from teachers import TEACHERS
 from teachers.base import Teacher
 from teachers.mlp import MLPParams, MLPTeacher
@@ -115,7 +116,7 @@ class ClassAspectTeacher(Teacher):
             for a in p.aspects:
                 bad = [c for c in a.classes if c >= source.num_classes]
                 if bad or len(a.classes) >= source.num_classes:
-                    raise ValueError(f"teacher '{cfg.id}': aspect '{a.name}' needs classes in [0, {source.num_classes}) "
+                    raise KdpipeError(f"teacher '{cfg.id}': aspect '{a.name}' needs classes in [0, {source.num_classes}) "
                                      f"and must leave some class out (got {a.classes})")
         clf = MLPTeacher.prepare(cls._classifier_cfg(cfg), source, storage_root)
         return cfg.model_copy(update={"path": clf.path})

@@ -10,7 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kdpipe import figures
-from kdpipe.evaluate import class_arrays, expected_calibration_error, teacher_sums
+from kdpipe.evaluate import teacher_sums
+from kdpipe.evaluators.base import class_arrays, expected_calibration_error
 from kdpipe.teach import topk_compress
 
 

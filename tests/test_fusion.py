@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from kdpipe.arrays import to_fixed_list, to_numpy
 from kdpipe.cache import TeacherCache
 from kdpipe.config import load_spec
-from kdpipe.fusion import fuse, fuse_caches, fuse_dynamic, fuse_static, fuse_uniform, fusion_objective
+from kdpipe.fuse_stage import fuse_caches
+from kdpipe.fusion import fuse, fuse_dynamic, fuse_static, fuse_uniform, fusion_objective
 from kdpipe.data import SourceData
 from kdpipe.teach import TeachResult, topk_compress
 
@@ -214,7 +215,7 @@ def test_fuse_caches_writes_reuses_refuses_extends_and_joins(ray_local, tmp_path
 
 
 def test_fused_fingerprint_covers_config_and_members(tmp_path: Path) -> None:
-    from kdpipe.fusion import fused_fingerprint
+    from kdpipe.fuse_stage import fused_fingerprint
 
     results = {t: TeachResult(t, TeacherCache(tmp_path / t), f"fp-{t}", 0, True)
                for t in ("expert_0_4", "expert_5_9", "generalist")}

@@ -258,7 +258,7 @@ def test_finetuned_teacher_is_trained_once_on_train_glosses_and_reused(tmp_path:
 def test_macro_f1_matches_scikit_learn() -> None:
     from sklearn.metrics import f1_score
 
-    from kdpipe.evaluate import class_arrays, macro_f1
+    from kdpipe.evaluators.base import class_arrays, macro_f1
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 7, 500)
@@ -354,7 +354,8 @@ def test_exit_heads_standardise_their_cls_input_over_every_ranks_first_batch(tmp
 def test_the_train_loop_runs_data_init_once_on_a_fresh_students_first_batch(tmp_path: Path) -> None:
     """`run_epoch(init=True)` hands the first batch to the student's `data_init` before the first step
     and still steps on every batch; a resumed or warm-started student is not re-initialised."""
-    from kdpipe.losses.base import LossContext, LossSuite
+    from kdpipe.losses.base import LossContext
+    from kdpipe.losses.suite import LossSuite
     from kdpipe.train import DistilModule, run_epoch, starts_fresh
 
     d = _classifier_teacher(tmp_path)

@@ -22,7 +22,8 @@ from kdpipe.lm.token_functional import (
     next_token_mask,
     sparse_teacher_logprobs,
 )
-from kdpipe.losses import LOSSES, LossContext, LossSuite
+from kdpipe.losses import LOSSES, LossContext
+from kdpipe.losses.suite import LossSuite
 from kdpipe.losses.token_kl import TokenDistributionLoss
 
 torch.set_num_threads(1)

@@ -70,7 +70,8 @@ def student_and_batch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, di
 
 
 def _loss_and_grads(student: Any, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
-    from kdpipe.losses.base import LossContext, LossSuite
+    from kdpipe.losses.base import LossContext
+    from kdpipe.losses.suite import LossSuite
 
     losses = LossSuite([{"name": "forward_kl"}, {"name": "lm_ce"}], LossContext(0, ["lm"]))
     student.zero_grad()
@@ -94,7 +95,8 @@ def test_the_trimmed_step_computes_the_same_loss_and_gradients(student_and_batch
 
 def test_the_train_loop_steps_on_trimmed_batches(student_and_batch) -> None:
     """`run_epoch` cuts a causal-LM student's batches, in training and in validation."""
-    from kdpipe.losses.base import LossContext, LossSuite
+    from kdpipe.losses.base import LossContext
+    from kdpipe.losses.suite import LossSuite
     from kdpipe.train import DistilModule, run_epoch
 
     student, batch = student_and_batch

@@ -116,7 +116,7 @@ def test_lm_evaluator_sums_match_hand_computed_values() -> None:
 
     import torch
 
-    from kdpipe.evaluate import EVALUATORS
+    from kdpipe.evaluators import EVALUATORS
 
     logits = torch.tensor([[[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0], [0.0, 1.0, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0]]])
     batch = {"input_ids": torch.tensor([[3, 3, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]]),

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdpipe.losses import LossContext, LossSuite
+from kdpipe.losses import LossContext
+from kdpipe.losses.suite import LossSuite
 from kdpipe.losses.functional import dense_from_topk, kd_dense, kd_topk, masked_ce
 from kdpipe.teach import topk_compress
 

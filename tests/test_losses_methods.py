@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.config import SpecError, load_spec
-from kdpipe.losses import LOSSES, LossContext, LossSuite
+from kdpipe.losses import LOSSES, LossContext
+from kdpipe.losses.suite import LossSuite
 from kdpipe.losses.dkd import dkd_terms
 from kdpipe.losses.functional import kd_dense
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.config import SourceConfig, SpecError, TeacherConfig, load_spec
-from kdpipe.losses import LossContext, LossSuite
+from kdpipe.losses import LossContext
+from kdpipe.losses.suite import LossSuite
 from kdpipe.losses.hidden_mse import masked_mse
 from kdpipe.losses.minilm import relation_kl, relation_logits
 
@@ -258,7 +259,7 @@ def test_wordnet_missing_says_how_to_install(tmp_path: Path) -> None:
 
 
 def test_knn_and_recall_metrics() -> None:
-    from kdpipe.eval_embedding import knn_accuracy, neighbour_recall
+    from kdpipe.evaluators.embedding import knn_accuracy, neighbour_recall
 
     g = np.random.default_rng(0)
     centers = g.normal(size=(3, 8)) * 5

@@ -10,7 +10,7 @@ from kdpipe.registry import Registry, import_submodules
 
 LOSSES: Registry = Registry("loss")
 
-from kdpipe.losses.base import Loss, LossContext, LossSuite  # noqa: E402
+from kdpipe.losses.base import Loss, LossContext  # noqa: E402
 
 import_submodules(__name__)
 
@@ -28,4 +28,4 @@ def vocabulary_bound(specs: list[dict[str, object]]) -> list[str]:
     return out
 
 
-__all__ = ["LOSSES", "Loss", "LossContext", "LossSuite", "vocabulary_bound"]
+__all__ = ["LOSSES", "Loss", "LossContext", "vocabulary_bound"]

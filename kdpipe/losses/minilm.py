@@ -65,6 +65,11 @@ class MiniLMParams(BaseModel):
 
 @LOSSES.register("minilm")
 class MiniLMLoss(Loss):
+    @classmethod
+    def teacher_reads(cls, params: Any) -> set[str]:
+        return {"tokens"} | ({"attn_rel"} if params.attention_weight else set()) | (
+            {"value_rel"} if params.value_weight else set())
+
     """attention_weight · KL(attention) + value_weight · KL(value relation); needs the teacher's
     `attn_rel`, `value_rel` and `tokens` outputs and a student with `relations: true`."""
 

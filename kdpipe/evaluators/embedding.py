@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from kdpipe.arrays import to_numpy
-from kdpipe.evaluate import EVALUATORS, Evaluator
+from kdpipe.evaluators import EVALUATORS
+from kdpipe.evaluators.base import Evaluator
 
 K = 10
 

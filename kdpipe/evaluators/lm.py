@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdpipe.evaluate import EVALUATORS, Evaluator
+from kdpipe.evaluators import EVALUATORS
+from kdpipe.evaluators.base import Evaluator
 from kdpipe.lm.token_functional import (TeacherSignal, forward_kl_rows, next_token_positions, next_token_targets,
                                         paired_logprobs)
 
