@@ -9,6 +9,8 @@ import logging
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import torch
 
 from kdpipe.data import SourceData
 from kdpipe.fusion import DEFAULT_SHARPNESS, fuse

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from kdpipe import model_registry as reg
+from kdpipe.errors import KdpipeError
 from kdpipe.train import StudentMeta, build_student
 
 TEXTS = ["a domesticated carnivorous mammal that barks", "move fast by using one's feet", "a hot drink made from leaves"]
@@ -249,7 +250,7 @@ def test_finetuned_teacher_is_trained_once_on_train_glosses_and_reused(tmp_path:
     assert 0.0 <= first.report["heldout_accuracy"] <= 1.0 and len(first.report["losses"]) == 3
     again = finetune(recipe, root=tmp_path)
     assert not again.trained and again.path == first.path and again.report["digest"] == first.report["digest"]
-    with pytest.raises(ValueError, match="another recipe"):
+    with pytest.raises(KdpipeError, match="another recipe"):
         finetune(recipe.model_copy(update={"seed": 1}), out_dir=first.path)
     # it trained on train glosses only: none of them is a val/test gloss of the default split
     assert all(split_of(t, CorpusSplit()) == "train" for t, _ in load_labeled_glosses("train", limit=64))

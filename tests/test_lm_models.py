@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from kdpipe.errors import KdpipeError
 from kdpipe.config import StudentConfig, TeacherConfig, check_student, check_teacher
 from kdpipe.lm.corpus import CorpusSplit, default_tokenizer, encode_texts, load_glosses, pack_texts, split_of, token_lists
 from kdpipe.lm.pretrain import PretrainRecipe, pretrain, pretrained_dir
@@ -346,7 +347,7 @@ def test_pretrain_trains_once_and_saves_a_hf_model(pretrained: Any, tok: Any) ->
     assert not again.trained and again.path == res.path and weights.stat().st_mtime_ns == stamp
     assert again.report["losses"] == losses
     assert pretrained_dir(PretrainRecipe(**{**TINY, "seed": 1}), root) != res.path  # the recipe names the directory
-    with pytest.raises(ValueError, match="another recipe"):
+    with pytest.raises(KdpipeError, match="another recipe"):
         pretrain(PretrainRecipe(**{**TINY, "steps": 26}), out_dir=res.path)
 
 

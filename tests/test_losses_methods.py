@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.config import SpecError, load_spec
+from kdpipe.errors import KdpipeError
 from kdpipe.losses import LOSSES, LossContext
 from kdpipe.losses.suite import LossSuite
 from kdpipe.losses.dkd import dkd_terms
@@ -309,7 +310,7 @@ def test_class_aspects_teacher_answers_from_the_classifier(tmp_path: Path) -> No
     np.testing.assert_allclose(out["aspects"], want, rtol=1e-5, atol=1e-5)
     bad = TeacherConfig(id="asp", kind="class_aspects", path=str(tmp_path / "clf"),
                         params={"aspects": [{"name": "all", "classes": [0, 1, 2, 3]}]})
-    with pytest.raises(ValueError, match="leave some class out"):
+    with pytest.raises(KdpipeError, match="leave some class out"):
         cls.prepare(bad, source, str(tmp_path))
 
 
