@@ -24,7 +24,7 @@ from tests.servers import BIN, MlflowServer, RayCluster, S3Server
 
 pytestmark = pytest.mark.timeout(900)
 
-QUICK = {"teachers.0.params.epochs": 40, "teachers.0.params.hidden": [128], "train.epochs": 3,
+QUICK = {"teachers.0.params.epochs": 40, "teachers.0.params.hidden": [128], "train.epochs": 3, "train.num_workers": 1,
          "train.checkpoint_every": 3, "evaluate.baseline": False, "tracking.gates.min_gain_over_baseline": None}
 
 

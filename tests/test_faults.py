@@ -22,8 +22,8 @@ pytestmark = pytest.mark.timeout(900)
 def test_teacher_actor_killed_mid_stage_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     """A teacher actor process is SIGKILLed from outside once the stage has written output files;
     Ray Data restarts the actor and retries its batches; the published cache has every source row
-    exactly once (`todo.check_staged` would refuse a duplicate). One row per batch keeps the stage
-    running for a few hundred small blocks, long enough to kill an actor mid-stage. Own Ray in a
+    exactly once (`todo.check_staged` would refuse a duplicate). Four rows per batch keep the stage
+    running for about a hundred small blocks, long enough to kill an actor mid-stage. Own Ray in a
     subprocess."""
     script = textwrap.dedent("""
         import json, os, sys, threading, time
@@ -59,7 +59,7 @@ def test_teacher_actor_killed_mid_stage_loses_and_duplicates_nothing(tmp_path: P
                           "same": sorted(ids) == sorted(source.table["id"].to_pylist()), "killed": killed,
                           "staged_before_kill": staged, "parts": len(r.manifest()["parts"])}))
     """)
-    o = tiny_overrides(tmp_path, **{"teach.batch_size": 1, "teach.concurrency": 2, "teach.num_cpus": 0.5})
+    o = tiny_overrides(tmp_path, **{"teach.batch_size": 4, "teach.concurrency": 2, "teach.num_cpus": 0.5})
     env = {**os.environ, "RAY_ADDRESS": ""}
     out = subprocess.run([sys.executable, "-c", script, json.dumps(o)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -99,6 +99,7 @@ def _spec(tmp: Path, data: Path, **extra) -> object:
         "storage": str(tmp / "store"), "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}",
         "source": {"kind": kind, "path": str(data.parent), "features": {"prefix": "px_"}, "label": "digit", **extra},
         "teachers.0.params.epochs": 30, "teachers.0.params.hidden": [64], "train.epochs": 3, "train.checkpoint_every": 3,
+        "train.num_workers": 1,
         "evaluate.baseline": False, "tracking.gates.min_gain_over_baseline": None, "tracking.model_name": "own-table"})
 
 
