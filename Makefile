@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.kdpipe-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench pipelines clean
+.PHONY: install demo test test-all lint docs bench pipelines clean
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,14 +26,22 @@ install: $(STAMP)
 demo: install
 	$(BIN)/kdpipe run pipelines/digits_kd.yaml
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-all: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/run_all.py
+	$(BIN)/python scripts/gen_docs.py
+
+docs: install
+	$(BIN)/python scripts/gen_docs.py
 
 clean:
 	rm -rf .kdpipe mlruns.db mlartifacts

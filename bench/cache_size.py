@@ -20,15 +20,15 @@ def parquet_bytes(table: pa.Table) -> int:
 
 
 def main() -> dict:
-    from kdpipe.arrays import to_fixed_list
-    from kdpipe.config import SourceConfig, TeacherConfig
-    from kdpipe.losses.functional import topk_teacher_logprobs
-    from kdpipe.data import load_source
-    from kdpipe.teach import topk_compress
-    from teachers.mlp import MLPTeacher
-
     import tempfile
     from pathlib import Path
+
+    from kdpipe.arrays import to_fixed_list
+    from kdpipe.config import SourceConfig, TeacherConfig
+    from kdpipe.data import load_source
+    from kdpipe.losses.functional import topk_teacher_logprobs
+    from kdpipe.teach import topk_compress
+    from teachers.mlp import MLPTeacher
 
     src = load_source(SourceConfig(kind="sklearn_digits", split={"labeled_fraction": 0.5}))
     tmp = Path(tempfile.mkdtemp())
@@ -44,7 +44,11 @@ def main() -> dict:
     rows = []
     for k in (1, 2, 4, 10):
         idx, val, tail = topk_compress(logits, k)
-        b = parquet_bytes(pa.table({"id": ids, "topk_idx": to_fixed_list(idx), "topk_val": to_fixed_list(val), "tail_lse": pa.array(tail)}))
+        b = parquet_bytes(
+            pa.table(
+                {"id": ids, "topk_idx": to_fixed_list(idx), "topk_val": to_fixed_list(val), "tail_lse": pa.array(tail)}
+            )
+        )
         row = {"k": k, "bytes_per_row": (b - id_b) / n, "vs_dense": (b - id_b) / (dense_b - id_b)}
         for T in (1.0, 4.0):
             t = torch.from_numpy(logits)
@@ -53,7 +57,9 @@ def main() -> dict:
             ii = torch.from_numpy(idx).long()
             rest = logp.masked_fill(torch.zeros_like(logp, dtype=torch.bool).scatter(1, ii, True), float("-inf"))
             true = torch.cat([logp.gather(1, ii), rest.logsumexp(1, keepdim=True)], 1)  # tail bucket; -inf when k = C
-            rec = topk_teacher_logprobs(torch.from_numpy(idx), torch.from_numpy(val.astype(np.float32)), torch.from_numpy(tail), c, T)
+            rec = topk_teacher_logprobs(
+                torch.from_numpy(idx), torch.from_numpy(val.astype(np.float32)), torch.from_numpy(tail), c, T
+            )
             p = true.exp()
             kl = torch.where(p > 1e-12, p * (true - rec.clamp(min=-1e4)), torch.zeros_like(p)).sum(1).mean()
             row[f"kl_T{T:g}"] = float(kl)
@@ -62,8 +68,10 @@ def main() -> dict:
     save("cache_size", out)
     print(f"dense fp32: {out['dense_fp32_bytes_per_row']:.1f} B/row ({c} classes)")
     for r in rows:
-        print(f"top-{r['k']:<2} fp16: {r['bytes_per_row']:.1f} B/row ({r['vs_dense']:.2f}x dense); "
-              f"KL(true||reconstructed) T=1 {r['kl_T1']:.2e}, T=4 {r['kl_T4']:.2e}")
+        print(
+            f"top-{r['k']:<2} fp16: {r['bytes_per_row']:.1f} B/row ({r['vs_dense']:.2f}x dense); "
+            f"KL(true||reconstructed) T=1 {r['kl_T1']:.2e}, T=4 {r['kl_T4']:.2e}"
+        )
     return out
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import best_of, big_digits_teacher, digits_parquet, cached_path_rates, save
+from bench.common import best_of, big_digits_teacher, cached_path_rates, digits_parquet, save
 
 
 def main(rows: int = 20_000, hidden: tuple[int, ...] = (2048, 2048), batch: int = 256) -> dict:
@@ -50,16 +50,26 @@ def main(rows: int = 20_000, hidden: tuple[int, ...] = (2048, 2048), batch: int 
     t_cached = best_of(lambda: epoch(False), 3)
     t_online = best_of(lambda: epoch(True), 3)
     real = real_path(rows, hidden, batch)
-    out = {"rows": rows, "teacher_hidden": list(hidden), "student_hidden": [32], "batch_size": batch,
-           "epoch_s_cached": t_cached, "epoch_s_online": t_online, "speedup": t_online / t_cached,
-           "ideal_rows_per_s": {"cached": rows / t_cached, "online": rows / t_online}, "kdpipe_cached_path": real,
-           "kdpipe_cached_vs_ideal_online": real["rows_per_s"] / (rows / t_online),
-           "kdpipe_cached_vs_ideal_cached": real["rows_per_s"] / (rows / t_cached)}
+    out = {
+        "rows": rows,
+        "teacher_hidden": list(hidden),
+        "student_hidden": [32],
+        "batch_size": batch,
+        "epoch_s_cached": t_cached,
+        "epoch_s_online": t_online,
+        "speedup": t_online / t_cached,
+        "ideal_rows_per_s": {"cached": rows / t_cached, "online": rows / t_online},
+        "kdpipe_cached_path": real,
+        "kdpipe_cached_vs_ideal_online": real["rows_per_s"] / (rows / t_online),
+        "kdpipe_cached_vs_ideal_cached": real["rows_per_s"] / (rows / t_cached),
+    }
     save("cached_vs_online_digits", out)
-    print(f"digits MLP{list(hidden)} -> MLP[32], {rows} rows: ideal cached {t_cached:.2f} s/epoch, ideal online "
-          f"{t_online:.2f} s/epoch -> cache is {t_online / t_cached:.1f}x faster; kdpipe's cached path "
-          f"{real['rows_per_s']:,.0f} train rows/s = {out['kdpipe_cached_vs_ideal_online']:.2f}x the ideal online loop, "
-          f"{out['kdpipe_cached_vs_ideal_cached']:.2f}x the ideal cached loop")
+    print(
+        f"digits MLP{list(hidden)} -> MLP[32], {rows} rows: ideal cached {t_cached:.2f} s/epoch, ideal online "
+        f"{t_online:.2f} s/epoch -> cache is {t_online / t_cached:.1f}x faster; kdpipe's cached path "
+        f"{real['rows_per_s']:,.0f} train rows/s = {out['kdpipe_cached_vs_ideal_online']:.2f}x the ideal online loop, "
+        f"{out['kdpipe_cached_vs_ideal_cached']:.2f}x the ideal cached loop"
+    )
     return out
 
 
@@ -73,15 +83,33 @@ def real_path(rows: int, hidden: tuple[int, ...], batch: int, epochs: int = 5) -
     tmp = Path(tempfile.mkdtemp(prefix="kdbench-cvo-"))
     big_digits_teacher(tmp / "teacher", list(hidden))
     digits_parquet(tmp / "data" / "rows.parquet", rows)
-    cfg = load_spec("pipelines/digits_kd.yaml", {
-        "source": {"kind": "parquet", "path": str(tmp / "data"), "features": "x", "label": "label", "num_classes": 10,
-                   "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 1.0}},
-        "teachers.0.path": str(tmp / "teacher"), "teachers.0.params": {"hidden": list(hidden), "dropout": 0.0},
-        "storage": str(tmp), "teach.batch_size": 4096,
-        "losses": [{"name": "kd", "weight": 1.0, "temperature": 4.0}], "student.params": {"hidden": [32]},
-        "train.epochs": epochs, "train.batch_size": batch, "train.lr": 1e-3, "train.num_workers": 1,
-        "train.checkpoint_every": epochs, "evaluate.baseline": False,
-        "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "tracking.gates.min_gain_over_baseline": None})
+    cfg = load_spec(
+        "pipelines/digits_kd.yaml",
+        {
+            "source": {
+                "kind": "parquet",
+                "path": str(tmp / "data"),
+                "features": "x",
+                "label": "label",
+                "num_classes": 10,
+                "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 1.0},
+            },
+            "teachers.0.path": str(tmp / "teacher"),
+            "teachers.0.params": {"hidden": list(hidden), "dropout": 0.0},
+            "storage": str(tmp),
+            "teach.batch_size": 4096,
+            "losses": [{"name": "kd", "weight": 1.0, "temperature": 4.0}],
+            "student.params": {"hidden": [32]},
+            "train.epochs": epochs,
+            "train.batch_size": batch,
+            "train.lr": 1e-3,
+            "train.num_workers": 1,
+            "train.checkpoint_every": epochs,
+            "evaluate.baseline": False,
+            "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}",
+            "tracking.gates.min_gain_over_baseline": None,
+        },
+    )
     source, uri = prepare(cfg)
     res = distil(cfg, source, teach(cfg, source), uri)
     return cached_path_rates(uri, res.run_id, epochs)

@@ -6,8 +6,9 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -30,8 +31,9 @@ def short_commit(ref: str = "HEAD", repo: str | Path | None = None) -> str:
     import subprocess
 
     repo = repo or Path(__file__).resolve().parent.parent
-    return subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", ref], capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", ref], capture_output=True, text=True
+    ).stdout.strip()
 
 
 def best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
@@ -75,8 +77,11 @@ def mean_sd(values: list[float], digits: int) -> str:
 def bench_store(work: Path, experiment: str) -> dict[str, str]:
     """Spec overrides that keep a results table's caches, checkpoints and MLflow runs under `work`
     (its runs are what the table is read back from, so a stopped table resumes)."""
-    return {"storage": str(work),
-            "tracking.tracking_uri": f"sqlite:///{work / 'mlruns.db'}", "tracking.experiment": experiment}
+    return {
+        "storage": str(work),
+        "tracking.tracking_uri": f"sqlite:///{work / 'mlruns.db'}",
+        "tracking.experiment": experiment,
+    }
 
 
 def cached_path_rates(tracking_uri: str, run_id: str, epochs: int) -> dict[str, Any]:
@@ -89,8 +94,14 @@ def cached_path_rates(tracking_uri: str, run_id: str, epochs: int) -> dict[str, 
     epoch_s = epoch_times(tracking_uri, run_id)
     train_rows = int(MlflowClient(tracking_uri).get_run(run_id).data.metrics["rows_train"])
     s = statistics.median(epoch_s)
-    return {"epochs": epochs, "epoch_s": epoch_s, "median_epoch_s": s, "train_rows": train_rows,
-            "rows_per_s": train_rows / s, "num_workers": 1}
+    return {
+        "epochs": epochs,
+        "epoch_s": epoch_s,
+        "median_epoch_s": s,
+        "train_rows": train_rows,
+        "rows_per_s": train_rows / s,
+        "num_workers": 1,
+    }
 
 
 def write_table(path: str | Path, out: dict[str, Any], keep_earlier: bool = False) -> Path:
@@ -111,9 +122,18 @@ def save(name: str, data: dict[str, Any]) -> Path:
     import torch
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    data = {**data, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                                "torch_threads": torch.get_num_threads()}, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "commit": short_commit(), "host": platform.node()}
+    data = {
+        **data,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": short_commit(),
+        "host": platform.node(),
+    }
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2))
     return path

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=PIPELINES, default=PIPELINES)
     ap.add_argument("--epochs", type=int, default=None, help="override train.epochs of every pipeline")
     ap.add_argument("--work", default=str(ROOT / ".kdpipe" / "bench"), help="where teachers, caches and MLflow go")
-    ap.add_argument("--extra", action="store_true", help="run kdpipe.compare.EXTRA_VARIANTS instead of the default variants")
+    ap.add_argument(
+        "--extra", action="store_true", help="run kdpipe.compare.EXTRA_VARIANTS instead of the default variants"
+    )
     ap.add_argument("--out", default=None, help="default bench/results/methods.json (methods_extra.json with --extra)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -64,9 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    out: dict[str, object] = {"seeds": args.seeds, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                              "command": "python bench/compare_methods.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                              "pipelines": {}}
+    out: dict[str, object] = {
+        "seeds": args.seeds,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "command": "python bench/compare_methods.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "pipelines": {},
+    }
     tables = []
     for name in args.only:
         spec = str(ROOT / "pipelines" / f"{name}.yaml")
@@ -76,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         table, res = compare(spec, args.seeds, bench_overrides(name, work, args.epochs), variants)
         out["pipelines"][name] = res  # type: ignore[index]
         tables.append(table)
-        print("\n" + table + f"\n\n({name}: {res['seconds']} s; summary MLflow run {res['summary_run_id']})\n", flush=True)
+        print(
+            "\n" + table + f"\n\n({name}: {res['seconds']} s; summary MLflow run {res['summary_run_id']})\n", flush=True
+        )
     out["seconds"] = round(time.time() - t0, 1)
     out["tables"] = tables
     path = Path(args.out or ROOT / "bench" / "results" / ("methods_extra.json" if args.extra else "methods.json"))

@@ -72,8 +72,9 @@ def own_table(path: Path, rows: int = 20_000, features: int = 20, labeled: float
 def watch(cmd: list[str], cwd: Path) -> dict[str, object]:
     """Run `cmd`, timestamp each console line; the largest gap and the lines around it."""
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=fresh_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=fresh_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     lines: list[tuple[float, str]] = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -85,14 +86,23 @@ def watch(cmd: list[str], cwd: Path) -> dict[str, object]:
     worst = int(np.argmax(gaps))
     before = lines[worst - 1][1] if worst >= 1 else "(start)"
     after = lines[worst][1] if worst < len(lines) else "(end)"
-    return {"exit_code": proc.returncode, "wall_s": round(end, 1), "lines": len(lines),
-            "max_silence_s": round(max(gaps), 2), "silence_after": before[-200:], "silence_before": after[-200:],
-            "gaps_over_10s": sum(g > 10 for g in gaps)}
+    return {
+        "exit_code": proc.returncode,
+        "wall_s": round(end, 1),
+        "lines": len(lines),
+        "max_silence_s": round(max(gaps), 2),
+        "silence_after": before[-200:],
+        "silence_before": after[-200:],
+        "gaps_over_10s": sum(g > 10 for g in gaps),
+    }
 
 
 def main() -> None:
-    out: dict[str, object] = {"what": "the largest gap (s) between console lines of `kdpipe run`, a new process from an "
-                                      "empty directory", "command": "python bench/console_silence.py", "goal_s": 10.0}
+    out: dict[str, object] = {
+        "what": "the largest gap (s) between console lines of `kdpipe run`, a new process from an empty directory",
+        "command": "python bench/console_silence.py",
+        "goal_s": 10.0,
+    }
     with tempfile.TemporaryDirectory() as d:
         demo = Path(d) / "demo"
         demo.mkdir()

@@ -26,12 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import fresh_env, results_table, save, short_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-BEFORE = "bb9da04"  # the last commit before the local Ray Train poll of 0.2 s (290294b: before one shared Ray Train run)
+BEFORE = (
+    "bb9da04"  # the last commit before the local Ray Train poll of 0.2 s (290294b: before one shared Ray Train run)
+)
 
 
 def worktree(ref: str, where: Path) -> Path:
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(where), ref], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(where), ref], check=True, capture_output=True
+    )
     return where
 
 
@@ -39,9 +42,14 @@ def demo(code: Path) -> tuple[float, str]:
     """Seconds of one demo run with the code at `code`, and its results table."""
     with tempfile.TemporaryDirectory(prefix="kdpipe-demo-") as cwd:
         t = time.perf_counter()
-        out = subprocess.run([sys.executable, "-m", "kdpipe.cli", "run", str(code / "pipelines" / "digits_kd.yaml")],
-                             cwd=cwd, env={**fresh_env(), "PYTHONPATH": str(code)}, capture_output=True, text=True,
-                             timeout=1200)
+        out = subprocess.run(
+            [sys.executable, "-m", "kdpipe.cli", "run", str(code / "pipelines" / "digits_kd.yaml")],
+            cwd=cwd,
+            env={**fresh_env(), "PYTHONPATH": str(code)},
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         seconds = time.perf_counter() - t
     if out.returncode != 0:
         raise RuntimeError(f"demo at {code} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -67,13 +75,23 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{side}: {seconds:.1f} s", flush=True)
         finally:
             for code in trees.values():
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(code)], capture_output=True)
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(code)], capture_output=True
+                )
     refs = {side: short_commit(ref) for side, ref in (("before", args.before), ("after", args.after))}
-    result = {"before_s": statistics.median(runs["before"]), "after_s": statistics.median(runs["after"]),
-              "runs_s": runs, "refs": refs, "same_table": tables["before"] == tables["after"], "tables": tables,
-              "command": "kdpipe run pipelines/digits_kd.yaml (from an empty directory, teacher trained from scratch)"}
-    print(f"before {result['before_s']:.1f} s  after {result['after_s']:.1f} s  "
-          f"({result['before_s'] / result['after_s']:.2f}x); same table: {result['same_table']}")
+    result = {
+        "before_s": statistics.median(runs["before"]),
+        "after_s": statistics.median(runs["after"]),
+        "runs_s": runs,
+        "refs": refs,
+        "same_table": tables["before"] == tables["after"],
+        "tables": tables,
+        "command": "kdpipe run pipelines/digits_kd.yaml (from an empty directory, teacher trained from scratch)",
+    }
+    print(
+        f"before {result['before_s']:.1f} s  after {result['after_s']:.1f} s  "
+        f"({result['before_s'] / result['after_s']:.2f}x); same table: {result['same_table']}"
+    )
     save("demo_time", result)
 
 

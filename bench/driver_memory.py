@@ -34,8 +34,14 @@ def peak_rss(cmd: list[str], cwd: Path) -> dict[str, Any]:
     import psutil
 
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     ps = psutil.Process(proc.pid)
     peak = 0
     lines: list[str] = []
@@ -54,9 +60,13 @@ def peak_rss(cmd: list[str], cwd: Path) -> dict[str, Any]:
 
 
 def _kdpipe(spec: str, tmp: Path, overrides: dict[str, Any]) -> list[str]:
-    o = {"storage": str(tmp),
-         "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "train.epochs": 1, "train.checkpoint_every": 1,
-         **overrides}
+    o = {
+        "storage": str(tmp),
+        "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}",
+        "train.epochs": 1,
+        "train.checkpoint_every": 1,
+        **overrides,
+    }
     args = [sys.executable, "-m", "kdpipe.cli", "run", spec]
     for k, v in o.items():
         args += ["--set", f"{k}={v}"]
@@ -66,17 +76,31 @@ def _kdpipe(spec: str, tmp: Path, overrides: dict[str, Any]) -> list[str]:
 def digits_run(rows: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="kd-drvmem-"))
     data = digits_parquet(tmp / "rows.parquet", rows)
-    res = peak_rss(_kdpipe("pipelines/digits_kd.yaml", tmp, {
-        "source": '{"kind": "parquet", "path": "%s", "features": "x", "label": "label", '
-                  '"split": {"val": 0.15, "test": 0.25, "labeled_fraction": 0.1}}' % data,
-        "teachers.0.path": str(tmp / "teacher"), "teachers.0.params.epochs": 2, "teachers.0.params.fit_rows": 20000,
-        "teach.batch_size": 4096, "train.batch_size": 1024, "evaluate.baseline_epochs": 1}), ROOT)
+    res = peak_rss(
+        _kdpipe(
+            "pipelines/digits_kd.yaml",
+            tmp,
+            {
+                "source": f'{{"kind": "parquet", "path": "{data}", "features": "x", "label": "label", '
+                '"split": {"val": 0.15, "test": 0.25, "labeled_fraction": 0.1}}',
+                "teachers.0.path": str(tmp / "teacher"),
+                "teachers.0.params.epochs": 2,
+                "teachers.0.params.fit_rows": 20000,
+                "teach.batch_size": 4096,
+                "train.batch_size": 1024,
+                "evaluate.baseline_epochs": 1,
+            },
+        ),
+        ROOT,
+    )
     return {"rows": rows, "source_mb": data.stat().st_size / 2**20, **res}
 
 
 def minilm_run(rows: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="kd-drvmem-"))
-    res = peak_rss(_kdpipe("pipelines/minilm_distill.yaml", tmp, {"source.limit": rows, "evaluate.baseline": False}), ROOT)
+    res = peak_rss(
+        _kdpipe("pipelines/minilm_distill.yaml", tmp, {"source.limit": rows, "evaluate.baseline": False}), ROOT
+    )
     cache = sum(f.stat().st_size for f in (tmp / "cache").rglob("*.parquet"))
     return {"rows": rows, "cache_mb": cache / 2**20, **res}
 
@@ -90,21 +114,34 @@ def main(digits: int = 100_000, minilm: int = 2_000, only: str | None = None) ->
         out = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("machine", "when")}
     if only in (None, "digits"):
         small, large = digits_run(digits), digits_run(10 * digits)
-        out.update(digits_rows_small=small["rows"], digits_rows_large=large["rows"],
-                   digits_rss_small_mb=small["peak_rss_mb"], digits_rss_large_mb=large["peak_rss_mb"],
-                   digits_rss_growth=large["peak_rss_mb"] / small["peak_rss_mb"],
-                   digits_seconds=[small["seconds"], large["seconds"]])
-        print(f"digits: {small['rows']} rows -> driver peak {small['peak_rss_mb']:.0f} MB; {large['rows']} rows -> "
-              f"{large['peak_rss_mb']:.0f} MB (x{out['digits_rss_growth']:.2f})")
+        out.update(
+            digits_rows_small=small["rows"],
+            digits_rows_large=large["rows"],
+            digits_rss_small_mb=small["peak_rss_mb"],
+            digits_rss_large_mb=large["peak_rss_mb"],
+            digits_rss_growth=large["peak_rss_mb"] / small["peak_rss_mb"],
+            digits_seconds=[small["seconds"], large["seconds"]],
+        )
+        print(
+            f"digits: {small['rows']} rows -> driver peak {small['peak_rss_mb']:.0f} MB; {large['rows']} rows -> "
+            f"{large['peak_rss_mb']:.0f} MB (x{out['digits_rss_growth']:.2f})"
+        )
         save("driver_memory", out)  # each workload's numbers are kept even if the next one fails
     if only in (None, "minilm"):
         small, large = minilm_run(minilm), minilm_run(10 * minilm)
-        out.update(minilm_rows_small=small["rows"], minilm_rows_large=large["rows"],
-                   minilm_rss_small_mb=small["peak_rss_mb"], minilm_rss_large_mb=large["peak_rss_mb"],
-                   minilm_rss_growth=large["peak_rss_mb"] / small["peak_rss_mb"],
-                   minilm_cache_mb=[small["cache_mb"], large["cache_mb"]], minilm_seconds=[small["seconds"], large["seconds"]])
-        print(f"minilm: {small['rows']} rows -> driver peak {small['peak_rss_mb']:.0f} MB; {large['rows']} rows -> "
-              f"{large['peak_rss_mb']:.0f} MB (x{out['minilm_rss_growth']:.2f}); cache {large['cache_mb']:.0f} MB")
+        out.update(
+            minilm_rows_small=small["rows"],
+            minilm_rows_large=large["rows"],
+            minilm_rss_small_mb=small["peak_rss_mb"],
+            minilm_rss_large_mb=large["peak_rss_mb"],
+            minilm_rss_growth=large["peak_rss_mb"] / small["peak_rss_mb"],
+            minilm_cache_mb=[small["cache_mb"], large["cache_mb"]],
+            minilm_seconds=[small["seconds"], large["seconds"]],
+        )
+        print(
+            f"minilm: {small['rows']} rows -> driver peak {small['peak_rss_mb']:.0f} MB; {large['rows']} rows -> "
+            f"{large['peak_rss_mb']:.0f} MB (x{out['minilm_rss_growth']:.2f}); cache {large['cache_mb']:.0f} MB"
+        )
     save("driver_memory", out)
     return out
 

@@ -60,15 +60,29 @@ sys.exit(rc)
 def one(freeze: bool) -> dict[str, Any]:
     """One demo run; the seconds of its shutdown by process kind and of its exit."""
     with tempfile.TemporaryDirectory(prefix="kdpipe-exit-") as cwd:
-        out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT / "pipelines" / "digits_kd.yaml"),
-                              "freeze" if freeze else "collect"], cwd=cwd, env={**fresh_env(), "PYTHONPATH": str(ROOT)},
-                             capture_output=True, text=True, timeout=1200)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                str(ROOT / "pipelines" / "digits_kd.yaml"),
+                "freeze" if freeze else "collect",
+            ],
+            cwd=cwd,
+            env={**fresh_env(), "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         ended = time.time()
     if out.returncode != 0:
         raise RuntimeError(f"demo failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     rec = json.loads([line for line in out.stdout.splitlines() if line.startswith('{"rc"')][-1])
-    return {"exit_s": round(ended - rec["end"], 2), "shutdown_s": round(sum(rec["kills"].values()), 2),
-            "shutdown_by_process_s": rec["kills"]}
+    return {
+        "exit_s": round(ended - rec["end"], 2),
+        "shutdown_s": round(sum(rec["kills"].values()), 2),
+        "shutdown_by_process_s": rec["kills"],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,10 +94,18 @@ def main(argv: list[str] | None = None) -> None:
         for side, freeze in (("gc_freeze", True), ("final_gc", False)):
             runs[side].append(one(freeze))
             print(side, runs[side][-1], flush=True)
-    res = {side: {"exit_s": statistics.median(r["exit_s"] for r in rs),
-                  "shutdown_s": statistics.median(r["shutdown_s"] for r in rs)} for side, rs in runs.items()}
-    print(save("exit_cost", {"command": "python bench/exit_cost.py", "commit": short_commit(), "median": res,
-                             "runs": runs}))
+    res = {
+        side: {
+            "exit_s": statistics.median(r["exit_s"] for r in rs),
+            "shutdown_s": statistics.median(r["shutdown_s"] for r in rs),
+        }
+        for side, rs in runs.items()
+    }
+    print(
+        save(
+            "exit_cost", {"command": "python bench/exit_cost.py", "commit": short_commit(), "median": res, "runs": runs}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -36,11 +36,17 @@ def states(model_dir: Path, texts: list[str], depths: list[int], max_length: int
     parts: list[dict[str, torch.Tensor]] = []
     with torch.no_grad():
         for i in range(0, len(texts), 128):
-            b = tok(texts[i : i + 128], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+            b = tok(
+                texts[i : i + 128], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+            )
             hs = model(**b, output_hidden_states=True).hidden_states
             mask = b["attention_mask"].unsqueeze(-1).float()
-            parts.append({**{f"cls{d}": hs[d][:, 0] for d in depths},
-                          **{f"mean{d}": (hs[d] * mask).sum(1) / mask.sum(1) for d in depths}})
+            parts.append(
+                {
+                    **{f"cls{d}": hs[d][:, 0] for d in depths},
+                    **{f"mean{d}": (hs[d] * mask).sum(1) / mask.sum(1) for d in depths},
+                }
+            )
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -95,16 +101,27 @@ def main(argv: list[str] | None = None) -> int:
     depths = [1, 2]
     feats = states(model_dir, texts, depths, recipe.max_length)
     majority = float((y[n_train:] == torch.bincount(y[:n_train]).argmax()).float().mean())
-    out: dict[str, object] = {"command": "python bench/exit_probe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                              "teacher": str(model_dir.name), "glosses": len(rows), "train": n_train,
-                              "majority_class_acc": round(majority, 4), "depths": {}}
+    out: dict[str, object] = {
+        "command": "python bench/exit_probe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "teacher": str(model_dir.name),
+        "glosses": len(rows),
+        "train": n_train,
+        "majority_class_acc": round(majority, 4),
+        "depths": {},
+    }
     for d in depths:
         cls, mean = feats[f"cls{d}"], feats[f"mean{d}"]
-        row = {f"{name}_spread": round(float(v.std(0).mean() / v.mean(0).abs().mean()), 4)
-               for name, v in (("cls", cls), ("mean", mean))}
-        row.update({"cls_bert_init": round(probe(cls, y, n_train, False), 4),
-                    "cls_standardised": round(probe(cls, y, n_train, True), 4),
-                    "mean_pooled_bert_init": round(probe(mean, y, n_train, False), 4)})
+        row = {
+            f"{name}_spread": round(float(v.std(0).mean() / v.mean(0).abs().mean()), 4)
+            for name, v in (("cls", cls), ("mean", mean))
+        }
+        row.update(
+            {
+                "cls_bert_init": round(probe(cls, y, n_train, False), 4),
+                "cls_standardised": round(probe(cls, y, n_train, True), 4),
+                "mean_pooled_bert_init": round(probe(mean, y, n_train, False), 4),
+            }
+        )
         out["depths"][str(d)] = row  # type: ignore[index]
         print(f"after layer {d}: {row}", flush=True)
     print(f"majority class {majority:.4f}; wrote {save('exit_probe', out)}")

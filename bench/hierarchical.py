@@ -31,7 +31,9 @@ EXPERIMENT = "bench-hierarchical"
 SPEC = ROOT / "pipelines" / "text_classifier_hierarchical.yaml"
 
 
-def collect(uri: str, seeds: list[int], exits: int) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, object]]]:
+def collect(
+    uri: str, seeds: list[int], exits: int
+) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, object]]]:
     """Per exit, the student's and the twin's test accuracies from the finished runs."""
     from mlflow.tracking import MlflowClient
 
@@ -42,7 +44,9 @@ def collect(uri: str, seeds: list[int], exits: int) -> tuple[dict[str, dict[str,
     runs: list[dict[str, object]] = []
     if exp is None:
         return rows, runs
-    for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]):
+    for r in client.search_runs(
+        [exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]
+    ):
         seed, m = int(r.data.params["seed"]), r.data.metrics
         if seed not in seeds or "test_acc_exit0" not in m:
             continue
@@ -55,14 +59,20 @@ def collect(uri: str, seeds: list[int], exits: int) -> tuple[dict[str, dict[str,
 
 
 def table(rows: dict[str, dict[str, list[float]]], depths: list[int], seeds: list[int]) -> str:
-    lines = [f"**text_classifier_hierarchical** (test glosses, 45 classes; mean ± sample std over seeds {seeds})", "",
-             "| exit (depth) | with self-distillation | twin without exit-to-exit KL |", "|---|---|---|",
-             f"| teacher (6 layers) | {mean_sd(rows['teacher']['student'], 4) if rows['teacher']['student'] else ''} | |"]
+    lines = [
+        f"**text_classifier_hierarchical** (test glosses, 45 classes; mean ± sample std over seeds {seeds})",
+        "",
+        "| exit (depth) | with self-distillation | twin without exit-to-exit KL |",
+        "|---|---|---|",
+        f"| teacher (6 layers) | {mean_sd(rows['teacher']['student'], 4) if rows['teacher']['student'] else ''} | |",
+    ]
     for i, depth in enumerate(depths):
         r = rows[f"exit {i}"]
         if r["student"]:
-            lines.append(f"| exit {i} ({depth} layer{'s' if depth > 1 else ''}) | {mean_sd(r['student'], 4)} | "
-                         f"{mean_sd(r['twin'], 4)} |")
+            lines.append(
+                f"| exit {i} ({depth} layer{'s' if depth > 1 else ''}) | {mean_sd(r['student'], 4)} | "
+                f"{mean_sd(r['twin'], 4)} |"
+            )
     return "\n".join(lines)
 
 
@@ -70,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--work", default=str(ROOT / ".kdpipe" / "bench-hierarchical"))
-    ap.add_argument("--teachers", default=str(ROOT / ".kdpipe" / "teachers"),
-                    help="where the fine-tuned teacher lives (shared with `kdpipe run pipelines/text_classifier_*.yaml`)")
+    ap.add_argument(
+        "--teachers",
+        default=str(ROOT / ".kdpipe" / "teachers"),
+        help="where the fine-tuned teacher lives (shared with `kdpipe run pipelines/text_classifier_*.yaml`)",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "text_classifier_hierarchical.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -81,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     from kdpipe.pipeline import distil, prepare, teach
 
     work = Path(args.work).resolve()
-    base = {**bench_store(work, EXPERIMENT), "teachers.0.params.finetune_root": str(Path(args.teachers).resolve()),
-            "tracking.model_name": "text-classifier-hierarchical-bench"}
+    base = {
+        **bench_store(work, EXPERIMENT),
+        "teachers.0.params.finetune_root": str(Path(args.teachers).resolve()),
+        "tracking.model_name": "text-classifier-hierarchical-bench",
+    }
     cfg = load_spec(str(SPEC), base)
     depths = [*cfg.student.params["exits"], cfg.student.params["layers"]]
     t0 = time.time()
@@ -91,15 +107,28 @@ def main(argv: list[str] | None = None) -> int:
     _, runs = collect(uri, args.seeds, len(depths))
     for seed in sorted(set(args.seeds) - {int(r["seed"]) for r in runs}):
         res = distil(load_spec(str(SPEC), {**base, "seed": seed}), source, taught, uri)
-        print(f"seed {seed}: " + ", ".join(f"exit {i} {res.metrics[f'test_acc_exit{i}']:.4f} "
-                                           f"(twin {res.metrics[f'baseline_test_acc_exit{i}']:.4f})"
-                                           for i in range(len(depths))), flush=True)
+        print(
+            f"seed {seed}: "
+            + ", ".join(
+                f"exit {i} {res.metrics[f'test_acc_exit{i}']:.4f} "
+                f"(twin {res.metrics[f'baseline_test_acc_exit{i}']:.4f})"
+                for i in range(len(depths))
+            ),
+            flush=True,
+        )
     rows, runs = collect(uri, args.seeds, len(depths))
     md = table(rows, depths, sorted({int(r["seed"]) for r in runs}))
-    out = {"command": "python bench/hierarchical.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "seeds": args.seeds,
-           "depths": depths, "epochs": cfg.train.epochs, "rows": rows, "runs": runs, "table": md,
-           "seconds": round(time.time() - t0, 1)}
+    out = {
+        "command": "python bench/hierarchical.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "seeds": args.seeds,
+        "depths": depths,
+        "epochs": cfg.train.epochs,
+        "rows": rows,
+        "runs": runs,
+        "table": md,
+        "seconds": round(time.time() - t0, 1),
+    }
     path = write_table(args.out, out)
     print("\n" + md + f"\n\nwrote {path} ({out['seconds']} s)")
     return 0

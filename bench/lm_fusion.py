@@ -54,6 +54,7 @@ def with_balanced(m: dict[str, float], key: str) -> dict[str, float]:
     """One model's cells from a run's metrics (`key`: test, baseline_test, test_teacher_noun, …):
     perplexity and accuracy on every test gloss, perplexity on each domain's glosses alone, and the
     geometric mean of the two domains' perplexities (a test weighted equally between the domains)."""
+
     def at(part: str, metric: str) -> float | None:  # the slice sits after "test": test_nouns_teacher_noun_ppl
         head, _, tail = key.rpartition("test")
         return m.get(f"{head}test_{part}{tail}_{metric}")
@@ -74,9 +75,13 @@ def add(rows: dict[str, dict[str, list[float]]], name: str, m: dict[str, float],
 
 def table(rows: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
     spread = "one seed" if len(seeds) == 1 else "mean ± sample std"
-    lines = [f"**lm_fusion** (test glosses; {spread}: seeds {seeds})", "",
-             "| model | perplexity ↓ (all) | next-token acc (all) | perplexity: noun glosses | perplexity: verb glosses "
-             "| perplexity: both domains weighted equally (geometric mean) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"**lm_fusion** (test glosses; {spread}: seeds {seeds})",
+        "",
+        "| model | perplexity ↓ (all) | next-token acc (all) | perplexity: noun glosses | perplexity: verb glosses "
+        "| perplexity: both domains weighted equally (geometric mean) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, m in rows.items():
         if m.get("test_ppl"):
             cells = [mean_sd(m[c], 4 if c.endswith("acc") else 1) if m.get(c) else "–" for c in COLUMNS]
@@ -91,7 +96,9 @@ def _label(params: dict[str, str]) -> str | None:
     return f"{mode} fusion" if mode in ("dynamic", "uniform") else None
 
 
-def collect(uri: str, seeds: list[int], want: dict[str, str]) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, Any]]]:
+def collect(
+    uri: str, seeds: list[int], want: dict[str, str]
+) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, Any]]]:
     """Rows of the table from the finished runs of this benchmark (a stopped run resumes)."""
     from mlflow.tracking import MlflowClient
 
@@ -102,13 +109,21 @@ def collect(uri: str, seeds: list[int], want: dict[str, str]) -> tuple[dict[str,
     runs: list[dict[str, Any]] = []
     if exp is None:
         return {}, runs
-    for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]):
+    for r in client.search_runs(
+        [exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]
+    ):
         p, m = r.data.params, r.data.metrics
         label, seed = _label(p), int(p["seed"])
         if label is None or seed not in seeds or any(p.get(k) != v for k, v in want.items()):
             continue
-        runs.append({"seed": seed, "signal": label, "run_id": r.info.run_id,
-                     "metrics": {k: v for k, v in m.items() if "test_" in k}})
+        runs.append(
+            {
+                "seed": seed,
+                "signal": label,
+                "run_id": r.info.run_id,
+                "metrics": {k: v for k, v in m.items() if "test_" in k},
+            }
+        )
         add(students, f"student ← {label}", m, "test")
         if "baseline_test_ppl" in m:
             add(students, "twin: `lm_ce` only", m, "baseline_test")
@@ -132,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     ap.add_argument("--shuffle-buffer", type=int, default=2000, help="train.shuffle_buffer (as bench/lm_methods.py)")
     ap.add_argument("--work", default=str(ROOT / ".kdpipe" / "bench-lm-fusion"))
-    ap.add_argument("--teachers", default=str(ROOT / ".kdpipe" / "teachers"),
-                    help="where the pretrained experts live (shared with `kdpipe run pipelines/lm_fusion.yaml`)")
+    ap.add_argument(
+        "--teachers",
+        default=str(ROOT / ".kdpipe" / "teachers"),
+        help="where the pretrained experts live (shared with `kdpipe run pipelines/lm_fusion.yaml`)",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lm_fusion.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -144,9 +162,13 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work).resolve()
     teachers_root = str(Path(args.teachers).resolve())
-    base = {**bench_store(work, "bench-lm-fusion"), "teachers.0.params.pretrain_root": teachers_root,
-            "teachers.1.params.pretrain_root": teachers_root, "tracking.model_name": "lm-fusion-student-compare",
-            "train.shuffle_buffer": args.shuffle_buffer}
+    base = {
+        **bench_store(work, "bench-lm-fusion"),
+        "teachers.0.params.pretrain_root": teachers_root,
+        "teachers.1.params.pretrain_root": teachers_root,
+        "tracking.model_name": "lm-fusion-student-compare",
+        "train.shuffle_buffer": args.shuffle_buffer,
+    }
     if args.epochs:
         base["train.epochs"] = args.epochs
     spec = str(ROOT / "pipelines" / "lm_fusion.yaml")
@@ -160,17 +182,25 @@ def main(argv: list[str] | None = None) -> int:
         for label in args.signals:
             if (seed, label) in have:
                 continue
-            cfg = load_spec(spec, {**base, **SIGNALS[label], "seed": seed,
-                                   "evaluate.baseline": label == "dynamic fusion"})  # one twin per seed
+            cfg = load_spec(
+                spec, {**base, **SIGNALS[label], "seed": seed, "evaluate.baseline": label == "dynamic fusion"}
+            )  # one twin per seed
             taught = teach(cfg, source)  # the experts pretrain and teach once; each fusion mode fuses once
             res = distil(cfg, source, taught, uri)
             print(f"seed {seed} {label}: " + ", ".join(f"{k} {res.metrics[k]:.4f}" for k in METRICS), flush=True)
     rows, runs = collect(uri, args.seeds, want)
     md = table(rows, sorted({int(r["seed"]) for r in runs}))
-    out = {"command": "python bench/lm_fusion.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "seeds": args.seeds,
-           "epochs": cfg0.train.epochs, "shuffle_buffer": cfg0.train.shuffle_buffer, "rows": rows, "runs": runs,
-           "table": md, "seconds": round(time.time() - t0, 1)}
+    out = {
+        "command": "python bench/lm_fusion.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "seeds": args.seeds,
+        "epochs": cfg0.train.epochs,
+        "shuffle_buffer": cfg0.train.shuffle_buffer,
+        "rows": rows,
+        "runs": runs,
+        "table": md,
+        "seconds": round(time.time() - t0, 1),
+    }
     path = write_table(args.out, out, keep_earlier=True)
     print("\n" + md + f"\n\nwrote {path} ({out['seconds']} s)")
     return 0

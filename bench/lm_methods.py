@@ -37,16 +37,21 @@ METRICS = ("test_ppl", "test_token_acc", "test_teacher_agreement", "test_kl")
 
 
 def table(rows: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
-    lines = [f"**lm_distill** (test glosses; mean ± sample std over seeds {seeds})", "",
-             "| model | perplexity ↓ | next-token acc | top-1 agreement with teacher | KL(teacher ‖ model) ↓ |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"**lm_distill** (test glosses; mean ± sample std over seeds {seeds})",
+        "",
+        "| model | perplexity ↓ | next-token acc | top-1 agreement with teacher | KL(teacher ‖ model) ↓ |",
+        "|---|---|---|---|---|",
+    ]
     for name, m in rows.items():
         cells = [mean_sd(m[k], 2 if k == "test_ppl" else 4) if m.get(k) else "—" for k in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def collect(uri: str, seeds: list[int], want: dict[str, str]) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, object]]]:
+def collect(
+    uri: str, seeds: list[int], want: dict[str, str]
+) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, object]]]:
     """Rows of the table from the finished MLflow runs of this benchmark (so a stopped benchmark
     resumes where it was: `--seeds` / `--objectives` run only what is missing)."""
     from mlflow.tracking import MlflowClient
@@ -57,13 +62,21 @@ def collect(uri: str, seeds: list[int], want: dict[str, str]) -> tuple[dict[str,
     rows: dict[str, dict[str, list[float]]] = {}
     twin: dict[str, list[float]] = {}
     runs = []
-    for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]):
+    for r in client.search_runs(
+        [exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]
+    ):
         seed, label = int(r.data.params["seed"]), label_of.get(r.data.params.get("losses.0.name", ""))
         if label is None or seed not in seeds or any(r.data.params.get(k) != v for k, v in want.items()):
             continue  # another objective, seed, or training budget
         m = r.data.metrics
-        runs.append({"seed": seed, "objective": label, "run_id": r.info.run_id,
-                     "metrics": {k: v for k, v in m.items() if "test_" in k}})
+        runs.append(
+            {
+                "seed": seed,
+                "objective": label,
+                "run_id": r.info.run_id,
+                "metrics": {k: v for k, v in m.items() if "test_" in k},
+            }
+        )
         for k in METRICS:
             rows.setdefault(label, {}).setdefault(k, []).append(m[k])
             if f"baseline_{k}" in m:
@@ -87,12 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES))
     ap.add_argument("--epochs", type=int, default=None, help="override train.epochs")
-    ap.add_argument("--shuffle-buffer", type=int, default=2000,
-                    help="train.shuffle_buffer: the student starts from teacher blocks, so without a shuffled, "
-                         "seeded batch order every seed trains the same model (0 = the spec's fixed order)")
+    ap.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=2000,
+        help="train.shuffle_buffer: the student starts from teacher blocks, so without a shuffled, "
+        "seeded batch order every seed trains the same model (0 = the spec's fixed order)",
+    )
     ap.add_argument("--work", default=str(ROOT / ".kdpipe" / "bench-lm"))
-    ap.add_argument("--teachers", default=str(ROOT / ".kdpipe" / "teachers"),
-                    help="where the pretrained teacher lives (shared with `kdpipe run pipelines/lm_distill.yaml`)")
+    ap.add_argument(
+        "--teachers",
+        default=str(ROOT / ".kdpipe" / "teachers"),
+        help="where the pretrained teacher lives (shared with `kdpipe run pipelines/lm_distill.yaml`)",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lm_methods.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -102,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     from kdpipe.pipeline import distil, prepare, teach
 
     work = Path(args.work).resolve()
-    base = {**bench_store(work, "bench-lm"), "teachers.0.params.pretrain_root": str(Path(args.teachers).resolve()),
-            "tracking.model_name": "lm-student-compare"}
+    base = {
+        **bench_store(work, "bench-lm"),
+        "teachers.0.params.pretrain_root": str(Path(args.teachers).resolve()),
+        "tracking.model_name": "lm-student-compare",
+    }
     if args.epochs:
         base["train.epochs"] = args.epochs
     base["train.shuffle_buffer"] = args.shuffle_buffer
@@ -119,16 +142,28 @@ def main(argv: list[str] | None = None) -> int:
         for label in args.objectives:
             if (seed, label) in have:
                 continue
-            over = {**base, "seed": seed, "losses": [OBJECTIVES[label], {"name": "lm_ce", "weight": 1.0}],
-                    "evaluate.baseline": not twin_done}  # the twin does not depend on the objective: once per seed
+            over = {
+                **base,
+                "seed": seed,
+                "losses": [OBJECTIVES[label], {"name": "lm_ce", "weight": 1.0}],
+                "evaluate.baseline": not twin_done,
+            }  # the twin does not depend on the objective: once per seed
             twin_done = True
             res = distil(load_spec(spec, over), source, taught, uri)
             print(f"seed {seed} {label}: " + ", ".join(f"{k} {res.metrics[k]:.4f}" for k in METRICS), flush=True)
     rows, runs = collect(uri, args.seeds, want)
     md = table(rows, sorted({int(r["seed"]) for r in runs}))
-    out = {"command": "python bench/lm_methods.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "seeds": args.seeds,
-           "epochs": cfg0.train.epochs, "shuffle_buffer": cfg0.train.shuffle_buffer, "rows": rows, "runs": runs, "table": md, "seconds": round(time.time() - t0, 1)}
+    out = {
+        "command": "python bench/lm_methods.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "seeds": args.seeds,
+        "epochs": cfg0.train.epochs,
+        "shuffle_buffer": cfg0.train.shuffle_buffer,
+        "rows": rows,
+        "runs": runs,
+        "table": md,
+        "seconds": round(time.time() - t0, 1),
+    }
     path = write_table(args.out, out, keep_earlier=True)  # rows resume across invocations
     print("\n" + md + f"\n\nwrote {path} ({out['seconds']} s)")
     return 0

@@ -67,29 +67,37 @@ def _kdpipe(tcfg: object, text_file: Path, cache_root: Path, cpus: int) -> tuple
     from kdpipe.data import load_source
     from kdpipe.teach import teach_one
 
-    cfg = parse_spec({
-        "name": "bench", "source": {"kind": "text", "path": str(text_file)},
-        "teachers": [tcfg.model_dump()],
-        "storage": str(cache_root), "teach": {"concurrency": 1, "batch_size": BATCH, "num_cpus": cpus, "verify": False},
-        "student": {"kind": "causal_lm", "params": {"tokens_from": tcfg.id}}, "losses": [{"name": "lm_ce"}],
-        "evaluate": {"task": "lm"}, "tracking": {"model_name": "b"},
-    })
+    cfg = parse_spec(
+        {
+            "name": "bench",
+            "source": {"kind": "text", "path": str(text_file)},
+            "teachers": [tcfg.model_dump()],
+            "storage": str(cache_root),
+            "teach": {"concurrency": 1, "batch_size": BATCH, "num_cpus": cpus, "verify": False},
+            "student": {"kind": "causal_lm", "params": {"tokens_from": tcfg.id}},
+            "losses": [{"name": "lm_ce"}],
+            "evaluate": {"task": "lm"},
+            "tracking": {"model_name": "b"},
+        }
+    )
     src = load_source(cfg.source, cache_root / "q")
     t = time.perf_counter()
     r = teach_one(cfg, cfg.teachers[0], src)
     took = time.perf_counter() - t
-    tokens = sum(int(pq.read_table(f, columns=["attention_mask"])["attention_mask"].combine_chunks().flatten()
-                     .to_numpy().sum()) for f in r.cache.files())
+    tokens = sum(
+        int(pq.read_table(f, columns=["attention_mask"])["attention_mask"].combine_chunks().flatten().to_numpy().sum())
+        for f in r.cache.files()
+    )
     return took, tokens
 
 
 def main(sizes: tuple[int, int] = (3000, 12000), teachers_root: Path = ROOT / ".kdpipe" / "teachers") -> dict:
+    import os
+
     import torch
 
     from kdpipe.lm.corpus import load_glosses
     from kdpipe.runtime import init_ray
-
-    import os
 
     tcfg = _teacher_cfg(teachers_root)
     # one CPU stays free for Ray Data's index-read tasks: an actor holding every CPU of a 2-CPU node
@@ -111,29 +119,49 @@ def main(sizes: tuple[int, int] = (3000, 12000), teachers_root: Path = ROOT / ".
         t_plain = time.perf_counter() - t
         t_kd, kd_tokens = _kdpipe(tcfg, f, tmp / f"cache{n}", cpus)
         runs[n] = {"plain_s": t_plain, "plain_tokens": plain_tokens, "kdpipe_s": t_kd, "kdpipe_tokens": kd_tokens}
-        print(f"{n} glosses: plain {plain_tokens / t_plain:,.0f} tokens/s ({t_plain:.1f} s), kdpipe teach "
-              f"{kd_tokens / t_kd:,.0f} tokens/s ({t_kd:.1f} s)", flush=True)
+        print(
+            f"{n} glosses: plain {plain_tokens / t_plain:,.0f} tokens/s ({t_plain:.1f} s), kdpipe teach "
+            f"{kd_tokens / t_kd:,.0f} tokens/s ({t_kd:.1f} s)",
+            flush=True,
+        )
     n1, n2 = sizes
-    rate = {k: (runs[n2][f"{k}_tokens"] - runs[n1][f"{k}_tokens"]) / (runs[n2][f"{k}_s"] - runs[n1][f"{k}_s"])
-            for k in ("plain", "kdpipe")}
+    rate = {
+        k: (runs[n2][f"{k}_tokens"] - runs[n1][f"{k}_tokens"]) / (runs[n2][f"{k}_s"] - runs[n1][f"{k}_s"])
+        for k in ("plain", "kdpipe")
+    }
     from teachers.hf_causal_lm import HFCausalLMTeacher
 
     params = sum(p.numel() for p in HFCausalLMTeacher.load(tcfg).model.parameters())
     flops_token = 2 * params  # tied embeddings: the output layer's V·d counted once, the lookup is free
     limit = peak * 1e9 / flops_token
-    out = {"sizes_glosses": list(sizes), "batch_size": BATCH, "topk": tcfg.topk, "runs": runs,
-           "steady_tokens_per_s": rate, "steady_state_ratio": rate["kdpipe"] / rate["plain"],
-           "end_to_end_ratio": {n: (runs[n]["kdpipe_tokens"] / runs[n]["kdpipe_s"]) / (runs[n]["plain_tokens"] / runs[n]["plain_s"])
-                                for n in sizes},
-           "teacher_params": params, "flops_per_token": flops_token, "matmul_peak_gflops": peak,
-           "physical_limit_tokens_per_s": limit, "plain_fraction_of_limit": rate["plain"] / limit,
-           "kdpipe_fraction_of_limit": rate["kdpipe"] / limit, "torch_threads": torch.get_num_threads(), "actor_cpus": cpus,
-           "note": "plain loop: the same teacher adapter forward + encoding + Parquet write in one warm process (the "
-                   "teacher loaded once, not timed). kdpipe: teach_one with one actor of `actor_cpus` CPUs (Ray already "
-                   "started; the source indexed before timing); the plain loop uses as many torch threads."}
+    out = {
+        "sizes_glosses": list(sizes),
+        "batch_size": BATCH,
+        "topk": tcfg.topk,
+        "runs": runs,
+        "steady_tokens_per_s": rate,
+        "steady_state_ratio": rate["kdpipe"] / rate["plain"],
+        "end_to_end_ratio": {
+            n: (runs[n]["kdpipe_tokens"] / runs[n]["kdpipe_s"]) / (runs[n]["plain_tokens"] / runs[n]["plain_s"])
+            for n in sizes
+        },
+        "teacher_params": params,
+        "flops_per_token": flops_token,
+        "matmul_peak_gflops": peak,
+        "physical_limit_tokens_per_s": limit,
+        "plain_fraction_of_limit": rate["plain"] / limit,
+        "kdpipe_fraction_of_limit": rate["kdpipe"] / limit,
+        "torch_threads": torch.get_num_threads(),
+        "actor_cpus": cpus,
+        "note": "plain loop: the same teacher adapter forward + encoding + Parquet write in one warm process (the "
+        "teacher loaded once, not timed). kdpipe: teach_one with one actor of `actor_cpus` CPUs (Ray already "
+        "started; the source indexed before timing); the plain loop uses as many torch threads.",
+    }
     save("lm_teach_throughput", out)
-    print(f"steady state: plain {rate['plain']:,.0f} tokens/s, kdpipe {rate['kdpipe']:,.0f} tokens/s -> "
-          f"{out['steady_state_ratio']:.2f}x; physical limit {limit:,.0f} tokens/s (matmul peak {peak:.0f} GFLOP/s)")
+    print(
+        f"steady state: plain {rate['plain']:,.0f} tokens/s, kdpipe {rate['kdpipe']:,.0f} tokens/s -> "
+        f"{out['steady_state_ratio']:.2f}x; physical limit {limit:,.0f} tokens/s (matmul peak {peak:.0f} GFLOP/s)"
+    )
     return out
 
 

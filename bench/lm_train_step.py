@@ -39,8 +39,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import matmul_peak_gflops, save  # noqa: E402
 
-VARIANTS = {"cached top-k": "topk", "cached dense": "dense", "online dense": "online",
-            "cached top-k, full width": "topk-full"}
+VARIANTS = {
+    "cached top-k": "topk",
+    "cached dense": "dense",
+    "online dense": "online",
+    "cached top-k, full width": "topk-full",
+}
 
 
 def _spec(teachers_root: Path) -> Any:
@@ -69,9 +73,19 @@ def make_inputs(cfg: Any, batch: int, out: Path) -> None:
     ids, mask = torch.from_numpy(res["input_ids"]).long(), torch.from_numpy(res["attention_mask"]).long()
     with torch.no_grad():
         dense = teacher.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., : teacher.vocab].float()
-    save_file({"lm.input_ids": ids, "lm.attention_mask": mask, "input_ids": ids.clone(), "attention_mask": mask.clone(),
-               "lm.topk_ids": torch.from_numpy(res["topk_ids"]).long(), "lm.topk_logp": torch.from_numpy(res["topk_logp"]),
-               "lm.tail_logp": torch.from_numpy(res["tail_logp"]), "lm.logits": dense.contiguous()}, str(out))
+    save_file(
+        {
+            "lm.input_ids": ids,
+            "lm.attention_mask": mask,
+            "input_ids": ids.clone(),
+            "attention_mask": mask.clone(),
+            "lm.topk_ids": torch.from_numpy(res["topk_ids"]).long(),
+            "lm.topk_logp": torch.from_numpy(res["topk_logp"]),
+            "lm.tail_logp": torch.from_numpy(res["tail_logp"]),
+            "lm.logits": dense.contiguous(),
+        },
+        str(out),
+    )
 
 
 class Variant:
@@ -82,7 +96,6 @@ class Variant:
         from safetensors import safe_open
 
         from kdpipe.losses.base import LossContext
-
         from kdpipe.losses.suite import LossSuite
         from kdpipe.train import StudentMeta, build_student
 
@@ -91,8 +104,11 @@ class Variant:
         kind = kind.removesuffix("-full")
         keep = {"topk": ("lm.topk_", "lm.tail_"), "dense": ("lm.logits",), "online": ()}[kind]
         with safe_open(str(inputs), "pt") as f:
-            self.batch = {k: f.get_tensor(k).clone() for k in f.keys()  # in memory, not file-backed pages
-                          if k.endswith(("input_ids", "attention_mask")) or k.startswith(keep)}
+            self.batch = {
+                k: f.get_tensor(k).clone()
+                for k in f.keys()  # in memory, not file-backed pages
+                if k.endswith(("input_ids", "attention_mask")) or k.startswith(keep)
+            }
         self.student = build_student(cfg.student.kind, cfg.student.params, StudentMeta(None, 0, ["lm"], {})).train()
         signal = "topk" if kind == "topk" else "dense"
         self.losses = LossSuite([{"name": "forward_kl", "signal": signal}, {"name": "lm_ce"}], LossContext(0, ["lm"]))
@@ -111,7 +127,9 @@ class Variant:
         batch = trim_to_longest(self.batch) if self.trim else self.batch
         if self.teacher is not None:
             with torch.no_grad():
-                out = self.teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                out = self.teacher.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                )
             batch = {**batch, "lm.logits": out.logits[..., : self.teacher.vocab]}
         value, _ = self.losses(self.student(batch), batch)
         self.opt.zero_grad(set_to_none=True)
@@ -159,7 +177,11 @@ def peak_memory_of(kind: str, teachers_root: Path, inputs: Path, steps: int) -> 
     for _ in range(steps):
         v.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"rss_before_steps_mb": round(before, 1), "peak_rss_mb": round(peak, 1), "step_peak_over_before_mb": round(peak - before, 1)}
+    return {
+        "rss_before_steps_mb": round(before, 1),
+        "peak_rss_mb": round(peak, 1),
+        "step_peak_over_before_mb": round(peak - before, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,8 +206,20 @@ def main(argv: list[str] | None = None) -> int:
         tokens = real_tokens(inputs)
         memory = {}
         for name, kind in VARIANTS.items():
-            out = subprocess.run([sys.executable, __file__, "--memory-of", kind, "--inputs", str(inputs),
-                                  "--teachers", str(teachers_root)], capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--memory-of",
+                    kind,
+                    "--inputs",
+                    str(inputs),
+                    "--teachers",
+                    str(teachers_root),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode:
                 raise RuntimeError(f"memory run of {name} failed:\n{out.stderr[-3000:]}")
             memory[name] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -194,30 +228,64 @@ def main(argv: list[str] | None = None) -> int:
         probe = Variant(cfg, "online", inputs)
         p_s, p_t = matmul_params(probe.student), matmul_params(probe.teacher.model)  # type: ignore[union-attr]
         vocab, width = probe.teacher.vocab, tuple(probe.batch["input_ids"].shape)  # type: ignore[union-attr]
-    flops = {"cached top-k": 6 * p_s, "cached dense": 6 * p_s, "online dense": 6 * p_s + 2 * p_t,
-             "cached top-k, full width": 6 * p_s}
+    flops = {
+        "cached top-k": 6 * p_s,
+        "cached dense": 6 * p_s,
+        "online dense": 6 * p_s + 2 * p_t,
+        "cached top-k, full width": 6 * p_s,
+    }
     rows = {}
     for name, ts in times.items():
         med = statistics.median(ts)
         bound = peak * 1e9 / flops[name]
-        rows[name] = {"step_s_median": round(med, 4), "step_s_all": [round(t, 4) for t in ts],
-                      "tokens_per_s": round(tokens / med, 1), "flop_bound_tokens_per_s": round(bound, 1),
-                      "fraction_of_bound": round(tokens / med / bound, 3), **memory[name]}
+        rows[name] = {
+            "step_s_median": round(med, 4),
+            "step_s_all": [round(t, 4) for t in ts],
+            "tokens_per_s": round(tokens / med, 1),
+            "flop_bound_tokens_per_s": round(bound, 1),
+            "fraction_of_bound": round(tokens / med / bound, 3),
+            **memory[name],
+        }
     ratios = {
-        "sparse_vs_dense_step_speedup": round(rows["cached dense"]["step_s_median"] / rows["cached top-k"]["step_s_median"], 3),
-        "sparse_vs_dense_peak_mb_saved": round(memory["cached dense"]["peak_rss_mb"] - memory["cached top-k"]["peak_rss_mb"], 1),
-        "cached_vs_online_speedup": round(rows["online dense"]["step_s_median"] / rows["cached top-k"]["step_s_median"], 3),
+        "sparse_vs_dense_step_speedup": round(
+            rows["cached dense"]["step_s_median"] / rows["cached top-k"]["step_s_median"], 3
+        ),
+        "sparse_vs_dense_peak_mb_saved": round(
+            memory["cached dense"]["peak_rss_mb"] - memory["cached top-k"]["peak_rss_mb"], 1
+        ),
+        "cached_vs_online_speedup": round(
+            rows["online dense"]["step_s_median"] / rows["cached top-k"]["step_s_median"], 3
+        ),
         "cached_vs_online_flop_bound": round(flops["online dense"] / flops["cached top-k"], 3),
-        "pad_to_longest_step_speedup": round(rows["cached top-k, full width"]["step_s_median"] / rows["cached top-k"]["step_s_median"], 3),
+        "pad_to_longest_step_speedup": round(
+            rows["cached top-k, full width"]["step_s_median"] / rows["cached top-k"]["step_s_median"], 3
+        ),
     }
-    data = {"command": "python bench/lm_train_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "batch": {"sequences": width[0], "length": width[1], "real_next_tokens": tokens, "vocab": vocab,
-                      "topk": cfg.teachers[0].topk},
-            "params": {"student_matmul": p_s, "teacher_matmul": p_t}, "matmul_peak_gflops": round(peak, 1),
-            "threads": torch.get_num_threads(), "rows": rows, "ratios": ratios}
+    data = {
+        "command": "python bench/lm_train_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "batch": {
+            "sequences": width[0],
+            "length": width[1],
+            "real_next_tokens": tokens,
+            "vocab": vocab,
+            "topk": cfg.teachers[0].topk,
+        },
+        "params": {"student_matmul": p_s, "teacher_matmul": p_t},
+        "matmul_peak_gflops": round(peak, 1),
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+        "ratios": ratios,
+    }
     path = save("lm_train_step", data)
-    print(json.dumps({"rows": {k: {kk: vv for kk, vv in v.items() if kk != "step_s_all"} for k, v in rows.items()},
-                      "ratios": ratios}, indent=2))
+    print(
+        json.dumps(
+            {
+                "rows": {k: {kk: vv for kk, vv in v.items() if kk != "step_s_all"} for k, v in rows.items()},
+                "ratios": ratios,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {path}")
     return 0
 

@@ -28,9 +28,15 @@ from bench.common import best_of, cached_path_rates, save  # noqa: E402
 
 STUDENTS = {
     "2-layer, width 384 (teacher layers 0,5)": {"layers": 2, "init_from_teacher": [0, 5]},
-    "2-layer, width 192 (pipelines/minilm_narrow.yaml)": {"layers": 2, "init_from_teacher": None, "hidden_size": 192,
-                                                          "num_heads": 6, "intermediate_size": 768, "out_dim": 384,
-                                                          "init_embeddings": True},
+    "2-layer, width 192 (pipelines/minilm_narrow.yaml)": {
+        "layers": 2,
+        "init_from_teacher": None,
+        "hidden_size": 192,
+        "num_heads": 6,
+        "intermediate_size": 768,
+        "out_dim": 384,
+        "init_embeddings": True,
+    },
 }
 
 
@@ -61,7 +67,9 @@ def main(sentences: int = 512, batch: int = 32) -> dict:
 
     def teach(i: int) -> torch.Tensor:
         with torch.no_grad():
-            out = teacher(input_ids=enc["input_ids"][i : i + batch], attention_mask=enc["attention_mask"][i : i + batch])
+            out = teacher(
+                input_ids=enc["input_ids"][i : i + batch], attention_mask=enc["attention_mask"][i : i + batch]
+            )
             return F.normalize(mean_pool(out.last_hidden_state, enc["attention_mask"][i : i + batch]), dim=-1)
 
     cached = torch.cat([teach(i) for i in range(0, sentences, batch)])
@@ -77,7 +85,9 @@ def main(sentences: int = 512, batch: int = 32) -> dict:
             student.train()
             for i in range(0, sentences, batch):
                 target = teach(i) if online else cached[i : i + batch]
-                emb = student({ids_key: enc["input_ids"][i : i + batch], mask_key: enc["attention_mask"][i : i + batch]})["embedding"]
+                emb = student(
+                    {ids_key: enc["input_ids"][i : i + batch], mask_key: enc["attention_mask"][i : i + batch]}
+                )["embedding"]
                 loss = (1 - F.cosine_similarity(emb, target)).mean()
                 opt.zero_grad()
                 loss.backward()
@@ -87,23 +97,41 @@ def main(sentences: int = 512, batch: int = 32) -> dict:
         t_cached = best_of(lambda: epoch(False), 3)
         t_online = best_of(lambda: epoch(True), 3)
         h = over.get("hidden_size", tc.hidden_size)
-        s_step = 3 * _layer_flops(batch * seq, seq, h, over.get("intermediate_size", tc.intermediate_size)) * over["layers"]
-        results[name] = {"epoch_s_cached": t_cached, "epoch_s_online": t_online, "speedup": t_online / t_cached,
-                         "flop_bound": (t_fwd + s_step) / s_step,
-                         "student_params_m": sum(p.numel() for p in student.parameters()) / 1e6}
-        print(f"MiniLM (6 layers) -> {name}, {sentences} glosses: cached {t_cached:.2f} s/epoch, online "
-              f"{t_online:.2f} s/epoch -> cache is {t_online / t_cached:.2f}x faster (FLOP bound "
-              f"{results[name]['flop_bound']:.2f}x)")
+        s_step = (
+            3 * _layer_flops(batch * seq, seq, h, over.get("intermediate_size", tc.intermediate_size)) * over["layers"]
+        )
+        results[name] = {
+            "epoch_s_cached": t_cached,
+            "epoch_s_online": t_online,
+            "speedup": t_online / t_cached,
+            "flop_bound": (t_fwd + s_step) / s_step,
+            "student_params_m": sum(p.numel() for p in student.parameters()) / 1e6,
+        }
+        print(
+            f"MiniLM (6 layers) -> {name}, {sentences} glosses: cached {t_cached:.2f} s/epoch, online "
+            f"{t_online:.2f} s/epoch -> cache is {t_online / t_cached:.2f}x faster (FLOP bound "
+            f"{results[name]['flop_bound']:.2f}x)"
+        )
     full = results[next(iter(STUDENTS))]
     real = real_path(sentences, batch)
     ideal = {k: sentences / full[f"epoch_s_{k}"] for k in ("cached", "online")}
-    out = {"sentences": sentences, "batch_size": batch, "max_length": seq, "teacher_layers": tc.num_hidden_layers,
-           "students": results, "threads": torch.get_num_threads(), "ideal_rows_per_s_full_width": ideal,
-           "kdpipe_cached_path": real, "kdpipe_cached_vs_ideal_online": real["rows_per_s"] / ideal["online"],
-           "kdpipe_cached_vs_ideal_cached": real["rows_per_s"] / ideal["cached"]}
-    print(f"kdpipe's cached path (full width, 1 Ray Train worker): {real['rows_per_s']:.1f} train rows/s = "
-          f"{out['kdpipe_cached_vs_ideal_online']:.2f}x the ideal online loop, {out['kdpipe_cached_vs_ideal_cached']:.2f}x "
-          f"the ideal cached loop")
+    out = {
+        "sentences": sentences,
+        "batch_size": batch,
+        "max_length": seq,
+        "teacher_layers": tc.num_hidden_layers,
+        "students": results,
+        "threads": torch.get_num_threads(),
+        "ideal_rows_per_s_full_width": ideal,
+        "kdpipe_cached_path": real,
+        "kdpipe_cached_vs_ideal_online": real["rows_per_s"] / ideal["online"],
+        "kdpipe_cached_vs_ideal_cached": real["rows_per_s"] / ideal["cached"],
+    }
+    print(
+        f"kdpipe's cached path (full width, 1 Ray Train worker): {real['rows_per_s']:.1f} train rows/s = "
+        f"{out['kdpipe_cached_vs_ideal_online']:.2f}x the ideal online loop, {out['kdpipe_cached_vs_ideal_cached']:.2f}x "
+        f"the ideal cached loop"
+    )
     save("cached_vs_online_minilm", out)
     return out
 
@@ -118,13 +146,26 @@ def real_path(sentences: int, batch: int, epochs: int = 4) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="kdbench-minilm-cvo-"))
     over = next(iter(STUDENTS.values()))
-    cfg = load_spec(ROOT / "pipelines" / "minilm_distill.yaml", {
-        "source.limit": sentences, "teachers.0.outputs": ["embedding", "tokens"], "storage": str(tmp),
-        "student.params.layers": over["layers"], "student.params.init_from_teacher": over["init_from_teacher"],
-        "student.params.relations": False, "losses": [{"name": "embedding_cosine", "weight": 1.0}],
-        "train.epochs": epochs, "train.batch_size": batch, "train.lr": 1e-4, "train.num_workers": 1,
-        "train.checkpoint_every": epochs, "evaluate.baseline": False,
-        "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "tracking.gates": {"metric": "test_cosine", "min_gain_over_baseline": None}})
+    cfg = load_spec(
+        ROOT / "pipelines" / "minilm_distill.yaml",
+        {
+            "source.limit": sentences,
+            "teachers.0.outputs": ["embedding", "tokens"],
+            "storage": str(tmp),
+            "student.params.layers": over["layers"],
+            "student.params.init_from_teacher": over["init_from_teacher"],
+            "student.params.relations": False,
+            "losses": [{"name": "embedding_cosine", "weight": 1.0}],
+            "train.epochs": epochs,
+            "train.batch_size": batch,
+            "train.lr": 1e-4,
+            "train.num_workers": 1,
+            "train.checkpoint_every": epochs,
+            "evaluate.baseline": False,
+            "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}",
+            "tracking.gates": {"metric": "test_cosine", "min_gain_over_baseline": None},
+        },
+    )
     source, uri = prepare(cfg)
     res = distil(cfg, source, teach(cfg, source), uri)
     return cached_path_rates(uri, res.run_id, epochs)

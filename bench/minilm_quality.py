@@ -46,12 +46,16 @@ def run_spec(spec: str, work: Path) -> dict[str, Any]:
     t0 = time.time()
     res = run(load_spec(str(ROOT / "pipelines" / spec), bench_store(work, "bench-minilm-quality")))
     m = res.metrics
-    return {"spec": f"pipelines/{spec}", "run_id": res.run_id, "seconds": round(time.time() - t0, 1),
-            "student": {k: m[k] for k in METRICS if k in m},
-            "twin": {k: m[f"baseline_{k}"] for k in METRICS if f"baseline_{k}" in m},
-            "teacher": {k: v for k, v in m.items() if k.startswith("test_teacher")},
-            "cache_kb_per_row": {tid: round(cache_kb_per_row(t.cache), 1) for tid, t in res.teach.items()},
-            "promoted": res.promoted}
+    return {
+        "spec": f"pipelines/{spec}",
+        "run_id": res.run_id,
+        "seconds": round(time.time() - t0, 1),
+        "student": {k: m[k] for k in METRICS if k in m},
+        "twin": {k: m[f"baseline_{k}"] for k in METRICS if f"baseline_{k}" in m},
+        "teacher": {k: v for k, v in m.items() if k.startswith("test_teacher")},
+        "cache_kb_per_row": {tid: round(cache_kb_per_row(t.cache), 1) for tid, t in res.teach.items()},
+        "promoted": res.promoted,
+    }
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -76,9 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or ["distil", "m2mkd"] + (["narrow"] if args.narrow else [])
     results = {n: run_spec(SPECS[n], Path(args.work).resolve()) for n in names}
     md = table(results)
-    out = {"command": "python bench/minilm_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg": os.getloadavg()},
-           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results, "table": md}
+    out = {
+        "command": "python bench/minilm_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg": os.getloadavg()},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "results": results,
+        "table": md,
+    }
     path = write_table(args.out, out)
     print("\n" + md + f"\n\nwrote {path}")
     return 0

@@ -67,7 +67,9 @@ def main() -> int:
     student = build_student(cfg.student.kind, cfg.student.params, meta).eval()
     texts = [r["text"] for r in read_wordnet(SourceConfig(kind="wordnet", limit=args.sentences))[0]]
     batches = [texts[i : i + args.batch_size] for i in range(0, len(texts), args.batch_size)]
-    padded = [tok(b, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt") for b in batches]
+    padded = [
+        tok(b, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt") for b in batches
+    ]
     ids_key, mask_key = student.serving_inputs
 
     def teacher_model(enc) -> torch.Tensor:
@@ -92,6 +94,7 @@ def main() -> int:
 
         def run(enc) -> torch.Tensor:
             return m(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+
         return run
 
     # The machine is shared: every model runs on the same batch back to back (the order rotating
@@ -104,7 +107,7 @@ def main() -> int:
     res: dict[str, dict[str, list[float]]] = {}
     with torch.no_grad():
         for fn in models.values():  # warm-up
-            for b, enc in zip(batches[:2], padded[:2]):
+            for _, enc in zip(batches[:2], padded[:2]):
                 fn(enc)
         for mode in ("model", "end_to_end"):
             rounds: dict[str, list[float]] = {n: [] for n in names}
@@ -121,35 +124,64 @@ def main() -> int:
     for mode, r in res.items():
         t, s = statistics.median(r["teacher"]), statistics.median(r["student"])
         ratios = [b / a for a, b in zip(r["teacher"], r["student"])]
-        summary[mode] = {"teacher_sentences_per_s": round(t, 1), "student_sentences_per_s": round(s, 1),
-                         "speedup": round(statistics.median(ratios), 2),
-                         "speedup_min_max": [round(min(ratios), 2), round(max(ratios), 2)], "rounds": r}
+        summary[mode] = {
+            "teacher_sentences_per_s": round(t, 1),
+            "student_sentences_per_s": round(s, 1),
+            "speedup": round(statistics.median(ratios), 2),
+            "speedup_min_max": [round(min(ratios), 2), round(max(ratios), 2)],
+            "rounds": r,
+        }
         for name in names[2:]:
             ratios = [b / a for a, b in zip(r["teacher"], r[name])]
-            summary[mode][name] = {"sentences_per_s": round(statistics.median(r[name]), 1),
-                                   "speedup": round(statistics.median(ratios), 2)}
+            summary[mode][name] = {
+                "sentences_per_s": round(statistics.median(r[name]), 1),
+                "speedup": round(statistics.median(ratios), 2),
+            }
     n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     result = {
-        "bench": "minilm_speed", "spec": str(Path(args.spec).relative_to(ROOT)) if Path(args.spec).is_relative_to(ROOT) else args.spec,
-        "sentences": len(texts), "batch_size": args.batch_size, "max_length": max_length, "threads": args.threads,
+        "bench": "minilm_speed",
+        "spec": str(Path(args.spec).relative_to(ROOT)) if Path(args.spec).is_relative_to(ROOT) else args.spec,
+        "sentences": len(texts),
+        "batch_size": args.batch_size,
+        "max_length": max_length,
+        "threads": args.threads,
         "teacher": {"layers": int(teacher.config.num_hidden_layers), "params": n_params(teacher)},
-        "student": {"kind": cfg.student.kind, "layers": len(student.layers), "params": n_params(student),
-                    "params_without_embeddings": n_params(student) - n_params(student.hf_model.embeddings
-                                                                           if hasattr(student.hf_model, "embeddings")
-                                                                           else student.hf_model.base_model.embeddings)},
-        "results": summary, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                        "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-        "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "student": {
+            "kind": cfg.student.kind,
+            "layers": len(student.layers),
+            "params": n_params(student),
+            "params_without_embeddings": n_params(student)
+            - n_params(
+                student.hf_model.embeddings
+                if hasattr(student.hf_model, "embeddings")
+                else student.hf_model.base_model.embeddings
+            ),
+        },
+        "results": summary,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "torch": torch.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{len(texts)} WordNet glosses, batch {args.batch_size}, max_length {max_length}, {args.threads} threads "
-          f"(load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}; median of {args.rounds} rounds, paired per batch)")
-    print(f"{'':12} {'teacher (6 layers)':>20} {'student (' + str(len(student.layers)) + ' layers)':>20} {'speed-up':>9} {'(min-max)':>12}")
+    print(
+        f"{len(texts)} WordNet glosses, batch {args.batch_size}, max_length {max_length}, {args.threads} threads "
+        f"(load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}; median of {args.rounds} rounds, paired per batch)"
+    )
+    print(
+        f"{'':12} {'teacher (6 layers)':>20} {'student (' + str(len(student.layers)) + ' layers)':>20} {'speed-up':>9} {'(min-max)':>12}"
+    )
     for mode, s in summary.items():
         lo, hi = s["speedup_min_max"]
-        print(f"{mode:12} {s['teacher_sentences_per_s']:>16.1f}/s {s['student_sentences_per_s']:>16.1f}/s "
-              f"{s['speedup']:>8.2f}x {lo:>5.2f}-{hi:.2f}")
+        print(
+            f"{mode:12} {s['teacher_sentences_per_s']:>16.1f}/s {s['student_sentences_per_s']:>16.1f}/s "
+            f"{s['speedup']:>8.2f}x {lo:>5.2f}-{hi:.2f}"
+        )
         for name in names[2:]:
             print(f"{'':12} {name:>20} {s[name]['sentences_per_s']:>16.1f}/s {s[name]['speedup']:>8.2f}x")
     print(f"wrote {args.out}")

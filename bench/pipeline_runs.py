@@ -37,16 +37,26 @@ def run_spec(spec: str, cwd: Path) -> dict[str, Any]:
     env = {**fresh_env(), "PYTHONPATH": str(ROOT)}
     stages = cwd / "stage_times.json"
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "bench.stage_timer", str(ROOT / "pipelines" / f"{spec}.yaml"),
-                          str(stages)], cwd=cwd, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.stage_timer", str(ROOT / "pipelines" / f"{spec}.yaml"), str(stages)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t
     if out.returncode != 0:
         raise RuntimeError(f"kdpipe run {spec} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     timing = json.loads(stages.read_text())
-    return {"wall_s": round(wall, 1), **timing, "outside_stages_s": round(wall - sum(timing["stages_s"].values()), 1),
-            "table": results_table(out.stdout), "mlflow": mlflow_record(f"sqlite:///{cwd / 'mlruns.db'}"),
-            "teachers": teacher_reports(cwd / ".kdpipe" / "teachers"),
-            "fusion_weights": fusion_weights(cwd / ".kdpipe" / "cache" / "fused")}
+    return {
+        "wall_s": round(wall, 1),
+        **timing,
+        "outside_stages_s": round(wall - sum(timing["stages_s"].values()), 1),
+        "table": results_table(out.stdout),
+        "mlflow": mlflow_record(f"sqlite:///{cwd / 'mlruns.db'}"),
+        "teachers": teacher_reports(cwd / ".kdpipe" / "teachers"),
+        "fusion_weights": fusion_weights(cwd / ".kdpipe" / "cache" / "fused"),
+    }
 
 
 def mlflow_record(uri: str) -> dict[str, Any]:
@@ -54,13 +64,24 @@ def mlflow_record(uri: str) -> dict[str, Any]:
 
     client = MlflowClient(uri)
     exps = [e.experiment_id for e in client.search_experiments()]
-    runs = [{"name": r.info.run_name, "status": r.info.status, "run_id": r.info.run_id,
-             "seconds": round((r.info.end_time - r.info.start_time) / 1000, 1) if r.info.end_time else None,
-             "metrics": dict(sorted(r.data.metrics.items()))}
-            for r in client.search_runs(exps, order_by=["attributes.start_time ASC"])]
-    models = [{"name": m.name, "aliases": dict(m.aliases),
-               "versions": [v.version for v in client.search_model_versions(f"name='{m.name}'")]}
-              for m in client.search_registered_models()]
+    runs = [
+        {
+            "name": r.info.run_name,
+            "status": r.info.status,
+            "run_id": r.info.run_id,
+            "seconds": round((r.info.end_time - r.info.start_time) / 1000, 1) if r.info.end_time else None,
+            "metrics": dict(sorted(r.data.metrics.items())),
+        }
+        for r in client.search_runs(exps, order_by=["attributes.start_time ASC"])
+    ]
+    models = [
+        {
+            "name": m.name,
+            "aliases": dict(m.aliases),
+            "versions": [v.version for v in client.search_model_versions(f"name='{m.name}'")],
+        }
+        for m in client.search_registered_models()
+    ]
     return {"runs": runs, "registered_models": models}
 
 
@@ -81,10 +102,10 @@ def fusion_weights(root: Path) -> dict[str, Any]:
     files = [p for p in root.rglob("*.parquet") if ".staging" not in p.parts] if root.is_dir() else []
     if not files:
         return {}
-    w = to_numpy(ds.dataset([str(p) for p in files], format="parquet").to_table(columns=["weights"]).column("weights"),
-                 "float64")
-    return {"rows": int(w.shape[0]), "mean": [round(float(x), 4) for x in w.mean(axis=0)],
-            "files": len(files)}
+    w = to_numpy(
+        ds.dataset([str(p) for p in files], format="parquet").to_table(columns=["weights"]).column("weights"), "float64"
+    )
+    return {"rows": int(w.shape[0]), "mean": [round(float(x), 4) for x in w.mean(axis=0)], "files": len(files)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,8 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.only:
         with tempfile.TemporaryDirectory(prefix=f"kdpipe-{spec}-") as cwd:
             print(f"== kdpipe run pipelines/{spec}.yaml in an empty directory", flush=True)
-            specs[spec] = {"commit": commit, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           **run_spec(spec, Path(cwd))}
+            specs[spec] = {
+                "commit": commit,
+                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **run_spec(spec, Path(cwd)),
+            }
             print(f"{specs[spec]['wall_s']} s\n{specs[spec]['table']}", flush=True)
         # after every spec: a later spec that fails keeps what the earlier ones measured
         print(save("pipeline_runs", {"command": "python bench/pipeline_runs.py", "specs": specs}))

@@ -40,9 +40,14 @@ REPORTS = 6
 
 def in_fresh_process(name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `name` below in a new interpreter (its own Ray) and return what it printed as JSON."""
-    out = subprocess.run([sys.executable, "-m", "bench.platform_costs", "--one", name], cwd=ROOT,
-                         env={**fresh_env(), "PYTHONPATH": str(ROOT), **(env or {})}, capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.platform_costs", "--one", name],
+        cwd=ROOT,
+        env={**fresh_env(), "PYTHONPATH": str(ROOT), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -96,16 +101,22 @@ def _fit(with_data: bool) -> dict[str, Any]:
             Path(cfg["marks"]).write_text(json.dumps(m))
 
         datasets = {"train": ray.data.range(2000)} if with_data else None
-        trainer = TorchTrainer(loop, train_loop_config={"marks": str(marks), "with_data": with_data,
-                                                        "reports": REPORTS if not with_data else 0},
-                               scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                               run_config=RunConfig(storage_path=d, name="bench"), datasets=datasets)
+        trainer = TorchTrainer(
+            loop,
+            train_loop_config={"marks": str(marks), "with_data": with_data, "reports": REPORTS if not with_data else 0},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(storage_path=d, name="bench"),
+            datasets=datasets,
+        )
         t0 = time.time()
         trainer.fit()
         t1 = time.time()
         m = json.loads(marks.read_text())
-    res = {"fit_s": round(t1 - t0, 2), "to_loop_start_s": round(m["loop_start"] - t0, 2),
-           "after_loop_s": round(t1 - m["loop_end"], 2)}
+    res = {
+        "fit_s": round(t1 - t0, 2),
+        "to_loop_start_s": round(m["loop_start"] - t0, 2),
+        "after_loop_s": round(t1 - m["loop_end"], 2),
+    }
     if with_data:
         res["loop_start_to_first_batch_s"] = round(m["first_batch"] - m["loop_start"], 2)
     else:
@@ -183,9 +194,14 @@ def adamw_step() -> dict[str, Any]:
     return out
 
 
-ONE = {"process_cpu": process_cpu, "train_start": lambda: _fit(with_data=True),
-       "report_wait": lambda: _fit(with_data=False), "parquet_reader": parquet_reader,
-       "actor_pipeline": actor_pipeline, "adamw_step": adamw_step}
+ONE = {
+    "process_cpu": process_cpu,
+    "train_start": lambda: _fit(with_data=True),
+    "report_wait": lambda: _fit(with_data=False),
+    "parquet_reader": parquet_reader,
+    "actor_pipeline": actor_pipeline,
+    "adamw_step": adamw_step,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,10 +209,14 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["--one"]:
         print(json.dumps(ONE[argv[1]]()), flush=True)
         return
-    res: dict[str, Any] = {"process_cpu": in_fresh_process("process_cpu"),
-                           "train_start": in_fresh_process("train_start")}
-    res["report_wait"] = {f"poll_{poll}_s": in_fresh_process("report_wait", {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll})
-                          for poll in ("2", "0.2")}
+    res: dict[str, Any] = {
+        "process_cpu": in_fresh_process("process_cpu"),
+        "train_start": in_fresh_process("train_start"),
+    }
+    res["report_wait"] = {
+        f"poll_{poll}_s": in_fresh_process("report_wait", {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll})
+        for poll in ("2", "0.2")
+    }
     for name in ("parquet_reader", "actor_pipeline", "adamw_step"):
         res[name] = in_fresh_process(name)
         print(name, res[name], flush=True)

@@ -9,13 +9,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS  # noqa: E402
 from bench import cache_size, cached_vs_online, student_speed, teach_memory, teach_throughput  # noqa: E402
+from bench.common import RESULTS  # noqa: E402
 
 if __name__ == "__main__":
-    for name, mod in [("cache size / fidelity", cache_size), ("cached vs online", cached_vs_online),
-                      ("student vs teacher speed", student_speed), ("teach throughput", teach_throughput),
-                      ("teach memory", teach_memory)]:
+    for name, mod in [
+        ("cache size / fidelity", cache_size),
+        ("cached vs online", cached_vs_online),
+        ("student vs teacher speed", student_speed),
+        ("teach throughput", teach_throughput),
+        ("teach memory", teach_memory),
+    ]:
         print(f"== {name}")
         mod.main()
     from bench import minilm_cached_vs_online, minilm_speed
@@ -65,8 +69,17 @@ if __name__ == "__main__":
     hierarchical.main([])
     print("== text classifier exits vs the fine-tuned teacher, sentences/s")
     root = Path(__file__).resolve().parent.parent
-    sys.argv = [sys.argv[0], "--spec", str(root / "pipelines" / "text_classifier_hierarchical.yaml"), "--rounds", "3",
-                "--sentences", "384", "--out", str(RESULTS / "text_classifier_speed.json")]
+    sys.argv = [
+        sys.argv[0],
+        "--spec",
+        str(root / "pipelines" / "text_classifier_hierarchical.yaml"),
+        "--rounds",
+        "3",
+        "--sentences",
+        "384",
+        "--out",
+        str(RESULTS / "text_classifier_speed.json"),
+    ]
     minilm_speed.main()
     from bench import exit_probe
 

@@ -52,8 +52,14 @@ def time_case(spec: Path, runs: int) -> dict[str, object]:
         codes.add(done.returncode)
         last = (done.stderr or done.stdout).strip().splitlines()[-1] if (done.stderr or done.stdout).strip() else ""
     walls = walls[1:]
-    return {"median_s": round(statistics.median(walls), 3), "min_s": round(min(walls), 3),
-            "max_s": round(max(walls), 3), "runs": len(walls), "exit_codes": sorted(codes), "message": last[:300]}
+    return {
+        "median_s": round(statistics.median(walls), 3),
+        "min_s": round(min(walls), 3),
+        "max_s": round(max(walls), 3),
+        "runs": len(walls),
+        "exit_codes": sorted(codes),
+        "message": last[:300],
+    }
 
 
 def main() -> None:
@@ -64,9 +70,13 @@ def main() -> None:
         results = {name: time_case(path, args.runs) for name, path in cases(Path(d)).items()}
     for name, r in results.items():
         print(f"{name:18s} median {r['median_s']:.3f} s  exit {r['exit_codes']}  {r['message'][:100]}")
-    out = {"what": "wall seconds of `kdpipe validate SPEC` as a new process, per kind of spec error",
-           "command": "python bench/spec_check_time.py", "median_s": results["unknown_key"]["median_s"],
-           "goal_s": 1.0, "cases": results}
+    out = {
+        "what": "wall seconds of `kdpipe validate SPEC` as a new process, per kind of spec error",
+        "command": "python bench/spec_check_time.py",
+        "median_s": results["unknown_key"]["median_s"],
+        "goal_s": 1.0,
+        "cases": results,
+    }
     print(save("spec_check_time", out))
 
 

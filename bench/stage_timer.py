@@ -18,16 +18,27 @@ import json
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 T0 = time.perf_counter()
 
 # (module, function): `distil` imports `build_views` inside its body, so that one is wrapped where it lives
-STAGES = (("kdpipe.pipeline", "prepare"), ("kdpipe.pipeline", "teach"), ("kdpipe.views", "build_views"),
-          ("kdpipe.pipeline", "student_meta"), ("kdpipe.pipeline", "open_run"), ("kdpipe.pipeline", "pretrain_modules"),
-          ("kdpipe.pipeline", "train_students"), ("kdpipe.pipeline", "contenders"), ("kdpipe.pipeline", "score"),
-          ("kdpipe.pipeline", "log_figures"), ("kdpipe.pipeline", "ship"), ("kdpipe.runtime", "stop_local_ray"))
+STAGES = (
+    ("kdpipe.pipeline", "prepare"),
+    ("kdpipe.pipeline", "teach"),
+    ("kdpipe.views", "build_views"),
+    ("kdpipe.pipeline", "student_meta"),
+    ("kdpipe.pipeline", "open_run"),
+    ("kdpipe.pipeline", "pretrain_modules"),
+    ("kdpipe.pipeline", "train_students"),
+    ("kdpipe.pipeline", "contenders"),
+    ("kdpipe.pipeline", "score"),
+    ("kdpipe.pipeline", "log_figures"),
+    ("kdpipe.pipeline", "ship"),
+    ("kdpipe.runtime", "stop_local_ray"),
+)
 
 
 def timed(fn: Callable[..., Any], name: str, seconds: dict[str, float]) -> Callable[..., Any]:
@@ -54,8 +65,11 @@ def main(argv: list[str]) -> int:
         setattr(mod, name, timed(getattr(mod, name), name, seconds))
     rc = cli(["run", spec])
     gc.freeze()  # as the `kdpipe` command does (kdpipe.cli.entry): no final garbage collection at exit
-    result = {"stages_s": {k: round(seconds[k], 2) for _, k in STAGES if k in seconds},
-              "in_process_s": round(time.perf_counter() - T0, 2), "rc": rc}
+    result = {
+        "stages_s": {k: round(seconds[k], 2) for _, k in STAGES if k in seconds},
+        "in_process_s": round(time.perf_counter() - T0, 2),
+        "rc": rc,
+    }
     Path(out).write_text(json.dumps(result, indent=1))
     return rc
 

@@ -51,7 +51,10 @@ def materialised_views(source: Any, caches: dict[str, Any]) -> dict[str, Any]:
         for c in part.column_names[1:]:
             table = table.append_column(f"{tid}.{c}", rows[c])
     table = prepare_block(table)
-    return {s: ray.data.from_arrow(table.filter(pc.equal(table["split"], s)).drop_columns(["split"])) for s in ("train", "val")}
+    return {
+        s: ray.data.from_arrow(table.filter(pc.equal(table["split"], s)).drop_columns(["split"]))
+        for s in ("train", "val")
+    }
 
 
 def epoch_seconds(uri: str, run_id: str) -> list[float]:
@@ -67,11 +70,22 @@ def train(cfg: Any, meta: Any, datasets: dict[str, Any], uri: str, label: str) -
     from kdpipe.train import Job, fit
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("bench-streamed") or client.get_experiment(client.create_experiment("bench-streamed"))
+    exp = client.get_experiment_by_name("bench-streamed") or client.get_experiment(
+        client.create_experiment("bench-streamed")
+    )
     run_id = client.create_run(exp.experiment_id, run_name=label).info.run_id
     losses = [{"name": l.name, "weight": l.weight, **l.params()} for l in cfg.losses]
-    fit(name=f"bench-{label}", datasets=datasets, jobs=[Job("student", "train", cfg.student.params, losses, cfg.train.epochs)],
-        meta=meta, student_kind=cfg.student.kind, train_cfg=cfg.train, seed=cfg.seed, tracking_uri=uri, run_id=run_id)
+    fit(
+        name=f"bench-{label}",
+        datasets=datasets,
+        jobs=[Job("student", "train", cfg.student.params, losses, cfg.train.epochs)],
+        meta=meta,
+        student_kind=cfg.student.kind,
+        train_cfg=cfg.train,
+        seed=cfg.seed,
+        tracking_uri=uri,
+        run_id=run_id,
+    )
     client.set_terminated(run_id)
     return epoch_seconds(uri, run_id)
 
@@ -84,15 +98,32 @@ def main(rows: int = 200_000, epochs: int = 4, batch: int = 256) -> dict[str, An
     tmp = Path(tempfile.mkdtemp(prefix="kdbench-svm-"))
     big_digits_teacher(tmp / "teacher", [512])
     digits_parquet(tmp / "data" / "rows.parquet", rows)
-    cfg = load_spec("pipelines/digits_kd.yaml", {
-        "source": {"kind": "parquet", "path": str(tmp / "data"), "features": "x", "label": "label", "num_classes": 10,
-                   "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 1.0}},
-        "teachers.0.path": str(tmp / "teacher"), "teachers.0.params": {"hidden": [512], "dropout": 0.0},
-        "storage": str(tmp), "teach.batch_size": 4096,
-        "losses": [{"name": "kd", "weight": 1.0, "temperature": 4.0}], "student.params": {"hidden": [32]},
-        "train.epochs": epochs, "train.batch_size": batch, "train.lr": 1e-3, "train.num_workers": 1,
-        "train.checkpoint_every": epochs, "evaluate.baseline": False,
-        "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}"})
+    cfg = load_spec(
+        "pipelines/digits_kd.yaml",
+        {
+            "source": {
+                "kind": "parquet",
+                "path": str(tmp / "data"),
+                "features": "x",
+                "label": "label",
+                "num_classes": 10,
+                "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 1.0},
+            },
+            "teachers.0.path": str(tmp / "teacher"),
+            "teachers.0.params": {"hidden": [512], "dropout": 0.0},
+            "storage": str(tmp),
+            "teach.batch_size": 4096,
+            "losses": [{"name": "kd", "weight": 1.0, "temperature": 4.0}],
+            "student.params": {"hidden": [32]},
+            "train.epochs": epochs,
+            "train.batch_size": batch,
+            "train.lr": 1e-3,
+            "train.num_workers": 1,
+            "train.checkpoint_every": epochs,
+            "evaluate.baseline": False,
+            "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}",
+        },
+    )
     source, uri = prepare(cfg)
     caches = {tid: r.cache for tid, r in teach(cfg, source).items()}
 
@@ -108,9 +139,17 @@ def main(rows: int = 200_000, epochs: int = 4, batch: int = 256) -> dict[str, An
     old_build = time.perf_counter() - t
     rss_old = driver_rss_mb() - rss0
 
-    out: dict[str, Any] = {"rows": rows, "train_rows": views.rows["train"], "epochs": epochs, "batch_size": batch,
-                           "num_workers": 1, "streamed_views_build_s": streamed_build, "materialised_views_build_s": old_build,
-                           "streamed_driver_rss_growth_mb": rss_streamed, "materialised_driver_rss_growth_mb": rss_old}
+    out: dict[str, Any] = {
+        "rows": rows,
+        "train_rows": views.rows["train"],
+        "epochs": epochs,
+        "batch_size": batch,
+        "num_workers": 1,
+        "streamed_views_build_s": streamed_build,
+        "materialised_views_build_s": old_build,
+        "streamed_driver_rss_growth_mb": rss_streamed,
+        "materialised_driver_rss_growth_mb": rss_old,
+    }
     # with the default train.keep_in_memory_mb (shards replayed from worker memory after epoch 0) and with 0
     # (every epoch streamed from the object store through Ray Data): the two paths side by side in each
     for keep, tag in ((cfg.train.keep_in_memory_mb, ""), (0, "_every_epoch_streamed")):
@@ -118,12 +157,22 @@ def main(rows: int = 200_000, epochs: int = 4, batch: int = 256) -> dict[str, An
         streamed = train(c, meta, {"train": views.train, "val": views.val}, uri, f"streamed{tag}")
         materialised = train(c, meta, old, uri, f"materialised{tag}")
         st, m = statistics.median(streamed[1:] or streamed), statistics.median(materialised[1:] or materialised)
-        out.update({f"streamed_epoch_s{tag}": streamed, f"materialised_epoch_s{tag}": materialised,
-                    f"streamed_median_epoch_s{tag}": st, f"materialised_median_epoch_s{tag}": m,
-                    f"streamed_speed_vs_materialised{tag}": m / st})
-        print(f"{rows} rows ({views.rows['train']} train), keep_in_memory_mb={keep}: epoch {st:.2f} s streamed vs "
-              f"{m:.2f} s materialised -> streamed runs at {m / st:.2f}x")
-    print(f"views built in {streamed_build:.1f} s vs {old_build:.1f} s; driver RSS +{rss_streamed:.0f} MB vs +{rss_old:.0f} MB")
+        out.update(
+            {
+                f"streamed_epoch_s{tag}": streamed,
+                f"materialised_epoch_s{tag}": materialised,
+                f"streamed_median_epoch_s{tag}": st,
+                f"materialised_median_epoch_s{tag}": m,
+                f"streamed_speed_vs_materialised{tag}": m / st,
+            }
+        )
+        print(
+            f"{rows} rows ({views.rows['train']} train), keep_in_memory_mb={keep}: epoch {st:.2f} s streamed vs "
+            f"{m:.2f} s materialised -> streamed runs at {m / st:.2f}x"
+        )
+    print(
+        f"views built in {streamed_build:.1f} s vs {old_build:.1f} s; driver RSS +{rss_streamed:.0f} MB vs +{rss_old:.0f} MB"
+    )
     save("streamed_vs_materialised", out)
     return out
 

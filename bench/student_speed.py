@@ -14,15 +14,17 @@ from bench.common import best_of, save
 def main(batch: int = 512) -> dict:
     from kdpipe.arrays import to_numpy
     from kdpipe.config import SourceConfig, TeacherConfig
-    from kdpipe.losses.functional import kd_dense, masked_ce
     from kdpipe.data import load_source
+    from kdpipe.losses.functional import kd_dense, masked_ce
     from kdpipe.train import make_optimizer
     from students.mlp import MLPStudent
     from teachers.mlp import MLPTeacher
 
     src = load_source(SourceConfig(kind="sklearn_digits", split={"labeled_fraction": 0.1}))
     tmp = Path(tempfile.mkdtemp())
-    tcfg = TeacherConfig(id="t", kind="mlp_classifier", path=str(tmp / "t"), params={"hidden": [512, 512], "epochs": 300, "dropout": 0.2})
+    tcfg = TeacherConfig(
+        id="t", kind="mlp_classifier", path=str(tmp / "t"), params={"hidden": [512, 512], "epochs": 300, "dropout": 0.2}
+    )
     MLPTeacher.prepare(tcfg, src, str(tmp))
     teacher = MLPTeacher.load(tcfg).net
     t = src.table
@@ -54,13 +56,23 @@ def main(batch: int = 512) -> dict:
         acc_t = float((teacher(x[test]).argmax(1) == y[test]).float().mean())
         acc_s = float((student({"x": x[test]})["logits"].argmax(1) == y[test]).float().mean())
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    out = {"batch_size": batch, "teacher_params": params(teacher), "student_params": params(student),
-           "teacher_ms_per_batch": t_teacher * 1e3, "student_ms_per_batch": t_student * 1e3, "speedup": t_teacher / t_student,
-           "teacher_test_acc": acc_t, "student_test_acc": acc_s, "quality_retained": acc_s / acc_t}
+    out = {
+        "batch_size": batch,
+        "teacher_params": params(teacher),
+        "student_params": params(student),
+        "teacher_ms_per_batch": t_teacher * 1e3,
+        "student_ms_per_batch": t_student * 1e3,
+        "speedup": t_teacher / t_student,
+        "teacher_test_acc": acc_t,
+        "student_test_acc": acc_s,
+        "quality_retained": acc_s / acc_t,
+    }
     save("student_speed_digits", out)
-    print(f"digits, batch {batch}: teacher {t_teacher * 1e3:.3f} ms ({out['teacher_params']:,} params, acc {acc_t:.3f}), "
-          f"student {t_student * 1e3:.3f} ms ({out['student_params']:,} params, acc {acc_s:.3f}) -> "
-          f"{t_teacher / t_student:.1f}x faster, {acc_s / acc_t:.1%} of teacher accuracy")
+    print(
+        f"digits, batch {batch}: teacher {t_teacher * 1e3:.3f} ms ({out['teacher_params']:,} params, acc {acc_t:.3f}), "
+        f"student {t_student * 1e3:.3f} ms ({out['student_params']:,} params, acc {acc_s:.3f}) -> "
+        f"{t_teacher / t_student:.1f}x faster, {acc_s / acc_t:.1%} of teacher accuracy"
+    )
     return out
 
 

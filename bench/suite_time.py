@@ -43,7 +43,8 @@ def junit_summary(path: Path, slowest: int = 12) -> dict[str, Any]:
     cases = [(f"{c.get('classname')}::{c.get('name')}", float(c.get("time", 0))) for c in suite.iter("testcase")]
     return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")} | {
         "pytest_s": round(float(suite.get("time", 0)), 1),
-        "slowest": [{"test": n, "s": round(t, 1)} for n, t in sorted(cases, key=lambda x: -x[1])[:slowest]]}
+        "slowest": [{"test": n, "s": round(t, 1)} for n, t in sorted(cases, key=lambda x: -x[1])[:slowest]],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,11 +58,19 @@ def main(argv: list[str] | None = None) -> None:
         wall = time.perf_counter() - t
         summary = junit_summary(junit) if junit.exists() else {}
         shutil.rmtree(repo / ".venv", ignore_errors=True)
-    result = {"command": "python bench/suite_time.py", "commit": commit, "ci_run_rc": out.returncode,
-              "ci_run_wall_s": round(wall, 1), **summary, "tail": out.stdout[-600:]}
+    result = {
+        "command": "python bench/suite_time.py",
+        "commit": commit,
+        "ci_run_rc": out.returncode,
+        "ci_run_wall_s": round(wall, 1),
+        **summary,
+        "tail": out.stdout[-600:],
+    }
     print(save("suite_time", result))
-    print(f"{commit}: rc {out.returncode}, {wall:.1f} s; {summary.get('tests')} tests, {summary.get('skipped')} skipped,"
-          f" {summary.get('failures')} failed")
+    print(
+        f"{commit}: rc {out.returncode}, {wall:.1f} s; {summary.get('tests')} tests, {summary.get('skipped')} skipped,"
+        f" {summary.get('failures')} failed"
+    )
 
 
 if __name__ == "__main__":

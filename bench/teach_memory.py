@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.common import save
 
-CHILD = r'''
+CHILD = r"""
 import json, sys, tempfile, threading, time, resource
 from pathlib import Path
 import psutil
@@ -51,7 +51,7 @@ stop = True; th.join()
 print(json.dumps({"rows": rows, "driver_rss_before_teach_mb": base / 2**20, "driver_peak_rss_mb": peak["driver"] / 2**20,
                   "actors_peak_rss_mb": peak["actors"] / 2**20, "input_file_mb": data.stat().st_size / 2**20,
                   "index_mb": Path(src.index_path).stat().st_size / 2**20}))
-'''
+"""
 
 
 def run(rows: int) -> dict:
@@ -61,8 +61,13 @@ def run(rows: int) -> dict:
     from bench.common import digits_parquet
 
     data = digits_parquet(Path(tempfile.mkdtemp(prefix="kdmem-data-")) / "rows.parquet", rows)
-    out = subprocess.run([sys.executable, "-c", CHILD, str(rows), str(data)], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent.parent, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(rows), str(data)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=900,
+    )
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -70,17 +75,26 @@ def run(rows: int) -> dict:
 
 def main(n: int = 50_000) -> dict:
     small, big = run(n), run(10 * n)
-    res = {"small": small, "large": big,
-           "actor_peak_ratio_10x_rows": big["actors_peak_rss_mb"] / max(small["actors_peak_rss_mb"], 1e-9),
-           "driver_peak_ratio_10x_rows": big["driver_peak_rss_mb"] / small["driver_peak_rss_mb"],
-           "driver_growth_bytes_per_extra_row": (big["driver_peak_rss_mb"] - small["driver_peak_rss_mb"]) * 2**20 / (big["rows"] - small["rows"])}
+    res = {
+        "small": small,
+        "large": big,
+        "actor_peak_ratio_10x_rows": big["actors_peak_rss_mb"] / max(small["actors_peak_rss_mb"], 1e-9),
+        "driver_peak_ratio_10x_rows": big["driver_peak_rss_mb"] / small["driver_peak_rss_mb"],
+        "driver_growth_bytes_per_extra_row": (big["driver_peak_rss_mb"] - small["driver_peak_rss_mb"])
+        * 2**20
+        / (big["rows"] - small["rows"]),
+    }
     save("teach_memory", res)
     for k in ("small", "large"):
         r = res[k]
-        print(f"{r['rows']:>8} rows: teacher actor peak RSS {r['actors_peak_rss_mb']:.0f} MB, driver peak {r['driver_peak_rss_mb']:.0f} MB "
-              f"(input file {r['input_file_mb']:.0f} MB, row index {r['index_mb']:.0f} MB)")
-    print(f"10x rows -> actor peak x{res['actor_peak_ratio_10x_rows']:.2f}, driver peak x{res['driver_peak_ratio_10x_rows']:.2f} "
-          f"({res['driver_growth_bytes_per_extra_row']:.0f} B per extra row: the row index)")
+        print(
+            f"{r['rows']:>8} rows: teacher actor peak RSS {r['actors_peak_rss_mb']:.0f} MB, driver peak {r['driver_peak_rss_mb']:.0f} MB "
+            f"(input file {r['input_file_mb']:.0f} MB, row index {r['index_mb']:.0f} MB)"
+        )
+    print(
+        f"10x rows -> actor peak x{res['actor_peak_ratio_10x_rows']:.2f}, driver peak x{res['driver_peak_ratio_10x_rows']:.2f} "
+        f"({res['driver_growth_bytes_per_extra_row']:.0f} B per extra row: the row index)"
+    )
     return res
 
 

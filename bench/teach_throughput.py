@@ -22,7 +22,9 @@ import torch
 from bench.common import best_of, big_digits_teacher, digits_parquet, matmul_peak_gflops, save
 
 
-def main(sizes: tuple[int, int] = (100_000, 600_000), hidden: tuple[int, ...] = (2048, 2048), batch: int = 4096) -> dict:
+def main(
+    sizes: tuple[int, int] = (100_000, 600_000), hidden: tuple[int, ...] = (2048, 2048), batch: int = 4096
+) -> dict:
     import ray
 
     from kdpipe.runtime import init_ray
@@ -49,8 +51,10 @@ def main(sizes: tuple[int, int] = (100_000, 600_000), hidden: tuple[int, ...] = 
                 times.append(t_teach)
             stage[f"actors={conc}x{ncpu:g}cpu"] = min(times)
         runs[n] = {"plain_loop_s": t_plain, "teach_stage_s": stage, "load_source_s": min(t_load)}
-        print(f"{n:>8} rows: plain loop {t_plain:.1f} s, kdpipe load_source {min(t_load):.1f} s + teach_one "
-              + ", ".join(f"{k} {v:.1f} s" for k, v in stage.items()))
+        print(
+            f"{n:>8} rows: plain loop {t_plain:.1f} s, kdpipe load_source {min(t_load):.1f} s + teach_one "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in stage.items())
+        )
     n1, n2 = sizes
     key = f"actors=1x{cpus:g}cpu"
     # t = fixed + rows / rate, from the two sizes (start-up costs cancel in the difference)
@@ -58,25 +62,35 @@ def main(sizes: tuple[int, int] = (100_000, 600_000), hidden: tuple[int, ...] = 
     ray_rate = (n2 - n1) / (runs[n2]["teach_stage_s"][key] - runs[n1]["teach_stage_s"][key])
     ray_fixed = runs[n1]["teach_stage_s"][key] - n1 / ray_rate
     out = {
-        "sizes": list(sizes), "teacher_hidden": list(hidden), "batch_size": batch, "runs": runs,
+        "sizes": list(sizes),
+        "teacher_hidden": list(hidden),
+        "batch_size": batch,
+        "runs": runs,
         "end_to_end_vs_plain": {n: runs[n]["plain_loop_s"] / runs[n]["teach_stage_s"][key] for n in sizes},
         "end_to_end_with_load_source_vs_plain": {
-            n: runs[n]["plain_loop_s"] / (runs[n]["teach_stage_s"][key] + runs[n]["load_source_s"]) for n in sizes},
-        "steady_rows_per_s": {"plain": plain_rate, "kdpipe": ray_rate}, "steady_state_vs_plain": ray_rate / plain_rate,
+            n: runs[n]["plain_loop_s"] / (runs[n]["teach_stage_s"][key] + runs[n]["load_source_s"]) for n in sizes
+        },
+        "steady_rows_per_s": {"plain": plain_rate, "kdpipe": ray_rate},
+        "steady_state_vs_plain": ray_rate / plain_rate,
         "kdpipe_fixed_cost_s": ray_fixed,
-        "teacher_gflop_per_row": flops_row / 1e9, "matmul_peak_gflops": peak, "physical_limit_rows_per_s": limit,
-        "plain_fraction_of_limit": plain_rate / limit, "kdpipe_fraction_of_limit": ray_rate / limit,
+        "teacher_gflop_per_row": flops_row / 1e9,
+        "matmul_peak_gflops": peak,
+        "physical_limit_rows_per_s": limit,
+        "plain_fraction_of_limit": plain_rate / limit,
+        "kdpipe_fraction_of_limit": ray_rate / limit,
         "note": "plain loop: read Parquet, forward, write logits+top-k Parquet in one warm process (teacher already "
-                "in memory). teach_one: Ray Data read + actor pool (process start, teacher load) + Parquet write + "
-                "exactly-once row check + sha256 + manifest, Ray already started. load_source: validation and "
-                "content-hash ids of every row (one streaming pass). Steady state and fixed cost are fitted from the "
-                "two sizes: t = fixed + rows / rate.",
+        "in memory). teach_one: Ray Data read + actor pool (process start, teacher load) + Parquet write + "
+        "exactly-once row check + sha256 + manifest, Ray already started. load_source: validation and "
+        "content-hash ids of every row (one streaming pass). Steady state and fixed cost are fitted from the "
+        "two sizes: t = fixed + rows / rate.",
     }
     save("teach_throughput", out)
-    print(f"steady state: plain {plain_rate:,.0f} rows/s, kdpipe {ray_rate:,.0f} rows/s -> {ray_rate / plain_rate:.2f}x; "
-          f"kdpipe fixed cost {ray_fixed:.1f} s (Ray Data actor pool start, teacher load, commit); end to end "
-          + ", ".join(f"{n} rows {v:.2f}x" for n, v in out["end_to_end_vs_plain"].items())
-          + f"; physical limit {limit:,.0f} rows/s (matmul peak {peak:.0f} GFLOP/s)")
+    print(
+        f"steady state: plain {plain_rate:,.0f} rows/s, kdpipe {ray_rate:,.0f} rows/s -> {ray_rate / plain_rate:.2f}x; "
+        f"kdpipe fixed cost {ray_fixed:.1f} s (Ray Data actor pool start, teacher load, commit); end to end "
+        + ", ".join(f"{n} rows {v:.2f}x" for n, v in out["end_to_end_vs_plain"].items())
+        + f"; physical limit {limit:,.0f} rows/s (matmul peak {peak:.0f} GFLOP/s)"
+    )
     return out
 
 
@@ -97,12 +111,26 @@ def _kdpipe(tmp: Path, data: Path, n: int, conc: int, ncpu: float, batch: int, t
     from kdpipe.data import load_source
     from kdpipe.teach import teach_one
 
-    cfg = parse_spec({
-        "name": "bench", "source": {"kind": "parquet", "path": str(data), "features": "x", "label": "label"},
-        "teachers": [{"id": "big", "kind": "mlp_classifier", "path": str(tmp / "teacher"), "outputs": ["logits", "topk"], "topk": 4}],
-        "storage": str(tmp / f"cache-{tag}"), "teach": {"concurrency": conc, "batch_size": batch, "num_cpus": ncpu, "verify": False},
-        "student": {"kind": "mlp"}, "losses": [{"name": "kd"}], "tracking": {"model_name": "b"},
-    })
+    cfg = parse_spec(
+        {
+            "name": "bench",
+            "source": {"kind": "parquet", "path": str(data), "features": "x", "label": "label"},
+            "teachers": [
+                {
+                    "id": "big",
+                    "kind": "mlp_classifier",
+                    "path": str(tmp / "teacher"),
+                    "outputs": ["logits", "topk"],
+                    "topk": 4,
+                }
+            ],
+            "storage": str(tmp / f"cache-{tag}"),
+            "teach": {"concurrency": conc, "batch_size": batch, "num_cpus": ncpu, "verify": False},
+            "student": {"kind": "mlp"},
+            "losses": [{"name": "kd"}],
+            "tracking": {"model_name": "b"},
+        }
+    )
     t = time.perf_counter()
     src = load_source(cfg.source, tmp / "q")
     t_idx = time.perf_counter() - t
@@ -114,8 +142,15 @@ def _kdpipe(tmp: Path, data: Path, n: int, conc: int, ncpu: float, batch: int, t
 
 
 def _out_schema() -> pa.Schema:
-    return pa.schema([("id", pa.string()), ("logits", pa.list_(pa.float32(), 10)), ("topk_idx", pa.list_(pa.int32(), 4)),
-                      ("topk_val", pa.list_(pa.float16(), 4)), ("tail_lse", pa.float32())])
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("logits", pa.list_(pa.float32(), 10)),
+            ("topk_idx", pa.list_(pa.int32(), 4)),
+            ("topk_val", pa.list_(pa.float16(), 4)),
+            ("tail_lse", pa.float32()),
+        ]
+    )
 
 
 if __name__ == "__main__":

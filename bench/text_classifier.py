@@ -42,15 +42,23 @@ ROWS = ("KD student", "twin: labels only", "Well-Read: distilled encoder, then K
 
 def table(rows: dict[str, dict[str, list[float]]], seeds: list[int], labeled: float = 1.0) -> str:
     setting = "" if labeled == 1.0 else f", labels on {labeled:.0%} of the train glosses"
-    lines = [f"**text_classifier_distill** (test glosses, 45 classes{setting}; mean ± sample std over seeds {seeds})", "",
-             "| model | accuracy | macro-F1 | runs |", "|---|---|---|---|"]
+    lines = [
+        f"**text_classifier_distill** (test glosses, 45 classes{setting}; mean ± sample std over seeds {seeds})",
+        "",
+        "| model | accuracy | macro-F1 | runs |",
+        "|---|---|---|---|",
+    ]
     for name, m in rows.items():
         if m.get("test_acc"):
-            lines.append(f"| {name} | {mean_sd(m['test_acc'], 4)} | {mean_sd(m['test_macro_f1'], 4)} | {len(m['test_acc'])} |")
+            lines.append(
+                f"| {name} | {mean_sd(m['test_acc'], 4)} | {mean_sd(m['test_macro_f1'], 4)} | {len(m['test_acc'])} |"
+            )
     return "\n".join(lines)
 
 
-def collect(uri: str, seeds: list[int], labeled: float = 1.0) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, object]]]:
+def collect(
+    uri: str, seeds: list[int], labeled: float = 1.0
+) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, object]]]:
     """The table's rows from the finished runs of this benchmark's MLflow experiment (those with
     `labeled` as their source's labeled fraction)."""
     from mlflow.tracking import MlflowClient
@@ -62,14 +70,23 @@ def collect(uri: str, seeds: list[int], labeled: float = 1.0) -> tuple[dict[str,
     runs: list[dict[str, object]] = []
     if exp is None:
         return rows, runs
-    for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]):
+    for r in client.search_runs(
+        [exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]
+    ):
         seed, m = int(r.data.params["seed"]), r.data.metrics
         if seed not in seeds or "test_acc" not in m:
             continue
         if float(r.data.params.get("source.split.labeled_fraction", 1.0)) != labeled:
             continue
         label = ROWS[2] if r.data.params.get("student.params.init_from") not in (None, "None", "null", "") else ROWS[0]
-        runs.append({"seed": seed, "row": label, "run_id": r.info.run_id, "metrics": {k: v for k, v in m.items() if "test_" in k}})
+        runs.append(
+            {
+                "seed": seed,
+                "row": label,
+                "run_id": r.info.run_id,
+                "metrics": {k: v for k, v in m.items() if "test_" in k},
+            }
+        )
         for k in METRICS:
             rows[label].setdefault(k, []).append(m[k])
             if label == ROWS[0] and f"baseline_{k}" in m:
@@ -94,13 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--work", default=str(ROOT / ".kdpipe" / "bench-text-classifier"))
-    ap.add_argument("--teachers", default=str(ROOT / ".kdpipe" / "teachers"),
-                    help="where the fine-tuned teacher lives (shared with `kdpipe run pipelines/text_classifier_distill.yaml`)")
+    ap.add_argument(
+        "--teachers",
+        default=str(ROOT / ".kdpipe" / "teachers"),
+        help="where the fine-tuned teacher lives (shared with `kdpipe run pipelines/text_classifier_distill.yaml`)",
+    )
     ap.add_argument("--no-well-read", action="store_true", help="skip the two-stage Well-Read rows")
-    ap.add_argument("--labeled-fraction", type=float, default=1.0,
-                    help="source.split.labeled_fraction: the share of train glosses whose labels the students see")
-    ap.add_argument("--out", help="default bench/results/text_classifier.json "
-                                  "(text_classifier_labeled_<f>.json below a labeled fraction of 1)")
+    ap.add_argument(
+        "--labeled-fraction",
+        type=float,
+        default=1.0,
+        help="source.split.labeled_fraction: the share of train glosses whose labels the students see",
+    )
+    ap.add_argument(
+        "--out",
+        help="default bench/results/text_classifier.json "
+        "(text_classifier_labeled_<f>.json below a labeled fraction of 1)",
+    )
     args = ap.parse_args(argv)
     if args.out is None:
         suffix = "" if args.labeled_fraction == 1.0 else f"_labeled_{args.labeled_fraction:g}"
@@ -113,16 +140,31 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work).resolve()
     common = bench_store(work, "bench-text-classifier")
-    clf_spec, enc_spec = str(ROOT / "pipelines" / "text_classifier_distill.yaml"), str(ROOT / "pipelines" / "minilm_distill.yaml")
-    clf_base = {**common, "teachers.0.params.finetune_root": str(Path(args.teachers).resolve()),
-                "tracking.model_name": "text-classifier-compare", "source.split.labeled_fraction": args.labeled_fraction}
+    clf_spec, enc_spec = (
+        str(ROOT / "pipelines" / "text_classifier_distill.yaml"),
+        str(ROOT / "pipelines" / "minilm_distill.yaml"),
+    )
+    clf_base = {
+        **common,
+        "teachers.0.params.finetune_root": str(Path(args.teachers).resolve()),
+        "tracking.model_name": "text-classifier-compare",
+        "source.split.labeled_fraction": args.labeled_fraction,
+    }
     clf0 = load_spec(clf_spec, clf_base)
     # stage 1 of Well-Read: the classifier student's shape, distilled from the general encoder on the same glosses
-    enc_base = {**common, "source.limit": clf0.source.limit, "source.split": clf0.source.split.model_dump(), "tracking.experiment": "bench-text-classifier-encoders",
-                "tracking.model_name": "well-read-encoder", "evaluate.baseline": False,
-                "student.params.layers": clf0.student.params["layers"],
-                "student.params.init_from_teacher": clf0.student.params["init_from_teacher"],
-                "losses.1.layer_map": {1: 3, 2: 6}, "train.epochs": clf0.train.epochs, "train.shuffle_buffer": 2000}
+    enc_base = {
+        **common,
+        "source.limit": clf0.source.limit,
+        "source.split": clf0.source.split.model_dump(),
+        "tracking.experiment": "bench-text-classifier-encoders",
+        "tracking.model_name": "well-read-encoder",
+        "evaluate.baseline": False,
+        "student.params.layers": clf0.student.params["layers"],
+        "student.params.init_from_teacher": clf0.student.params["init_from_teacher"],
+        "losses.1.layer_map": {1: 3, 2: 6},
+        "train.epochs": clf0.train.epochs,
+        "train.shuffle_buffer": 2000,
+    }
     t0 = time.time()
     source, uri = prepare(clf0)
     taught = teach(clf0, source)  # fine-tunes the teacher once (reused by digest), caches once
@@ -132,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         if (seed, ROWS[0]) not in have:
             res = distil(load_spec(clf_spec, {**clf_base, "seed": seed}), source, taught, uri)
-            print(f"seed {seed} KD: acc {res.metrics['test_acc']:.4f}, twin {res.metrics['baseline_test_acc']:.4f}", flush=True)
+            print(
+                f"seed {seed} KD: acc {res.metrics['test_acc']:.4f}, twin {res.metrics['baseline_test_acc']:.4f}",
+                flush=True,
+            )
         if args.no_well_read or (seed, ROWS[2]) in have:
             continue
         enc_cfg = load_spec(enc_spec, {**enc_base, "seed": seed})
@@ -141,16 +186,35 @@ def main(argv: list[str] | None = None) -> int:
             enc_taught = teach(enc_cfg, enc_source)
         stage1 = distil(enc_cfg, enc_source, enc_taught, uri)
         init = encoder_dir(uri, "well-read-encoder", stage1.model_version, work / "encoders" / f"seed{seed}")
-        wr = load_spec(clf_spec, {**clf_base, "seed": seed, "student.params.init_from": init,
-                                  "student.params.init_from_teacher": None, "evaluate.baseline": False})
+        wr = load_spec(
+            clf_spec,
+            {
+                **clf_base,
+                "seed": seed,
+                "student.params.init_from": init,
+                "student.params.init_from_teacher": None,
+                "evaluate.baseline": False,
+            },
+        )
         res = distil(wr, source, taught, uri)
-        print(f"seed {seed} Well-Read: acc {res.metrics['test_acc']:.4f} (stage-1 cosine "
-              f"{stage1.metrics['test_cosine']:.4f})", flush=True)
+        print(
+            f"seed {seed} Well-Read: acc {res.metrics['test_acc']:.4f} (stage-1 cosine "
+            f"{stage1.metrics['test_cosine']:.4f})",
+            flush=True,
+        )
     rows, runs = collect(uri, args.seeds, args.labeled_fraction)
     md = table(rows, sorted({int(r["seed"]) for r in runs}), args.labeled_fraction)
-    out = {"command": "python bench/text_classifier.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "seeds": args.seeds,
-           "labeled_fraction": args.labeled_fraction, "epochs": clf0.train.epochs, "rows": rows, "runs": runs, "table": md, "seconds": round(time.time() - t0, 1)}
+    out = {
+        "command": "python bench/text_classifier.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "seeds": args.seeds,
+        "labeled_fraction": args.labeled_fraction,
+        "epochs": clf0.train.epochs,
+        "rows": rows,
+        "runs": runs,
+        "table": md,
+        "seconds": round(time.time() - t0, 1),
+    }
     path = write_table(args.out, out)
     print("\n" + md + f"\n\nwrote {path} ({out['seconds']} s)")
     return 0

@@ -32,15 +32,16 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
-
-from kdpipe import storage
-from kdpipe.errors import CacheCorruptError, KdpipeError
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from kdpipe import storage
+from kdpipe.errors import CacheCorruptError
 
 MANIFEST = "MANIFEST.json"
 PART_MANIFEST = "PART.json"
@@ -61,7 +62,7 @@ def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def cache_at(root: str | os.PathLike[str], *parts: str) -> "TeacherCache":
+def cache_at(root: str | os.PathLike[str], *parts: str) -> TeacherCache:
     """The cache below a cache root (`<storage>/cache`, a path or a URI)."""
     return TeacherCache(storage.join(root, *parts) if storage.is_remote(root) else Path(storage.local(root), *parts))
 
@@ -70,7 +71,9 @@ def cache_at(root: str | os.PathLike[str], *parts: str) -> "TeacherCache":
 class TeacherCache:
     dir: Path | str  # a local directory, or a URI (`s3://bucket/cache/<teacher>/<fingerprint>`)
     _committed: set[str] = field(default_factory=set, repr=False, compare=False)
-    _verified: dict[str, tuple[str, Any]] = field(default_factory=dict, repr=False, compare=False)  # file -> (sha256, stamp) checked
+    _verified: dict[str, tuple[str, Any]] = field(
+        default_factory=dict, repr=False, compare=False
+    )  # file -> (sha256, stamp) checked
 
     @property
     def remote(self) -> bool:
@@ -103,8 +106,10 @@ class TeacherCache:
         stages do not hash the same files twice)."""
         m = self.manifest()
         if m is None:
-            raise CacheCorruptError(f"cache {self.dir} has no {MANIFEST}: it is incomplete; run `kdpipe cache repair SPEC` "
-                                    "(rebuilds it from its verified parts) or `kdpipe teach SPEC`")
+            raise CacheCorruptError(
+                f"cache {self.dir} has no {MANIFEST}: it is incomplete; run `kdpipe cache repair SPEC` "
+                "(rebuilds it from its verified parts) or `kdpipe teach SPEC`"
+            )
         out = []
         for part in m["parts"]:
             for f in part["files"]:
@@ -117,9 +122,11 @@ class TeacherCache:
                 if why is None and verify and self._verified.get(str(p)) != (f["sha256"], stamp):
                     why = self.check_file(str(p), f["sha256"])
                 if why:
-                    raise CacheCorruptError(f"cache file {p} {why} (part {part['name']} of {self.dir}); run "
-                                            "`kdpipe cache repair SPEC`: it drops the damaged part and teaches its "
-                                            "rows again")
+                    raise CacheCorruptError(
+                        f"cache file {p} {why} (part {part['name']} of {self.dir}); run "
+                        "`kdpipe cache repair SPEC`: it drops the damaged part and teaches its "
+                        "rows again"
+                    )
                 if verify and not self.remote:  # object stores' mtimes are too coarse to tell a rewrite apart
                     self._verified[str(p)] = (f["sha256"], stamp)
                 out.append(p)
@@ -140,8 +147,10 @@ class TeacherCache:
         if self.manifest() is None:
             lost = self.part_dirs()
             if lost:
-                raise CacheCorruptError(f"cache {self.dir} holds {len(lost)} part(s) but no {MANIFEST} (lost or deleted): "
-                                        "run `kdpipe cache repair SPEC` to rebuild it from its verified parts")
+                raise CacheCorruptError(
+                    f"cache {self.dir} holds {len(lost)} part(s) but no {MANIFEST} (lost or deleted): "
+                    "run `kdpipe cache repair SPEC` to rebuild it from its verified parts"
+                )
             return
         if verify:
             self.files(verify=True)
@@ -168,14 +177,20 @@ class TeacherCache:
     def read(self, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
         files = self.files(verify=verify)
         m = self.manifest() or {}
-        schema = pa.schema([pa.field(n, _type_from_str(t)) for n, t in m.get("schema", {}).items()]) if m.get("schema") else None
+        schema = (
+            pa.schema([pa.field(n, _type_from_str(t)) for n, t in m.get("schema", {}).items()])
+            if m.get("schema")
+            else None
+        )
         tables = []
         for f in files:
             try:
                 with storage.open_input(str(f)) as fh:
                     tables.append(pq.read_table(fh, columns=columns))
             except (pa.ArrowInvalid, OSError) as e:
-                raise CacheCorruptError(f"cache file {f} cannot be read ({e}); delete {self.dir} and rerun `kdpipe teach`") from None
+                raise CacheCorruptError(
+                    f"cache file {f} cannot be read ({e}); delete {self.dir} and rerun `kdpipe teach`"
+                ) from None
         if not tables:
             return schema.empty_table() if schema is not None else pa.table({"id": pa.array([], pa.string())})
         return pa.concat_tables(tables)
@@ -243,8 +258,9 @@ class TeacherCache:
                 shutil.rmtree(entry, ignore_errors=True)
                 lock_path.unlink(missing_ok=True)
 
-    def commit(self, staging: Any, header: dict[str, Any], source_fingerprint: str,
-               ids: dict[str, int] | None = None) -> dict[str, Any]:
+    def commit(
+        self, staging: Any, header: dict[str, Any], source_fingerprint: str, ids: dict[str, int] | None = None
+    ) -> dict[str, Any]:
         """Publish a staged part in the manifest (locally: moved into parts/ first; manifest last).
         The part gets its own manifest (files, rows, the tally `ids` of its ids) before the
         cache's manifest names it, so a lost MANIFEST.json can be rebuilt from the parts."""
@@ -263,12 +279,26 @@ class TeacherCache:
             meta = storage.parquet_metadata(f)
             rows += meta.num_rows
             schema = schema or meta.schema.to_arrow_schema()
-            entries.append({"path": f"parts/{name}/{storage.name(f)}", "sha256": storage.sha256(f), "rows": meta.num_rows})
-        part = {"name": name, "files": entries, "rows": rows, "source_fingerprint": source_fingerprint, "created": _now(),
-                **({"ids": ids} if ids is not None else {})}
-        part_manifest = {**part, "header": header, "schema": {fld.name: str(fld.type) for fld in schema} if schema else {}}
+            entries.append(
+                {"path": f"parts/{name}/{storage.name(f)}", "sha256": storage.sha256(f), "rows": meta.num_rows}
+            )
+        part = {
+            "name": name,
+            "files": entries,
+            "rows": rows,
+            "source_fingerprint": source_fingerprint,
+            "created": _now(),
+            **({"ids": ids} if ids is not None else {}),
+        }
+        part_manifest = {
+            **part,
+            "header": header,
+            "schema": {fld.name: str(fld.type) for fld in schema} if schema else {},
+        }
         if self.remote:
-            storage.write_text(storage.join(str(staging), PART_MANIFEST), json.dumps(part_manifest, indent=2, sort_keys=True))
+            storage.write_text(
+                storage.join(str(staging), PART_MANIFEST), json.dumps(part_manifest, indent=2, sort_keys=True)
+            )
         else:
             _atomic_write_json(Path(staging) / PART_MANIFEST, part_manifest)
             part_dir = Path(self.dir) / "parts" / name
@@ -334,7 +364,13 @@ def _now() -> str:
 
 def _type_from_str(s: str) -> pa.DataType:
     """Parse the few Arrow type strings the manifest records (for empty reads)."""
-    simple = {"string": pa.string(), "float": pa.float32(), "int32": pa.int32(), "int64": pa.int64(), "halffloat": pa.float16()}
+    simple = {
+        "string": pa.string(),
+        "float": pa.float32(),
+        "int32": pa.int32(),
+        "int64": pa.int64(),
+        "halffloat": pa.float16(),
+    }
     if s in simple:
         return simple[s]
     if s.startswith("fixed_size_list<"):

@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 from kdpipe import storage
 from kdpipe.arrays import id_keys
 from kdpipe.cache import FORMAT_VERSION, MANIFEST, PART_MANIFEST, TeacherCache
+from kdpipe.pipeline import prepare, teach
 from kdpipe.spec import PipelineConfig
+from kdpipe.teach import cache_of
 
 log = logging.getLogger("kdpipe.cache")
 
@@ -37,11 +39,12 @@ class CacheReport:
         self.ok = self.ok and not bad
 
     def text(self) -> str:
-        return "\n".join(self.lines + [("all caches verified" if self.ok else "damage found: run `kdpipe cache repair SPEC`")])
+        return "\n".join(
+            self.lines + [("all caches verified" if self.ok else "damage found: run `kdpipe cache repair SPEC`")]
+        )
 
 
 def _caches(cfg: PipelineConfig, source: Any) -> list[tuple[str, TeacherCache]]:
-    from kdpipe.teach import cache_of
 
     return [(t.id, cache_of(cfg, t, source)[2]) for t in cfg.teachers]
 
@@ -59,7 +62,6 @@ def damaged_parts(cache: TeacherCache) -> dict[str, str]:
 
 
 def verify_caches(cfg: PipelineConfig, address: str | None = None) -> CacheReport:
-    from kdpipe.pipeline import prepare
 
     source, _ = prepare(cfg, address)
     report = CacheReport()
@@ -67,8 +69,11 @@ def verify_caches(cfg: PipelineConfig, address: str | None = None) -> CacheRepor
         m = cache.manifest()
         if m is None:
             lost = cache.part_dirs()
-            report.add(f"cache[{tid}] {cache.dir}: " + (f"{len(lost)} part(s) but no {MANIFEST} (lost)" if lost
-                                                       else "not taught yet"), bad=bool(lost))
+            report.add(
+                f"cache[{tid}] {cache.dir}: "
+                + (f"{len(lost)} part(s) but no {MANIFEST} (lost)" if lost else "not taught yet"),
+                bad=bool(lost),
+            )
             continue
         bad = damaged_parts(cache)
         orphans = cache.orphan_parts()
@@ -77,8 +82,10 @@ def verify_caches(cfg: PipelineConfig, address: str | None = None) -> CacheRepor
         for name in orphans:
             report.add(f"cache[{tid}] part {name}: on disk but named by no manifest (an interrupted run's)", bad=True)
         if not bad and not orphans:
-            report.add(f"cache[{tid}] {cache.dir}: {m['rows']} rows in {len(m['parts'])} part(s), every file matches "
-                       "its checksum")
+            report.add(
+                f"cache[{tid}] {cache.dir}: {m['rows']} rows in {len(m['parts'])} part(s), every file matches "
+                "its checksum"
+            )
     return report
 
 
@@ -95,12 +102,23 @@ def rebuild_manifest(cache: TeacherCache, report: CacheReport, tid: str) -> None
     seen = np.zeros(0, "S1")
     header: dict[str, Any] = {}
     for name, pm in parts:
-        why = next((f"{f['path']} {w}" for f in pm["files"]
-                    if (w := cache.check_file(str(cache.location(f["path"])), f["sha256"]))), None)
+        why = next(
+            (
+                f"{f['path']} {w}"
+                for f in pm["files"]
+                if (w := cache.check_file(str(cache.location(f["path"])), f["sha256"]))
+            ),
+            None,
+        )
         ids = None
         if why is None:
-            ids = np.concatenate([id_keys(pq.read_table(storage.open_input(str(cache.location(f["path"]))),
-                                                        columns=["id"])["id"]) for f in pm["files"]] or [np.zeros(0, "S1")])
+            ids = np.concatenate(
+                [
+                    id_keys(pq.read_table(storage.open_input(str(cache.location(f["path"]))), columns=["id"])["id"])
+                    for f in pm["files"]
+                ]
+                or [np.zeros(0, "S1")]
+            )
             if len(seen) and np.isin(ids, seen).any():
                 why = "repeats ids of an earlier part (an interrupted run's)"
         if why:
@@ -114,14 +132,21 @@ def rebuild_manifest(cache: TeacherCache, report: CacheReport, tid: str) -> None
     if not kept:
         report.add(f"cache[{tid}] {cache.dir}: no part survived; the teach stage teaches every row")
         return
-    m = {**header, "format": FORMAT_VERSION, "parts": kept, "rows": sum(p["rows"] for p in kept),
-         "created": kept[0].get("created"), "updated": kept[-1].get("created"), "schema": schema, "rebuilt": True}
+    m = {
+        **header,
+        "format": FORMAT_VERSION,
+        "parts": kept,
+        "rows": sum(p["rows"] for p in kept),
+        "created": kept[0].get("created"),
+        "updated": kept[-1].get("created"),
+        "schema": schema,
+        "rebuilt": True,
+    }
     cache.write_manifest(m)
     report.add(f"cache[{tid}] {cache.dir}: {MANIFEST} rebuilt from {len(kept)} verified part(s), {m['rows']} rows")
 
 
 def repair_caches(cfg: PipelineConfig, address: str | None = None) -> CacheReport:
-    from kdpipe.pipeline import prepare, teach
 
     source, _ = prepare(cfg, address)
     report = CacheReport()

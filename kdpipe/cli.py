@@ -12,7 +12,8 @@ import argparse
 import gc
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kdpipe.errors import KdpipeError, SpecError
 from kdpipe.spec import PipelineConfig, parse_override, read_spec
@@ -52,8 +53,10 @@ def cmd_validate(args: argparse.Namespace, spec: PipelineConfig) -> int:
     cfg = checked(spec, args)
     teachers = ", ".join(f"{t.id} ({t.kind})" for t in cfg.teachers)
     losses = " + ".join(f"{l.weight:g}·{l.name}" for l in cfg.losses)
-    print(f"{args.spec}: valid. {cfg.name}: teachers {teachers} -> student {cfg.student.kind} with {losses}; "
-          f"storage {cfg.storage}")
+    print(
+        f"{args.spec}: valid. {cfg.name}: teachers {teachers} -> student {cfg.student.kind} with {losses}; "
+        f"storage {cfg.storage}"
+    )
     return 0
 
 
@@ -69,9 +72,13 @@ def _print_result(res: Any) -> None:
     for tid, t in res.teach.items():
         state = "reused" if t.reused else f"taught {t.rows_taught} rows"
         print(f"cache[{tid}]: {t.cache.dir} ({state}, fingerprint {t.fingerprint})")
-    print(f"MLflow run: {res.run_id}  (tracking URI {res.tracking_uri}; browse with `mlflow ui --backend-store-uri {res.tracking_uri}`)")
-    print(f"registered model: models:/{res.model_name}/{res.model_version}  "
-          f"{'promoted to alias' if res.promoted else 'NOT promoted'}: {res.gate_reasons}")
+    print(
+        f"MLflow run: {res.run_id}  (tracking URI {res.tracking_uri}; browse with `mlflow ui --backend-store-uri {res.tracking_uri}`)"
+    )
+    print(
+        f"registered model: models:/{res.model_name}/{res.model_version}  "
+        f"{'promoted to alias' if res.promoted else 'NOT promoted'}: {res.gate_reasons}"
+    )
     print()
     print(res.table)
 
@@ -83,8 +90,10 @@ def cmd_teach(args: argparse.Namespace, spec: PipelineConfig) -> int:
     source, _ = prepare(cfg, args.address)
     for tid, r in teach(cfg, source).items():
         m = r.manifest()
-        print(f"cache[{tid}]: {r.cache.dir} rows={m.get('rows')} parts={len(m.get('parts', []))} "
-              f"{'reused' if r.reused else f'taught {r.rows_taught} new rows'}")
+        print(
+            f"cache[{tid}]: {r.cache.dir} rows={m.get('rows')} parts={len(m.get('parts', []))} "
+            f"{'reused' if r.reused else f'taught {r.rows_taught} new rows'}"
+        )
     return 0
 
 
@@ -137,7 +146,9 @@ def cmd_schedule(args: argparse.Namespace, spec: PipelineConfig) -> int:
     checked(spec, args)
     overrides = dict(parse_override(o) for o in args.overrides)
     sched = build_scheduler(args.spec, args.cron, overrides, args.address, args.warm_start, args.timezone)
-    print(f"kdpipe schedule: retrain cycles of {args.spec} on '{args.cron}' ({args.timezone}); Ctrl-C stops", flush=True)
+    print(
+        f"kdpipe schedule: retrain cycles of {args.spec} on '{args.cron}' ({args.timezone}); Ctrl-C stops", flush=True
+    )
     try:
         sched.start()
     except (KeyboardInterrupt, SystemExit):
@@ -149,8 +160,15 @@ def cmd_submit(args: argparse.Namespace, spec: PipelineConfig) -> int:
     from kdpipe.ops import submit
 
     cfg = checked(spec, args)  # validated here, before anything is shipped
-    job_id, status = submit(args.spec, args.address, args.overrides, follow=not args.no_follow, cfg=cfg,
-                            command=args.command, verbose=args.verbose)
+    job_id, status = submit(
+        args.spec,
+        args.address,
+        args.overrides,
+        follow=not args.no_follow,
+        cfg=cfg,
+        command=args.command,
+        verbose=args.verbose,
+    )
     print(f"job {job_id}: {status}")
     return 0 if status == "SUCCEEDED" or args.no_follow else 1
 
@@ -193,20 +211,32 @@ def cmd_cache(args: argparse.Namespace, spec: PipelineConfig) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kdpipe", description="Knowledge distillation on Ray: teach -> cache -> distil -> track.")
-    ap.add_argument("-v", "--verbose", action="store_true",
-                    help="debug logging, and Ray's worker output and native messages on the console")
+    ap = argparse.ArgumentParser(
+        prog="kdpipe", description="Knowledge distillation on Ray: teach -> cache -> distil -> track."
+    )
+    ap.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, and Ray's worker output and native messages on the console",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    def add(name: str, fn: Callable[..., int], help: str, spec: bool = True, address: bool = True) -> argparse.ArgumentParser:
+    def add(
+        name: str, fn: Callable[..., int], help: str, spec: bool = True, address: bool = True
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         if spec:
             _spec_args(p, address)
         p.set_defaults(fn=fn, needs_spec=spec)
         return p
 
-    add("validate", cmd_validate, "check a spec (schema, plugins and their params) without running anything",
-        address=False)
+    add(
+        "validate",
+        cmd_validate,
+        "check a spec (schema, plugins and their params) without running anything",
+        address=False,
+    )
     add("run", cmd_run, "teach (reusing caches), distil, evaluate, register, gate and promote")
     add("teach", cmd_teach, "run the teachers over the source and fill the Parquet cache")
     add("distil", cmd_distil, "train the student from an existing cache, evaluate, register")
@@ -217,25 +247,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-start", action="store_true", help="initialise the challenger from the champion's weights")
     p = add("schedule", cmd_schedule, "run retrain cycles on a cron schedule in this process (APScheduler)")
     p.add_argument("--cron", required=True, help='5-field crontab expression, e.g. "0 3 * * *"')
-    p.add_argument("--timezone", default="UTC", help="time zone of the cron expression (an IANA name, e.g. Europe/Paris)")
+    p.add_argument(
+        "--timezone", default="UTC", help="time zone of the cron expression (an IANA name, e.g. Europe/Paris)"
+    )
     p.add_argument("--warm-start", action="store_true", help="initialise each challenger from the champion's weights")
-    p = add("submit", cmd_submit, "submit a kdpipe command for SPEC to a Ray cluster as a Ray job and follow its log",
-            address=False)
-    p.add_argument("--address", required=True, help="the cluster's Ray dashboard (Jobs API), e.g. http://127.0.0.1:8265 "
-                                                     "through a port-forward")
-    p.add_argument("--command", default="run", choices=["run", "teach", "retrain"], help="what the job runs (default: run)")
+    p = add(
+        "submit",
+        cmd_submit,
+        "submit a kdpipe command for SPEC to a Ray cluster as a Ray job and follow its log",
+        address=False,
+    )
+    p.add_argument(
+        "--address",
+        required=True,
+        help="the cluster's Ray dashboard (Jobs API), e.g. http://127.0.0.1:8265 through a port-forward",
+    )
+    p.add_argument(
+        "--command", default="run", choices=["run", "teach", "retrain"], help="what the job runs (default: run)"
+    )
     p.add_argument("--no-follow", action="store_true", help="print the job id and return without waiting")
     p = add("compare", cmd_compare, "a method vs its baselines over several seeds (mean ± std), logged to MLflow")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (default: 0 1 2)")
     p.add_argument("--out", default=None, help="write the per-seed results as JSON here")
     p = add("cache", cmd_cache, "check the spec's teacher caches against their checksums, or repair them", spec=False)
-    p.add_argument("action", choices=["verify", "repair"],
-                   help="verify: read every part and check it; repair: drop damaged or unreferenced parts, rebuild a "
-                        "lost manifest from verified parts, and teach again only the rows they held")
+    p.add_argument(
+        "action",
+        choices=["verify", "repair"],
+        help="verify: read every part and check it; repair: drop damaged or unreferenced parts, rebuild a "
+        "lost manifest from verified parts, and teach again only the rows they held",
+    )
     _spec_args(p)
     p.set_defaults(needs_spec=True)
-    p = add("promote", cmd_promote, "point an alias at a registered model version (refuses a version that failed its "
-                                    "gates unless --force)", spec=False)
+    p = add(
+        "promote",
+        cmd_promote,
+        "point an alias at a registered model version (refuses a version that failed its gates unless --force)",
+        spec=False,
+    )
     p.add_argument("name", help="the registered model's name")
     p.add_argument("version", help="the version to promote")
     p.add_argument("--alias", default="champion", help="the alias to move (default: champion)")

@@ -19,6 +19,12 @@ import time
 import uuid
 from typing import Any
 
+from kdpipe.config import load_spec
+from kdpipe.evaluate import teacher_accuracy_ds
+from kdpipe.pipeline import distil, prepare, teach
+from kdpipe.tracking import ensure_experiment
+from kdpipe.views import build_views
+
 log = logging.getLogger("kdpipe.compare")
 
 BEST_SINGLE = "@best_single_teacher"  # resolved to the fusion member with the best val accuracy
@@ -31,7 +37,11 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "digits_fusion": {
         "student <- dynamic fusion": {"evaluate.baseline": False},
         "student <- uniform average": {"teach.fusion.mode": "uniform", "evaluate.baseline": False},
-        "student <- best single teacher": {"losses.0.teacher": BEST_SINGLE, "teach.fusion": None, "evaluate.baseline": False},
+        "student <- best single teacher": {
+            "losses.0.teacher": BEST_SINGLE,
+            "teach.fusion": None,
+            "evaluate.baseline": False,
+        },
     },
     "digits_aspects": {
         # the paper's setting: labels + aspect answers; twin = same student without aspect units, CE only
@@ -54,8 +64,10 @@ EXTRA_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "digits_selfdistill": {
         # no cached teacher: the deepest exit learns from the labeled rows only; twin = per-exit CE
-        "exit CE + self-distillation (no teacher)": {"losses": [{"name": "self_distill", "weight": 1.0, "temperature": 2.0}],
-                                                     "evaluate.baseline_losses": [{"name": "self_distill", "kl_weight": 0.0}]},
+        "exit CE + self-distillation (no teacher)": {
+            "losses": [{"name": "self_distill", "weight": 1.0, "temperature": 2.0}],
+            "evaluate.baseline_losses": [{"name": "self_distill", "kl_weight": 0.0}],
+        },
     },
 }
 
@@ -70,8 +82,6 @@ def _resolve(value: Any, best: str | None) -> Any:
 
 def best_single_teacher(cfg: Any, source: Any, taught: dict[str, Any]) -> tuple[str | None, dict[str, float]]:
     """The fusion member with the best accuracy on the validation split (never the test split)."""
-    from kdpipe.evaluate import teacher_accuracy_ds
-    from kdpipe.views import build_views
 
     if cfg.teach.fusion is None:
         return None, {}
@@ -106,21 +116,26 @@ def _fmt(values: list[float]) -> str:
 def markdown_table(results: dict[str, Any], title: str) -> str:
     rows = results["rows"]
     n = len(results["seeds"])
-    lines = [f"**{title}** (test accuracy, mean ± sample std (n − 1) over {n} seed{'s' if n != 1 else ''}: {results['seeds']})", "",
-             "| model | test accuracy |", "|---|---|"]
+    lines = [
+        f"**{title}** (test accuracy, mean ± sample std (n − 1) over {n} seed{'s' if n != 1 else ''}: {results['seeds']})",
+        "",
+        "| model | test accuracy |",
+        "|---|---|",
+    ]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['text']} |")
     return "\n".join(lines)
 
 
-def compare(spec_path: str, seeds: list[int], overrides: dict[str, Any] | None = None,
-            variants: dict[str, dict[str, Any]] | None = None, address: str | None = None) -> tuple[str, dict[str, Any]]:
+def compare(
+    spec_path: str,
+    seeds: list[int],
+    overrides: dict[str, Any] | None = None,
+    variants: dict[str, dict[str, Any]] | None = None,
+    address: str | None = None,
+) -> tuple[str, dict[str, Any]]:
     """Run each variant x seed; return (markdown table, results dict with per-seed values and summaries)."""
     from mlflow.tracking import MlflowClient
-
-    from kdpipe.config import load_spec
-    from kdpipe.pipeline import distil, prepare, teach
-    from kdpipe.tracking import ensure_experiment
 
     overrides = dict(overrides or {})
     base = load_spec(spec_path, overrides)
@@ -138,12 +153,19 @@ def compare(spec_path: str, seeds: list[int], overrides: dict[str, Any] | None =
         vname = f"{label} ({best})" if BEST_SINGLE in vover.values() else label
         for seed in seeds:
             # ablations register under "<model>-compare", never in the production model's registry
-            cfg = load_spec(spec_path, {**overrides, **resolved, "seed": seed,
-                                        "tracking.model_name": f"{base.tracking.model_name}-compare"})
+            cfg = load_spec(
+                spec_path,
+                {**overrides, **resolved, "seed": seed, "tracking.model_name": f"{base.tracking.model_name}-compare"},
+            )
             vt = teach(cfg, source)  # reuses every cache it can; a new fusion mode writes its own `fused` cache
             log.info("compare %s: variant '%s' seed %d", base.name, vname, seed)
-            res = distil(cfg, source, vt, uri,
-                                  extra_tags={"kdpipe.compare_id": compare_id, "kdpipe.variant": vname, "kdpipe.seed": str(seed)})
+            res = distil(
+                cfg,
+                source,
+                vt,
+                uri,
+                extra_tags={"kdpipe.compare_id": compare_id, "kdpipe.variant": vname, "kdpipe.seed": str(seed)},
+            )
             runs.setdefault(vname, []).append(res.run_id)
             exits = any(k.startswith("test_acc_exit") for k in res.metrics)
             for metric, value in res.metrics.items():
@@ -158,19 +180,41 @@ def compare(spec_path: str, seeds: list[int], overrides: dict[str, Any] | None =
                     row_order.append(name)
     # teachers first, then the variants in definition order
     order = [n for n in row_order if n.startswith("teacher ")] + [n for n in row_order if not n.startswith("teacher ")]
-    rows = {n: {**per_seed[n], "mean": statistics.fmean(per_seed[n]["values"]),
-                "std": statistics.stdev(per_seed[n]["values"]) if len(per_seed[n]["values"]) > 1 else 0.0,
-                "text": _fmt(per_seed[n]["values"])} for n in order}
-    results = {"pipeline": base.name, "spec": spec_path, "seeds": list(seeds), "overrides": overrides,
-               "variants": variants, "best_single_teacher": best, "teacher_val_acc": member_val, "rows": rows,
-               "runs": runs, "compare_id": compare_id, "seconds": round(time.time() - t0, 1)}
+    rows = {
+        n: {
+            **per_seed[n],
+            "mean": statistics.fmean(per_seed[n]["values"]),
+            "std": statistics.stdev(per_seed[n]["values"]) if len(per_seed[n]["values"]) > 1 else 0.0,
+            "text": _fmt(per_seed[n]["values"]),
+        }
+        for n in order
+    }
+    results = {
+        "pipeline": base.name,
+        "spec": spec_path,
+        "seeds": list(seeds),
+        "overrides": overrides,
+        "variants": variants,
+        "best_single_teacher": best,
+        "teacher_val_acc": member_val,
+        "rows": rows,
+        "runs": runs,
+        "compare_id": compare_id,
+        "seconds": round(time.time() - t0, 1),
+    }
     table = markdown_table(results, base.name)
 
     client = MlflowClient(uri)
     exp_id = ensure_experiment(client, base.tracking.experiment, uri)
-    run = client.create_run(exp_id, run_name=f"{base.name}-compare",
-                            tags={"mlflow.runName": f"{base.name}-compare", "kdpipe.compare_id": compare_id,
-                                  "kdpipe.compare_summary": "true"})
+    run = client.create_run(
+        exp_id,
+        run_name=f"{base.name}-compare",
+        tags={
+            "mlflow.runName": f"{base.name}-compare",
+            "kdpipe.compare_id": compare_id,
+            "kdpipe.compare_summary": "true",
+        },
+    )
     try:
         client.log_param(run.info.run_id, "seeds", json.dumps(list(seeds)))
         client.log_param(run.info.run_id, "variants", json.dumps(list(variants))[:6000])

@@ -46,9 +46,28 @@ from students import STUDENTS
 from teachers import TEACHERS
 
 __all__ = [
-    "EvaluateConfig", "FeatureSelector", "FusionConfig", "GateConfig", "KdpipeError", "LossConfig", "M2MConfig",
-    "PipelineConfig", "SourceConfig", "SpecError", "SplitConfig", "StudentConfig", "TeachConfig", "TeacherConfig",
-    "TrackingConfig", "TrainConfig", "check_spec", "check_student", "check_teacher", "load_spec", "parse_override", "parse_spec",
+    "EvaluateConfig",
+    "FeatureSelector",
+    "FusionConfig",
+    "GateConfig",
+    "KdpipeError",
+    "LossConfig",
+    "M2MConfig",
+    "PipelineConfig",
+    "SourceConfig",
+    "SpecError",
+    "SplitConfig",
+    "StudentConfig",
+    "TeachConfig",
+    "TeacherConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "check_spec",
+    "check_student",
+    "check_teacher",
+    "load_spec",
+    "parse_override",
+    "parse_spec",
 ]
 
 
@@ -57,8 +76,9 @@ def load_spec(path: str | os.PathLike[str], overrides: dict[str, Any] | None = N
     return check_spec(read_spec(path, overrides), origin=str(path))
 
 
-def parse_spec(raw: dict[str, Any], overrides: dict[str, Any] | None = None, origin: str = "<spec>",
-               spec_dir: Path | None = None) -> PipelineConfig:
+def parse_spec(
+    raw: dict[str, Any], overrides: dict[str, Any] | None = None, origin: str = "<spec>", spec_dir: Path | None = None
+) -> PipelineConfig:
     """A spec from a mapping (tests, benchmarks): relative data paths resolve against `spec_dir` (default: cwd)."""
     return check_spec(parse_schema(raw, overrides, origin, spec_dir), origin=origin)
 
@@ -102,8 +122,10 @@ def check_teacher(t: TeacherConfig, storage_root: str, where: str = "teacher") -
     t.params = validate_params(cls.Params, t.params, f"{where}.params")
     bad = sorted(set(t.outputs) - cls.supported_outputs) if cls.supported_outputs is not None else []
     if bad:
-        raise ValueError(f"{where}.outputs: teacher kind {t.kind} cannot produce outputs {bad}; choose from "
-                         f"{sorted(cls.supported_outputs or [])}")
+        raise ValueError(
+            f"{where}.outputs: teacher kind {t.kind} cannot produce outputs {bad}; choose from "
+            f"{sorted(cls.supported_outputs or [])}"
+        )
     if t.path is None:
         t.path = cls.default_path(t, storage_root)
     try:
@@ -128,8 +150,9 @@ def _check_student(cfg: PipelineConfig) -> None:
         _default_teacher_path(cfg)
     s.params = validate_params(params_model, s.params, "student.params")
     if cfg.evaluate.baseline_student_params:  # the twin's params must be valid for the same student kind
-        validate_params(params_model, {**s.params, **cfg.evaluate.baseline_student_params},
-                        "evaluate.baseline_student_params")
+        validate_params(
+            params_model, {**s.params, **cfg.evaluate.baseline_student_params}, "evaluate.baseline_student_params"
+        )
 
 
 def _default_teacher_path(cfg: PipelineConfig) -> None:
@@ -173,8 +196,10 @@ def _check_loss(loss: LossConfig, where: str, outputs: dict[str, set[str]]) -> N
             hint = ""
             if "logits" in missing and "topk" in outputs.get(tid, set()) and "use_topk" in cls.Params.model_fields:
                 hint = " or set use_topk: true"
-            raise ValueError(f"{where} ({loss.name}) reads teacher '{tid}' outputs {sorted(reads)}; add {missing} to "
-                             f"its outputs{hint}")
+            raise ValueError(
+                f"{where} ({loss.name}) reads teacher '{tid}' outputs {sorted(reads)}; add {missing} to "
+                f"its outputs{hint}"
+            )
 
 
 def check_plugins_ok() -> None:

@@ -60,7 +60,7 @@ class CycleLock:
 
     # ---------------------------------------------------------------- take and give back
 
-    def __enter__(self) -> "CycleLock":
+    def __enter__(self) -> CycleLock:
         self.acquire()
         return self
 
@@ -68,16 +68,20 @@ class CycleLock:
         self.release()
 
     def _tags(self) -> dict[str, str]:
-        return {"kdpipe.lock.holder": self.me, "kdpipe.lock.expires": f"{time.time() + self.lease_s:.3f}",
-                "kdpipe.lock.model": self.model}
+        return {
+            "kdpipe.lock.holder": self.me,
+            "kdpipe.lock.expires": f"{time.time() + self.lease_s:.3f}",
+            "kdpipe.lock.model": self.model,
+        }
 
     def acquire(self) -> bool:
         from mlflow.exceptions import MlflowException
 
         for _ in range(3):
             try:
-                self.client.create_registered_model(self.name, tags=self._tags(),
-                                                    description=f"kdpipe: a retrain cycle of {self.model} is running")
+                self.client.create_registered_model(
+                    self.name, tags=self._tags(), description=f"kdpipe: a retrain cycle of {self.model} is running"
+                )
             except MlflowException as e:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -105,7 +109,9 @@ class CycleLock:
             try:
                 self.client.delete_registered_model(self.name)
             except Exception as e:  # noqa: BLE001 - an unreleased lock expires; never mask the cycle's own error
-                log.warning("%s: could not release the cycle lock (%s); it expires in %.0f s", self.model, e, self.lease_s)
+                log.warning(
+                    "%s: could not release the cycle lock (%s); it expires in %.0f s", self.model, e, self.lease_s
+                )
         self.held = False
 
     # ---------------------------------------------------------------- state
@@ -160,6 +166,8 @@ class CycleLock:
                 if not self.still_held():
                     log.warning("%s: the cycle lock was taken over; this cycle will not move the alias", self.model)
                     return
-                self.client.set_registered_model_tag(self.name, "kdpipe.lock.expires", f"{time.time() + self.lease_s:.3f}")
+                self.client.set_registered_model_tag(
+                    self.name, "kdpipe.lock.expires", f"{time.time() + self.lease_s:.3f}"
+                )
             except Exception as e:  # noqa: BLE001 - a missed beat is retried; the lease covers a few
                 log.debug("lock heartbeat failed: %s", e)

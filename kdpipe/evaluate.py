@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,11 +23,13 @@ import torch
 from torch import nn
 
 from kdpipe.arrays import to_numpy
-from kdpipe.lm.padding import trim_to_longest
 from kdpipe.evaluators import EVALUATORS
-from kdpipe.evaluators.base import arrays, class_arrays, expected_calibration_error, macro_f1, scalars
+from kdpipe.evaluators.base import arrays, class_arrays, expected_calibration_error, macro_f1
+from kdpipe.lm.padding import trim_to_longest
+from kdpipe.views import small_materialised
 
 ModelFactory = Callable[[], nn.Module]
+
 
 def float_batch(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A Ray Data numpy batch as torch tensors; fp16 cache columns widen to fp32 here, per batch,
@@ -56,8 +59,16 @@ class _BatchScorer:
     mode, to the batch's sampled arrays). The sums travel as one JSON column named `sums`
     (`<prefix>|<sum>` keys), so batches that hold no row of some slice still share one schema."""
 
-    def __init__(self, factories: Any, task: str, mode: str, teachers: list[str], num_classes: int,
-                 slices: dict[str, list[int]] | None = None, threads: int | None = 1) -> None:
+    def __init__(
+        self,
+        factories: Any,
+        task: str,
+        mode: str,
+        teachers: list[str],
+        num_classes: int,
+        slices: dict[str, list[int]] | None = None,
+        threads: int | None = 1,
+    ) -> None:
         import ray
 
         if threads:  # an actor of its own; in the driver (`threads=None`) the process's setting stays
@@ -107,9 +118,16 @@ def _plain(v: Any) -> Any:
 IN_DRIVER_BYTES = 32 * 2**20
 
 
-def evaluate_models(task: str, factories: dict[str, ModelFactory], ds: Any, teachers: list[str] | None = None,
-                    num_classes: int = 0, batch_size: int = 256,
-                    slices: dict[str, list[int]] | None = None, in_driver_bytes: int = IN_DRIVER_BYTES) -> Scored:
+def evaluate_models(
+    task: str,
+    factories: dict[str, ModelFactory],
+    ds: Any,
+    teachers: list[str] | None = None,
+    num_classes: int = 0,
+    batch_size: int = 256,
+    slices: dict[str, list[int]] | None = None,
+    in_driver_bytes: int = IN_DRIVER_BYTES,
+) -> Scored:
     """Metrics of every model (`{metric prefix: factory}`) and every cached teacher on the Ray
     Dataset `ds`, in one `map_batches` pass (one actor holds all the models: an actor's start-up
     costs more than a small split's forward passes), or, for a materialised split of at most
@@ -119,12 +137,15 @@ def evaluate_models(task: str, factories: dict[str, ModelFactory], ds: Any, teac
     `<prefix><name>_<metric>` (metrics that need the bounded sample are left out of slices)."""
     import ray
 
-    from kdpipe.views import small_materialised
-
     ev = EVALUATORS.get(task)()
     teachers = [t for t in teachers or [] if teacher_predictions_available(ds.columns(), t)]
-    kwargs = {"factories": ray.put(factories), "task": task, "teachers": teachers, "num_classes": num_classes,
-              "slices": slices or {}}
+    kwargs = {
+        "factories": ray.put(factories),
+        "task": task,
+        "teachers": teachers,
+        "num_classes": num_classes,
+        "slices": slices or {},
+    }
     in_driver = small_materialised(ds, in_driver_bytes)
     sums: dict[str, dict[str, Any]] = defaultdict(dict)
     for out in scored_batches(ds, {**kwargs, "mode": "sums"}, batch_size, in_driver):
@@ -134,8 +155,11 @@ def evaluate_models(task: str, factories: dict[str, ModelFactory], ds: Any, teac
                 sums[prefix][name] = sums[prefix].get(name, 0.0) + np.asarray(value, np.float64)
     samples: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
     if ev.sample_rows and factories:
-        outs = list(scored_batches(ds.limit(ev.sample_rows), {**kwargs, "teachers": [], "mode": "sample"}, batch_size,
-                                   in_driver))
+        outs = list(
+            scored_batches(
+                ds.limit(ev.sample_rows), {**kwargs, "teachers": [], "mode": "sample"}, batch_size, in_driver
+            )
+        )
         parts = {k: np.concatenate([o[k] for o in outs])[: ev.sample_rows] for k in outs[0]} if outs else {}
         for key, v in parts.items():
             prefix, name = key.split(SEP, 1)
@@ -170,8 +194,14 @@ def scored_batches(ds: Any, scorer_kwargs: dict[str, Any], batch_size: int, in_d
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
             yield scorer(batch)
         return
-    scored = ds.map_batches(_BatchScorer, fn_constructor_kwargs=scorer_kwargs, batch_size=batch_size,
-                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+    scored = ds.map_batches(
+        _BatchScorer,
+        fn_constructor_kwargs=scorer_kwargs,
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=1,
+    )
     yield from scored.iter_batches(batch_size=None, batch_format="numpy")
 
 
@@ -185,7 +215,9 @@ def array_metrics(a: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
     return out
 
 
-def evaluate(task: str, factory: ModelFactory, ds: Any, prefix: str = "test_", batch_size: int = 256) -> dict[str, float]:
+def evaluate(
+    task: str, factory: ModelFactory, ds: Any, prefix: str = "test_", batch_size: int = 256
+) -> dict[str, float]:
     """Metrics of the one model `factory` builds on the Ray Dataset `ds` (see `evaluate_models`)."""
     return evaluate_models(task, {prefix: factory}, ds, batch_size=batch_size).metrics
 
@@ -241,8 +273,9 @@ def results_table(rows: dict[str, Any], metric: str = "test accuracy") -> str:
 def serving_example(student: nn.Module, ds: Any, n: int = 2) -> dict[str, np.ndarray]:
     """The first rows of the columns the student serves on (its `serving_inputs`, default `x`)."""
     names = list(getattr(student, "serving_inputs", ["x"]))
-    batch = ds.take_batch(n, batch_format="numpy") if not isinstance(ds, pa.Table) else \
-        {k: to_numpy(ds.slice(0, n)[k]) for k in names}
+    batch = (
+        ds.take_batch(n, batch_format="numpy")
+        if not isinstance(ds, pa.Table)
+        else {k: to_numpy(ds.slice(0, n)[k]) for k in names}
+    )
     return {k: np.ascontiguousarray(np.asarray(batch[k])) for k in names}
-
-

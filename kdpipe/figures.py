@@ -82,7 +82,12 @@ def gate_bars(rows: dict[str, Any], metric: str) -> Any:
 
 
 def _colour(name: str) -> str:
-    for key, colour in (("teacher", "#4c72b0"), ("student", "#dd8452"), ("baseline", "#8c8c8c"), ("champion", "#55a868")):
+    for key, colour in (
+        ("teacher", "#4c72b0"),
+        ("student", "#dd8452"),
+        ("baseline", "#8c8c8c"),
+        ("champion", "#55a868"),
+    ):
         if name.startswith(key):
             return colour
     return "#937860"
@@ -93,8 +98,11 @@ def confusion(arrays: dict[str, dict[str, np.ndarray]], class_names: list[str] |
     colour is the row-normalised share, so rare classes read as well as common ones; the text is
     the count, so a share of a handful of rows is not mistaken for a trend. `class_names` (one per
     class, in id order) label the axes; otherwise the class ids do."""
-    panels = [(p, a["confusion"]) for p, a in arrays.items() if "confusion" in a
-              and (p.startswith("teacher_") or p == "test_")]
+    panels = [
+        (p, a["confusion"])
+        for p, a in arrays.items()
+        if "confusion" in a and (p.startswith("teacher_") or p == "test_")
+    ]
     if not panels:
         return None
     plt = _plt()
@@ -103,10 +111,15 @@ def confusion(arrays: dict[str, dict[str, np.ndarray]], class_names: list[str] |
     ticks = _Ticks(n, names)
     cols = max(1, min(len(panels), int(26 // ticks.panel_in)))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained",
-                             figsize=(cols * ticks.panel_in + 1.2, rows * (ticks.panel_in + 0.4)))
-    used = list(axes.flat[:len(panels)])
-    for ax in axes.flat[len(panels):]:
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        squeeze=False,
+        layout="constrained",
+        figsize=(cols * ticks.panel_in + 1.2, rows * (ticks.panel_in + 0.4)),
+    )
+    used = list(axes.flat[: len(panels)])
+    for ax in axes.flat[len(panels) :]:
         fig.delaxes(ax)
     for ax, (prefix, cm) in zip(used, panels):
         norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)

@@ -31,6 +31,8 @@ from kdpipe import storage
 from kdpipe.datasets.wordnet import LEXNAMES
 from kdpipe.lm.corpus import CorpusSplit, load_labeled_glosses, wordnet_digest
 from kdpipe.trained_once import REPORT, TrainedOnce, optimizer_step, train_once
+from teachers.base import digest_dir
+from teachers.hf_encoder import WEIGHT_FILES, resolve_model_dir
 
 log = logging.getLogger("kdpipe.finetune")
 
@@ -57,22 +59,25 @@ class FinetuneRecipe(BaseModel):
     weight_decay: float = Field(0.01, ge=0)
     seed: int = Field(0, description="head init and gloss order")
     limit: int | None = Field(None, ge=1, description="train on an evenly spread subset of this many train glosses")
-    split: CorpusSplit = Field(default_factory=CorpusSplit, description="held-out split of the glosses (kdpipe.lm.corpus)")
+    split: CorpusSplit = Field(
+        default_factory=CorpusSplit, description="held-out split of the glosses (kdpipe.lm.corpus)"
+    )
     eval_glosses: int = Field(3000, ge=1, description="validation glosses for the held-out accuracy in the report")
 
     def base_dir(self) -> Path:
-        from teachers.hf_encoder import resolve_model_dir
 
         return Path(resolve_model_dir(self.base_path, self.base_package))
 
 
 def recipe_digest(recipe: FinetuneRecipe) -> str:
     """Digest of the recipe, the base weights, the corpus and the training procedure's version."""
-    from teachers.base import digest_dir
-    from teachers.hf_encoder import WEIGHT_FILES
 
-    payload = {"recipe": recipe.model_dump(mode="json"), "format": RECIPE_FORMAT, "wordnet": wordnet_digest(),
-               "base": digest_dir(recipe.base_dir(), WEIGHT_FILES)}
+    payload = {
+        "recipe": recipe.model_dump(mode="json"),
+        "format": RECIPE_FORMAT,
+        "wordnet": wordnet_digest(),
+        "base": digest_dir(recipe.base_dir(), WEIGHT_FILES),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -80,16 +85,26 @@ def finetuned_dir(recipe: FinetuneRecipe, root: str | Path = DEFAULT_ROOT) -> st
     return storage.join(storage.normalize(root), f"clf-{recipe_digest(recipe)}")
 
 
-def finetune(recipe: FinetuneRecipe, out_dir: str | Path | None = None, root: str | Path = DEFAULT_ROOT,
-             num_threads: int | None = None) -> TrainedOnce:
+def finetune(
+    recipe: FinetuneRecipe,
+    out_dir: str | Path | None = None,
+    root: str | Path = DEFAULT_ROOT,
+    num_threads: int | None = None,
+) -> TrainedOnce:
     """The classifier of `recipe`: reused when its directory holds a finished run of the same
     digest, trained and saved atomically otherwise. `out_dir` pins the directory."""
     path = str(out_dir) if out_dir is not None else finetuned_dir(recipe, root)
-    res = train_once(path, recipe_digest(recipe), lambda: train_classifier(recipe), "fine-tuned classifier", REPORT,
-                     num_threads)
+    res = train_once(
+        path, recipe_digest(recipe), lambda: train_classifier(recipe), "fine-tuned classifier", REPORT, num_threads
+    )
     if res.trained:
-        log.info("fine-tuned classifier %s: held-out accuracy %.4f (majority class %.4f) in %.0f s", path,
-                 res.report["heldout_accuracy"], res.report["majority_accuracy"], res.report["train_seconds"])
+        log.info(
+            "fine-tuned classifier %s: held-out accuracy %.4f (majority class %.4f) in %.0f s",
+            path,
+            res.report["heldout_accuracy"],
+            res.report["majority_accuracy"],
+            res.report["train_seconds"],
+        )
     return res
 
 
@@ -107,8 +122,13 @@ def build_classifier(recipe: FinetuneRecipe) -> tuple[Any, Any]:
     tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
     torch.manual_seed(recipe.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        d, local_files_only=True, dtype=torch.float32, num_labels=len(LEXNAMES),
-        id2label=dict(enumerate(LEXNAMES)), label2id={n: i for i, n in enumerate(LEXNAMES)})
+        d,
+        local_files_only=True,
+        dtype=torch.float32,
+        num_labels=len(LEXNAMES),
+        id2label=dict(enumerate(LEXNAMES)),
+        label2id={n: i for i, n in enumerate(LEXNAMES)},
+    )
     return model, tok
 
 
@@ -119,8 +139,9 @@ def train_classifier(recipe: FinetuneRecipe, device: str | None = None) -> tuple
     rows = load_labeled_glosses("train", "all", recipe.split, recipe.limit)
     model, tok = build_classifier(recipe)
     model.to(device).train()
-    enc = tok([t for t, _ in rows], padding="max_length", truncation=True, max_length=recipe.max_length,
-              return_tensors="pt")
+    enc = tok(
+        [t for t, _ in rows], padding="max_length", truncation=True, max_length=recipe.max_length, return_tensors="pt"
+    )
     labels = torch.tensor([y for _, y in rows])
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     g = torch.Generator().manual_seed(recipe.seed)
@@ -134,24 +155,39 @@ def train_classifier(recipe: FinetuneRecipe, device: str | None = None) -> tuple
         mask = enc["attention_mask"][idx]
         width = int(mask.sum(1).max())  # right padding: train only up to the longest real row
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-            loss = model(input_ids=enc["input_ids"][idx, :width].to(device), attention_mask=mask[:, :width].to(device),
-                         labels=labels[idx].to(device)).loss
+            loss = model(
+                input_ids=enc["input_ids"][idx, :width].to(device),
+                attention_mask=mask[:, :width].to(device),
+                labels=labels[idx].to(device),
+            ).loss
         losses.append(optimizer_step(opt, model, loss, lr_at(step, recipe)))
         if (step + 1) % LOG_EVERY == 0 or step + 1 == recipe.steps:
-            log.info("fine-tune step %d/%d: loss %.3f, %.0f s", step + 1, recipe.steps, np.mean(losses[-LOG_EVERY:]),
-                     time.perf_counter() - t0)
+            log.info(
+                "fine-tune step %d/%d: loss %.3f, %.0f s",
+                step + 1,
+                recipe.steps,
+                np.mean(losses[-LOG_EVERY:]),
+                time.perf_counter() - t0,
+            )
     train_s = time.perf_counter() - t0
     model.eval().float().cpu()
     val = load_labeled_glosses("val", "all", recipe.split, recipe.eval_glosses)
     pred = predict(model, tok, [t for t, _ in val], recipe.max_length)
     truth = np.array([y for _, y in val])
     counts = np.bincount(labels.numpy(), minlength=len(LEXNAMES))
-    report = {"recipe": recipe.model_dump(mode="json"), "losses": losses, "train_seconds": train_s,
-              "train_glosses": len(rows), "epochs": recipe.steps * recipe.batch_size / len(rows),
-              "params": sum(p.numel() for p in model.parameters()), "device": device,
-              "autocast": "bf16" if amp else None, "eval_glosses": len(val),
-              "heldout_accuracy": float((pred == truth).mean()),
-              "majority_accuracy": float((truth == counts.argmax()).mean())}
+    report = {
+        "recipe": recipe.model_dump(mode="json"),
+        "losses": losses,
+        "train_seconds": train_s,
+        "train_glosses": len(rows),
+        "epochs": recipe.steps * recipe.batch_size / len(rows),
+        "params": sum(p.numel() for p in model.parameters()),
+        "device": device,
+        "autocast": "bf16" if amp else None,
+        "eval_glosses": len(val),
+        "heldout_accuracy": float((pred == truth).mean()),
+        "majority_accuracy": float((truth == counts.argmax()).mean()),
+    }
     if not math.isfinite(report["losses"][-1]):
         raise RuntimeError(f"fine-tuning diverged (last loss {report['losses'][-1]}); lower recipe.lr")
     return model, tok, report

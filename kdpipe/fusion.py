@@ -29,7 +29,8 @@ with the base folded into the members: with weights on the simplex the base canc
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -45,8 +46,12 @@ def _stack(logits_list: Sequence[Logits]) -> torch.Tensor:
     """(n teachers) x (N, C) -> one (n, N, C) float32 tensor (no gradient: teachers are frozen)."""
     if len(logits_list) == 0:
         raise ValueError("fusion needs at least one teacher's logits")
-    z = torch.stack([t.detach().float() if isinstance(t, torch.Tensor) else torch.tensor(np.asarray(t), dtype=torch.float32)
-                     for t in logits_list])
+    z = torch.stack(
+        [
+            t.detach().float() if isinstance(t, torch.Tensor) else torch.tensor(np.asarray(t), dtype=torch.float32)
+            for t in logits_list
+        ]
+    )
     if z.ndim != 3:
         raise ValueError(f"each teacher's logits must be (N, C); got stacked shape {tuple(z.shape)}")
     return z
@@ -61,7 +66,11 @@ def fuse_static(logits_list: Sequence[Logits], weights: Sequence[float]) -> tupl
     z = _stack(logits_list)
     if len(weights) != z.shape[0]:
         raise ValueError(f"{len(weights)} weights for {z.shape[0]} teachers")
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device=z.device).expand(z.shape[1], -1).contiguous()
+    w = (
+        torch.tensor([float(x) for x in weights], dtype=torch.float32, device=z.device)
+        .expand(z.shape[1], -1)
+        .contiguous()
+    )
     return _combine(z, w), w
 
 
@@ -71,16 +80,21 @@ def fuse_uniform(logits_list: Sequence[Logits]) -> tuple[torch.Tensor, torch.Ten
     return fuse_static(logits_list, [1.0 / n] * n)
 
 
-def fusion_objective(logits_list: Sequence[Logits] | torch.Tensor, weights: torch.Tensor, temperature: float = 1.0,
-                     sharpness: float = DEFAULT_SHARPNESS) -> torch.Tensor:
+def fusion_objective(
+    logits_list: Sequence[Logits] | torch.Tensor,
+    weights: torch.Tensor,
+    temperature: float = 1.0,
+    sharpness: float = DEFAULT_SHARPNESS,
+) -> torch.Tensor:
     """Per-row ``J(w) = (1/n) Σ_i KL(q_w || p_i) + λ·H(q_w)`` (see the module docstring)."""
     z = logits_list if isinstance(logits_list, torch.Tensor) and logits_list.ndim == 3 else _stack(logits_list)
     lp = F.log_softmax(z / temperature, dim=-1)
     return _objective(z, lp.mean(0), weights, temperature, sharpness)[0]
 
 
-def _objective(z: torch.Tensor, mean_lp: torch.Tensor, w: torch.Tensor, T: float, lam: float
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _objective(
+    z: torch.Tensor, mean_lp: torch.Tensor, w: torch.Tensor, T: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lq = F.log_softmax(_combine(z, w) / T, dim=-1)
     q = lq.exp()
     # (1/n) Σ_i KL(q || p_i) = Σ q log q - Σ q · mean_i log p_i ;  H(q) = -Σ q log q
@@ -88,9 +102,14 @@ def _objective(z: torch.Tensor, mean_lp: torch.Tensor, w: torch.Tensor, T: float
     return (q * v).sum(-1), q, v
 
 
-def fuse_dynamic(logits_list: Sequence[Logits], temperature: float = 1.0, steps: int = 50,
-                 sharpness: float = DEFAULT_SHARPNESS, init: Sequence[float] | None = None,
-                 step_size: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def fuse_dynamic(
+    logits_list: Sequence[Logits],
+    temperature: float = 1.0,
+    steps: int = 50,
+    sharpness: float = DEFAULT_SHARPNESS,
+    init: Sequence[float] | None = None,
+    step_size: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example simplex weights minimising ``J(w)`` by exponentiated-gradient steps.
 
     Returns ``(fused logits (N, C), weights (N, n))``. Starts at ``init`` (default uniform); each
@@ -140,7 +159,7 @@ class FusionLossParams(BaseModel):
     sharpness: float = Field(DEFAULT_SHARPNESS, ge=0, description="λ of the dynamic objective (0 = uniform average)")
 
     @model_validator(mode="after")
-    def _weights(self) -> "FusionLossParams":
+    def _weights(self) -> FusionLossParams:
         if self.weights is not None and len(self.weights) != len(self.teachers):
             raise ValueError(f"`weights` needs one weight per teacher ({len(self.teachers)}), got {len(self.weights)}")
         if self.mode == "static" and self.weights is None:
@@ -148,8 +167,14 @@ class FusionLossParams(BaseModel):
         return self
 
 
-def fuse(logits_list: Sequence[Logits], mode: str, weights: Sequence[float] | None = None, temperature: float = 1.0,
-         steps: int = 50, sharpness: float = DEFAULT_SHARPNESS) -> tuple[torch.Tensor, torch.Tensor]:
+def fuse(
+    logits_list: Sequence[Logits],
+    mode: str,
+    weights: Sequence[float] | None = None,
+    temperature: float = 1.0,
+    steps: int = 50,
+    sharpness: float = DEFAULT_SHARPNESS,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch on the spec's fusion ``mode``: static | uniform | dynamic."""
     if mode == "static":
         if weights is None:

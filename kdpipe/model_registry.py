@@ -13,6 +13,7 @@ from torch import nn
 
 from kdpipe.errors import KdpipeError
 from kdpipe.spec import GateConfig
+from kdpipe.train import StudentMeta, build_student
 
 log = logging.getLogger("kdpipe.registry")
 
@@ -45,9 +46,13 @@ class GateResult:
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def reasons(self) -> str:
-        bad = [f"{k}: {v['message']}" if "message" in v else
-               f"{k}: {v['value']:.4f} {'<=' if v.get('strict') else '<'} {v['threshold']:.4f}"
-               for k, v in self.checks.items() if not v["passed"]]
+        bad = [
+            f"{k}: {v['message']}"
+            if "message" in v
+            else f"{k}: {v['value']:.4f} {'<=' if v.get('strict') else '<'} {v['threshold']:.4f}"
+            for k, v in self.checks.items()
+            if not v["passed"]
+        ]
         return "all gates passed" if not bad else "; ".join(bad)
 
     def fail(self, name: str, message: str) -> None:
@@ -56,13 +61,20 @@ class GateResult:
         self.passed = False
 
 
-def evaluate_gates(metrics: dict[str, float], gates: GateConfig, baseline: float | None, champion: float | None,
-                   champion_blocked: str | None = None) -> GateResult:
+def evaluate_gates(
+    metrics: dict[str, float],
+    gates: GateConfig,
+    baseline: float | None,
+    champion: float | None,
+    champion_blocked: str | None = None,
+) -> GateResult:
     """Every gate of the spec; a champion that cannot be compared on these rows (`champion_blocked`
     says why) fails the champion gate rather than being skipped."""
     if gates.metric not in metrics:
-        raise KdpipeError(f"tracking.gates.metric '{gates.metric}' was not measured; this run measured "
-                          f"{sorted(k for k in metrics if k.startswith('test_'))}")
+        raise KdpipeError(
+            f"tracking.gates.metric '{gates.metric}' was not measured; this run measured "
+            f"{sorted(k for k in metrics if k.startswith('test_'))}"
+        )
     value = metrics[gates.metric]
     checks: dict[str, dict[str, Any]] = {}
 
@@ -91,21 +103,32 @@ def comparable(champion: Any, id_scheme: str, split: dict[str, Any]) -> str | No
     tags = champion.tags or {}
     theirs_ids, theirs_split = tags.get("kdpipe.id_scheme"), tags.get("kdpipe.split")
     if theirs_ids is None or theirs_split is None:
-        return (f"champion v{champion.version} records no id scheme or split (registered by an older kdpipe), so "
-                "this run's test rows may include rows it trained on; compare by hand and move the alias with "
-                "`kdpipe promote --force`")
+        return (
+            f"champion v{champion.version} records no id scheme or split (registered by an older kdpipe), so "
+            "this run's test rows may include rows it trained on; compare by hand and move the alias with "
+            "`kdpipe promote --force`"
+        )
     mine = json.dumps(split, sort_keys=True)
     if theirs_ids != id_scheme or json.loads(theirs_split) != json.loads(mine):
-        return (f"champion v{champion.version} was trained with ids '{theirs_ids}' and split {theirs_split}, this run "
-                f"with ids '{id_scheme}' and split {mine}: its training rows may be among this run's test rows, so "
-                "it is not scored on them (set source.id_column to keep ids stable across formats; promote by hand "
-                "with `kdpipe promote --force` after comparing)")
+        return (
+            f"champion v{champion.version} was trained with ids '{theirs_ids}' and split {theirs_split}, this run "
+            f"with ids '{id_scheme}' and split {mine}: its training rows may be among this run's test rows, so "
+            "it is not scored on them (set source.id_column to keep ids stable across formats; promote by hand "
+            "with `kdpipe promote --force` after comparing)"
+        )
     return None
 
 
-def log_and_register(run_id: str, student: nn.Module, example: dict[str, np.ndarray], model_name: str,
-                     tags: dict[str, str], spec: dict[str, Any], columns: list[str] | None = None,
-                     classes: list[str] | None = None) -> Any:
+def log_and_register(
+    run_id: str,
+    student: nn.Module,
+    example: dict[str, np.ndarray],
+    model_name: str,
+    tags: dict[str, str],
+    spec: dict[str, Any],
+    columns: list[str] | None = None,
+    classes: list[str] | None = None,
+) -> Any:
     """Log the student and register a new version. Nothing in it is a pickle: a Hugging Face
     student (one with `hf_model`, `hf_tokenizer()` and `save_hf_extras(dir)`; optional `hf_task`)
     goes through `mlflow.transformers` (safetensors); any other is
@@ -157,18 +180,31 @@ def _save_exported(student: nn.Module, example: dict[str, np.ndarray], path: Any
         out = model(*[torch.from_numpy(a) for a in arrays]).numpy()
     shape = (lambda a: (-1,) * a.ndim) if tokens else (lambda a: (-1, *a.shape[1:]))
     names = ["input_ids", "attention_mask"] if tokens else [None]
-    signature = ModelSignature(Schema([TensorSpec(a.dtype, shape(a), n) for a, n in zip(arrays, names)]),
-                               Schema([TensorSpec(out.dtype, (-1, *out.shape[1:]))]))
+    signature = ModelSignature(
+        Schema([TensorSpec(a.dtype, shape(a), n) for a, n in zip(arrays, names)]),
+        Schema([TensorSpec(out.dtype, (-1, *out.shape[1:]))]),
+    )
     with warnings.catch_warnings():  # MLflow reads its saved example back read-only; torch warns, harmlessly
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        mlflow.pytorch.save_model(model, str(path), serialization_format="pt2", signature=signature,
-                                  input_example=tuple(arrays) if tokens else arrays[0],
-                                  pip_requirements=_requirements("torch", "numpy"))
+        mlflow.pytorch.save_model(
+            model,
+            str(path),
+            serialization_format="pt2",
+            signature=signature,
+            input_example=tuple(arrays) if tokens else arrays[0],
+            pip_requirements=_requirements("torch", "numpy"),
+        )
     _blank_sample_inputs(path / "data" / "model.pt2")
 
 
-def _save_tabular(student: nn.Module, example: dict[str, np.ndarray], path: Any, columns: list[str],
-                  classes: list[str] | None, work: Any) -> None:
+def _save_tabular(
+    student: nn.Module,
+    example: dict[str, np.ndarray],
+    path: Any,
+    columns: list[str],
+    classes: list[str] | None,
+    work: Any,
+) -> None:
     """A pyfunc "model from code" (`kdpipe.tabular_model`) over the student's exported program: its
     signature names the feature columns (doubles: a DataFrame of ints or floats passes) and one
     float output per class."""
@@ -189,13 +225,19 @@ def _save_tabular(student: nn.Module, example: dict[str, np.ndarray], path: Any,
     with torch.no_grad():
         width = int(model(torch.from_numpy(x)).shape[1])
     outputs = list(classes) if classes and len(classes) == width else [f"logit_{i}" for i in range(width)]
-    signature = ModelSignature(Schema([ColSpec("double", c) for c in columns]),
-                               Schema([ColSpec("float", o) for o in outputs]))
+    signature = ModelSignature(
+        Schema([ColSpec("double", c) for c in columns]), Schema([ColSpec("float", o) for o in outputs])
+    )
     code = Path(__file__).with_name("tabular_model.py")
-    mlflow.pyfunc.save_model(str(path), python_model=str(code), artifacts={"program": str(pt2)}, signature=signature,
-                             input_example=pd.DataFrame(x[:2].astype(np.float64), columns=columns),
-                             model_config={"outputs": outputs}, pip_requirements=_requirements("torch", "numpy",
-                                                                                              "pandas", "mlflow"))
+    mlflow.pyfunc.save_model(
+        str(path),
+        python_model=str(code),
+        artifacts={"program": str(pt2)},
+        signature=signature,
+        input_example=pd.DataFrame(x[:2].astype(np.float64), columns=columns),
+        model_config={"outputs": outputs},
+        pip_requirements=_requirements("torch", "numpy", "pandas", "mlflow"),
+    )
 
 
 def _blank_sample_inputs(pt2: Any) -> None:
@@ -216,9 +258,15 @@ def _add_kdpipe_flavor(path: Any, student: nn.Module, spec: dict[str, Any]) -> N
     (path / "kdpipe").mkdir()
     save_state(student.state_dict(), path / "kdpipe" / "model.safetensors")
     m = Model.load(str(path / "MLmodel"))
-    m.add_flavor(KDPIPE_FLAVOR, weights="kdpipe/model.safetensors", student=spec["kind"], params=spec["params"],
-                 meta=spec["meta"], serving_inputs=list(getattr(student, "serving_inputs", ["x"])),
-                 serving_output=getattr(student, "serving_output", "logits"))
+    m.add_flavor(
+        KDPIPE_FLAVOR,
+        weights="kdpipe/model.safetensors",
+        student=spec["kind"],
+        params=spec["params"],
+        meta=spec["meta"],
+        serving_inputs=list(getattr(student, "serving_inputs", ["x"])),
+        serving_output=getattr(student, "serving_output", "logits"),
+    )
     m.save(str(path / "MLmodel"))
 
 
@@ -235,8 +283,11 @@ def pickles_in(path: Any) -> list[str]:
             found.append(str(f))
         elif zipfile.is_zipfile(f):
             with zipfile.ZipFile(f) as z:
-                found += [f"{f}!{i.filename}" for i in z.infolist()
-                          if i.file_size and i.filename.endswith((".pkl", ".pt", ".pickle"))]
+                found += [
+                    f"{f}!{i.filename}"
+                    for i in z.infolist()
+                    if i.file_size and i.filename.endswith((".pkl", ".pt", ".pickle"))
+                ]
         elif f.suffix != ".safetensors" and f.stat().st_size >= 3:
             with open(f, "rb") as fh:
                 head = fh.read(2)
@@ -268,9 +319,16 @@ def _log_transformers(run_id: str, student: nn.Module, model_name: str, tags: di
         path = Path(d) / "student"
         mlflow.transformers.save_model(
             {"model": student.hf_model.eval(), "tokenizer": student.hf_tokenizer()},  # type: ignore[attr-defined,operator]
-            str(path), task=task,
-            pip_requirements=_requirements("torch", "transformers", "tokenizers", "safetensors",
-                                           *(["sentence-transformers"] if task == "feature-extraction" else [])))
+            str(path),
+            task=task,
+            pip_requirements=_requirements(
+                "torch",
+                "transformers",
+                "tokenizers",
+                "safetensors",
+                *(["sentence-transformers"] if task == "feature-extraction" else []),
+            ),
+        )
         student.save_hf_extras(path / "model")  # type: ignore[operator]
         found = pickles_in(path)
         if found:
@@ -313,8 +371,10 @@ def promote_if_unchanged(client: Any, name: str, version: str, alias: str, expec
     current = alias_version(client, name, alias)
     now = str(current.version) if current is not None else None
     if now != (str(expected) if expected is not None else None):
-        return (f"the alias '{alias}' moved to version {now} while this run compared against "
-                f"{'version ' + str(expected) if expected else 'no champion'}; run again to compare with it")
+        return (
+            f"the alias '{alias}' moved to version {now} while this run compared against "
+            f"{'version ' + str(expected) if expected else 'no champion'}; run again to compare with it"
+        )
     promote(client, name, version, alias)
     return None
 
@@ -323,12 +383,16 @@ def check_promotable(version: Any, force: bool) -> None:
     """A version whose gates failed is promoted only with `force`."""
     tags = version.tags or {}
     if tags.get("kdpipe.gates_passed") == "False" and not force:
-        raise KdpipeError(f"{version.name} version {version.version} failed its gates "
-                          f"({tags.get('kdpipe.gate_reasons') or tags.get('kdpipe.gates', '?')}); pass --force to "
-                          "promote it anyway")
+        raise KdpipeError(
+            f"{version.name} version {version.version} failed its gates "
+            f"({tags.get('kdpipe.gate_reasons') or tags.get('kdpipe.gates', '?')}); pass --force to "
+            "promote it anyway"
+        )
     if tags.get("kdpipe.cycle_complete") != "true" and tags.get("kdpipe.flavor") and not force:
-        raise KdpipeError(f"{version.name} version {version.version} comes from a cycle that did not finish; pass "
-                          "--force to promote it anyway")
+        raise KdpipeError(
+            f"{version.name} version {version.version} comes from a cycle that did not finish; pass "
+            "--force to promote it anyway"
+        )
 
 
 class ServedStudent(nn.Module):
@@ -354,9 +418,6 @@ def load_served(version: Any) -> nn.Module:
     from mlflow.models import Model
     from safetensors.torch import load_file
 
-    from kdpipe.errors import KdpipeError
-    from kdpipe.train import StudentMeta, build_student
-
     tags = version.tags or {}
     uri = f"models:/{version.name}/{version.version}"
     if tags.get("kdpipe.flavor") == "transformers":
@@ -365,9 +426,11 @@ def load_served(version: Any) -> nn.Module:
     local = Path(mlflow.artifacts.download_artifacts(uri))
     flavor = Model.load(str(local / "MLmodel")).flavors.get(KDPIPE_FLAVOR)
     if flavor is None:
-        raise KdpipeError(f"model {version.name} version {version.version} has no '{KDPIPE_FLAVOR}' flavor (an older "
-                          "kdpipe registered it as a pickle, which kdpipe does not load); register a new version with "
-                          f"`kdpipe run`, or move the alias off it: `mlflow` client.delete_registered_model_alias")
+        raise KdpipeError(
+            f"model {version.name} version {version.version} has no '{KDPIPE_FLAVOR}' flavor (an older "
+            "kdpipe registered it as a pickle, which kdpipe does not load); register a new version with "
+            f"`kdpipe run`, or move the alias off it: `mlflow` client.delete_registered_model_alias"
+        )
     student = build_student(flavor["student"], flavor["params"], StudentMeta(**flavor["meta"]))
     student.load_state_dict(load_file(str(local / flavor["weights"])))
     return student.eval()
@@ -412,7 +475,9 @@ class SentenceEmbedding(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model({"input_ids": input_ids.long(), "attention_mask": attention_mask.long()})["sentence_embedding"]
+        return self.model({"input_ids": input_ids.long(), "attention_mask": attention_mask.long()})[
+            "sentence_embedding"
+        ]
 
 
 class RegisteredFactory:

@@ -11,9 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdpipe.errors import KdpipeError
-from kdpipe.spec import PipelineConfig
+from kdpipe import model_registry as reg
 from kdpipe.config import load_spec
+from kdpipe.cycle_lock import CycleLock
+from kdpipe.errors import KdpipeError
+from kdpipe.evaluate import evaluate
+from kdpipe.pipeline import distil, locate_caches, prepare, teach
+from kdpipe.spec import PipelineConfig, parse_override
+from kdpipe.tracking import check_reachable, git_commit, resolve_tracking_uri
+from kdpipe.views import build_views
 
 log = logging.getLogger("kdpipe.ops")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -21,14 +27,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def evaluate_registered(cfg: PipelineConfig, alias: str | None = None, address: str | None = None) -> dict[str, Any]:
     """Score the registered model at `alias` on the spec's held-out test rows."""
-    from mlflow.tracking import MlflowClient
-
     import mlflow
-
-    from kdpipe import model_registry as reg
-    from kdpipe.evaluate import evaluate
-    from kdpipe.pipeline import locate_caches, prepare
-    from kdpipe.views import build_views
+    from mlflow.tracking import MlflowClient
 
     source, uri = prepare(cfg, address)
     mlflow.set_tracking_uri(uri)
@@ -36,21 +36,29 @@ def evaluate_registered(cfg: PipelineConfig, alias: str | None = None, address: 
     alias = alias or cfg.tracking.alias
     version = reg.alias_version(client, cfg.tracking.model_name, alias)
     if version is None:
-        raise KdpipeError(f"model '{cfg.tracking.model_name}' has no alias '{alias}'; see `kdpipe models {cfg.tracking.model_name}`")
+        raise KdpipeError(
+            f"model '{cfg.tracking.model_name}' has no alias '{alias}'; see `kdpipe models {cfg.tracking.model_name}`"
+        )
     caches = locate_caches(cfg, source)
     views = build_views(source, {k: r.cache for k, r in caches.items()}, cfg.teach.verify)
-    metrics: dict[str, Any] = {"model": f"{cfg.tracking.model_name}@{alias} (version {version.version})",
-                               "rows": views.rows["test"]}
-    metrics.update(evaluate(cfg.evaluate.task, reg.RegisteredFactory(uri, version.name, str(version.version)), views.test,
-                            prefix="test_"))
+    metrics: dict[str, Any] = {
+        "model": f"{cfg.tracking.model_name}@{alias} (version {version.version})",
+        "rows": views.rows["test"],
+    }
+    metrics.update(
+        evaluate(
+            cfg.evaluate.task,
+            reg.RegisteredFactory(uri, version.name, str(version.version)),
+            views.test,
+            prefix="test_",
+        )
+    )
     return metrics
 
 
 def list_models(name: str, tracking_uri: str | None = None) -> str:
     """One line per registered version: aliases, gate metric, gates, lineage."""
     from mlflow.tracking import MlflowClient
-
-    from kdpipe.tracking import resolve_tracking_uri
 
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
     model = client.get_registered_model(name)
@@ -60,10 +68,14 @@ def list_models(name: str, tracking_uri: str | None = None) -> str:
     lines = [f"{'version':>7}  {'aliases':<12} {'metric':<24} {'gates':<6} {'source':<16} run"]
     for v in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
         tags = v.tags or {}
-        metric = next(((k.removeprefix("metric."), float(val)) for k, val in tags.items() if k.startswith("metric.")), None)
+        metric = next(
+            ((k.removeprefix("metric."), float(val)) for k, val in tags.items() if k.startswith("metric.")), None
+        )
         mtxt = f"{metric[0]}={metric[1]:.4f}" if metric else "-"
-        lines.append(f"{v.version:>7}  {','.join(by_version.get(str(v.version), [])) or '-':<12} {mtxt:<24} "
-                     f"{tags.get('kdpipe.gates_passed', '-'):<6} {tags.get('kdpipe.source_fingerprint', '-'):<16} {v.run_id}")
+        lines.append(
+            f"{v.version:>7}  {','.join(by_version.get(str(v.version), [])) or '-':<12} {mtxt:<24} "
+            f"{tags.get('kdpipe.gates_passed', '-'):<6} {tags.get('kdpipe.source_fingerprint', '-'):<16} {v.run_id}"
+        )
     return "\n".join(lines)
 
 
@@ -87,7 +99,9 @@ def last_complete_version(client: Any, name: str) -> Any | None:
     return max(done, key=lambda v: int(v.version)) if done else None
 
 
-def retrain(cfg: PipelineConfig, address: str | None = None, force: bool = False, warm_start: bool = False) -> CycleResult:
+def retrain(
+    cfg: PipelineConfig, address: str | None = None, force: bool = False, warm_start: bool = False
+) -> CycleResult:
     """One idempotent retraining cycle, one at a time per registered model.
 
     The cycle holds the model's lock (`kdpipe.cycle_lock`) from start to end; a cycle that finds it
@@ -97,9 +111,6 @@ def retrain(cfg: PipelineConfig, address: str | None = None, force: bool = False
     held-out rows, and still points at that champion.
     """
     from mlflow.tracking import MlflowClient
-
-    from kdpipe.cycle_lock import CycleLock
-    from kdpipe.tracking import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_reachable(uri)
@@ -113,9 +124,6 @@ def retrain(cfg: PipelineConfig, address: str | None = None, force: bool = False
 
 def _cycle(cfg: PipelineConfig, address: str | None, force: bool, warm_start: bool, lock: Any) -> CycleResult:
     from mlflow.tracking import MlflowClient
-
-    from kdpipe import model_registry as reg
-    from kdpipe.pipeline import distil, prepare, teach
 
     source, uri = prepare(cfg, address)
     client = MlflowClient(uri)
@@ -141,9 +149,6 @@ def promote_version(name: str, version: str, alias: str, tracking_uri: str | Non
     """`kdpipe promote`: point `alias` at `version`; a version that failed its gates needs `force`."""
     from mlflow.tracking import MlflowClient
 
-    from kdpipe import model_registry as reg
-    from kdpipe.tracking import resolve_tracking_uri
-
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
     v = client.get_model_version(name, str(version))
     reg.check_promotable(v, force)
@@ -154,8 +159,14 @@ def promote_version(name: str, version: str, alias: str, tracking_uri: str | Non
     return f"{name}: alias '{alias}' -> version {version}" + (" (forced: its gates had failed)" if forced else "")
 
 
-def build_scheduler(spec_path: str, cron: str, overrides: dict[str, Any] | None = None, address: str | None = None,
-                    warm_start: bool = False, timezone: str = "UTC") -> Any:
+def build_scheduler(
+    spec_path: str,
+    cron: str,
+    overrides: dict[str, Any] | None = None,
+    address: str | None = None,
+    warm_start: bool = False,
+    timezone: str = "UTC",
+) -> Any:
     """An APScheduler `BlockingScheduler` running one `retrain` cycle per cron tick (5-field crontab)."""
     from apscheduler.schedulers.blocking import BlockingScheduler
     from apscheduler.triggers.cron import CronTrigger
@@ -184,29 +195,46 @@ def local_tracking_uri(uri: str) -> bool:
 def job_env(cfg: PipelineConfig | None = None) -> dict[str, str]:
     """What a Ray job of kdpipe needs from the submitting machine: the tracking server every node
     reaches, and the commit of the code it ships (the job's folder has no .git)."""
-    from kdpipe.tracking import git_commit
 
     env = {"KDPIPE_GIT_COMMIT": git_commit()}
     uri = (cfg.tracking.tracking_uri if cfg is not None else None) or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri or local_tracking_uri(uri):
         where = f"'{uri}'" if uri else "the default local sqlite store (sqlite:///<cwd>/mlruns.db)"
-        raise KdpipeError(f"the job would track to {where}, which only the machine that holds the file can write: "
-                          "the job's driver runs on the cluster's head node. Run `mlflow server` where every node "
-                          "reaches it and set MLFLOW_TRACKING_URI=http://HOST:5000 (or tracking.tracking_uri) before "
-                          "submitting")
+        raise KdpipeError(
+            f"the job would track to {where}, which only the machine that holds the file can write: "
+            "the job's driver runs on the cluster's head node. Run `mlflow server` where every node "
+            "reaches it and set MLFLOW_TRACKING_URI=http://HOST:5000 (or tracking.tracking_uri) before "
+            "submitting"
+        )
     if not cfg or not cfg.tracking.tracking_uri:
         env["MLFLOW_TRACKING_URI"] = uri
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL",
-                "AWS_EC2_METADATA_DISABLED", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
-                "MLFLOW_TRACKING_PASSWORD"):
+    for key in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_ENDPOINT_URL",
+        "AWS_EC2_METADATA_DISABLED",
+        "MLFLOW_TRACKING_TOKEN",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    ):
         if key in os.environ:  # credentials of the storage root and the tracking server, as the user has them
             env[key] = os.environ[key]
     return env
 
 
-def submit(spec: str, address: str, overrides: list[str], follow: bool = True, extra_env: dict[str, str] | None = None,
-           timeout_s: float | None = None, cfg: PipelineConfig | None = None, command: str = "run",
-           verbose: bool = False) -> tuple[str, str]:
+def submit(
+    spec: str,
+    address: str,
+    overrides: list[str],
+    follow: bool = True,
+    extra_env: dict[str, str] | None = None,
+    timeout_s: float | None = None,
+    cfg: PipelineConfig | None = None,
+    command: str = "run",
+    verbose: bool = False,
+) -> tuple[str, str]:
     """Submit `kdpipe <command> SPEC` as a Ray job that ships this project as its working_dir, with
     the environment of `job_env`; follows its log unless `follow` is False."""
     from ray.exceptions import AuthenticationError
@@ -237,15 +265,18 @@ def submit(spec: str, address: str, overrides: list[str], follow: bool = True, e
         return job_id, _follow(client, job_id, follow, timeout_s, JobStatus)
     except AuthenticationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "authentication failed"
-        raise KdpipeError(f"the Ray cluster at {address} refused the request ({first}); set RAY_AUTH_TOKEN to the "
-                          "cluster's token (or put it in ~/.ray/auth_token) and submit again") from None
+        raise KdpipeError(
+            f"the Ray cluster at {address} refused the request ({first}); set RAY_AUTH_TOKEN to the "
+            "cluster's token (or put it in ~/.ray/auth_token) and submit again"
+        ) from None
     except ConnectionError as e:
-        raise KdpipeError(f"no Ray dashboard answers at {address} ({e}); check the address and the port-forward "
-                          "(kubectl port-forward svc/<cluster>-head-svc 8265)") from None
+        raise KdpipeError(
+            f"no Ray dashboard answers at {address} ({e}); check the address and the port-forward "
+            "(kubectl port-forward svc/<cluster>-head-svc 8265)"
+        ) from None
 
 
 def _overrides(overrides: list[str]) -> dict[str, Any]:
-    from kdpipe.spec import parse_override
 
     return dict(parse_override(o) for o in overrides)
 

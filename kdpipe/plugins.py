@@ -46,9 +46,16 @@ def declared() -> dict[str, frozenset[str]]:
                 if ".register(" not in text:
                     continue
                 for node in ast.walk(ast.parse(text)):
-                    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "register"
-                            and isinstance(node.func.value, ast.Name) and node.func.value.id == var and node.args
-                            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                    if (
+                        isinstance(node, ast.Call)
+                        and isinstance(node.func, ast.Attribute)
+                        and node.func.attr == "register"
+                        and isinstance(node.func.value, ast.Name)
+                        and node.func.value.id == var
+                        and node.args
+                        and isinstance(node.args[0], ast.Constant)
+                        and isinstance(node.args[0].value, str)
+                    ):
                         out[var].add(node.args[0].value)
     return {k: frozenset(v) for k, v in out.items()}
 
@@ -81,7 +88,9 @@ def name_errors(raw: Any) -> list[str]:
     if isinstance(ev, dict):
         if "task" in ev:
             errs.append(unknown("EVALUATORS", ev["task"], "evaluate.task"))
-        for i, loss in enumerate(ev.get("baseline_losses") or [] if isinstance(ev.get("baseline_losses"), list) else []):
+        for i, loss in enumerate(
+            ev.get("baseline_losses") or [] if isinstance(ev.get("baseline_losses"), list) else []
+        ):
             if isinstance(loss, dict) and "name" in loss:
                 errs.append(unknown("LOSSES", loss["name"], f"evaluate.baseline_losses[{i}].name"))
     return [e for e in errs if e]

@@ -14,6 +14,9 @@ import threading
 import time
 from typing import Any
 
+from kdpipe.cache import staged_files
+from kdpipe.storage import parquet_metadata
+
 log = logging.getLogger("kdpipe.progress")
 
 
@@ -70,8 +73,6 @@ class TeachProgress(_Poller):
         log.info("%s: %d/%d rows (%.0f rows/s%s)", self.label, done, self.total, rate, eta)
 
     def _count(self) -> None:
-        from kdpipe.cache import staged_files
-        from kdpipe.storage import parquet_metadata
 
         for f in staged_files(self.staging):
             if f not in self.rows:
@@ -87,8 +88,9 @@ class EpochProgress(_Poller):
     (s/epoch, ETA)` for the newest recorded epoch at each poll (every `every_s` seconds) and for
     the last one."""
 
-    def __init__(self, tracking_uri: str, run_id: str, tracks: list[tuple[str, str, int]],
-                 every_s: float = 3.0) -> None:
+    def __init__(
+        self, tracking_uri: str, run_id: str, tracks: list[tuple[str, str, int]], every_s: float = 3.0
+    ) -> None:
         super().__init__(every_s)
         self.uri, self.run_id, self.tracks = tracking_uri, run_id, tracks
         self.shown = {prefix: -1 for _, prefix, _ in tracks}

@@ -8,6 +8,7 @@ import sys
 import uuid
 from typing import Any
 
+from kdpipe import storage
 from kdpipe.errors import StorageError
 
 log = logging.getLogger("kdpipe")
@@ -42,9 +43,13 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
         embedded_loopback(os.environ, None)  # for the processes Ray starts (the driver's was read at import)
         local_train_settings(os.environ)
         # Local: the dashboard stays off (and would bind to 127.0.0.1 only); all the machine's CPUs.
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
-                 log_to_driver=verbose or os.environ.get("KDPIPE_RAY_LOGS") == "1",
-                 logging_level=logging.WARNING)
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            log_to_driver=verbose or os.environ.get("KDPIPE_RAY_LOGS") == "1",
+            logging_level=logging.WARNING,
+        )
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -64,15 +69,15 @@ def check_storage(root: str) -> None:
     path; a bucket a node has no credentials for) — checked by a probe task on every node."""
     import ray
 
-    from kdpipe import storage
-
     if not ray.is_initialized():
         return
     if not storage.is_remote(root) and _inside_job_folder(storage.local(root)):
-        raise StorageError(f"storage: '{root}' is inside this Ray job's working directory, which Ray deletes when the job "
-                           "ends (and which is another folder on every node): every cache and trained teacher would be "
-                           "lost. Set `storage:` to a URI every node reaches (s3://bucket/kdpipe, gs://…) or a shared "
-                           "filesystem path (an NFS mount or a PVC mounted on every node)")
+        raise StorageError(
+            f"storage: '{root}' is inside this Ray job's working directory, which Ray deletes when the job "
+            "ends (and which is another folder on every node): every cache and trained teacher would be "
+            "lost. Set `storage:` to a URI every node reaches (s3://bucket/kdpipe, gs://…) or a shared "
+            "filesystem path (an NFS mount or a PVC mounted on every node)"
+        )
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
         return
@@ -83,9 +88,13 @@ def check_storage(root: str) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         task = ray.remote(num_cpus=0, max_retries=0)(_probe)
-        refs = {n["NodeManagerAddress"] + " (" + n["NodeID"][:8] + ")": task.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False), name="kdpipe-storage-probe",
-        ).remote(probe_dir, token, n["NodeID"][:8]) for n in nodes}
+        refs = {
+            n["NodeManagerAddress"] + " (" + n["NodeID"][:8] + ")": task.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+                name="kdpipe-storage-probe",
+            ).remote(probe_dir, token, n["NodeID"][:8])
+            for n in nodes
+        }
         bad = {node: why for node, why in zip(refs, ray.get(list(refs.values()), timeout=300)) if why}
     finally:
         for f in storage.files_under(probe_dir, (".driver", ".node")):
@@ -93,9 +102,11 @@ def check_storage(root: str) -> None:
                 storage.delete_file(f)
     if bad:
         detail = "; ".join(f"{node}: {why}" for node, why in bad.items())
-        raise StorageError(f"storage: '{root}' is not shared by every node of this cluster ({detail}). Set `storage:` "
-                           "to a URI every node reaches (s3://bucket/kdpipe, gs://…) with its credentials on every "
-                           "node, or to a filesystem mounted at the same path on every node")
+        raise StorageError(
+            f"storage: '{root}' is not shared by every node of this cluster ({detail}). Set `storage:` "
+            "to a URI every node reaches (s3://bucket/kdpipe, gs://…) with its credentials on every "
+            "node, or to a filesystem mounted at the same path on every node"
+        )
 
 
 def _inside_job_folder(path: str) -> bool:
@@ -115,7 +126,6 @@ def _inside_job_folder(path: str) -> bool:
 
 def _probe(probe_dir: str, token: str, node: str) -> str:
     """On one node: read the driver's marker and write one of its own; '' when both work, else why not."""
-    from kdpipe import storage
 
     try:
         if storage.read_text(storage.join(probe_dir, f"{token}.driver")) != token:

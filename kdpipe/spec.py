@@ -37,16 +37,23 @@ class SplitConfig(Strict):
     """Hash-based split: a row's split depends only on its id, so new rows never reshuffle old ones."""
 
     val: float = Field(0.15, ge=0.0, lt=1.0, description="share of rows in the validation split")
-    test: float = Field(0.25, gt=0.0, lt=1.0, description="share of rows held out for the test split (every "
-                                                              "model is compared there: it cannot be empty)")
+    test: float = Field(
+        0.25,
+        gt=0.0,
+        lt=1.0,
+        description="share of rows held out for the test split (every model is compared there: it cannot be empty)",
+    )
     labeled_fraction: float = Field(
-        1.0, gt=0.0, le=1.0,
+        1.0,
+        gt=0.0,
+        le=1.0,
         description="share of the labeled train rows whose label the models may see (an experiment setting: "
-                    "below 1, the other labels are hidden from the teacher, the student and its twin)")
+        "below 1, the other labels are hidden from the teacher, the student and its twin)",
+    )
     salt: str = Field("kdpipe", description="changes which rows land in which split")
 
     @model_validator(mode="after")
-    def _sum(self) -> "SplitConfig":
+    def _sum(self) -> SplitConfig:
         if self.val + self.test >= 1.0:
             raise ValueError("val + test must be < 1 (the rest is the train split)")
         return self
@@ -64,7 +71,7 @@ class FeatureSelector(Strict):
     exclude: list[str] = Field(default_factory=list, description="columns to leave out of the match")
 
     @model_validator(mode="after")
-    def _one(self) -> "FeatureSelector":
+    def _one(self) -> FeatureSelector:
         if (self.prefix is None) == (self.regex is None):
             raise ValueError("give exactly one of `prefix:` or `regex:` (with an optional `exclude:` list)")
         if self.regex is not None:
@@ -89,30 +96,48 @@ SOURCE_KINDS = ("sklearn_digits", "parquet", "jsonl", "csv", "text", "wordnet")
 
 class SourceConfig(Strict):
     kind: Literal["sklearn_digits", "parquet", "jsonl", "csv", "text", "wordnet"] = Field(
-        description="sklearn_digits and wordnet are built in; the others read `path:`")
-    path: str | None = Field(None, description="file, directory or glob (a URI such as s3://bucket/data/*.parquet "
-                                               "works too); relative to the spec file's folder")
+        description="sklearn_digits and wordnet are built in; the others read `path:`"
+    )
+    path: str | None = Field(
+        None,
+        description="file, directory or glob (a URI such as s3://bucket/data/*.parquet "
+        "works too); relative to the spec file's folder",
+    )
     features: str | list[str] | FeatureSelector | None = Field(
-        None, description="the numeric inputs: a list of columns (a wide table), a selector "
-                          "`{prefix: sensor_, exclude: [...]}` or `{regex: ...}`, or the name of one column holding "
-                          "a vector (a list in Parquet/JSON; `[0.1, 0.2]` or `0.1 0.2` in a CSV cell)")
+        None,
+        description="the numeric inputs: a list of columns (a wide table), a selector "
+        "`{prefix: sensor_, exclude: [...]}` or `{regex: ...}`, or the name of one column holding "
+        "a vector (a list in Parquet/JSON; `[0.1, 0.2]` or `0.1 0.2` in a CSV cell)",
+    )
     text: str | None = Field(None, description="column holding text")
-    label: str | None = Field(None, description="column holding the class label (optional; null/empty = unlabeled): "
-                                                "integer ids, or names mapped to ids (see `classes:`)")
-    classes: list[str] | None = Field(None, description="the class names in id order, when labels are names; "
-                                                        "default: the sorted distinct names found in the data")
+    label: str | None = Field(
+        None,
+        description="column holding the class label (optional; null/empty = unlabeled): "
+        "integer ids, or names mapped to ids (see `classes:`)",
+    )
+    classes: list[str] | None = Field(
+        None,
+        description="the class names in id order, when labels are names; "
+        "default: the sorted distinct names found in the data",
+    )
     num_classes: int | None = Field(None, ge=2, description="default: largest label id + 1 (or the number of names)")
-    id_column: str | None = Field(None, description="a column that identifies each row (stable across formats and "
-                                                    "edits of other columns); default: a hash of the row's input. "
-                                                    "A repeated value is a bad row")
+    id_column: str | None = Field(
+        None,
+        description="a column that identifies each row (stable across formats and "
+        "edits of other columns); default: a hash of the row's input. "
+        "A repeated value is a bad row",
+    )
     split: SplitConfig = SplitConfig()
-    on_bad_rows: Literal["fail", "skip"] = Field("fail", description="fail: stop at the first bad row (with its "
-                                                 "file, row and reason); skip: quarantine bad rows and go on")
+    on_bad_rows: Literal["fail", "skip"] = Field(
+        "fail",
+        description="fail: stop at the first bad row (with its "
+        "file, row and reason); skip: quarantine bad rows and go on",
+    )
     max_text_chars: int = Field(4000, ge=1)
     limit: int | None = Field(None, ge=1, description="read at most this many rows (smoke runs)")
 
     @model_validator(mode="after")
-    def _paths(self) -> "SourceConfig":
+    def _paths(self) -> SourceConfig:
         if self.kind in ("sklearn_digits", "wordnet"):
             return self
         if not self.path:
@@ -137,18 +162,24 @@ class SourceConfig(Strict):
 
 class TeacherConfig(Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", description="names the teacher's cache columns `<id>.<output>`")
-    kind: str = Field(description="a registered teacher kind (`kdpipe plugins` lists them): mlp_classifier, hf_encoder, …")
-    path: str | None = Field(None, description="a weights directory you provide (a path relative to the spec's "
-                                               "folder, or a URI); teachers kdpipe trains itself live under "
-                                               "`storage:` when it is unset")
+    kind: str = Field(
+        description="a registered teacher kind (`kdpipe plugins` lists them): mlp_classifier, hf_encoder, …"
+    )
+    path: str | None = Field(
+        None,
+        description="a weights directory you provide (a path relative to the spec's "
+        "folder, or a URI); teachers kdpipe trains itself live under "
+        "`storage:` when it is unset",
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="the teacher kind's own settings")
-    outputs: list[Literal["logits", "topk", "features", "embedding", "aspects", "attn_rel", "value_rel", "tokens",
-                          "hidden"]] = Field(["logits"], description="what is cached per row")
+    outputs: list[
+        Literal["logits", "topk", "features", "embedding", "aspects", "attn_rel", "value_rel", "tokens", "hidden"]
+    ] = Field(["logits"], description="what is cached per row")
     topk: int | None = Field(None, ge=1, description="logits kept per row (per token for language models) with `topk`")
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
-    def _topk(self) -> "TeacherConfig":
+    def _topk(self) -> TeacherConfig:
         if "topk" in self.outputs and self.topk is None:
             raise ValueError("outputs include 'topk': set `topk: K` (number of logits kept per row)")
         return self
@@ -162,10 +193,12 @@ class FusionConfig(Strict):
     weights: list[float] | None = None
     steps: int = Field(50, ge=1)
     temperature: float = Field(1.0, gt=0)
-    sharpness: float = Field(0.5, ge=0, description="λ of dynamic fusion (how decided the fused answer may get); 0 = uniform average")
+    sharpness: float = Field(
+        0.5, ge=0, description="λ of dynamic fusion (how decided the fused answer may get); 0 = uniform average"
+    )
 
     @model_validator(mode="after")
-    def _w(self) -> "FusionConfig":
+    def _w(self) -> FusionConfig:
         if self.mode == "static":
             if self.weights is None or len(self.weights) != len(self.teachers):
                 raise ValueError("fusion mode 'static' needs `weights:` with one weight per teacher")
@@ -182,7 +215,9 @@ class TeachConfig(Strict):
 
 
 class StudentConfig(Strict):
-    kind: str = Field(description="a registered student kind: mlp, multi_exit_mlp, hf_encoder, hf_classifier, causal_lm, …")
+    kind: str = Field(
+        description="a registered student kind: mlp, multi_exit_mlp, hf_encoder, hf_classifier, causal_lm, …"
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="the student kind's own settings")
 
 
@@ -204,29 +239,51 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
     cpus_per_worker: float | None = Field(
-        None, gt=0, description="default: on up to 4 CPUs, half the cluster's CPUs split across the workers; on more, "
-                                "all but 2 split across them: Ray Data keeps CPUs to feed them")
+        None,
+        gt=0,
+        description="default: on up to 4 CPUs, half the cluster's CPUs split across the workers; on more, "
+        "all but 2 split across them: Ray Data keeps CPUs to feed them",
+    )
     use_gpu: bool = False
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="training step precision: auto = bf16 autocast on a CUDA device that has bf16, else fp32 "
-                            "(always fp32 on CPU); weights and optimizer state stay fp32")
-    max_failures: int = Field(1, ge=0, description="worker-group restarts Ray Train may make (each resumes from the "
-                                                   "last checkpoint)")
-    checkpoint_every: int = Field(5, ge=1, description="epochs between Ray Train checkpoints (the last epoch always checkpoints)")
-    lr_schedule: Literal["constant", "linear"] = Field("constant", description="constant, or linear decay to 0 by the "
-                                                                             "last step (after the warm-up)")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the run's optimizer steps over which the lr "
-                                                              "rises linearly from 0 (BERT-style fine-tuning needs it)")
-    keep_in_memory_mb: float = Field(256, ge=0, description="a view of at most this many MB reaches every training "
-                                     "worker whole, each keeps its equal share in memory (no split coordinator); a "
-                                     "bigger one is split by Ray Data, and a worker keeps its shard in memory after the "
-                                     "first epoch when every worker's fits (later epochs skip Ray Data); 0: stream every epoch")
-    shuffle_buffer: int = Field(0, ge=0, description="rows in Ray Data's local shuffle buffer, reseeded every epoch "
-                                                     "(0: the same batch order every epoch)")
+        "auto",
+        description="training step precision: auto = bf16 autocast on a CUDA device that has bf16, else fp32 "
+        "(always fp32 on CPU); weights and optimizer state stay fp32",
+    )
+    max_failures: int = Field(
+        1, ge=0, description="worker-group restarts Ray Train may make (each resumes from the last checkpoint)"
+    )
+    checkpoint_every: int = Field(
+        5, ge=1, description="epochs between Ray Train checkpoints (the last epoch always checkpoints)"
+    )
+    lr_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="constant, or linear decay to 0 by the last step (after the warm-up)"
+    )
+    warmup_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of the run's optimizer steps over which the lr "
+        "rises linearly from 0 (BERT-style fine-tuning needs it)",
+    )
+    keep_in_memory_mb: float = Field(
+        256,
+        ge=0,
+        description="a view of at most this many MB reaches every training "
+        "worker whole, each keeps its equal share in memory (no split coordinator); a "
+        "bigger one is split by Ray Data, and a worker keeps its shard in memory after the "
+        "first epoch when every worker's fits (later epochs skip Ray Data); 0: stream every epoch",
+    )
+    shuffle_buffer: int = Field(
+        0,
+        ge=0,
+        description="rows in Ray Data's local shuffle buffer, reseeded every epoch "
+        "(0: the same batch order every epoch)",
+    )
     unlabeled_split: Literal["train"] = "train"
 
     @model_validator(mode="after")
-    def _precision(self) -> "TrainConfig":
+    def _precision(self) -> TrainConfig:
         if self.precision == "bf16" and not self.use_gpu:
             raise ValueError("precision bf16 needs `use_gpu: true` (this CPU has no bf16 units); use auto or fp32")
         return self
@@ -239,11 +296,15 @@ class EvaluateConfig(Strict):
     baseline: bool = Field(True, description="also train a baseline twin of the student")
     baseline_epochs: int | None = Field(None, ge=1)
     baseline_losses: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "ce", "weight": 1.0}])
-    baseline_student_params: dict[str, Any] = Field(default_factory=dict, description="overrides of student.params for the twin")
+    baseline_student_params: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of student.params for the twin"
+    )
     baseline_labeled_only: bool = Field(True, description="train the twin on the labeled train rows only")
     slices: dict[str, list[int]] = Field(
-        default_factory=dict, description="named groups of labels, each scored on its own as well: "
-        "`{nouns: ['3-28'], verbs: ['29-43']}` adds test_nouns_<metric> and test_verbs_<metric>")
+        default_factory=dict,
+        description="named groups of labels, each scored on its own as well: "
+        "`{nouns: ['3-28'], verbs: ['29-43']}` adds test_nouns_<metric> and test_verbs_<metric>",
+    )
 
     @field_validator("slices", mode="before")
     @classmethod
@@ -254,10 +315,14 @@ class EvaluateConfig(Strict):
         out = {}
         for name, labels in v.items():
             if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)):
-                raise ValueError(f"slice name {name!r}: use lowercase letters, digits and _ (it becomes part of metric names)")
+                raise ValueError(
+                    f"slice name {name!r}: use lowercase letters, digits and _ (it becomes part of metric names)"
+                )
             if str(name).startswith(("teacher", "baseline", "champion")):  # test_teacher_ppl is the teacher's, …
-                raise ValueError(f"slice name {name!r}: names starting with teacher, baseline or champion would "
-                                 "collide with those models' metric names; choose another")
+                raise ValueError(
+                    f"slice name {name!r}: names starting with teacher, baseline or champion would "
+                    "collide with those models' metric names; choose another"
+                )
             if not isinstance(labels, list) or not labels:
                 raise ValueError(f"slice {name!r}: give a non-empty list of label ids or 'a-b' ranges")
             ids: list[int] = []
@@ -268,7 +333,9 @@ class EvaluateConfig(Strict):
                 elif isinstance(item, int) and not isinstance(item, bool) and item >= 0:
                     ids.append(item)
                 else:
-                    raise ValueError(f"slice {name!r}: {item!r} is neither a label id (int >= 0) nor a range 'a-b' with a <= b")
+                    raise ValueError(
+                        f"slice {name!r}: {item!r} is neither a label id (int >= 0) nor a range 'a-b' with a <= b"
+                    )
             out[name] = sorted(set(ids))
         return out
 
@@ -312,19 +379,25 @@ class TrackingConfig(Strict):
 
 # keys that moved: a spec that still sets them gets told where they went, not "unknown key"
 MOVED = {
-    ("teach", "cache_root"): "caches live under the top-level `storage:` root (<storage>/cache); set `storage:` instead",
+    (
+        "teach",
+        "cache_root",
+    ): "caches live under the top-level `storage:` root (<storage>/cache); set `storage:` instead",
     ("train", "storage_path"): "Ray Train's checkpoints live under the top-level `storage:` root "
-                               "(<storage>/ray_results); set `storage:` instead",
+    "(<storage>/ray_results); set `storage:` instead",
 }
 
 
 class PipelineConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
     seed: int = Field(0, description="student initialisation, and the shuffle order when train.shuffle_buffer > 0")
-    storage: str = Field(".kdpipe", description="the storage root: caches, trained teachers, checkpoints, index and "
-                                                "quarantine live under it. A local path (relative to the working "
-                                                "directory) for one machine; on a cluster a URI every node reaches "
-                                                "(s3://bucket/kdpipe, gs://…) or a shared filesystem")
+    storage: str = Field(
+        ".kdpipe",
+        description="the storage root: caches, trained teachers, checkpoints, index and "
+        "quarantine live under it. A local path (relative to the working "
+        "directory) for one machine; on a cluster a URI every node reaches "
+        "(s3://bucket/kdpipe, gs://…) or a shared filesystem",
+    )
     source: SourceConfig
     teachers: list[TeacherConfig] = Field(min_length=1)
     teach: TeachConfig = TeachConfig()
@@ -345,7 +418,7 @@ class PipelineConfig(Strict):
         return data
 
     @model_validator(mode="after")
-    def _refs(self) -> "PipelineConfig":
+    def _refs(self) -> PipelineConfig:
         ids = [t.id for t in self.teachers]
         if len(set(ids)) != len(ids):
             raise ValueError(f"teacher ids must be unique, got {ids}")
@@ -389,7 +462,11 @@ def format_errors(e: ValidationError, prefix: str = "") -> str:
         elif err["type"] == "missing":
             msg = "required key is missing"
         got = err.get("input")
-        tail = f" (got {got!r})" if err["type"] not in ("missing",) and not isinstance(got, dict) and got is not None else ""
+        tail = (
+            f" (got {got!r})"
+            if err["type"] not in ("missing",) and not isinstance(got, dict) and got is not None
+            else ""
+        )
         if len(tail) > 200:
             tail = tail[:197] + "…)"
         lines.append(f"{loc}: {msg}{tail}" if loc else f"{msg}{tail}")
@@ -401,8 +478,11 @@ def _loc(loc: tuple[Any, ...], prefix: str = "") -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif str(part).startswith("function-") or part in ("model", "after") or str(part).startswith(
-                ("list[", "str", "FeatureSelector")):
+        elif (
+            str(part).startswith("function-")
+            or part in ("model", "after")
+            or str(part).startswith(("list[", "str", "FeatureSelector"))
+        ):
             continue  # the branch of a union pydantic tried, not a key of the spec
         else:
             out += f".{part}" if out else str(part)
@@ -453,7 +533,7 @@ def resolve_against(loc: str | None, base: Path) -> str | None:
     if loc is None or is_uri(loc):
         return loc
     if loc.startswith("file://"):
-        return loc[len("file://"):]
+        return loc[len("file://") :]
     p = Path(loc).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
 
@@ -479,7 +559,9 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise SpecError(f"{path}: the spec must be a YAML mapping with keys name, source, teachers, student, losses, tracking")
+        raise SpecError(
+            f"{path}: the spec must be a YAML mapping with keys name, source, teachers, student, losses, tracking"
+        )
     return raw
 
 
@@ -488,8 +570,9 @@ def read_spec(path: str | os.PathLike[str], overrides: dict[str, Any] | None = N
     return parse_schema(read_yaml(path), overrides, origin=str(path), spec_dir=Path(path).resolve().parent)
 
 
-def parse_schema(raw: dict[str, Any], overrides: dict[str, Any] | None = None, origin: str = "<spec>",
-                 spec_dir: Path | None = None) -> PipelineConfig:
+def parse_schema(
+    raw: dict[str, Any], overrides: dict[str, Any] | None = None, origin: str = "<spec>", spec_dir: Path | None = None
+) -> PipelineConfig:
     if overrides:
         try:
             raw = _apply_overrides(raw, overrides)

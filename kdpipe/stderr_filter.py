@@ -74,13 +74,23 @@ class NativeStderrFilter:
             return
         read, write = os.pipe()
         # its own session: Ctrl-C stops kdpipe, not the forwarder, which prints kdpipe's last words
-        self.proc = subprocess.Popen([sys.executable, "-I", "-S", __file__], stdin=read, stdout=self.real,
-                                     stderr=self.real, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", __file__],
+            stdin=read,
+            stdout=self.real,
+            stderr=self.real,
+            start_new_session=True,
+        )
         os.close(read)
         os.dup2(write, 2)
         os.close(write)
-        sys.stderr = open(os.dup(self.real), "w", buffering=1, encoding=sys.stderr.encoding,  # noqa: SIM115
-                          errors="backslashreplace")
+        sys.stderr = open(
+            os.dup(self.real),
+            "w",
+            buffering=1,
+            encoding=sys.stderr.encoding,  # noqa: SIM115
+            errors="backslashreplace",
+        )
 
     def stop(self, timeout_s: float = 5.0) -> None:
         if self.proc is None or self.real is None:

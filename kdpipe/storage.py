@@ -35,7 +35,7 @@ def is_remote(loc: str | os.PathLike[str]) -> bool:
 def local(loc: str | os.PathLike[str]) -> str:
     """A local location as a plain absolute path (`file://` stripped)."""
     s = str(loc)
-    return os.path.abspath(s[len("file://"):] if s.startswith("file://") else s)
+    return os.path.abspath(s[len("file://") :] if s.startswith("file://") else s)
 
 
 def normalize(loc: str | os.PathLike[str]) -> str:
@@ -50,8 +50,10 @@ def resolve(loc: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(loc)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
-        raise KdpipeError(f"cannot open '{loc}' ({e}); check the URI and the filesystem's credentials "
-                          "(for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION)") from None
+        raise KdpipeError(
+            f"cannot open '{loc}' ({e}); check the URI and the filesystem's credentials "
+            "(for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION)"
+        ) from None
 
 
 def join(loc: str | os.PathLike[str], *parts: str) -> str:
@@ -73,7 +75,7 @@ def name(loc: str) -> str:
 
 def _child(base_loc: str, base_path: str, path: str) -> str:
     """The location of `path` (a filesystem path found under `base_path`) in `base_loc`'s form."""
-    return base_loc.rstrip("/") + "/" + path[len(base_path):].lstrip("/")
+    return base_loc.rstrip("/") + "/" + path[len(base_path) :].lstrip("/")
 
 
 def info(loc: str) -> pafs.FileInfo:
@@ -104,16 +106,22 @@ def files_under(loc: str, suffixes: tuple[str, ...]) -> list[str]:
         base, pattern = parent(loc), name(loc)
         bfs, bpath = resolve(base)
         found = bfs.get_file_info(pafs.FileSelector(bpath, allow_not_found=True))
-        return sorted(_child(base, bpath, f.path) for f in found
-                      if f.type == pafs.FileType.File and fnmatch.fnmatch(f.base_name, pattern))
+        return sorted(
+            _child(base, bpath, f.path)
+            for f in found
+            if f.type == pafs.FileType.File and fnmatch.fnmatch(f.base_name, pattern)
+        )
     fi = fs.get_file_info(path)
     if fi.type == pafs.FileType.File:
         return [loc]
     if fi.type != pafs.FileType.Directory:
         return []
     found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sorted(_child(loc, path, f.path) for f in found
-                  if f.type == pafs.FileType.File and os.path.splitext(f.base_name)[1] in suffixes)
+    return sorted(
+        _child(loc, path, f.path)
+        for f in found
+        if f.type == pafs.FileType.File and os.path.splitext(f.base_name)[1] in suffixes
+    )
 
 
 def stamp(loc: str) -> list[int]:

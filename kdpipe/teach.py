@@ -10,14 +10,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdpipe import storage
-from kdpipe.arrays import to_fixed_list
+from kdpipe import storage, weights
+from kdpipe.arrays import to_fixed_list, to_numpy
 from kdpipe.cache import TeacherCache, cache_at, fingerprint
-from kdpipe.errors import KdpipeError
-from kdpipe.spec import PipelineConfig, TeacherConfig
-from kdpipe.progress import TeachProgress
 from kdpipe.data import SourceData
+from kdpipe.errors import KdpipeError
+from kdpipe.lm.topk_codec import encode_batch
+from kdpipe.progress import TeachProgress
+from kdpipe.spec import PipelineConfig, TeacherConfig
 from kdpipe.todo import check_staged, rows_missing
+from teachers import TEACHERS
 
 log = logging.getLogger("kdpipe.teach")
 
@@ -47,8 +49,9 @@ def topk_compress(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, n
     return idx.astype(np.int32), val.astype(np.float16), tail
 
 
-def output_columns(out: dict[str, np.ndarray], outputs: list[str], topk: int | None,
-                   vocab: int | None = None) -> dict[str, pa.Array]:
+def output_columns(
+    out: dict[str, np.ndarray], outputs: list[str], topk: int | None, vocab: int | None = None
+) -> dict[str, pa.Array]:
     """Teacher forward outputs -> cache columns, per the spec's `outputs`."""
     cols: dict[str, pa.Array] = {}
     for name in outputs:
@@ -90,7 +93,6 @@ def token_topk_columns(out: dict[str, np.ndarray], vocab: int | None) -> dict[st
     """A causal LM's per-token top-k log-probs and tail mass -> the compressed `topk_lm` column
     (kdpipe.lm.topk_codec: ≈84 B/token at k = 64 on real teacher outputs), one blob per sequence
     holding only its real tokens."""
-    from kdpipe.lm.topk_codec import encode_batch
 
     if vocab is None:
         raise ValueError("a per-token top-k cache needs the teacher's vocabulary size (Teacher.vocab)")
@@ -102,8 +104,6 @@ class TeacherActor:
     """Callable class for `map_batches`: loads the teacher once per actor, then maps Arrow batches."""
 
     def __init__(self, teacher_cfg: dict[str, Any], device: str = "cpu", digest: str | None = None) -> None:
-        from kdpipe import weights
-        from teachers import TEACHERS
 
         self.cfg = TeacherConfig.model_validate(teacher_cfg)
         if self.cfg.path and storage.is_remote(self.cfg.path):  # one download per node, shared by its actors
@@ -113,13 +113,14 @@ class TeacherActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         inputs: dict[str, Any] = {}
         if "x" in batch.column_names:
-            from kdpipe.arrays import to_numpy
-
             inputs["x"] = to_numpy(batch["x"], np.float32)
         if "text" in batch.column_names:
             inputs["text"] = batch["text"].to_pylist()
         out = self.teacher.forward(inputs)
-        cols = {"id": batch["id"], **output_columns(out, self.cfg.outputs, self.cfg.topk, getattr(self.teacher, "vocab", None))}
+        cols = {
+            "id": batch["id"],
+            **output_columns(out, self.cfg.outputs, self.cfg.topk, getattr(self.teacher, "vocab", None)),
+        }
         return pa.table(cols)
 
 
@@ -137,15 +138,21 @@ class TeachResult:
 
 def teacher_fingerprint(tcfg: TeacherConfig, digest: str) -> str:
     return fingerprint(
-        {"teacher_id": tcfg.id, "kind": tcfg.kind, "params": tcfg.params, "weights": digest,
-         "outputs": sorted(tcfg.outputs), "topk": tcfg.topk, "format": OUTPUT_FORMAT}
+        {
+            "teacher_id": tcfg.id,
+            "kind": tcfg.kind,
+            "params": tcfg.params,
+            "weights": digest,
+            "outputs": sorted(tcfg.outputs),
+            "topk": tcfg.topk,
+            "format": OUTPUT_FORMAT,
+        }
     )
 
 
 def cache_of(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData) -> tuple[TeacherConfig, str, TeacherCache]:
     """A teacher's cache as the spec names it, training nothing: (teacher with its weights located,
     fingerprint, cache)."""
-    from teachers import TEACHERS
 
     cls = TEACHERS.get(tcfg.kind)
     tcfg = cls.resolve(tcfg, source, cfg.storage)
@@ -155,12 +162,13 @@ def cache_of(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData) -> tu
 
 def teach_one(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData) -> TeachResult:
     """Teach the rows of `source` that the cache does not hold yet; reuse the rest."""
-    from teachers import TEACHERS
 
     cls = TEACHERS.get(tcfg.kind)
     if cls.input_kind != source.input_kind:
-        raise KdpipeError(f"teacher '{tcfg.id}' ({tcfg.kind}) reads {cls.input_kind} inputs but the source gives "
-                          f"{source.input_kind}; set source.{'features' if cls.input_kind == 'features' else 'text'}: <column>")
+        raise KdpipeError(
+            f"teacher '{tcfg.id}' ({tcfg.kind}) reads {cls.input_kind} inputs but the source gives "
+            f"{source.input_kind}; set source.{'features' if cls.input_kind == 'features' else 'text'}: <column>"
+        )
     tcfg = cls.prepare(tcfg, source, cfg.storage)
     digest = cls.weights_digest(tcfg)
     fp = teacher_fingerprint(tcfg, digest)
@@ -169,9 +177,9 @@ def teach_one(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData) -> T
         return _teach_missing(cfg, tcfg, source, cache, fp, digest)
 
 
-def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData, cache: TeacherCache, fp: str,
-                   digest: str) -> TeachResult:
-    from teachers import TEACHERS
+def _teach_missing(
+    cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData, cache: TeacherCache, fp: str, digest: str
+) -> TeachResult:
 
     cache.check_usable(cfg.teach.verify)  # its ids are read next: checked first
     todo = rows_missing(source, cache, read_blocks(cfg.teach, source))
@@ -180,9 +188,15 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
         return TeachResult(tcfg.id, cache, fp, 0, True)
     log.info("teacher %s: teaching %d new rows (of %d) -> %s", tcfg.id, todo.rows, source.num_rows, cache.dir)
 
-    header = {"teacher_id": tcfg.id, "teacher_kind": tcfg.kind, "weights_digest": digest, "fingerprint": fp,
-              "output_spec": {"outputs": tcfg.outputs, "topk": tcfg.topk, "format": OUTPUT_FORMAT},
-              "params": tcfg.params, "path": tcfg.path}
+    header = {
+        "teacher_id": tcfg.id,
+        "teacher_kind": tcfg.kind,
+        "weights_digest": digest,
+        "fingerprint": fp,
+        "output_spec": {"outputs": tcfg.outputs, "topk": tcfg.topk, "format": OUTPUT_FORMAT},
+        "params": tcfg.params,
+        "path": tcfg.path,
+    }
     with cache.staging() as staging:
         ds = teach_dataset(cfg.teach, tcfg, source, todo.index, digest)
         try:
@@ -194,8 +208,9 @@ def _teach_missing(cfg: PipelineConfig, tcfg: TeacherConfig, source: SourceData,
                 raise
             raise root from None
         check_staged(staging, todo.tally)
-        manifest = cache.commit(staging, header, source.fingerprint, ids={"rows": todo.tally.rows,
-                                                                          "digest": todo.tally.digest})
+        manifest = cache.commit(
+            staging, header, source.fingerprint, ids={"rows": todo.tally.rows, "digest": todo.tally.digest}
+        )
     log.info("teacher %s: cache now %d rows in %d part(s)", tcfg.id, manifest["rows"], len(manifest["parts"]))
     return TeachResult(tcfg.id, cache, fp, todo.rows, False)
 
@@ -206,8 +221,9 @@ def read_blocks(t: Any, source: SourceData) -> int:
     return max(t.concurrency * 2, math.ceil(source.num_rows / (4 * t.batch_size)) if source.seekable else 0)
 
 
-def teach_dataset(t: Any, tcfg: TeacherConfig, source: SourceData, index: Any | None = None,
-                  digest: str | None = None) -> Any:
+def teach_dataset(
+    t: Any, tcfg: TeacherConfig, source: SourceData, index: Any | None = None, digest: str | None = None
+) -> Any:
     """The lazy Ray Dataset of the teacher's outputs for the index rows `index` (a Ray Dataset,
     default every source row): inputs read by position, then the teacher's actor pool
     (`teach.concurrency` actors, each with `teach.num_cpus` / `teach.num_gpus`)."""
@@ -220,13 +236,21 @@ def teach_dataset(t: Any, tcfg: TeacherConfig, source: SourceData, index: Any | 
     read = {"num_cpus": t.num_cpus} if t.num_gpus else remote
     total = ray.cluster_resources().get("CPU", 0.0) if ray.is_initialized() else 0.0
     if total and t.num_cpus * t.concurrency >= total:
-        log.warning("teach: %d teacher actor(s) × %g CPUs take all %g CPUs of the cluster; Ray Data's read tasks "
-                    "may then never be scheduled and the stage waits forever (seen with a text source on 2 CPUs). "
-                    "Leave a CPU free: lower teach.num_cpus or teach.concurrency", t.concurrency, t.num_cpus, total)
+        log.warning(
+            "teach: %d teacher actor(s) × %g CPUs take all %g CPUs of the cluster; Ray Data's read tasks "
+            "may then never be scheduled and the stage waits forever (seen with a text source on 2 CPUs). "
+            "Leave a CPU free: lower teach.num_cpus or teach.concurrency",
+            t.concurrency,
+            t.num_cpus,
+            total,
+        )
     return source.dataset(index, read_blocks(t, source), **read).map_batches(
         TeacherActor,
-        fn_constructor_kwargs={"teacher_cfg": tcfg.model_dump(), "device": "cuda" if t.num_gpus > 0 else "cpu",
-                               "digest": digest},
+        fn_constructor_kwargs={
+            "teacher_cfg": tcfg.model_dump(),
+            "device": "cuda" if t.num_gpus > 0 else "cpu",
+            "digest": digest,
+        },
         batch_size=t.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=t.concurrency),

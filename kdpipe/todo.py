@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdpipe import storage
+from kdpipe.arrays import find_sorted, id_keys
 from kdpipe.cache import TeacherCache, staged_files
 from kdpipe.data import SourceData, id_multiset_hash
-from kdpipe.arrays import find_sorted, id_keys
 
 ID_BYTES = 40  # what one cached id costs, for planning the anti-join (20 hex chars + Arrow offsets, rounded up)
 BROADCAST_ID_BYTES = 256 << 20  # cached ids up to this size are broadcast to the filter tasks; more are hash-joined
@@ -37,10 +37,10 @@ class IdTally:
     digest: int = 0
 
     @classmethod
-    def of(cls, ids: pa.Array | pa.ChunkedArray) -> "IdTally":
+    def of(cls, ids: pa.Array | pa.ChunkedArray) -> IdTally:
         return cls(len(ids), id_multiset_hash(ids))
 
-    def __add__(self, other: "IdTally") -> "IdTally":
+    def __add__(self, other: IdTally) -> IdTally:
         return IdTally(self.rows + other.rows, (self.digest + other.digest) % 2**64)
 
 
@@ -132,8 +132,12 @@ def check_staged(staging: Any, want: IdTally) -> None:
     """Every requested row exactly once, before the part may be published."""
     got = tally_staged(staging)
     if got.rows > want.rows:
-        raise RuntimeError(f"teach stage produced duplicate rows ({got.rows} rows for {want.rows} ids); the part was "
-                           "discarded, rerun `kdpipe teach`")
+        raise RuntimeError(
+            f"teach stage produced duplicate rows ({got.rows} rows for {want.rows} ids); the part was "
+            "discarded, rerun `kdpipe teach`"
+        )
     if got != want:
-        raise RuntimeError(f"teach stage returned {got.rows} rows that are not the {want.rows} requested ones (rows "
-                           "missing or repeated); the part was discarded, rerun `kdpipe teach`")
+        raise RuntimeError(
+            f"teach stage returned {got.rows} rows that are not the {want.rows} requested ones (rows "
+            "missing or repeated); the part was discarded, rerun `kdpipe teach`"
+        )

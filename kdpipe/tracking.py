@@ -8,9 +8,10 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from kdpipe.errors import KdpipeError
 
@@ -34,8 +35,14 @@ class DatasetRef:
     profile: dict[str, Any] | None = None
 
 
-TRANSIENT = ("UNIQUE constraint failed", "database is locked", "Connection aborted", "Read timed out",
-             "503 Service Unavailable", "502 Bad Gateway")
+TRANSIENT = (
+    "UNIQUE constraint failed",
+    "database is locked",
+    "Connection aborted",
+    "Read timed out",
+    "503 Service Unavailable",
+    "502 Bad Gateway",
+)
 
 
 def retrying(fn: Callable[[], T], what: str, attempts: int = 5) -> T:
@@ -152,8 +159,16 @@ def git_commit() -> str:
     if os.environ.get("KDPIPE_GIT_COMMIT"):
         return os.environ["KDPIPE_GIT_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -178,7 +193,7 @@ class TrackedRun:
 
             self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, tracking_uri=uri)
 
-    def __enter__(self) -> "TrackedRun":
+    def __enter__(self) -> TrackedRun:
         if self._monitor is not None:
             self._monitor.start()
         return self
@@ -218,26 +233,39 @@ class TrackedRun:
     def log_figure(self, figure: Any, path: str) -> None:
         self.client.log_figure(self.run_id, figure, path)
 
-    def metric_history(self, prefix: str, kinds: tuple[str, ...] = ("train_", "val_")) -> dict[str, list[tuple[int, float]]]:
+    def metric_history(
+        self, prefix: str, kinds: tuple[str, ...] = ("train_", "val_")
+    ) -> dict[str, list[tuple[int, float]]]:
         """Every epoch of the metrics `<prefix><kind>…` this run recorded, by name without the prefix."""
         starts = tuple(prefix + kind for kind in kinds)
         names = [k for k in self.client.get_run(self.run_id).data.metrics if k.startswith(starts)]
-        return {k.removeprefix(prefix): [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, k)]
-                for k in names}
+        return {
+            k.removeprefix(prefix): [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, k)]
+            for k in names
+        }
 
-    def log_datasets(self, datasets: list["DatasetRef"]) -> None:
+    def log_datasets(self, datasets: list[DatasetRef]) -> None:
         """MLflow dataset inputs: the run page's Datasets section (with each one's columns and row
         counts), and a lineage query (`search_runs` by dataset digest) for every run that read them.
         Two runs logging the same dataset at once can collide in a sqlite store's unique index: retried."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        inputs = [DatasetInput(Dataset(name=d.name, digest=d.digest, source_type="local" if "://" not in d.uri or
-                                       d.uri.startswith("file://") else d.uri.split("://", 1)[0],
-                                       source=json.dumps({"uri": d.uri}),
-                                       schema=json.dumps({"mlflow_colspec": d.columns}) if d.columns else None,
-                                       profile=json.dumps(d.profile) if d.profile else None),
-                               tags=[InputTag("mlflow.data.context", d.context)])
-                  for d in datasets]
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=d.name,
+                    digest=d.digest,
+                    source_type="local"
+                    if "://" not in d.uri or d.uri.startswith("file://")
+                    else d.uri.split("://", 1)[0],
+                    source=json.dumps({"uri": d.uri}),
+                    schema=json.dumps({"mlflow_colspec": d.columns}) if d.columns else None,
+                    profile=json.dumps(d.profile) if d.profile else None,
+                ),
+                tags=[InputTag("mlflow.data.context", d.context)],
+            )
+            for d in datasets
+        ]
         retrying(lambda: self.client.log_inputs(self.run_id, datasets=inputs), "log the run's dataset inputs")
 
     def describe(self, markdown: str) -> None:

@@ -17,6 +17,13 @@ import torch
 from torch import nn
 
 from kdpipe.lm.padding import trim_to_longest
+from kdpipe.losses import LossContext
+from kdpipe.losses.suite import LossSuite
+from kdpipe.progress import EpochProgress
+from kdpipe.runtime import default_cpus_per_worker
+from kdpipe.tracking import MetricsLogger
+from kdpipe.views import small_materialised
+from students import STUDENTS
 
 log = logging.getLogger("kdpipe.train")
 
@@ -37,7 +44,6 @@ class StudentMeta:
 
 
 def build_student(kind: str, params: dict[str, Any], meta: StudentMeta) -> nn.Module:
-    from students import STUDENTS
 
     cls = STUDENTS.get(kind)
     return cls(in_dim=meta.in_dim, num_classes=meta.num_classes, **cls.Params(**params).model_dump())
@@ -126,8 +132,11 @@ def epoch_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, e
     so the order is reproducible for a given shard, not across runs."""
     if not shuffle_buffer:
         return shard.iter_torch_batches(batch_size=batch_size)
-    return shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=shuffle_buffer,
-                                    local_shuffle_seed=_shuffle_seed(seed, epoch, rank))
+    return shard.iter_torch_batches(
+        batch_size=batch_size,
+        local_shuffle_buffer_size=shuffle_buffer,
+        local_shuffle_seed=_shuffle_seed(seed, epoch, rank),
+    )
 
 
 def _shuffle_seed(seed: int, epoch: int, rank: int) -> int:
@@ -171,8 +180,9 @@ class EpochReplay:
                 self.columns = {k: torch.cat([b[k] for b in kept]) for k in kept[0]} if kept else {}
 
     @classmethod
-    def rank_share(cls, whole: Any, rows: int, rank: int, world: int,
-                   device: torch.device | None = None) -> "EpochReplay":
+    def rank_share(
+        cls, whole: Any, rows: int, rank: int, world: int, device: torch.device | None = None
+    ) -> EpochReplay:
         """A small dataset of `rows` rows handed whole to every worker (`DataConfig.datasets_to_split`
         leaves it out): this rank reads it up to the end of its equal contiguous share, keeps only
         that share, and every epoch replays it.
@@ -276,20 +286,25 @@ def train_loop(config: dict[str, Any]) -> None:
     for j, job in enumerate(config["jobs"]):  # the train shard when the twin reads all train rows)
         if job["name"] not in done:
             at = resume if resume is not None and resume["job"] == j else None
-            done[job["name"]] = train_job(config, meta, j, job, done, at, resumed=ckpt is not None, stats=stats,
-                                          shards=shards)
+            done[job["name"]] = train_job(
+                config, meta, j, job, done, at, resumed=ckpt is not None, stats=stats, shards=shards
+            )
 
 
-def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, Any],
-              done: dict[str, dict[str, torch.Tensor]], resume: dict[str, Any] | None, resumed: bool,
-              stats: dict[str, Any], shards: dict[str, EpochReplay] | None = None) -> dict[str, torch.Tensor]:
+def train_job(
+    config: dict[str, Any],
+    meta: StudentMeta,
+    j: int,
+    job: dict[str, Any],
+    done: dict[str, dict[str, torch.Tensor]],
+    resume: dict[str, Any] | None,
+    resumed: bool,
+    stats: dict[str, Any],
+    shards: dict[str, EpochReplay] | None = None,
+) -> dict[str, torch.Tensor]:
     """One student's epochs on this worker's shard of `job["dataset"]`; returns its weights."""
     import ray.train
     import ray.train.torch
-
-    from kdpipe.losses import LossContext
-    from kdpipe.losses.suite import LossSuite
-    from kdpipe.tracking import MetricsLogger
 
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(config["seed"])
@@ -322,14 +337,18 @@ def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, 
     for name in (job["dataset"], "val"):
         if name not in shards:  # a view every worker reads whole (`fits_whole`), or this worker's split of it
             shard = ray.train.get_dataset_shard(name)
-            shards[name] = (EpochReplay.rank_share(shard, whole[name], rank, world, device) if name in whole
-                            else EpochReplay(shard, limit, device))
+            shards[name] = (
+                EpochReplay.rank_share(shard, whole[name], rank, world, device)
+                if name in whole
+                else EpochReplay(shard, limit, device)
+            )
     train_shard, val_shard = shards[job["dataset"]], shards["val"]
     epochs = job["epochs"]
     fresh = starts_fresh(student, job, start)
     for epoch in range(start, epochs):
-        metrics = run_epoch(model, opt, train_shard, val_shard, config, epoch, rank, device, amp, sched,
-                            init=fresh and epoch == 0)
+        metrics = run_epoch(
+            model, opt, train_shard, val_shard, config, epoch, rank, device, amp, sched, init=fresh and epoch == 0
+        )
         if tracker is not None:
             tracker.log(metrics, step=epoch)
         # `ray.train.report` is a barrier across workers (~1.7 s on 2 CPUs), so report only with checkpoints.
@@ -338,9 +357,16 @@ def train_job(config: dict[str, Any], meta: StudentMeta, j: int, job: dict[str, 
             if epoch == epochs - 1:
                 finished[job["name"]] = _student_state(model)
             unsent = stats["unsent"] + (_as_tuples(tracker.buffer) if tracker is not None else [])
-            state = {"job": j, "epoch": epoch, "module": _cpu(_unwrap(model).state_dict()), "opt": opt.state_dict(),
-                     "sched": sched.state_dict(),
-                     "done": finished, "unsent": unsent, "env": dict(stats["env"])}
+            state = {
+                "job": j,
+                "epoch": epoch,
+                "module": _cpu(_unwrap(model).state_dict()),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "done": finished,
+                "unsent": unsent,
+                "env": dict(stats["env"]),
+            }
             failures = stats["tracking_failures"] + (tracker.failures if tracker is not None else 0)
             report(state, {**metrics, "job": job["name"], "tracking_failures": failures}, rank)
     if tracker is not None:
@@ -358,12 +384,19 @@ def note_restart(tracking_uri: str, run_id: str, checkpoint: str, resume: dict[s
         client = MlflowClient(tracking_uri)
         tags = client.get_run(run_id).data.tags
         client.set_tag(run_id, "kdpipe.train.restarts", str(int(tags.get("kdpipe.train.restarts", "0")) + 1))
-        client.set_tag(run_id, "kdpipe.train.resumed_from",
-                       f"{checkpoint} (job {resume.get('job')}, after epoch {resume.get('epoch')})")
+        client.set_tag(
+            run_id,
+            "kdpipe.train.resumed_from",
+            f"{checkpoint} (job {resume.get('job')}, after epoch {resume.get('epoch')})",
+        )
     except Exception as e:  # noqa: BLE001 - tracking must never stop a resumed training
         log.warning("could not record the restart in MLflow: %s", e)
-    log.warning("training restarted: resumed from %s (job %s, after epoch %s)", checkpoint, resume.get("job"),
-                resume.get("epoch"))
+    log.warning(
+        "training restarted: resumed from %s (job %s, after epoch %s)",
+        checkpoint,
+        resume.get("job"),
+        resume.get("epoch"),
+    )
 
 
 def _as_tuples(metrics: list[Any]) -> list[tuple[str, float, int, int]]:
@@ -381,8 +414,9 @@ def send_unsent(tracking_uri: str, run_id: str, unsent: list[Any]) -> None:
     client = MlflowClient(tracking_uri)
     for i in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[i : i + 500])
-    log.warning("sent %d per-epoch metrics that the training workers could not deliver while MLflow was down",
-                len(metrics))
+    log.warning(
+        "sent %d per-epoch metrics that the training workers could not deliver while MLflow was down", len(metrics)
+    )
 
 
 def report_restarts(tracking_uri: str, run_id: str) -> None:
@@ -391,8 +425,11 @@ def report_restarts(tracking_uri: str, run_id: str) -> None:
 
     tags = MlflowClient(tracking_uri).get_run(run_id).data.tags
     if tags.get("kdpipe.train.restarts"):
-        log.warning("training restarted %s time(s) after a worker failure; it resumed from %s", tags["kdpipe.train.restarts"],
-                    tags.get("kdpipe.train.resumed_from", "a checkpoint"))
+        log.warning(
+            "training restarted %s time(s) after a worker failure; it resumed from %s",
+            tags["kdpipe.train.restarts"],
+            tags.get("kdpipe.train.resumed_from", "a checkpoint"),
+        )
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -403,7 +440,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return None
     if not torch.cuda.is_bf16_supported():
         if precision == "bf16":
-            raise RuntimeError(f"train.precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp32 or auto")
+            raise RuntimeError(
+                f"train.precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp32 or auto"
+            )
         return None
     return torch.bfloat16
 
@@ -412,9 +451,19 @@ def precision_name(amp: torch.dtype | None) -> str:
     return "fp32" if amp is None else f"{str(amp).removeprefix('torch.').replace('bfloat16', 'bf16')} autocast"
 
 
-def run_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_shard: EpochReplay, val_shard: EpochReplay,
-              config: dict[str, Any], epoch: int, rank: int, device: torch.device,
-              amp: torch.dtype | None, sched: Any = None, init: bool = False) -> dict[str, float]:
+def run_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    train_shard: EpochReplay,
+    val_shard: EpochReplay,
+    config: dict[str, Any],
+    epoch: int,
+    rank: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+    sched: Any = None,
+    init: bool = False,
+) -> dict[str, float]:
     """One pass over the train shard and one over the val shard; metrics averaged over all ranks.
     With `init`, the student's `data_init` sees the first batch before the first step (and the
     rows it used are reported as `data_init_rows`)."""
@@ -514,21 +563,28 @@ class Job:
 
     def as_config(self) -> dict[str, Any]:
         state = self.init_state
-        return {**self.__dict__, "init_state": {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
-                                                for k, v in state.items()} if state else None}
+        return {
+            **self.__dict__,
+            "init_state": {
+                k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in state.items()
+            }
+            if state
+            else None,
+        }
 
 
 @dataclass
 class FitResult:
     state: dict[str, torch.Tensor]  # the student's state dict
-    env: dict[str, str] = field(default_factory=dict)  # where it trained: {"device": "cuda", "precision": "bf16 autocast"}
+    env: dict[str, str] = field(
+        default_factory=dict
+    )  # where it trained: {"device": "cuda", "precision": "bf16 autocast"}
 
 
 def fits_whole(ds: Any, limit_bytes: float) -> bool:
     """Whether every worker may read all of `ds` and keep its share in memory (`EpochReplay.rank_share`):
     a materialised dataset within the `keep_in_memory_mb` limit. Anything bigger, or lazy (the LM
     views decode per batch), is split by Ray Data and streamed."""
-    from kdpipe.views import small_materialised
 
     return small_materialised(ds, limit_bytes)
 
@@ -553,26 +609,34 @@ def fit(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from kdpipe.progress import EpochProgress
-    from kdpipe.runtime import default_cpus_per_worker
-
     cpus = train_cfg.cpus_per_worker or default_cpus_per_worker(train_cfg.num_workers)
     # views small enough for every worker to read whole, with their row counts (metadata: they are materialised)
     whole = {k: ds.count() for k, ds in datasets.items() if fits_whole(ds, train_cfg.keep_in_memory_mb * 2**20)}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            "meta": meta.as_dict(), "student_kind": student_kind,
-            "jobs": [{**j.as_config(), "steps_per_epoch": steps_per_epoch(datasets[j.dataset], train_cfg)} for j in jobs],
-            "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay, "batch_size": train_cfg.batch_size,
-            "lr_schedule": train_cfg.lr_schedule, "warmup_ratio": train_cfg.warmup_ratio,
-            "seed": seed, "tracking_uri": tracking_uri, "run_id": run_id,
-            "checkpoint_every": train_cfg.checkpoint_every, "shuffle_buffer": train_cfg.shuffle_buffer,
+            "meta": meta.as_dict(),
+            "student_kind": student_kind,
+            "jobs": [
+                {**j.as_config(), "steps_per_epoch": steps_per_epoch(datasets[j.dataset], train_cfg)} for j in jobs
+            ],
+            "lr": train_cfg.lr,
+            "weight_decay": train_cfg.weight_decay,
+            "batch_size": train_cfg.batch_size,
+            "lr_schedule": train_cfg.lr_schedule,
+            "warmup_ratio": train_cfg.warmup_ratio,
+            "seed": seed,
+            "tracking_uri": tracking_uri,
+            "run_id": run_id,
+            "checkpoint_every": train_cfg.checkpoint_every,
+            "shuffle_buffer": train_cfg.shuffle_buffer,
             "keep_in_memory_mb": train_cfg.keep_in_memory_mb,
-            "precision": train_cfg.precision, "whole": whole,
+            "precision": train_cfg.precision,
+            "whole": whole,
         },
-        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
-                                     resources_per_worker={"CPU": cpus}),
+        scaling_config=ScalingConfig(
+            num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu, resources_per_worker={"CPU": cpus}
+        ),
         run_config=RunConfig(
             name=f"{name}-{uuid.uuid4().hex[:8]}",
             storage_path=storage_uri(storage_path),
@@ -583,16 +647,24 @@ def fit(
         dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k not in whole]),
     )
     # a worker group's start-up is several seconds of silence on a small machine: say what is starting
-    log.info("training %s: starting %d Ray Train worker(s), %g CPU%s each", ", ".join(j.name for j in jobs),
-             train_cfg.num_workers, cpus, " + 1 GPU" if train_cfg.use_gpu else "")
+    log.info(
+        "training %s: starting %d Ray Train worker(s), %g CPU%s each",
+        ", ".join(j.name for j in jobs),
+        train_cfg.num_workers,
+        cpus,
+        " + 1 GPU" if train_cfg.use_gpu else "",
+    )
     with EpochProgress(tracking_uri, run_id, [(f"{name}-{j.name}", j.prefix, j.epochs) for j in jobs]):
         result = trainer.fit()
     report_restarts(tracking_uri, run_id)
     if result.checkpoint is None:
         raise RuntimeError(f"training '{name}' finished without a checkpoint: {result.error}")
     if failures := (result.metrics or {}).get("tracking_failures"):
-        log.warning("MLflow was unreachable from the training workers %d time(s); their metrics were buffered and "
-                    "sent when it answered again (those still unsent when training ended are sent now)", failures)
+        log.warning(
+            "MLflow was unreachable from the training workers %d time(s); their metrics were buffered and "
+            "sent when it answered again (those still unsent when training ended are sent now)",
+            failures,
+        )
     with result.checkpoint.as_directory() as d:
         final = torch.load(Path(d) / "state.pt", weights_only=True, map_location="cpu")
     done = final["done"]

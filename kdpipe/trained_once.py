@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -46,8 +47,14 @@ def _read_report(path: str, report: str) -> dict[str, Any]:
     return json.loads(storage.read_text(storage.join(path, report)))
 
 
-def train_once(path: str | Path, digest: str, train: Callable[[], tuple[Any, Any, dict[str, Any]]], what: str,
-               report: str = REPORT, num_threads: int | None = None) -> TrainedOnce:
+def train_once(
+    path: str | Path,
+    digest: str,
+    train: Callable[[], tuple[Any, Any, dict[str, Any]]],
+    what: str,
+    report: str = REPORT,
+    num_threads: int | None = None,
+) -> TrainedOnce:
     """Reuse `path` (a local path or a URI) when it holds a finished run of `digest`; else call
     `train()` -> (model, tokenizer, report) and publish it (`kdpipe.weights.publish_dir`: one rename
     locally, the report last remotely). `num_threads` sets torch's intra-op threads for the training only."""
@@ -55,13 +62,17 @@ def train_once(path: str | Path, digest: str, train: Callable[[], tuple[Any, Any
     if is_trained(path, report):
         done = _read_report(path, report)
         if done.get("digest") != digest:
-            raise KdpipeError(f"{path} holds a {what} trained with another recipe (digest {done.get('digest')}, "
-                             f"recipe {done.get('recipe')}); this recipe's digest is {digest}. Delete the directory to "
-                             "retrain, or point the teacher's `path:` elsewhere")
+            raise KdpipeError(
+                f"{path} holds a {what} trained with another recipe (digest {done.get('digest')}, "
+                f"recipe {done.get('recipe')}); this recipe's digest is {digest}. Delete the directory to "
+                "retrain, or point the teacher's `path:` elsewhere"
+            )
         log.info("%s %s reused (digest %s)", what, path, digest)
         return TrainedOnce(path, digest, False, done)
     if not storage.is_remote(path) and Path(path).exists() and any(Path(path).iterdir()):
-        raise KdpipeError(f"{path} exists but holds no finished {what} ({report} missing); delete it or pick another path")
+        raise KdpipeError(
+            f"{path} exists but holds no finished {what} ({report} missing); delete it or pick another path"
+        )
     log.info("training the %s of digest %s into %s (once: later runs reuse it)", what, digest, storage.display(path))
     old = torch.get_num_threads()
     if num_threads:

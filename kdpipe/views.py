@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from kdpipe import storage
-from kdpipe.arrays import find_sorted, id_keys
+from kdpipe.arrays import find_sorted, id_keys, to_numpy
 from kdpipe.cache import TeacherCache
-from kdpipe.errors import KdpipeError
 from kdpipe.data import SourceData
+from kdpipe.errors import KdpipeError
+from kdpipe.lm.topk_codec import decode_batch
 
 log = logging.getLogger("kdpipe.views")
 
@@ -82,12 +84,15 @@ def source_side(source: SourceData) -> Side:
     base = source.index_dataset()
     if source.input_kind == "features":
         cols = ["id", "label", "split", "labeled"] + (["file", "row"] if source.cfg is not None else [])
-        return Side("source", source.rows_dataset(base.select_columns(cols)), source.num_rows * (48 + 4 * (source.dim or 0)))
+        return Side(
+            "source", source.rows_dataset(base.select_columns(cols)), source.num_rows * (48 + 4 * (source.dim or 0))
+        )
     return Side("source", base.select_columns(["id", "label", "split", "labeled"]), source.num_rows * 48)
 
 
-def join_on_id(sides: list[Side], broadcast_bytes: int | None = None,
-               then: Callable[[pa.Table], pa.Table] | None = None) -> Any:
+def join_on_id(
+    sides: list[Side], broadcast_bytes: int | None = None, then: Callable[[pa.Table], pa.Table] | None = None
+) -> Any:
     """Inner join of `sides` on `id`, planned like a query engine plans it: the largest side
     streams; every other side small enough (`broadcast_bytes`, default `BROADCAST_BYTES`) is
     loaded once per worker and looked up by id (a broadcast join: no shuffle); larger sides are
@@ -109,16 +114,31 @@ def join_on_id(sides: list[Side], broadcast_bytes: int | None = None,
             parts = max(1, min(256, math.ceil(side.nbytes / JOIN_PARTITION_BYTES)))
             out = out.join(_with_prefix(side.ds, side.prefix), "inner", num_partitions=parts, on=("id",))
     if small:  # one actor looks up every small side: one process, a fraction of a CPU
-        return out.map_batches(LookupJoin, fn_constructor_kwargs={"sides": [side_table(s.ds, s.prefix) for s in small],
-                                                                  "prefix": prefix, "then": then},
-                               batch_format="pyarrow", batch_size=None, compute=_one_actor(), num_cpus=0.5)
+        return out.map_batches(
+            LookupJoin,
+            fn_constructor_kwargs={
+                "sides": [side_table(s.ds, s.prefix) for s in small],
+                "prefix": prefix,
+                "then": then,
+            },
+            batch_format="pyarrow",
+            batch_size=None,
+            compute=_one_actor(),
+            num_cpus=0.5,
+        )
     if prefix is None and then is None:
         return out
-    return out.map_batches(_prefix_then, fn_kwargs={"prefix": prefix, "then": then}, batch_format="pyarrow", batch_size=None)
+    return out.map_batches(
+        _prefix_then, fn_kwargs={"prefix": prefix, "then": then}, batch_format="pyarrow", batch_size=None
+    )
 
 
 def _with_prefix(ds: Any, prefix: str | None) -> Any:
-    return ds if not prefix else ds.map_batches(prefixed, fn_kwargs={"prefix": prefix}, batch_format="pyarrow", batch_size=None)
+    return (
+        ds
+        if not prefix
+        else ds.map_batches(prefixed, fn_kwargs={"prefix": prefix}, batch_format="pyarrow", batch_size=None)
+    )
 
 
 def _prefix_then(block: pa.Table, prefix: str | None, then: Callable[[pa.Table], pa.Table] | None) -> pa.Table:
@@ -149,8 +169,9 @@ class LookupJoin:
     """`map_batches` callable: the small sides' rows for each id of a block (inner join). Each side
     is fetched once per actor and its ids sorted once, so a block costs a binary search per side."""
 
-    def __init__(self, sides: list[Any], prefix: str | None = None,
-                 then: Callable[[pa.Table], pa.Table] | None = None) -> None:
+    def __init__(
+        self, sides: list[Any], prefix: str | None = None, then: Callable[[pa.Table], pa.Table] | None = None
+    ) -> None:
         import numpy as np
         import ray
 
@@ -176,23 +197,35 @@ class LookupJoin:
         return block if self.then is None else self.then(block)
 
 
-def build_views(source: SourceData, caches: dict[str, TeacherCache], verify: bool = True,
-                broadcast_bytes: int | None = None) -> SplitViews:
+def build_views(
+    source: SourceData, caches: dict[str, TeacherCache], verify: bool = True, broadcast_bytes: int | None = None
+) -> SplitViews:
     """The split datasets of a run: source ⋈ every cache on `id`, prepared and materialised."""
     sides = [source_side(source)] + [cache_side(tid, c, verify) for tid, c in caches.items()]
     joined = join_on_id(sides, broadcast_bytes, then=prepare_block).materialize()
     counts = _split_counts(joined)
     if sum(counts.values()) != source.num_rows:
         missing = source.num_rows - sum(counts.values())
-        raise KdpipeError(f"teacher cache(s) {', '.join(str(c.dir) for c in caches.values())} lack {missing} of "
-                          f"{source.num_rows} source rows; run `kdpipe teach SPEC` first")
-    views = {s: joined.map_batches(_one_split, fn_kwargs={"split": s}, batch_format="pyarrow", batch_size=None)
-             .materialize() for s in SPLITS}
+        raise KdpipeError(
+            f"teacher cache(s) {', '.join(str(c.dir) for c in caches.values())} lack {missing} of "
+            f"{source.num_rows} source rows; run `kdpipe teach SPEC` first"
+        )
+    views = {
+        s: joined.map_batches(_one_split, fn_kwargs={"split": s}, batch_format="pyarrow", batch_size=None).materialize()
+        for s in SPLITS
+    }
     token_teachers = [c.removesuffix(".topk_lm") for c in joined.columns() if c.endswith(".topk_lm")]
     del joined
     if token_teachers:  # compressed per-token top-k: decoded per batch, every epoch, in the workers
-        views = {s: v.map_batches(decode_token_topk, fn_kwargs={"teachers": token_teachers}, batch_format="pyarrow",
-                                  batch_size=DECODE_BATCH) for s, v in views.items()}
+        views = {
+            s: v.map_batches(
+                decode_token_topk,
+                fn_kwargs={"teachers": token_teachers},
+                batch_format="pyarrow",
+                batch_size=DECODE_BATCH,
+            )
+            for s, v in views.items()
+        }
     log.info("distil views: %s rows (train/val/test)", "/".join(str(counts[s]) for s in SPLITS))
     return SplitViews(views["train"], views["val"], views["test"], counts)
 
@@ -201,8 +234,6 @@ def prepare_block(block: pa.Table) -> pa.Table:
     """Hide labels of train rows outside the labeled subset, drop `labeled`/`file`/`row`/`text`,
     and make fixed-size lists tensor columns (dtype kept: fp16 widens per batch in the worker)."""
     from ray.data.extensions import ArrowTensorArray
-
-    from kdpipe.arrays import to_numpy
 
     hidden = pc.and_(pc.equal(block["split"], "train"), pc.invert(block["labeled"]))
     label = pc.if_else(hidden, pa.scalar(-1, pa.int64()), block["label"])
@@ -228,8 +259,6 @@ def decode_token_topk(block: pa.Table, teachers: list[str]) -> pa.Table:
     `<tid>.tail_logp` (B, T) fp32 tensors (padding: logp -inf, all mass in the tail); the first
     teacher's tokens also become the batch's `input_ids` / `attention_mask`, which token losses read."""
     from ray.data.extensions import ArrowTensorArray
-
-    from kdpipe.lm.topk_codec import decode_batch
 
     cols = {c: block[c] for c in block.column_names if not c.endswith(".topk_lm")}
     for tid in teachers:
@@ -284,6 +313,11 @@ def _labeled_block(block: pa.Table) -> pa.Table:
 
 
 def count_labeled(ds: Any) -> int:
-    return int(sum(r["n"] for r in ds.map_batches(
-        lambda b: pa.table({"n": [pc.sum(_visible(b)).as_py() or 0]}),
-        batch_format="pyarrow", batch_size=None).iter_rows()))
+    return int(
+        sum(
+            r["n"]
+            for r in ds.map_batches(
+                lambda b: pa.table({"n": [pc.sum(_visible(b)).as_py() or 0]}), batch_format="pyarrow", batch_size=None
+            ).iter_rows()
+        )
+    )

@@ -26,8 +26,8 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.fs as pafs
 
@@ -92,7 +92,7 @@ def _listing_key(loc: str) -> str:
     """What identifies a remote directory's content without reading it: names, sizes, mtimes."""
     fs, path = storage.resolve(loc)
     found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    files = sorted((f.path[len(path):], f.size, f.mtime_ns) for f in found if f.type == pafs.FileType.File)
+    files = sorted((f.path[len(path) :], f.size, f.mtime_ns) for f in found if f.type == pafs.FileType.File)
     if not files:
         raise FileNotFoundError(f"teacher weights '{loc}' do not exist (no files under it)")
     return "listing-" + hashlib.sha256(json.dumps([loc, files], default=str).encode()).hexdigest()[:16]
@@ -121,8 +121,10 @@ def local_copy(loc: str, want: str | None = None, patterns: tuple[str, ...] = WE
             pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
             got = digest_local(tmp, patterns)
             if want is not None and got != want:
-                raise storage.StorageError(f"teacher weights at {loc} have digest {got}, not the {want} this run's "
-                                           "caches were made with: they changed during the run; rerun")
+                raise storage.StorageError(
+                    f"teacher weights at {loc} have digest {got}, not the {want} this run's "
+                    "caches were made with: they changed during the run; rerun"
+                )
             (tmp / ".complete").write_text(loc)
             dest = cache / got
             if dest.exists():
@@ -148,8 +150,9 @@ def publish_dir(local_dir: Path, loc: str, marker: str, patterns: tuple[str, ...
     the same directory first (the same digest: theirs is used)."""
     if not (local_dir / marker).is_file():
         raise ValueError(f"{local_dir} has no {marker}: nothing to publish")
-    (local_dir / DIGEST_FILE).write_text(json.dumps({"digest": digest_local(local_dir, patterns),
-                                                     "patterns": list(patterns)}))
+    (local_dir / DIGEST_FILE).write_text(
+        json.dumps({"digest": digest_local(local_dir, patterns), "patterns": list(patterns)})
+    )
     if not storage.is_remote(loc):
         dest = Path(storage.local(loc))
         dest.parent.mkdir(parents=True, exist_ok=True)

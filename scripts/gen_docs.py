@@ -23,8 +23,9 @@ import math
 import re
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -47,8 +48,10 @@ def prose(text: str) -> str:
     RST ``code`` as `code`."""
     text = re.sub(r"``([^`]+)``", r"`\1`", text)
     parts = re.split(r"(`[^`]*`)", text)
-    return "".join(p if p.startswith("`") and p.endswith("`") and len(p) > 1
-                   else re.sub(r"<(?=[A-Za-z/!?])", "&lt;", p) for p in parts)
+    return "".join(
+        p if p.startswith("`") and p.endswith("`") and len(p) > 1 else re.sub(r"<(?=[A-Za-z/!?])", "&lt;", p)
+        for p in parts
+    )
 
 
 def cell(text: str) -> str:
@@ -100,7 +103,7 @@ def first_paragraph(doc: str | None) -> str:
     return text[:-1] + "." if text.endswith(":") else text
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def module_docstring(path: Path) -> str | None:
     try:
         return ast.get_docstring(ast.parse(path.read_text()))
@@ -197,8 +200,10 @@ def is_cell(v: Any, keys: Path_ = ()) -> bool:
     if isinstance(v, dict):
         return not v
     if isinstance(v, list):
-        return (all(is_scalar(x) and not (isinstance(x, str) and "\n" in x) for x in v)
-                and len(fmt_list(v, keys)) <= MAX_CELL)
+        return (
+            all(is_scalar(x) and not (isinstance(x, str) and "\n" in x) for x in v)
+            and len(fmt_list(v, keys)) <= MAX_CELL
+        )
     return False
 
 
@@ -241,8 +246,11 @@ def keys_of(path: tuple[Any, ...]) -> Path_:
 @functools.lru_cache(maxsize=1)
 def script_texts() -> dict[Path, str]:
     """The scripts that may write a result, and their source."""
-    return {p: p.read_text() for p in sorted(ROOT.glob("bench/*.py")) + sorted(ROOT.glob("scripts/*.py"))
-            if p.name not in NOT_WRITERS and p.resolve() != Path(__file__).resolve()}
+    return {
+        p: p.read_text()
+        for p in sorted(ROOT.glob("bench/*.py")) + sorted(ROOT.glob("scripts/*.py"))
+        if p.name not in NOT_WRITERS and p.resolve() != Path(__file__).resolve()
+    }
 
 
 class BenchPage:
@@ -321,8 +329,10 @@ class BenchPage:
             keep = 15
             if lines[0].startswith("Traceback"):
                 lines = ["…"] + lines[-keep:]
-                note = (f"*{len(s.splitlines())} lines; the last {keep} are shown. All of them: "
-                        f"{code(self.file)}, key {code(path_text(path))}.*")
+                note = (
+                    f"*{len(s.splitlines())} lines; the last {keep} are shown. All of them: "
+                    f"{code(self.file)}, key {code(path_text(path))}.*"
+                )
             else:
                 lines = lines[:keep] + ["…"]
                 note = self.cut_note(keep, len(s.splitlines()), path, "lines")
@@ -332,8 +342,15 @@ class BenchPage:
             return [f"{label} (a Markdown table stored in the JSON):", body]
         return [f"{label}:", fenced(body, "text")] + ([note] if note else [])
 
-    def records(self, label: str, labels: list[str], items: list[Any], flat: list[dict[Path_, Any]],
-                path: tuple[Any, ...], depth: int) -> list[str]:
+    def records(
+        self,
+        label: str,
+        labels: list[str],
+        items: list[Any],
+        flat: list[dict[Path_, Any]],
+        path: tuple[Any, ...],
+        depth: int,
+    ) -> list[str]:
         """Like mappings as one table: one row per entry, one column per field; turned (one row per field,
         one column per entry) when that is too wide. A few entries too wide either way get a section each;
         many are cut to their first ones, with a note saying where the rest are."""
@@ -409,7 +426,7 @@ class BenchPage:
         for p, t in texts.items():
             if re.search(rf"""save\(\s*["']{re.escape(self.name)}["']""", t):
                 return rel[p], "save"
-        for p, t in texts.items():
+        for p in texts:
             if f"bench/results/{self.name}.json" in (module_docstring(p) or ""):
                 return rel[p], "docstring"
         for p, t in texts.items():
@@ -438,8 +455,13 @@ class BenchPage:
     def render(self) -> str:
         head = [f'<a id="{anchor(self.name)}"></a>', f"## {self.title()} — {code(self.name + '.json')}"]
         if not isinstance(self.data, dict):
-            return "\n\n".join(["\n".join(head), f"*{code(self.file)} is not a JSON object; shown as stored.*",
-                                fenced(compact_json(self.data), "json")])
+            return "\n\n".join(
+                [
+                    "\n".join(head),
+                    f"*{code(self.file)} is not a JSON object; shown as stored.*",
+                    fenced(compact_json(self.data), "json"),
+                ]
+            )
         d = dict(self.data)
         used: set[str] = set()
         script, how = self.writer()
@@ -551,15 +573,23 @@ class _Unreadable:
 def render_one(name: str, data: Any) -> str:
     page = BenchPage(name, data)
     if isinstance(data, _Unreadable):
-        return "\n\n".join([f'<a id="{anchor(name)}"></a>\n## {page.title()} — {code(name + ".json")}',
-                            f"*{code(page.file)} is not valid JSON ({prose(data.error)}); shown as stored.*",
-                            fenced(data.text, "json")])
+        return "\n\n".join(
+            [
+                f'<a id="{anchor(name)}"></a>\n## {page.title()} — {code(name + ".json")}',
+                f"*{code(page.file)} is not valid JSON ({prose(data.error)}); shown as stored.*",
+                fenced(data.text, "json"),
+            ]
+        )
     try:
         return page.render()
     except Exception as e:  # noqa: BLE001 - a JSON the renderer cannot lay out is shown whole, never skipped
-        return "\n\n".join([f'<a id="{anchor(name)}"></a>\n## {page.title()} — {code(name + ".json")}',
-                            f"*Not laid out as tables ({type(e).__name__}: {prose(str(e))}); the JSON as stored:*",
-                            fenced(compact_json(data), "json")])
+        return "\n\n".join(
+            [
+                f'<a id="{anchor(name)}"></a>\n## {page.title()} — {code(name + ".json")}',
+                f"*Not laid out as tables ({type(e).__name__}: {prose(str(e))}); the JSON as stored:*",
+                fenced(compact_json(data), "json"),
+            ]
+        )
 
 
 def render_benchmarks(results: Path = RESULTS) -> str:
@@ -701,8 +731,22 @@ class SchemaPage:
         if "const" in s:
             return f"{code(yaml_value(s['const']))} (the only value)"
         extra = self.constraints(s)
-        base = {k: v for k, v in s.items() if k not in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum",
-                                                          "minItems", "maxItems", "minLength", "maxLength", "pattern")}
+        base = {
+            k: v
+            for k, v in s.items()
+            if k
+            not in (
+                "minimum",
+                "exclusiveMinimum",
+                "maximum",
+                "exclusiveMaximum",
+                "minItems",
+                "maxItems",
+                "minLength",
+                "maxLength",
+                "pattern",
+            )
+        }
         t = base.get("type")
         if t == "array":
             items = base.get("items", {})
@@ -747,7 +791,7 @@ class SchemaPage:
         if len(text) > MAX_DEFAULT and isinstance(value, list) and value:
             return f"{len(value)} entries, the first: {code(yaml_value(value[0]))}"
         if len(text) > MAX_DEFAULT:
-            return code(text[:MAX_DEFAULT - 1] + "…")
+            return code(text[: MAX_DEFAULT - 1] + "…")
         return code(text)
 
     def ref_in(self, s: dict[str, Any]) -> str | None:
@@ -779,16 +823,23 @@ class SchemaPage:
             see = self.see.get(sub)
             if see:
                 desc = f"{desc} (see [{see[0]}](#{see[1]}))".strip()
-            rows.append([code(key), self.type_of(p, sub, depth + 1), self.default_of(model, key, p, key in required),
-                         desc])
+            rows.append(
+                [code(key), self.type_of(p, sub, depth + 1), self.default_of(model, key, p, key in required), desc]
+            )
         blocks = [table(["key", "type", "default", "description"], rows)] if rows else ["No keys."]
         extra = s.get("additionalProperties")
         if extra is True or isinstance(extra, dict) and props:
             see = self.see.get(path + ".*")
-            blocks.append("Other keys are accepted too" + (f": {self.type_of(extra, path + '.<key>', depth + 1)}."
-                                                           if isinstance(extra, dict) else
-                                                           f": the params of the named plugin (see [{see[0]}](#{see[1]}))."
-                                                           if see else "."))
+            blocks.append(
+                "Other keys are accepted too"
+                + (
+                    f": {self.type_of(extra, path + '.<key>', depth + 1)}."
+                    if isinstance(extra, dict)
+                    else f": the params of the named plugin (see [{see[0]}](#{see[1]}))."
+                    if see
+                    else "."
+                )
+            )
         return blocks
 
     def heading(self, path: str, depth: int) -> str:
@@ -816,15 +867,20 @@ class SchemaPage:
 
 
 EXAMPLES = [
-    ("A CSV file whose feature columns share a prefix:", """\
+    (
+        "A CSV file whose feature columns share a prefix:",
+        """\
 source:
   kind: csv                      # or parquet
   path: data/sensors.csv         # relative to this spec's folder
   id_column: reading_id          # stable ids across formats; a repeated id is a bad row
   features: {prefix: sensor_, exclude: [sensor_99]}   # or a list of columns, or {regex: ...}
   label: machine_state           # integer ids, or class names (mapped to ids, saved with the model)
-  on_bad_rows: skip              # quarantine bad rows under storage: and go on"""),
-    ("A folder of Parquet files, feature columns listed by name, labels given as class names:", """\
+  on_bad_rows: skip              # quarantine bad rows under storage: and go on""",
+    ),
+    (
+        "A folder of Parquet files, feature columns listed by name, labels given as class names:",
+        """\
 source:
   kind: parquet
   path: data/readings/           # a file, a folder or a glob (data/readings/*.parquet); or a URI
@@ -833,24 +889,26 @@ source:
   label: machine_state           # null or empty: an unlabeled row
   classes: [idle, running, fault]  # names in id order (default: the sorted distinct names)
   split: {val: 0.15, test: 0.25}   # by a hash of each row's id; labeled_fraction: 1.0 keeps every label
-  on_bad_rows: fail              # stop at the first bad row, naming its file, row and reason"""),
+  on_bad_rows: fail              # stop at the first bad row, naming its file, row and reason""",
+    ),
 ]
 
 
 def check_examples() -> None:
     """The preamble's examples must be accepted by the code (they are part of the generated page)."""
     import yaml
+    from pydantic import ValidationError
 
     from kdpipe.spec import SourceConfig
-
-    from pydantic import ValidationError
 
     for _, text in EXAMPLES:
         try:
             SourceConfig.model_validate(yaml.safe_load(text)["source"])
         except ValidationError as e:
-            raise SystemExit(f"scripts/gen_docs.py: an example `source:` section (EXAMPLES) is rejected by "
-                             f"kdpipe.spec.SourceConfig; update it to what the code accepts:\n{text}\n{e}") from None
+            raise SystemExit(
+                f"scripts/gen_docs.py: an example `source:` section (EXAMPLES) is rejected by "
+                f"kdpipe.spec.SourceConfig; update it to what the code accepts:\n{text}\n{e}"
+            ) from None
 
 
 def preamble(schema: dict[str, Any]) -> list[str]:
@@ -875,9 +933,16 @@ def preamble(schema: dict[str, Any]) -> list[str]:
         checkpoints, the row index and the quarantine of bad rows, live under the storage root `storage:`{storage},
         which is relative to the working directory. On a cluster it is a URI every node reaches, such as
         `s3://bucket/kdpipe`, or a folder on a shared filesystem."""),
-        paragraph("- A key that a section does not list is an error that names it"
-                  + (f", except in {', '.join(code(p) for p in open_paths)} entries, whose other keys are the "
-                     "loss's params (see [Losses](#plugins-losses))" if open_paths else "") + "."),
+        paragraph(
+            "- A key that a section does not list is an error that names it"
+            + (
+                f", except in {', '.join(code(p) for p in open_paths)} entries, whose other keys are the "
+                "loss's params (see [Losses](#plugins-losses))"
+                if open_paths
+                else ""
+            )
+            + "."
+        ),
     ]
     ex = [
         "## Two `source:` sections for a table of one's own",
@@ -895,11 +960,25 @@ def preamble(schema: dict[str, Any]) -> list[str]:
 REGISTRY_SECTIONS = [
     # (registry, its module, heading, anchor, the key that names a plugin, the key path of its params
     #  (`.*`: the other keys of the same mapping), how the params are given)
-    ("TEACHERS", "teachers", "Teacher kinds", "plugins-teachers", "teachers[].kind", "teachers[].params",
-     "`teachers[].params`"),
+    (
+        "TEACHERS",
+        "teachers",
+        "Teacher kinds",
+        "plugins-teachers",
+        "teachers[].kind",
+        "teachers[].params",
+        "`teachers[].params`",
+    ),
     ("STUDENTS", "students", "Student kinds", "plugins-students", "student.kind", "student.params", "`student.params`"),
-    ("LOSSES", "kdpipe.losses", "Losses", "plugins-losses", "losses[].name", "losses[].*",
-     "the other keys of the same `losses[]` entry"),
+    (
+        "LOSSES",
+        "kdpipe.losses",
+        "Losses",
+        "plugins-losses",
+        "losses[].name",
+        "losses[].*",
+        "the other keys of the same `losses[]` entry",
+    ),
     ("EVALUATORS", "kdpipe.evaluate", "Evaluators", "plugins-evaluators", "evaluate.task", None, None),
 ]
 
@@ -925,14 +1004,20 @@ def plugin_summary(obj: Any) -> str:
 def render_plugins() -> list[str]:
     sys.path.insert(0, str(ROOT))
     import_plugins()
-    blocks = ["## Plugins", paragraph("""Every plugin registered in the installed code, with its own params
-    (checked by its `Params` model when a spec is loaded). `kdpipe plugins` lists the same names.""")]
+    blocks = [
+        "## Plugins",
+        paragraph("""Every plugin registered in the installed code, with its own params
+    (checked by its `Params` model when a spec is loaded). `kdpipe plugins` lists the same names."""),
+    ]
     for var, module, heading, anc, where, params_key, params_how in REGISTRY_SECTIONS:
         registry = getattr(importlib.import_module(module), var)
         names = registry.names()
         blocks.append(f'<a id="{anc}"></a>\n### {heading}')
-        intro = (f"Named by {code(where)}" + (f"; params: {params_how}" if params_how else "")
-                 + f". Registered: {', '.join(code(n) for n in names)}.")
+        intro = (
+            f"Named by {code(where)}"
+            + (f"; params: {params_how}" if params_how else "")
+            + f". Registered: {', '.join(code(n) for n in names)}."
+        )
         blocks.append(intro)
         seen: dict[int, str] = {}
         if params_key is None and not any(hasattr(registry.get(n), "Params") for n in names):
@@ -956,8 +1041,9 @@ def render_plugins() -> list[str]:
                 blocks.append("No params.")
                 continue
             sp = SchemaPage(params.model_json_schema(), model_classes(params), anchor(anc, n), 4)
-            blocks += sp.model_table(params.model_json_schema(), params.__name__,
-                                  (params_key or where).removesuffix(".*"), 0)
+            blocks += sp.model_table(
+                params.model_json_schema(), params.__name__, (params_key or where).removesuffix(".*"), 0
+            )
             blocks += sp.nested()
     return blocks
 
@@ -999,7 +1085,7 @@ def _table_value(text: str, row: str) -> str:
     """The value of `row` in a fixed-width results table stored as text (`model  test_acc` lines)."""
     for line in text.splitlines():
         if line.startswith(row):
-            return line[len(row):].split()[-1]
+            return line[len(row) :].split()[-1]
     raise KeyError(row)
 
 
@@ -1009,7 +1095,10 @@ def _rows(pipeline: str, *names: str) -> Callable[[Any], list[str]]:
 
 
 def _minilm(kind: str) -> Callable[[Any], list[str]]:
-    return lambda d: [f"{d['results'][kind]['student']['test_cosine']:.3f}", f"{d['results'][kind]['twin']['test_cosine']:.3f}"]
+    return lambda d: [
+        f"{d['results'][kind]['student']['test_cosine']:.3f}",
+        f"{d['results'][kind]['twin']['test_cosine']:.3f}",
+    ]
 
 
 def _mean(values: list[float]) -> float:
@@ -1018,43 +1107,88 @@ def _mean(values: list[float]) -> float:
 
 # pipeline -> (what it does, the JSON its numbers come from, numbers, how they read)
 HEADLINES: dict[str, tuple[str, str, Callable[[Any], list[str]], str]] = {
-    "digits_kd": ("the default: an MLP teacher → a 32-unit MLP, 10 % of the labels", "demo_time",
-                  lambda d: [_table_value(d["tables"]["after"], "student (kd+ce)"),
-                             _table_value(d["tables"]["after"], "baseline twin (ce)")],
-                  "test accuracy {0}, its label-only twin {1}"),
-    "digits_fusion": ("dynamic logit fusion of three partial teachers", "methods",
-                      _rows("digits_fusion", "student <- dynamic fusion", "student <- best single teacher (generalist)"),
-                      "student {0} vs {1} from the best single teacher (test accuracy, 3 seeds)"),
-    "digits_aspects": ("multi-aspect KD: yes/no aspect answers as soft targets", "methods",
-                       _rows("digits_aspects", "ce + aspects", "ce + aspects: twin (ce)"),
-                       "test accuracy {0} vs {1} without aspects (3 seeds)"),
-    "digits_selfdistill": ("multi-exit self-distillation", "methods",
-                           _rows("digits_selfdistill", "kd + exit CE + self-distillation [exit 0]",
-                                 "kd + exit CE + self-distillation: twin (kd+exit-ce) [exit 0]"),
-                           "shallowest exit {0} vs {1} without exit-to-exit KL (3 seeds)"),
-    "minilm_distill": ("all-MiniLM-L6-v2 → a 3-layer encoder on WordNet glosses", "minilm_quality", _minilm("distil"),
-                       "test cosine to the teacher {0} vs {1} for the twin"),
-    "minilm_m2mkd": ("module-to-module KD of the same teacher", "minilm_quality", _minilm("m2mkd"),
-                     "test cosine {0} vs {1} trained end to end"),
-    "minilm_narrow": ("a narrower encoder student with a learned projection", "minilm_narrow",
-                      lambda d: [f"{d['results']['narrow']['student']['test_cosine']:.3f}"], "test cosine {0}"),
-    "text_classifier_distill": ("a fine-tuned 6-layer classifier → a 2-layer student, 45 classes", "text_classifier",
-                                lambda d: [f"{_mean(d['rows']['KD student']['test_acc']):.4f}",
-                                           f"{_mean(d['rows']['twin: labels only']['test_acc']):.4f}"],
-                                "test accuracy {0} vs {1} for the label-only twin (mean of 3 seeds)"),
-    "text_classifier_hierarchical": ("self-distillation between the exits of one classifier",
-                                     "text_classifier_hierarchical",
-                                     lambda d: [f"{_mean(d['rows']['exit 0']['student']):.4f}",
-                                                f"{_mean(d['rows']['exit 0']['twin']):.4f}"],
-                                     "1-layer exit {0} vs {1} without exit-to-exit KL (mean of 3 seeds)"),
-    "lm_distill": ("a causal LM pretrained once → a smaller one, compressed top-64 token cache", "lm_methods",
-                   lambda d: [f"{d['shipped_recipe_seed0']['metrics']['test_ppl']:.0f}",
-                              f"{d['shipped_recipe_seed0']['metrics']['test_teacher_agreement']:.3f}"],
-                   "test perplexity {0}, top-1 agreement with the teacher {1}"),
-    "lm_fusion": ("token-level fusion of a noun and a verb expert", "lm_fusion",
-                  lambda d: [f"{_mean(d['rows']['student ← dynamic fusion']['test_ppl']):.1f}",
-                             f"{_mean(d['rows']['teacher: noun expert']['test_ppl']):.1f}"],
-                  "student test perplexity {0} vs {1} for the better expert (mean of 3 seeds)"),
+    "digits_kd": (
+        "the default: an MLP teacher → a 32-unit MLP, 10 % of the labels",
+        "demo_time",
+        lambda d: [
+            _table_value(d["tables"]["after"], "student (kd+ce)"),
+            _table_value(d["tables"]["after"], "baseline twin (ce)"),
+        ],
+        "test accuracy {0}, its label-only twin {1}",
+    ),
+    "digits_fusion": (
+        "dynamic logit fusion of three partial teachers",
+        "methods",
+        _rows("digits_fusion", "student <- dynamic fusion", "student <- best single teacher (generalist)"),
+        "student {0} vs {1} from the best single teacher (test accuracy, 3 seeds)",
+    ),
+    "digits_aspects": (
+        "multi-aspect KD: yes/no aspect answers as soft targets",
+        "methods",
+        _rows("digits_aspects", "ce + aspects", "ce + aspects: twin (ce)"),
+        "test accuracy {0} vs {1} without aspects (3 seeds)",
+    ),
+    "digits_selfdistill": (
+        "multi-exit self-distillation",
+        "methods",
+        _rows(
+            "digits_selfdistill",
+            "kd + exit CE + self-distillation [exit 0]",
+            "kd + exit CE + self-distillation: twin (kd+exit-ce) [exit 0]",
+        ),
+        "shallowest exit {0} vs {1} without exit-to-exit KL (3 seeds)",
+    ),
+    "minilm_distill": (
+        "all-MiniLM-L6-v2 → a 3-layer encoder on WordNet glosses",
+        "minilm_quality",
+        _minilm("distil"),
+        "test cosine to the teacher {0} vs {1} for the twin",
+    ),
+    "minilm_m2mkd": (
+        "module-to-module KD of the same teacher",
+        "minilm_quality",
+        _minilm("m2mkd"),
+        "test cosine {0} vs {1} trained end to end",
+    ),
+    "minilm_narrow": (
+        "a narrower encoder student with a learned projection",
+        "minilm_narrow",
+        lambda d: [f"{d['results']['narrow']['student']['test_cosine']:.3f}"],
+        "test cosine {0}",
+    ),
+    "text_classifier_distill": (
+        "a fine-tuned 6-layer classifier → a 2-layer student, 45 classes",
+        "text_classifier",
+        lambda d: [
+            f"{_mean(d['rows']['KD student']['test_acc']):.4f}",
+            f"{_mean(d['rows']['twin: labels only']['test_acc']):.4f}",
+        ],
+        "test accuracy {0} vs {1} for the label-only twin (mean of 3 seeds)",
+    ),
+    "text_classifier_hierarchical": (
+        "self-distillation between the exits of one classifier",
+        "text_classifier_hierarchical",
+        lambda d: [f"{_mean(d['rows']['exit 0']['student']):.4f}", f"{_mean(d['rows']['exit 0']['twin']):.4f}"],
+        "1-layer exit {0} vs {1} without exit-to-exit KL (mean of 3 seeds)",
+    ),
+    "lm_distill": (
+        "a causal LM pretrained once → a smaller one, compressed top-64 token cache",
+        "lm_methods",
+        lambda d: [
+            f"{d['shipped_recipe_seed0']['metrics']['test_ppl']:.0f}",
+            f"{d['shipped_recipe_seed0']['metrics']['test_teacher_agreement']:.3f}",
+        ],
+        "test perplexity {0}, top-1 agreement with the teacher {1}",
+    ),
+    "lm_fusion": (
+        "token-level fusion of a noun and a verb expert",
+        "lm_fusion",
+        lambda d: [
+            f"{_mean(d['rows']['student ← dynamic fusion']['test_ppl']):.1f}",
+            f"{_mean(d['rows']['teacher: noun expert']['test_ppl']):.1f}",
+        ],
+        "student test perplexity {0} vs {1} for the better expert (mean of 3 seeds)",
+    ),
 }
 
 BEGIN, END = "<!-- generated:pipelines (scripts/gen_docs.py; do not edit by hand) -->", "<!-- /generated:pipelines -->"
@@ -1095,7 +1229,9 @@ def stale_pages(root: Path = ROOT, pages: dict[str, Callable[[], str]] | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 naming each page that is stale")
     args = ap.parse_args(argv)
     if args.check:

@@ -34,8 +34,13 @@ def env() -> dict:
     import torch
     import transformers
 
-    d = {"torch": torch.__version__, "ray": ray.__version__, "transformers": transformers.__version__,
-         "cuda": torch.cuda.is_available(), "cpus": os.cpu_count()}
+    d = {
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.is_available(),
+        "cpus": os.cpu_count(),
+    }
     if torch.cuda.is_available():
         d.update(gpu=torch.cuda.get_device_name(0), bf16=torch.cuda.is_bf16_supported())
     return d
@@ -49,9 +54,13 @@ def overrides(tmp: Path, **extra) -> dict:
 
     if not torch.cuda.is_available():  # --smoke on a CPU machine: same code path, CPU settings
         extra = {**extra, "teach.num_gpus": 0, "train.use_gpu": False}
-    return {"storage": str(tmp),
-            "teachers.0.params.pretrain_root": str(tmp / "teachers"),
-            "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", **extra, **SMOKE}
+    return {
+        "storage": str(tmp),
+        "teachers.0.params.pretrain_root": str(tmp / "teachers"),
+        "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}",
+        **extra,
+        **SMOKE,
+    }
 
 
 def lm_pipeline_on_gpu(tmp: Path, rec: dict) -> None:
@@ -62,21 +71,33 @@ def lm_pipeline_on_gpu(tmp: Path, rec: dict) -> None:
     from kdpipe.pipeline import distil, prepare, teach
     from teachers.hf_causal_lm import _params
 
-    cfg = load_spec("pipelines/lm_distill.yaml", overrides(tmp, **{
-        "teach.num_gpus": 1, "train.use_gpu": True, "train.num_workers": 1}))
+    cfg = load_spec(
+        "pipelines/lm_distill.yaml",
+        overrides(tmp, **{"teach.num_gpus": 1, "train.use_gpu": True, "train.num_workers": 1}),
+    )
     t0 = time.perf_counter()
     p = _params(cfg.teachers[0])
     rep = pretrain(p.pretrain, root=p.pretrain_root).report
     t1 = time.perf_counter()
-    rec.update(pretrain_s=round(t1 - t0, 1), pretrain_device=rep.get("device"), pretrain_autocast=rep.get("autocast"),
-               teacher_heldout_ppl=rep["heldout_ppl"], teacher_unigram_ppl=rep["unigram_ppl"])
+    rec.update(
+        pretrain_s=round(t1 - t0, 1),
+        pretrain_device=rep.get("device"),
+        pretrain_autocast=rep.get("autocast"),
+        teacher_heldout_ppl=rep["heldout_ppl"],
+        teacher_unigram_ppl=rep["unigram_ppl"],
+    )
     source, uri = prepare(cfg)
     taught = teach(cfg, source)
     t2 = time.perf_counter()
     rec["teach_s"] = round(t2 - t1, 1)
     res = distil(cfg, source, taught, uri)
-    rec.update(distil_s=round(time.perf_counter() - t2, 1), table=res.table, promoted=res.promoted, gate=res.gate_reasons,
-               metrics={k: v for k, v in res.metrics.items() if k.startswith(("test_", "baseline_test_"))})
+    rec.update(
+        distil_s=round(time.perf_counter() - t2, 1),
+        table=res.table,
+        promoted=res.promoted,
+        gate=res.gate_reasons,
+        metrics={k: v for k, v in res.metrics.items() if k.startswith(("test_", "baseline_test_"))},
+    )
     from mlflow.tracking import MlflowClient
 
     params = MlflowClient(res.tracking_uri).get_run(res.run_id).data.params
@@ -88,9 +109,15 @@ def teach_cache(tmp: Path, name: str, rows: int, gpu: bool) -> tuple[float, Path
     from kdpipe.pipeline import prepare, teach
 
     extra = {"source.limit": rows, "storage": str(tmp / f"cache-{name}"), "teach.batch_size": 256}
-    extra.update({"teach.num_gpus": 1, "teach.concurrency": 1} if gpu else
-                 {"teach.num_gpus": 0, "teach.concurrency": max(1, ((os.cpu_count() or 2) - 2) // 4),
-                  "teach.num_cpus": max(1, min(4, (os.cpu_count() or 2) - 1))})  # 2 CPUs spare for Ray Data
+    extra.update(
+        {"teach.num_gpus": 1, "teach.concurrency": 1}
+        if gpu
+        else {
+            "teach.num_gpus": 0,
+            "teach.concurrency": max(1, ((os.cpu_count() or 2) - 2) // 4),
+            "teach.num_cpus": max(1, min(4, (os.cpu_count() or 2) - 1)),
+        }
+    )  # 2 CPUs spare for Ray Data
     cfg = load_spec("pipelines/lm_distill.yaml", overrides(tmp, **extra))
     source, _ = prepare(cfg)
     t0 = time.perf_counter()
@@ -118,9 +145,13 @@ def compare_caches(gpu_cache, cpu_cache, width: int) -> dict:
     k = cb.ids.shape[-1]
     overlap = np.array([len(set(a) & set(b)) / k for a, b in zip(gb.ids[m], cb.ids[m])])
     tail = lambda b: np.exp(b.tail_logp[m])  # noqa: E731
-    return {"tokens": int(m.sum()), "top1_agreement": float(top1.mean()), "topk_overlap": float(overlap.mean()),
-            "top1_abs_dlogp_mean": float(np.abs(gb.logp[..., 0] - cb.logp[..., 0])[m].mean()),
-            "tail_mass_abs_diff_mean": float(np.abs(tail(gb) - tail(cb)).mean())}
+    return {
+        "tokens": int(m.sum()),
+        "top1_agreement": float(top1.mean()),
+        "topk_overlap": float(overlap.mean()),
+        "top1_abs_dlogp_mean": float(np.abs(gb.logp[..., 0] - cb.logp[..., 0])[m].mean()),
+        "tail_mass_abs_diff_mean": float(np.abs(tail(gb) - tail(cb)).mean()),
+    }
 
 
 def teach_bf16_vs_fp32(tmp: Path, rows: int, rec: dict) -> None:
@@ -128,23 +159,40 @@ def teach_bf16_vs_fp32(tmp: Path, rows: int, rec: dict) -> None:
     c_s, c_cache, _ = teach_cache(tmp, "cpu", rows, gpu=False)
     width = 48
     d = compare_caches(g_cache, c_cache, width)
-    rec.update({"rows": rows, "gpu_bf16_teach_s": round(g_s, 1), "cpu_fp32_teach_s": round(c_s, 1),
-                "gpu_tokens_per_s": round(d["tokens"] / g_s), "cpu_tokens_per_s": round(d["tokens"] / c_s),
-                "speedup": round(c_s / g_s, 2), "bf16_vs_fp32": d})
+    rec.update(
+        {
+            "rows": rows,
+            "gpu_bf16_teach_s": round(g_s, 1),
+            "cpu_fp32_teach_s": round(c_s, 1),
+            "gpu_tokens_per_s": round(d["tokens"] / g_s),
+            "cpu_tokens_per_s": round(d["tokens"] / c_s),
+            "speedup": round(c_s / g_s, 2),
+            "bf16_vs_fp32": d,
+        }
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=10000, help="glosses taught twice (GPU bf16, CPU fp32)")
-    ap.add_argument("--out", default=str(Path(os.environ["OUT"]) / "gpu_check.json") if os.environ.get("OUT")
-                    else "bench/results/gpu_check.json")
+    ap.add_argument(
+        "--out",
+        default=str(Path(os.environ["OUT"]) / "gpu_check.json")
+        if os.environ.get("OUT")
+        else "bench/results/gpu_check.json",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny teacher and 200 rows (a dry run of this script)")
     ap.add_argument("--only", choices=["lm_pipeline", "teach"], help="run one section")
     a = ap.parse_args()
     if a.smoke:
-        SMOKE.update({"teachers.0.params.pretrain": {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64, "steps": 5},
-                      "source.limit": 200, "train.epochs": 1,
-                      "student.params": {"tokens_from": "lm", "num_layers": 1, "init_from_teacher_layers": [0]}})
+        SMOKE.update(
+            {
+                "teachers.0.params.pretrain": {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64, "steps": 5},
+                "source.limit": 200,
+                "train.epochs": 1,
+                "student.params": {"tokens_from": "lm", "num_layers": 1, "init_from_teacher_layers": [0]},
+            }
+        )
         a.rows = 200
     from kdpipe.runtime import init_ray
 
@@ -154,8 +202,10 @@ def main() -> None:
     out = {"env": env(), "command": "python scripts/gpu_check.py " + " ".join(sys.argv[1:])}
     init_ray()
     tmp = Path(tempfile.mkdtemp(prefix="kdpipe-gpu-"))
-    for name, fn in (("lm_pipeline", lambda rec: lm_pipeline_on_gpu(tmp, rec)),
-                     ("teach", lambda rec: teach_bf16_vs_fp32(tmp, a.rows, rec))):
+    for name, fn in (
+        ("lm_pipeline", lambda rec: lm_pipeline_on_gpu(tmp, rec)),
+        ("teach", lambda rec: teach_bf16_vs_fp32(tmp, a.rows, rec)),
+    ):
         if a.only and name != a.only:
             continue
         out[name] = {}

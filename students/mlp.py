@@ -20,7 +20,9 @@ class MLPParams(BaseModel):
 class MLPStudent(nn.Module):
     Params = MLPParams
 
-    def __init__(self, in_dim: int, num_classes: int, hidden: list[int], dropout: float = 0.0, aspects: int = 0) -> None:
+    def __init__(
+        self, in_dim: int, num_classes: int, hidden: list[int], dropout: float = 0.0, aspects: int = 0
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         d = in_dim

@@ -21,13 +21,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kdpipe.errors import KdpipeError
+from kdpipe.spec import TeacherConfig
 from teachers import TEACHERS
 from teachers.base import Teacher
 from teachers.mlp import MLPParams, MLPTeacher
 
 if TYPE_CHECKING:
-    from kdpipe.spec import TeacherConfig
     from kdpipe.data import SourceData
+    from kdpipe.spec import TeacherConfig
 
 
 class Aspect(BaseModel):
@@ -62,9 +63,14 @@ DIGIT_ASPECTS: list[dict[str, Any]] = [
 
 class AspectTeacherParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    aspects: list[Aspect] = Field(default_factory=lambda: [Aspect(**a) for a in DIGIT_ASPECTS], min_length=1,
-                                  description="ordered aspect questions, each a named group of classes")
-    classifier: dict[str, Any] = Field(default_factory=dict, description="mlp_classifier params (used to train it when missing)")
+    aspects: list[Aspect] = Field(
+        default_factory=lambda: [Aspect(**a) for a in DIGIT_ASPECTS],
+        min_length=1,
+        description="ordered aspect questions, each a named group of classes",
+    )
+    classifier: dict[str, Any] = Field(
+        default_factory=dict, description="mlp_classifier params (used to train it when missing)"
+    )
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the classifier before grouping")
 
     @field_validator("classifier")
@@ -104,29 +110,32 @@ class ClassAspectTeacher(Teacher):
         self.masks: torch.Tensor | None = None
 
     @classmethod
-    def _classifier_cfg(cls, cfg: "TeacherConfig") -> "TeacherConfig":
-        from kdpipe.spec import TeacherConfig
+    def _classifier_cfg(cls, cfg: TeacherConfig) -> TeacherConfig:
 
-        return TeacherConfig(id=cfg.id, kind="mlp_classifier", path=cfg.path, params=dict(cfg.params.get("classifier") or {}))
+        return TeacherConfig(
+            id=cfg.id, kind="mlp_classifier", path=cfg.path, params=dict(cfg.params.get("classifier") or {})
+        )
 
     @classmethod
-    def prepare(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
+    def prepare(cls, cfg: TeacherConfig, source: SourceData, storage_root: str) -> TeacherConfig:
         p = AspectTeacherParams(**cfg.params)
         if source.num_classes:  # check the questions before spending time on the classifier
             for a in p.aspects:
                 bad = [c for c in a.classes if c >= source.num_classes]
                 if bad or len(a.classes) >= source.num_classes:
-                    raise KdpipeError(f"teacher '{cfg.id}': aspect '{a.name}' needs classes in [0, {source.num_classes}) "
-                                     f"and must leave some class out (got {a.classes})")
+                    raise KdpipeError(
+                        f"teacher '{cfg.id}': aspect '{a.name}' needs classes in [0, {source.num_classes}) "
+                        f"and must leave some class out (got {a.classes})"
+                    )
         clf = MLPTeacher.prepare(cls._classifier_cfg(cfg), source, storage_root)
         return cfg.model_copy(update={"path": clf.path})
 
     @classmethod
-    def resolve(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
+    def resolve(cls, cfg: TeacherConfig, source: SourceData, storage_root: str) -> TeacherConfig:
         return cfg.model_copy(update={"path": MLPTeacher.resolve(cls._classifier_cfg(cfg), source, storage_root).path})
 
     @classmethod
-    def load(cls, cfg: "TeacherConfig", device: str = "cpu") -> "ClassAspectTeacher":
+    def load(cls, cfg: TeacherConfig, device: str = "cpu") -> ClassAspectTeacher:
         return cls(MLPTeacher.load(cls._classifier_cfg(cfg), device), AspectTeacherParams(**cfg.params), device)
 
     @torch.no_grad()

@@ -12,8 +12,8 @@ from kdpipe import weights
 from kdpipe.weights import WEIGHT_PATTERNS
 
 if TYPE_CHECKING:
-    from kdpipe.spec import TeacherConfig
     from kdpipe.data import SourceData
+    from kdpipe.spec import TeacherConfig
 
 
 class Teacher:
@@ -26,37 +26,39 @@ class Teacher:
 
     Params: ClassVar[type[BaseModel]]
     input_kind: ClassVar[str] = "features"
-    supported_outputs: ClassVar[set[str] | None] = None  # the spec `outputs:` this kind can produce (None: not declared)
+    supported_outputs: ClassVar[set[str] | None] = (
+        None  # the spec `outputs:` this kind can produce (None: not declared)
+    )
     parquet_options: ClassVar[dict[str, Any]] = {}  # extra pyarrow Parquet writer options for its cache parts
 
     @classmethod
-    def check_config(cls, cfg: "TeacherConfig") -> None:
+    def check_config(cls, cfg: TeacherConfig) -> None:
         """Static checks at spec load time (e.g. a required path exists)."""
 
     @classmethod
-    def default_path(cls, cfg: "TeacherConfig", storage_root: str) -> str | None:
+    def default_path(cls, cfg: TeacherConfig, storage_root: str) -> str | None:
         """Where the teacher's weights live when the spec gives no `path:` (a recipe kdpipe trains once:
         under the storage root); None when that depends on the data (decided in `prepare`)."""
         return None
 
     @classmethod
-    def prepare(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
+    def prepare(cls, cfg: TeacherConfig, source: SourceData, storage_root: str) -> TeacherConfig:
         """Driver-side, before teaching: train weights that do not exist yet. Returns `cfg` with
         `path` set to where the weights are (what the actors load)."""
         return cls.resolve(cfg, source, storage_root)
 
     @classmethod
-    def resolve(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
+    def resolve(cls, cfg: TeacherConfig, source: SourceData, storage_root: str) -> TeacherConfig:
         """`cfg` with `path` set to where the weights are or will be, training nothing (`kdpipe distil`)."""
         return cfg
 
     @classmethod
-    def weights_digest(cls, cfg: "TeacherConfig") -> str:
+    def weights_digest(cls, cfg: TeacherConfig) -> str:
         """Digest of the weights: part of the cache fingerprint, so new weights never reuse old outputs."""
         return digest_dir(cfg.path) if cfg.path else "no-weights"
 
     @classmethod
-    def load(cls, cfg: "TeacherConfig", device: str = "cpu") -> "Teacher":
+    def load(cls, cfg: TeacherConfig, device: str = "cpu") -> Teacher:
         raise NotImplementedError
 
     def forward(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

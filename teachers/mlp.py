@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdpipe import storage, weights
-from kdpipe.arrays import to_numpy
+from kdpipe.arrays import find_sorted, id_keys, to_numpy
+from kdpipe.data import id_digest
 from kdpipe.errors import KdpipeError
 from teachers import TEACHERS
 from teachers.base import Teacher
@@ -57,10 +58,16 @@ class MLPParams(BaseModel):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     classes: list[int] | None = Field(None, description="train only on these classes (a specialised expert)")
-    train_on: str = Field("labeled", pattern="^(labeled|all_train)$", description="labeled train rows, or all train rows")
+    train_on: str = Field(
+        "labeled", pattern="^(labeled|all_train)$", description="labeled train rows, or all train rows"
+    )
     seed: int = 0
-    fit_rows: int = Field(200_000, ge=1, description="the teacher is fitted on at most this many train rows, streamed "
-                          "from the source by Ray Data and held in memory while it trains (≈ 4·dim bytes a row)")
+    fit_rows: int = Field(
+        200_000,
+        ge=1,
+        description="the teacher is fitted on at most this many train rows, streamed "
+        "from the source by Ray Data and held in memory while it trains (≈ 4·dim bytes a row)",
+    )
 
 
 def build_mlp(in_dim: int, hidden: list[int], out_dim: int, dropout: float) -> nn.Sequential:
@@ -77,8 +84,7 @@ class FitPlan:
     """The rows a fit would train on (id, label, and where they are), and the key of that fit:
     params, input width, classes and the multiset of (id, label) pairs."""
 
-    def __init__(self, source: "SourceData", p: MLPParams) -> None:
-        from kdpipe.data import id_digest
+    def __init__(self, source: SourceData, p: MLPParams) -> None:
 
         picked, n = [], 0
         for batch in _index_batches(source):
@@ -95,12 +101,16 @@ class FitPlan:
         cols = ["id", "label"] + (["file", "row"] if source.cfg is not None else [])
         self.rows = pa.concat_tables(picked).select(cols) if picked else pa.table({c: [] for c in cols})
         tally = sum(id_digest(f"{i}:{y}") for i, y in zip(self.rows["id"].to_pylist(), self.rows["label"].to_pylist()))
-        self.recipe = {"format": FIT_FORMAT, "params": p.model_dump(), "in_dim": source.dim,
-                       "num_classes": source.num_classes}
+        self.recipe = {
+            "format": FIT_FORMAT,
+            "params": p.model_dump(),
+            "in_dim": source.dim,
+            "num_classes": source.num_classes,
+        }
         self.identity = {**self.recipe, "rows": self.rows.num_rows, "rows_digest": tally % 2**64}
         self.key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
 
-    def inputs(self, source: "SourceData") -> tuple[np.ndarray, np.ndarray]:
+    def inputs(self, source: SourceData) -> tuple[np.ndarray, np.ndarray]:
         """The planned rows' inputs and labels, in plan order (a deterministic fit), read by Ray Data
         so that only these rows reach the driver."""
         import ray
@@ -113,7 +123,7 @@ class FitPlan:
         return to_numpy(got["x"], np.float32), got["label"].to_numpy()
 
 
-def _index_batches(source: "SourceData") -> Any:
+def _index_batches(source: SourceData) -> Any:
     if source.index_path is None:
         yield source.index
         return
@@ -128,10 +138,9 @@ def _read_meta(path: str) -> dict[str, Any]:
     return json.loads(storage.read_text(storage.join(path, "config.json")))
 
 
-def leak_check(path: str, source: "SourceData") -> str | None:
+def leak_check(path: str, source: SourceData) -> str | None:
     """Why the copy at `path` must not score this source's rows, or None: every row it was fitted
     on must be a train row of this source (read: its ids against the index, a batch at a time)."""
-    from kdpipe.arrays import find_sorted, id_keys
 
     try:
         with storage.open_input(storage.join(path, FIT_IDS)) as fh:
@@ -153,9 +162,11 @@ def leak_check(path: str, source: "SourceData") -> str | None:
     if held_out:
         return f"{held_out} of the {len(fitted)} rows it was fitted on are val/test rows of this source"
     if missing:
-        return (f"{missing} of the {len(fitted)} rows it was fitted on are not rows of this source (the source changed, "
-                "or its row ids are made another way, e.g. another file format or a new source.id_column), so they "
-                "could be among its test rows")
+        return (
+            f"{missing} of the {len(fitted)} rows it was fitted on are not rows of this source (the source changed, "
+            "or its row ids are made another way, e.g. another file format or a new source.id_column), so they "
+            "could be among its test rows"
+        )
     return None
 
 
@@ -191,7 +202,7 @@ class MLPTeacher(Teacher):
         return storage.join(storage.Layout(storage_root).teachers, "mlp_classifier")
 
     @classmethod
-    def resolve(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
+    def resolve(cls, cfg: TeacherConfig, source: SourceData, storage_root: str) -> TeacherConfig:
         if cfg.path:
             return cfg
         plan = FitPlan(source, MLPParams(**cfg.params))
@@ -201,17 +212,21 @@ class MLPTeacher(Teacher):
         return cfg.model_copy(update={"path": storage.join(cls.home(storage_root), plan.key)})
 
     @classmethod
-    def prepare(cls, cfg: "TeacherConfig", source: "SourceData", storage_root: str) -> "TeacherConfig":
+    def prepare(cls, cfg: TeacherConfig, source: SourceData, storage_root: str) -> TeacherConfig:
         p = MLPParams(**cfg.params)
         plan = FitPlan(source, p)
         if cfg.path:
             if weights.exists(cfg.path, WEIGHTS):
                 meta = _read_meta(cfg.path)
-                why = ("its params differ" if meta.get("recipe") != plan.recipe else None) or leak_check(cfg.path, source)
+                why = ("its params differ" if meta.get("recipe") != plan.recipe else None) or leak_check(
+                    cfg.path, source
+                )
                 if why is not None:
-                    raise KdpipeError(f"teacher '{cfg.id}': the weights at {storage.display(cfg.path)} cannot serve this "
-                                      f"run: {why}. Delete that directory to train it again there, or remove "
-                                      f"teachers[{cfg.id}].path so that kdpipe keeps its teachers under `storage:`")
+                    raise KdpipeError(
+                        f"teacher '{cfg.id}': the weights at {storage.display(cfg.path)} cannot serve this "
+                        f"run: {why}. Delete that directory to train it again there, or remove "
+                        f"teachers[{cfg.id}].path so that kdpipe keeps its teachers under `storage:`"
+                    )
                 log.info("teacher %s: reusing %s", cfg.id, storage.display(cfg.path))
                 return cfg
             cls._train(cfg, p, plan, source, cfg.path)
@@ -221,8 +236,12 @@ class MLPTeacher(Teacher):
         for path, meta in _copies(home, plan.recipe):
             why = leak_check(path, source)
             if why is None:
-                log.info("teacher %s: reusing %s (fitted on %s rows, every one a train row of this source)", cfg.id,
-                         storage.display(path), meta.get("trained_rows"))
+                log.info(
+                    "teacher %s: reusing %s (fitted on %s rows, every one a train row of this source)",
+                    cfg.id,
+                    storage.display(path),
+                    meta.get("trained_rows"),
+                )
                 return cfg.model_copy(update={"path": path})
             reasons.append(f"{storage.display(path)}: {why}")
         path = storage.join(home, plan.key)
@@ -232,10 +251,12 @@ class MLPTeacher(Teacher):
         return cfg.model_copy(update={"path": path})
 
     @classmethod
-    def _train(cls, cfg: "TeacherConfig", p: MLPParams, plan: FitPlan, source: "SourceData", path: str) -> None:
+    def _train(cls, cfg: TeacherConfig, p: MLPParams, plan: FitPlan, source: SourceData, path: str) -> None:
         if plan.rows.num_rows == 0:
-            raise KdpipeError(f"teacher '{cfg.id}': no labeled train rows to train on; give the source a `label:` column "
-                              "with some non-null labels (and check source.split.labeled_fraction)")
+            raise KdpipeError(
+                f"teacher '{cfg.id}': no labeled train rows to train on; give the source a `label:` column "
+                "with some non-null labels (and check source.split.labeled_fraction)"
+            )
         x, y = plan.inputs(source)
         torch.manual_seed(p.seed)
         net = build_mlp(x.shape[1], p.hidden, int(source.num_classes or 0), p.dropout)
@@ -258,16 +279,37 @@ class MLPTeacher(Teacher):
             now = time.monotonic()
             if now - last >= 5.0 or epoch == p.epochs - 1:  # a line every few seconds, like the student's epochs
                 per = (now - start) / (epoch + 1)
-                log.info("teacher %s epoch %d/%d: train_loss %.4f (%.2f s/epoch, ETA %.0f s)", cfg.id, epoch + 1,
-                         p.epochs, total / max(len(yt), 1), per, per * (p.epochs - epoch - 1))
+                log.info(
+                    "teacher %s epoch %d/%d: train_loss %.4f (%.2f s/epoch, ETA %.0f s)",
+                    cfg.id,
+                    epoch + 1,
+                    p.epochs,
+                    total / max(len(yt), 1),
+                    per,
+                    per * (p.epochs - epoch - 1),
+                )
                 last = now
         with tempfile.TemporaryDirectory(prefix="kdpipe-teacher-") as d:
             tmp = Path(d)
-            (tmp / "config.json").write_text(json.dumps({
-                "in_dim": int(x.shape[1]), "num_classes": int(source.num_classes or 0), "hidden": p.hidden,
-                "dropout": p.dropout, "trained_rows": int(len(y)), "classes": p.classes, "params": p.model_dump(),
-                "teacher_id": cfg.id, "recipe": plan.recipe, "fit": plan.identity, "split": source.split,
-                "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2))
+            (tmp / "config.json").write_text(
+                json.dumps(
+                    {
+                        "in_dim": int(x.shape[1]),
+                        "num_classes": int(source.num_classes or 0),
+                        "hidden": p.hidden,
+                        "dropout": p.dropout,
+                        "trained_rows": int(len(y)),
+                        "classes": p.classes,
+                        "params": p.model_dump(),
+                        "teacher_id": cfg.id,
+                        "recipe": plan.recipe,
+                        "fit": plan.identity,
+                        "split": source.split,
+                        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    },
+                    indent=2,
+                )
+            )
             import pyarrow.parquet as pq
 
             pq.write_table(plan.rows.select(["id"]), tmp / FIT_IDS)
@@ -276,7 +318,7 @@ class MLPTeacher(Teacher):
                 log.info("teacher %s: %s was trained by another process meanwhile; using it", cfg.id, path)
 
     @classmethod
-    def load(cls, cfg: "TeacherConfig", device: str = "cpu") -> "MLPTeacher":
+    def load(cls, cfg: TeacherConfig, device: str = "cpu") -> MLPTeacher:
         path = Path(cfg.path or "")
         if not cfg.path or not (path / WEIGHTS).exists():
             raise FileNotFoundError(

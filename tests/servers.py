@@ -58,10 +58,23 @@ class MlflowServer:
     def start(self) -> None:
         """(Re)start on the same port and store: a restarted server serves the same runs."""
         self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
-             str(self.root / "artifacts")],
-            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+            ],
+            stdout=open(self.root / "server.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             # no background job consumers (four huey processes): kdpipe submits no server-side jobs
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
@@ -117,22 +130,55 @@ class RayCluster:
     def _start(self, ray: str, env: dict[str, str], head_cpus: int, worker_cpus: int) -> None:
         # each node's dashboard agent on a port of its own: at Ray's default (52365) it cannot bind while
         # the test session's embedded Ray holds it, and the head then has "No available agent to submit job"
-        subprocess.run([ray, "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={head_cpus}",
-                        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash_port}",
-                        f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={self.tmp}", "--disable-usage-stats"],
-                       check=True, env={**env, "KDPIPE_NODE_CACHE": f"{self.tmp}/node-cache"}, capture_output=True)
-        worker = [ray, "start", f"--address={self.address}", f"--num-cpus={worker_cpus}", "--disable-usage-stats",
-                  f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={self.tmp}w"]
+        subprocess.run(
+            [
+                ray,
+                "start",
+                "--head",
+                f"--port={self.gcs_port}",
+                f"--num-cpus={head_cpus}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dash_port}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--temp-dir={self.tmp}",
+                "--disable-usage-stats",
+            ],
+            check=True,
+            env={**env, "KDPIPE_NODE_CACHE": f"{self.tmp}/node-cache"},
+            capture_output=True,
+        )
+        worker = [
+            ray,
+            "start",
+            f"--address={self.address}",
+            f"--num-cpus={worker_cpus}",
+            "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={self.tmp}w",
+        ]
         if self.separate_disks:  # the worker's processes see an empty tmpfs where the head sees head_local
-            worker = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                      f"mount -t tmpfs tmpfs {self.head_local} && exec " + " ".join(worker)]
-        subprocess.run(worker, check=True, env={**env, "KDPIPE_NODE_CACHE": f"{self.tmp}w/node-cache"},
-                       capture_output=True)
+            worker = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f"mount -t tmpfs tmpfs {self.head_local} && exec " + " ".join(worker),
+            ]
+        subprocess.run(
+            worker, check=True, env={**env, "KDPIPE_NODE_CACHE": f"{self.tmp}w/node-cache"}, capture_output=True
+        )
         wait_http(self.dashboard + "/api/version")
 
     def job_dirs(self) -> list[Path]:
         """Every node's unpacked job working directories (what Ray deletes with each job)."""
-        return [p for t in (self.tmp, Path(f"{self.tmp}w")) for p in t.glob("session_*/runtime_resources/working_dir_files/*")]
+        return [
+            p
+            for t in (self.tmp, Path(f"{self.tmp}w"))
+            for p in t.glob("session_*/runtime_resources/working_dir_files/*")
+        ]
 
     def stop(self) -> None:
         import psutil
@@ -144,7 +190,11 @@ class RayCluster:
                 cmd = " ".join(p.info["cmdline"] or [])
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            if marker in cmd or f"127.0.0.1:{self.gcs_port}" in cmd or f"--gcs-address=127.0.0.1:{self.gcs_port}" in cmd:
+            if (
+                marker in cmd
+                or f"127.0.0.1:{self.gcs_port}" in cmd
+                or f"--gcs-address=127.0.0.1:{self.gcs_port}" in cmd
+            ):
                 procs.append(p)
                 try:  # and what they started: the agents' titles (`ray::DashboardAgent`) name no address
                     procs += p.children(recursive=True)
@@ -169,10 +219,19 @@ class S3Server:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.bucket = bucket
-        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-                    "AWS_ENDPOINT_URL": self.endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
-        self.proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=open(root / "s3.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        self.proc = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=open(root / "s3.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_http(f"{self.endpoint}/moto-api/", timeout=60)
             self.filesystem().create_dir(bucket)
@@ -183,8 +242,14 @@ class S3Server:
     def filesystem(self):
         import pyarrow.fs as pafs
 
-        return pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1",
-                                 endpoint_override=f"127.0.0.1:{self.port}", scheme="http", allow_bucket_creation=True)
+        return pafs.S3FileSystem(
+            access_key="testing",
+            secret_key="testing",
+            region="us-east-1",
+            endpoint_override=f"127.0.0.1:{self.port}",
+            scheme="http",
+            allow_bucket_creation=True,
+        )
 
     def stop(self) -> None:
         stop_group(self.proc)

@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 
 from kdpipe.cache import TeacherCache
 
-
 HOLD = """
 import sys, time
 from pathlib import Path
@@ -89,8 +88,14 @@ def test_new_weights_params_topk_or_outputs_never_reuse_a_cache(tmp_path: Path) 
     from tests.test_lm_models import save_tiny_llama
 
     save_tiny_llama(tmp_path / "t", default_tokenizer(), layers=1)
-    base = TeacherConfig(id="lm", kind="hf_causal_lm", path=str(tmp_path / "t"), topk=8, outputs=["tokens", "topk"],
-                         params={"max_length": 16})
+    base = TeacherConfig(
+        id="lm",
+        kind="hf_causal_lm",
+        path=str(tmp_path / "t"),
+        topk=8,
+        outputs=["tokens", "topk"],
+        params={"max_length": 16},
+    )
     cls = TEACHERS.get("hf_causal_lm")
     fp = teacher_fingerprint(base, cls.weights_digest(base))
     assert fp == teacher_fingerprint(base, cls.weights_digest(base))  # stable

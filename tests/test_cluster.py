@@ -24,15 +24,30 @@ from tests.servers import BIN, MlflowServer, RayCluster, S3Server
 
 pytestmark = pytest.mark.timeout(900)
 
-QUICK = {"teachers.0.params.epochs": 40, "teachers.0.params.hidden": [128], "train.epochs": 3, "train.num_workers": 1,
-         "train.checkpoint_every": 3, "evaluate.baseline": False, "tracking.gates.min_gain_over_baseline": None}
+QUICK = {
+    "teachers.0.params.epochs": 40,
+    "teachers.0.params.hidden": [128],
+    "train.epochs": 3,
+    "train.num_workers": 1,
+    "train.checkpoint_every": 3,
+    "evaluate.baseline": False,
+    "tracking.gates.min_gain_over_baseline": None,
+}
 
 
 def submit(dashboard: str, env: dict[str, str], *sets: str) -> subprocess.CompletedProcess:
     """`kdpipe submit pipelines/digits_kd.yaml --address DASHBOARD --set ...`, run as a user runs it."""
-    args = [a for o in sets for a in ("--set", o)] + [a for k, v in QUICK.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    return subprocess.run([str(BIN / "kdpipe"), "submit", "pipelines/digits_kd.yaml", "--address", dashboard, *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    args = [a for o in sets for a in ("--set", o)] + [
+        a for k, v in QUICK.items() for a in ("--set", f"{k}={json.dumps(v)}")
+    ]
+    return subprocess.run(
+        [str(BIN / "kdpipe"), "submit", "pipelines/digits_kd.yaml", "--address", dashboard, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +57,11 @@ def world(tmp_path_factory):
     mlflow = MlflowServer(root / "mlflow")
     cluster = RayCluster(root / "ray")
     # the README's cluster section: the tracking server and the bucket's credentials in the environment
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
-           **s3.env, "MLFLOW_TRACKING_URI": mlflow.uri}
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+        **s3.env,
+        "MLFLOW_TRACKING_URI": mlflow.uri,
+    }
     yield cluster, s3, mlflow, env
     cluster.stop()
     mlflow.stop()
@@ -72,8 +90,11 @@ def test_submitted_twice_both_succeed_and_the_second_teaches_nothing(world) -> N
     # nothing of kdpipe's landed in a job folder; everything is in the bucket
     assert not [p for d in cluster.job_dirs() for p in d.rglob(".kdpipe")]
     fs = s3.filesystem()
-    listed = {f.path.split("/")[2] for f in fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector(
-        f"{s3.bucket}/kdpipe", recursive=True)) if f.path.count("/") >= 2}
+    listed = {
+        f.path.split("/")[2]
+        for f in fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector(f"{s3.bucket}/kdpipe", recursive=True))
+        if f.path.count("/") >= 2
+    }
     assert {"cache", "teachers", "ray_results", "index"} <= listed, listed
     assert _ran_on_worker_node(cluster), "no task or actor of the jobs ran on the second node"
 
@@ -97,9 +118,22 @@ def test_a_storage_root_on_one_nodes_disk_is_refused(world) -> None:
 
 def test_a_tracking_uri_only_this_machine_can_write_is_refused_before_submitting(tmp_path: Path) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
-    out = subprocess.run([str(BIN / "kdpipe"), "submit", "pipelines/digits_kd.yaml", "--address", "http://127.0.0.1:9",
-                          "--set", "storage=s3://bucket/kdpipe"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [
+            str(BIN / "kdpipe"),
+            "submit",
+            "pipelines/digits_kd.yaml",
+            "--address",
+            "http://127.0.0.1:9",
+            "--set",
+            "storage=s3://bucket/kdpipe",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1 and "mlflow server" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -110,8 +144,10 @@ def _ran_on_worker_node(cluster: RayCluster) -> list[str]:
     nodes = list_nodes(address=cluster.dashboard)
     worker = [n.node_id for n in nodes if not n.is_head_node]
     assert len(worker) == 1, nodes
-    tasks = list_tasks(address=cluster.dashboard, filters=[("node_id", "=", worker[0])], limit=10_000,
-                       raise_on_missing_output=False)
-    actors = list_actors(address=cluster.dashboard, filters=[("node_id", "=", worker[0])], limit=10_000,
-                         raise_on_missing_output=False)
+    tasks = list_tasks(
+        address=cluster.dashboard, filters=[("node_id", "=", worker[0])], limit=10_000, raise_on_missing_output=False
+    )
+    actors = list_actors(
+        address=cluster.dashboard, filters=[("node_id", "=", worker[0])], limit=10_000, raise_on_missing_output=False
+    )
     return sorted({t.name for t in tasks} | {a.class_name for a in actors})

@@ -53,13 +53,23 @@ def test_one_holder_at_a_time_and_a_dead_holder_expires(store: str) -> None:
 
 
 def test_a_holder_whose_process_is_gone_is_taken_over_at_once(store: str) -> None:
-    proc = subprocess.run([sys.executable, "-c", f"""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"""
 from mlflow.tracking import MlflowClient
 from kdpipe.cycle_lock import CycleLock
 lock = CycleLock(MlflowClient({store!r}), "m2", lease_s=3600)
 assert lock.acquire()
 import os; os._exit(0)  # dies holding it
-"""], cwd=ROOT, capture_output=True, text=True, timeout=120)
+""",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lock = CycleLock(MlflowClient(store), "m2", lease_s=3600)
     assert lock.acquire(), lock.holder  # same host, pid gone: no hour-long wait
@@ -82,13 +92,23 @@ def test_the_alias_moves_only_from_the_champion_the_cycle_compared_against(tmp_p
 
 def _retrain(tmp_path: Path, uri: str, overrides: dict) -> subprocess.Popen:
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")},
-           "MLFLOW_TRACKING_URI": uri}  # as a user's shell has it: kdpipe itself keeps its Ray on loopback
-    return subprocess.Popen([str(Path(sys.executable).with_name("kdpipe")), "retrain", "pipelines/digits_kd.yaml", *sets],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")},
+        "MLFLOW_TRACKING_URI": uri,
+    }  # as a user's shell has it: kdpipe itself keeps its Ray on loopback
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("kdpipe")), "retrain", "pipelines/digits_kd.yaml", *sets],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
-def test_two_retrain_cycles_started_together_register_one_version_and_move_the_alias_once(server, tmp_path: Path) -> None:
+def test_two_retrain_cycles_started_together_register_one_version_and_move_the_alias_once(
+    server, tmp_path: Path
+) -> None:
     """A manual `kdpipe retrain` beside the scheduler's, on new data, through a real tracking
     server: one cycle trains and registers; the other says the lock is held and exits 0. Both
     are plain local runs, each with its embedded Ray: watched while they run, nothing of theirs

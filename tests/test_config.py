@@ -80,7 +80,9 @@ def test_cli_reports_spec_error_before_ray(tmp_path, capsys) -> None:
 
     was_up = ray.is_initialized()
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nsource: {kind: sklearn_digits}\nteachers: []\nstudent: {kind: mlp}\nlosses: [{name: nope}]\ntracking: {model_name: m}\n")
+    bad.write_text(
+        "name: x\nsource: {kind: sklearn_digits}\nteachers: []\nstudent: {kind: mlp}\nlosses: [{name: nope}]\ntracking: {model_name: m}\n"
+    )
     assert main(["run", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "spec error" in err and "teachers" in err and "losses[0].name" in err
@@ -104,7 +106,9 @@ def test_baseline_student_params_are_validated(digits_spec_raw) -> None:
     assert "evaluate.baseline_student_params" in msg and "hiden" in msg
 
 
-@pytest.mark.parametrize("spec", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "pipelines").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "spec", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "pipelines").glob("*.yaml"))
+)
 def test_every_shipped_pipeline_spec_validates(spec: str) -> None:
     """Users copy these: each must load, with its teachers, students and losses resolved."""
     cfg = load_spec(Path(__file__).resolve().parent.parent / "pipelines" / spec)

@@ -45,8 +45,9 @@ ray.shutdown()
 
 def _run(verbose: bool) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_DATA_LOGGING_CONFIG", "RAY_ADDRESS")}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, "1" if verbose else "0"], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, "1" if verbose else "0"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout + out.stderr
 
@@ -102,8 +103,13 @@ def test_the_kdpipe_command_keeps_rays_benign_native_line_off_the_console(tmp_pa
     """`kdpipe teach` as a user runs it: its teacher pool makes Ray's core worker log the line, and
     the command's console does not show it."""
     sets = [a for k, v in tiny_overrides(tmp_path).items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    out = subprocess.run([str(BIN / "kdpipe"), "teach", str(ROOT / "pipelines" / "digits_kd.yaml"), *sets],
-                         cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [str(BIN / "kdpipe"), "teach", str(ROOT / "pipelines" / "digits_kd.yaml"), *sets],
+        cwd=tmp_path,
+        env={**os.environ, "RAY_ADDRESS": ""},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "taught 1797 new rows" in out.stdout and RAY_RESTART_LINE not in out.stderr, out.stderr[-3000:]

@@ -42,10 +42,21 @@ def test_page_is_what_its_sources_generate(gen_docs: Any, page: str) -> None:
     if path.read_text() != expected:
         import difflib
 
-        diff = "".join(list(difflib.unified_diff(path.read_text().splitlines(True), expected.splitlines(True),
-                                                 f"{page} (on disk)", f"{page} (generated)", n=1))[:40])
-        pytest.fail(f"{page} is stale: it differs from what its sources generate; run `{REGEN}` "
-                    f"(and do not edit it by hand).\n{diff}")
+        diff = "".join(
+            list(
+                difflib.unified_diff(
+                    path.read_text().splitlines(True),
+                    expected.splitlines(True),
+                    f"{page} (on disk)",
+                    f"{page} (generated)",
+                    n=1,
+                )
+            )[:40]
+        )
+        pytest.fail(
+            f"{page} is stale: it differs from what its sources generate; run `{REGEN}` "
+            f"(and do not edit it by hand).\n{diff}"
+        )
 
 
 def test_check_mode_names_the_stale_page(gen_docs: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -131,10 +142,22 @@ def test_no_first_person_in_the_pages_own_prose() -> None:
     """The pages' sentences (the generator's, the scripts' docstrings, the spec's descriptions) are not in the
     first person; text quoted from a JSON string (`**`key`**: …`, tables and blocks of data) is data."""
     bench = BENCH_PAGE.read_text()
-    own = [line for line in bench.splitlines()
-           if line.startswith(("*Generated", "One section", "**What it measures:**", "**Reproduce:**", "**Written by:**",
-                               "*The entries", "#"))
-           or re.match(r"\*\d+ (entries|lines)", line)]
+    own = [
+        line
+        for line in bench.splitlines()
+        if line.startswith(
+            (
+                "*Generated",
+                "One section",
+                "**What it measures:**",
+                "**Reproduce:**",
+                "**Written by:**",
+                "*The entries",
+                "#",
+            )
+        )
+        or re.match(r"\*\d+ (entries|lines)", line)
+    ]
     own += SPEC_PAGE.read_text().splitlines()
     pattern = re.compile(r"\b(I|me|my|we|our|us)\b")
     hits = [line for line in own if pattern.search(re.sub(r"`[^`]*`", "", line))]
@@ -153,7 +176,9 @@ def test_the_documented_source_examples_are_accepted() -> None:
     from kdpipe.spec import SourceConfig
 
     examples = source_examples()
-    assert sorted(e["kind"] for e in examples) == ["csv", "parquet"], "docs/spec.md should show a CSV and a Parquet source"
+    assert sorted(e["kind"] for e in examples) == ["csv", "parquet"], (
+        "docs/spec.md should show a CSV and a Parquet source"
+    )
     for example in examples:
         cfg = SourceConfig.model_validate(example)
         assert cfg.path and cfg.features and cfg.label and cfg.id_column
@@ -166,8 +191,12 @@ def test_every_spec_key_is_documented() -> None:
     missing = [k for k in PipelineConfig.model_fields if f"`{k}`" not in text]
     assert not missing, f"top-level keys missing from docs/spec.md: {missing}; run `{REGEN}`"
     schema = PipelineConfig.model_json_schema()
-    nested = {f"{name}.{k}" for name, d in schema.get("$defs", {}).items() for k in d.get("properties", {})
-              if f"`{k}`" not in text}
+    nested = {
+        f"{name}.{k}"
+        for name, d in schema.get("$defs", {}).items()
+        for k in d.get("properties", {})
+        if f"`{k}`" not in text
+    }
     assert not nested, f"keys missing from docs/spec.md: {sorted(nested)}; run `{REGEN}`"
 
 
@@ -178,15 +207,23 @@ def test_spec_page_explains_paths_before_the_tables() -> None:
 
 
 def test_a_new_json_needs_no_code_and_nothing_is_skipped(gen_docs: Any, tmp_path: Path) -> None:
-    (tmp_path / "zz_new_bench.json").write_text(json.dumps({
-        "description": "what a new benchmark measures",
-        "commit": "abc1234", "when": "2030-01-01T00:00:00Z", "machine": {"cpus": 4},
-        "rows": 12, "epoch_s": 1.23456, "ratio": 0.123456789,
-        "per_epoch": [{"epoch": i, "loss": 1 / (i + 1)} for i in range(300)],
-        "curve": [i / 7 for i in range(500)],
-        "variants": {"a": {"acc": 0.9, "cfg": {"lr": 0.1}}, "b": {"acc": 0.8, "cfg": {"lr": 0.01}}},
-        "matrix": [[1, 2], [3, 4]],
-    }))
+    (tmp_path / "zz_new_bench.json").write_text(
+        json.dumps(
+            {
+                "description": "what a new benchmark measures",
+                "commit": "abc1234",
+                "when": "2030-01-01T00:00:00Z",
+                "machine": {"cpus": 4},
+                "rows": 12,
+                "epoch_s": 1.23456,
+                "ratio": 0.123456789,
+                "per_epoch": [{"epoch": i, "loss": 1 / (i + 1)} for i in range(300)],
+                "curve": [i / 7 for i in range(500)],
+                "variants": {"a": {"acc": 0.9, "cfg": {"lr": 0.1}}, "b": {"acc": 0.8, "cfg": {"lr": 0.01}}},
+                "matrix": [[1, 2], [3, 4]],
+            }
+        )
+    )
     (tmp_path / "zz_list.json").write_text("[1, 2, 3]")
     (tmp_path / "zz_broken.json").write_text("{not json")
     page = gen_docs.render_benchmarks(tmp_path)

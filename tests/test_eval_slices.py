@@ -12,8 +12,14 @@ from kdpipe.config import load_spec
 def test_slices_parse_ids_and_ranges_and_name_the_key_when_wrong() -> None:
     cfg = load_spec("pipelines/digits_kd.yaml", {"evaluate.slices": {"round": [0, "6-9"], "straight": ["1-1", 7]}})
     assert cfg.evaluate.slices == {"round": [0, 6, 7, 8, 9], "straight": [1, 7]}
-    for bad, why in (({"Nouns": [1]}, "lowercase"), ({"teachers": [1]}, "collide"), ({"a": []}, "non-empty"), ({"a": ["5-2"]}, "neither"),
-                     ({"a": [-1]}, "neither"), ({"a": "3-28"}, "non-empty list")):
+    for bad, why in (
+        ({"Nouns": [1]}, "lowercase"),
+        ({"teachers": [1]}, "collide"),
+        ({"a": []}, "non-empty"),
+        ({"a": ["5-2"]}, "neither"),
+        ({"a": [-1]}, "neither"),
+        ({"a": "3-28"}, "non-empty list"),
+    ):
         with pytest.raises(Exception, match=why) as e:
             load_spec("pipelines/digits_kd.yaml", {"evaluate.slices": bad})
         assert "evaluate.slices" in str(e.value)
@@ -35,6 +41,7 @@ def test_each_slice_is_scored_on_its_own_rows_even_where_a_batch_lacks_them(ray_
     class Sign:  # local, so Ray pickles it by value
         def __call__(self) -> torch.nn.Module:
             built_in.write_text(str(os.getpid()))  # which process scored the split
+
             class M(torch.nn.Module):
                 def forward(self, batch):
                     x = batch["x"].float()
@@ -47,9 +54,16 @@ def test_each_slice_is_scored_on_its_own_rows_even_where_a_batch_lacks_them(ray_
     teacher = np.stack([np.where(labels == 2, 5.0, 0.0), np.zeros(12), np.zeros(12)], 1).astype(np.float32)  # always 0
     ds = ray_local.data.from_items([{"x": r, "label": int(l), "t.logits": t} for r, l, t in zip(x, labels, teacher)])
     pred = (x[:, 0] > 0).astype(int)
-    scored = evaluate_models("classification", {"test_": Sign()}, ds, teachers=["t"], num_classes=3, batch_size=4,
-                             slices={"zeros": [0], "ones_and_twos": [1, 2], "absent": [7]},
-                             in_driver_bytes=2**20 if in_driver else 0)
+    scored = evaluate_models(
+        "classification",
+        {"test_": Sign()},
+        ds,
+        teachers=["t"],
+        num_classes=3,
+        batch_size=4,
+        slices={"zeros": [0], "ones_and_twos": [1, 2], "absent": [7]},
+        in_driver_bytes=2**20 if in_driver else 0,
+    )
     assert (built_in.read_text() == str(os.getpid())) == in_driver
     m = scored.metrics
     assert m["test_acc"] == pytest.approx(np.mean(pred == labels))

@@ -61,7 +61,9 @@ def test_teacher_actor_killed_mid_stage_loses_and_duplicates_nothing(tmp_path: P
     """)
     o = tiny_overrides(tmp_path, **{"teach.batch_size": 4, "teach.concurrency": 2, "teach.num_cpus": 0.5})
     env = {**os.environ, "RAY_ADDRESS": ""}
-    out = subprocess.run([sys.executable, "-c", script, json.dumps(o)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(o)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
     assert len(res["killed"]) == 1 and res["staged_before_kill"][0] >= 1, res  # killed after output was written
@@ -82,8 +84,16 @@ def test_training_worker_killed_resumes_from_checkpoint_in_one_mlflow_run(ray_lo
 
     from kdpipe.pipeline import distil, prepare, teach
 
-    o = tiny_overrides(tmp_path, **{"train.epochs": 8, "train.checkpoint_every": 2, "train.max_failures": 1,
-                                    "evaluate.baseline": False, "source.limit": 600})
+    o = tiny_overrides(
+        tmp_path,
+        **{
+            "train.epochs": 8,
+            "train.checkpoint_every": 2,
+            "train.max_failures": 1,
+            "evaluate.baseline": False,
+            "source.limit": 600,
+        },
+    )
     cfg = load_spec("pipelines/digits_kd.yaml", o)
     source, uri = prepare(cfg)
     taught = teach(cfg, source)
@@ -93,8 +103,11 @@ def test_training_worker_killed_resumes_from_checkpoint_in_one_mlflow_run(ray_lo
     def kill_a_worker_after_epoch_4() -> None:
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
-            runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id]) \
-                if client.get_experiment_by_name(cfg.tracking.experiment) else []
+            runs = (
+                client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+                if client.get_experiment_by_name(cfg.tracking.experiment)
+                else []
+            )
             if runs and any(m.step >= 4 for m in client.get_metric_history(runs[0].info.run_id, "val_acc")):
                 for p in psutil.process_iter(["cmdline"]):
                     if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
@@ -152,12 +165,24 @@ def test_mlflow_server_killed_mid_training_then_back_loses_no_metric(tmp_path: P
 
     server = MlflowServer(tmp_path / "mlflow")
     try:
-        o = tiny_overrides(tmp_path, **{"tracking.tracking_uri": server.uri, "train.epochs": 40,
-                                        "train.checkpoint_every": 10, "evaluate.baseline": False})
+        o = tiny_overrides(
+            tmp_path,
+            **{
+                "tracking.tracking_uri": server.uri,
+                "train.epochs": 40,
+                "train.checkpoint_every": 10,
+                "evaluate.baseline": False,
+            },
+        )
         sets = [a for k, v in o.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-        run = subprocess.Popen([str(BIN / "kdpipe"), "run", "pipelines/digits_kd.yaml", *sets], cwd=ROOT,
-                               env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+        run = subprocess.Popen(
+            [str(BIN / "kdpipe"), "run", "pipelines/digits_kd.yaml", *sets],
+            cwd=ROOT,
+            env={**os.environ, "RAY_ADDRESS": ""},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         client = MlflowClient(server.uri)
         deadline = time.time() + 600
         while time.time() < deadline and run.poll() is None:
@@ -192,13 +217,19 @@ def test_weights_are_never_unpickled() -> None:
 
     offenders = []
     served = ROOT / "kdpipe" / "tabular_model.py"
-    for path in list((ROOT / "kdpipe").rglob("*.py")) + list((ROOT / "teachers").rglob("*.py")) + list((ROOT / "students").rglob("*.py")):
+    for path in (
+        list((ROOT / "kdpipe").rglob("*.py"))
+        + list((ROOT / "teachers").rglob("*.py"))
+        + list((ROOT / "students").rglob("*.py"))
+    ):
         if path == served:
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if "torch.load(" in line and "weights_only=True" not in line:
                 offenders.append(f"{path}:{n}")
-            if any(call in line for call in ("pytorch.load_model(", "torch.export.load(", "pickle.load", "cloudpickle")):
+            if any(
+                call in line for call in ("pytorch.load_model(", "torch.export.load(", "pickle.load", "cloudpickle")
+            ):
                 offenders.append(f"{path}:{n}")  # loaders that unpickle (pt2 falls back to weights_only=False)
     assert offenders == []
     assert TeacherConfig.model_fields["trust_remote_code"].default is False
@@ -250,11 +281,23 @@ def test_source_file_edited_between_index_and_teach_is_refused(ray_local, tmp_pa
 
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"x": [float(i), 1.0, 2.0], "y": i % 3}) + "\n" for i in range(40)))
-    raw = {"name": "edit", "source": {"kind": "jsonl", "path": str(data), "features": "x", "label": "y", "num_classes": 3},
-           "teachers": [{"id": "t", "kind": "mlp_classifier", "path": str(tmp_path / "t"), "params": {"hidden": [8], "epochs": 1,
-                         "train_on": "all_train"}}],
-           "storage": str(tmp_path), "teach": {"num_cpus": 0.5}, "student": {"kind": "mlp"},
-           "losses": [{"name": "ce"}], "tracking": {"model_name": "m"}}
+    raw = {
+        "name": "edit",
+        "source": {"kind": "jsonl", "path": str(data), "features": "x", "label": "y", "num_classes": 3},
+        "teachers": [
+            {
+                "id": "t",
+                "kind": "mlp_classifier",
+                "path": str(tmp_path / "t"),
+                "params": {"hidden": [8], "epochs": 1, "train_on": "all_train"},
+            }
+        ],
+        "storage": str(tmp_path),
+        "teach": {"num_cpus": 0.5},
+        "student": {"kind": "mlp"},
+        "losses": [{"name": "ce"}],
+        "tracking": {"model_name": "m"},
+    }
     cfg = parse_spec(raw)
     src = load_source(cfg.source, tmp_path / "q")
     _ = src.table  # the teacher trains on the rows as indexed; the actors read the file afterwards

@@ -37,8 +37,9 @@ def test_teacher_confidence_from_top_k_and_tail_equals_the_dense_softmax() -> No
     labels = rng.integers(0, 10, size=64)
     idx, val, tail = topk_compress(logits, 4)
     dense = teacher_sums({"label": labels, "t.logits": logits}, "t", 10)
-    sparse = teacher_sums({"label": labels, "t.topk_idx": idx, "t.topk_val": val.astype(np.float32),
-                           "t.tail_lse": tail}, "t", 10)
+    sparse = teacher_sums(
+        {"label": labels, "t.topk_idx": idx, "t.topk_val": val.astype(np.float32), "t.tail_lse": tail}, "t", 10
+    )
     assert dense["correct"] == sparse["correct"] == float((logits.argmax(1) == labels).sum())
     np.testing.assert_array_equal(dense["confusion"], sparse["confusion"])
     # fp16 top-k values: confidence agrees to fp16 precision
@@ -50,17 +51,29 @@ def test_figures_are_logged_as_png_artifacts(tmp_path: Path) -> None:
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     rng = np.random.default_rng(1)
-    arrays = {p: class_arrays(rng.uniform(0.1, 1, 200), rng.integers(0, 5, 200), rng.integers(0, 5, 200), 5)
-              for p in ("test_", "baseline_test_", "teacher_t_test_")}
+    arrays = {
+        p: class_arrays(rng.uniform(0.1, 1, 200), rng.integers(0, 5, 200), rng.integers(0, 5, 200), 5)
+        for p in ("test_", "baseline_test_", "teacher_t_test_")
+    }
     arrays["test_"]["cos_hist"] = np.histogram(rng.uniform(0.5, 1, 100), bins=40, range=(-1, 1))[0].astype(float)
-    history = {"student": {"train_loss": [(0, 2.0), (1, 1.0)], "train_kd": [(0, 1.5), (1, 0.7)],
-                           "val_acc": [(0, 0.5), (1, 0.7)]},
-               "baseline": {"train_loss": [(0, 2.2), (1, 1.4)], "val_acc": [(0, 0.4), (1, 0.5)]}}
+    history = {
+        "student": {
+            "train_loss": [(0, 2.0), (1, 1.0)],
+            "train_kd": [(0, 1.5), (1, 0.7)],
+            "val_acc": [(0, 0.5), (1, 0.7)],
+        },
+        "baseline": {"train_loss": [(0, 2.2), (1, 1.4)], "val_acc": [(0, 0.4), (1, 0.5)]},
+    }
     with TrackedRun(uri, "figs", "figs", {}, system_metrics=False) as run:
-        drawn = {"curves.png": figures.training_curves(history),
-                 "bars.png": figures.gate_bars({"teacher t": 0.9, "student (kd)": 0.85, "baseline twin (ce)": 0.7}, "test_acc"),
-                 "confusion.png": figures.confusion(arrays), "reliability.png": figures.reliability(arrays),
-                 "cosine.png": figures.cosine_hist(arrays)}
+        drawn = {
+            "curves.png": figures.training_curves(history),
+            "bars.png": figures.gate_bars(
+                {"teacher t": 0.9, "student (kd)": 0.85, "baseline twin (ce)": 0.7}, "test_acc"
+            ),
+            "confusion.png": figures.confusion(arrays),
+            "reliability.png": figures.reliability(arrays),
+            "cosine.png": figures.cosine_hist(arrays),
+        }
         assert len(drawn["curves.png"].axes) == 4  # (student, baseline) x (losses, validation)
         assert len(drawn["confusion.png"].axes) == 3  # teacher, student and a colour bar; not the twin
         legend = [t.get_text() for t in drawn["reliability.png"].axes[0].get_legend().get_texts()]
@@ -94,8 +107,10 @@ def _texts(fig: Any) -> list[tuple[str, Any]]:
     for ax in fig.axes:
         box = ax.get_window_extent(r)
         parts = [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
-        for axis, lo, hi, centre in ((ax.xaxis, box.x0, box.x1, lambda b: (b.x0 + b.x1) / 2),
-                                     (ax.yaxis, box.y0, box.y1, lambda b: (b.y0 + b.y1) / 2)):
+        for axis, lo, hi, centre in (
+            (ax.xaxis, box.x0, box.x1, lambda b: (b.x0 + b.x1) / 2),
+            (ax.yaxis, box.y0, box.y1, lambda b: (b.y0 + b.y1) / 2),
+        ):
             for t in axis.get_ticklabels() + axis.get_ticklabels(minor=True):
                 if t.get_visible() and t.get_text() and lo - 1 <= centre(t.get_window_extent(r)) <= hi + 1:
                     parts.append(t)
@@ -106,8 +121,12 @@ def _texts(fig: Any) -> list[tuple[str, Any]]:
 def _overlaps(fig: Any) -> list[tuple[str, str]]:
     texts = _texts(fig)
     b = np.array([[e.x0, e.y0, e.x1, e.y1] for _, e in texts]) + np.array([0.5, 0.5, -0.5, -0.5])
-    hit = ((b[:, None, 0] < b[None, :, 2]) & (b[None, :, 0] < b[:, None, 2])
-           & (b[:, None, 1] < b[None, :, 3]) & (b[None, :, 1] < b[:, None, 3]))
+    hit = (
+        (b[:, None, 0] < b[None, :, 2])
+        & (b[None, :, 0] < b[:, None, 2])
+        & (b[:, None, 1] < b[None, :, 3])
+        & (b[None, :, 1] < b[:, None, 3])
+    )
     return [(texts[i][0], texts[j][0]) for i, j in zip(*np.nonzero(np.triu(hit, 1)))]
 
 
@@ -167,9 +186,14 @@ def test_other_figures_have_whole_epoch_ticks_and_no_overlapping_text() -> None:
     """Two epochs give ticks 1 and 2 (not 1.2, 1.4, …); a negative bar's value label stays inside
     the axes, clear of the model names; the reliability legend leaves an underconfident model's
     points visible."""
-    history = {"student": {"train_loss": [(0, 0.9), (1, 0.7)], "train_kd": [(0, 0.8), (1, 0.6)],
-                           "val_acc": [(0, 0.5), (1, 0.7)]},
-               "baseline": {"train_loss": [(0, 2.2), (1, 1.4), (2, 1.3)], "val_acc": [(0, 0.4), (1, 0.5), (2, 0.55)]}}
+    history = {
+        "student": {
+            "train_loss": [(0, 0.9), (1, 0.7)],
+            "train_kd": [(0, 0.8), (1, 0.6)],
+            "val_acc": [(0, 0.5), (1, 0.7)],
+        },
+        "baseline": {"train_loss": [(0, 2.2), (1, 1.4), (2, 1.3)], "val_acc": [(0, 0.4), (1, 0.5), (2, 0.55)]},
+    }
     fig = figures.training_curves(history)
     fig.canvas.draw()
     for ax in fig.axes:

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from kdpipe.arrays import to_fixed_list, to_numpy
 from kdpipe.cache import TeacherCache
 from kdpipe.config import load_spec
+from kdpipe.data import SourceData
 from kdpipe.fuse_stage import fuse_caches
 from kdpipe.fusion import fuse, fuse_dynamic, fuse_static, fuse_uniform, fusion_objective
-from kdpipe.data import SourceData
 from kdpipe.teach import TeachResult, topk_compress
 
 # Two experts that each know half of 4 classes and a weak generalist, on a row of class 0:
@@ -124,16 +124,24 @@ def test_fuse_dispatch() -> None:
 
 # --- the fused teacher cache -----------------------------------------------------------------------
 
+
 def _source(ids: list[str]) -> SourceData:
     n = len(ids)
-    table = pa.table({"id": pa.array(ids), "x": to_fixed_list(np.zeros((n, 2), np.float32)),
-                      "label": pa.array(np.arange(n) % 4, pa.int64()),
-                      "split": pa.array(["test"] * n), "labeled": pa.array([True] * n)})
+    table = pa.table(
+        {
+            "id": pa.array(ids),
+            "x": to_fixed_list(np.zeros((n, 2), np.float32)),
+            "label": pa.array(np.arange(n) % 4, pa.int64()),
+            "split": pa.array(["test"] * n),
+            "labeled": pa.array([True] * n),
+        }
+    )
     return SourceData(table, "features", 2, 4, f"src-{n}", ["mem"])
 
 
-def _write_member(root: Path, tid: str, ids: list[str], logits: np.ndarray, topk: int | None = None,
-                  cache: TeacherCache | None = None) -> TeachResult:
+def _write_member(
+    root: Path, tid: str, ids: list[str], logits: np.ndarray, topk: int | None = None, cache: TeacherCache | None = None
+) -> TeachResult:
     cache = cache or TeacherCache(root / tid / f"fp-{tid}")
     cols: dict[str, pa.Array] = {"id": pa.array(ids)}
     if topk is None:
@@ -148,16 +156,23 @@ def _write_member(root: Path, tid: str, ids: list[str], logits: np.ndarray, topk
 
 
 def _cfg(tmp_path: Path, **fusion):
-    o = {"storage": str(tmp_path),
-         "teach.fusion": {"mode": "dynamic", "teachers": ["expert_0_4", "expert_5_9", "generalist"], **fusion}}
+    o = {
+        "storage": str(tmp_path),
+        "teach.fusion": {"mode": "dynamic", "teachers": ["expert_0_4", "expert_5_9", "generalist"], **fusion},
+    }
     return load_spec("pipelines/digits_fusion.yaml", o)
 
 
 def _members(tmp_path: Path, ids: list[str], seed: int = 0, topk_last: bool = False):
     rng = np.random.default_rng(seed)
-    logits = {t: (rng.normal(size=(len(ids), 4)) * 3).astype(np.float32) for t in ("expert_0_4", "expert_5_9", "generalist")}
+    logits = {
+        t: (rng.normal(size=(len(ids), 4)) * 3).astype(np.float32) for t in ("expert_0_4", "expert_5_9", "generalist")
+    }
     root = tmp_path / "cache"
-    res = {t: _write_member(root, t, ids, z, topk=(2 if topk_last and t == "generalist" else None)) for t, z in logits.items()}
+    res = {
+        t: _write_member(root, t, ids, z, topk=(2 if topk_last and t == "generalist" else None))
+        for t, z in logits.items()
+    }
     return res, logits
 
 
@@ -174,12 +189,18 @@ def test_fuse_caches_writes_reuses_refuses_extends_and_joins(ray_local, tmp_path
     assert r.teacher_id == "fused" and not r.reused and r.rows_taught == 10
     assert r.cache.dir == tmp_path / "cache" / "fused" / r.fingerprint
     m = r.manifest()
-    assert m["teacher_id"] == "fused" and m["members"] == {t: f"fp-{t}" for t in logits} and m["fusion"]["mode"] == "dynamic"
+    assert (
+        m["teacher_id"] == "fused"
+        and m["members"] == {t: f"fp-{t}" for t in logits}
+        and m["fusion"]["mode"] == "dynamic"
+    )
     assert set(m["schema"]) == {"id", "logits", "weights"} and m["rows"] == 10
     table = r.cache.read()
     order = {rid: i for i, rid in enumerate(table["id"].to_pylist())}
     got = to_numpy(table["logits"])[[order[i] for i in ids]]
-    want, w = fuse([logits[t] for t in ("expert_0_4", "expert_5_9", "generalist")], "dynamic", steps=cfg.teach.fusion.steps)
+    want, w = fuse(
+        [logits[t] for t in ("expert_0_4", "expert_5_9", "generalist")], "dynamic", steps=cfg.teach.fusion.steps
+    )
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
     weights = to_numpy(table["weights"])
     assert weights.shape == (10, 3) and np.allclose(weights.sum(1), 1.0, atol=1e-5) and (weights >= 0).all()
@@ -217,8 +238,10 @@ def test_fuse_caches_writes_reuses_refuses_extends_and_joins(ray_local, tmp_path
 def test_fused_fingerprint_covers_config_and_members(tmp_path: Path) -> None:
     from kdpipe.fuse_stage import fused_fingerprint
 
-    results = {t: TeachResult(t, TeacherCache(tmp_path / t), f"fp-{t}", 0, True)
-               for t in ("expert_0_4", "expert_5_9", "generalist")}
+    results = {
+        t: TeachResult(t, TeacherCache(tmp_path / t), f"fp-{t}", 0, True)
+        for t in ("expert_0_4", "expert_5_9", "generalist")
+    }
     dyn = fused_fingerprint(_cfg(tmp_path), results)
     assert dyn == fused_fingerprint(_cfg(tmp_path), dict(results))
     assert fused_fingerprint(_cfg(tmp_path, mode="uniform"), results) != dyn
@@ -239,5 +262,3 @@ def test_static_fused_cache_equals_the_chosen_teacher_and_reads_topk_members(ray
     dense = to_numpy(g["logits"])[[g["id"].to_pylist().index(i) for i in ids]]
     np.testing.assert_array_equal(dense.argmax(1), logits["generalist"].argmax(1))
     assert np.allclose(np.log(np.exp(dense).sum(1)), np.log(np.exp(logits["generalist"]).sum(1)), atol=1e-2)
-
-

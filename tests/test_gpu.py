@@ -41,8 +41,9 @@ def test_causal_lm_teacher_on_cuda_runs_bf16_and_agrees_with_fp32_on_cpu(tmp_pat
     from tests.test_lm_models import save_tiny_llama
 
     save_tiny_llama(tmp_path, default_tokenizer(), layers=2)
-    tcfg = TeacherConfig(id="lm", kind="hf_causal_lm", path=str(tmp_path), params={"max_length": 24},
-                         outputs=["tokens", "topk"], topk=8)
+    tcfg = TeacherConfig(
+        id="lm", kind="hf_causal_lm", path=str(tmp_path), params={"max_length": 24}, outputs=["tokens", "topk"], topk=8
+    )
     gpu, cpu = HFCausalLMTeacher.load(tcfg, "cuda"), HFCausalLMTeacher.load(tcfg, "cpu")
     assert next(gpu.model.parameters()).dtype == torch.bfloat16
     assert next(cpu.model.parameters()).dtype == torch.float32
@@ -56,8 +57,9 @@ def test_causal_lm_teacher_on_cuda_runs_bf16_and_agrees_with_fp32_on_cpu(tmp_pat
 
 
 @cuda
-def test_lm_pipeline_teaches_on_gpu_trains_with_use_gpu_and_registers_a_cpu_loadable_model(ray_local,
-                                                                                            tmp_path: Path) -> None:
+def test_lm_pipeline_teaches_on_gpu_trains_with_use_gpu_and_registers_a_cpu_loadable_model(
+    ray_local, tmp_path: Path
+) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM
@@ -68,11 +70,23 @@ def test_lm_pipeline_teaches_on_gpu_trains_with_use_gpu_and_registers_a_cpu_load
 
     teacher = tmp_path / "teacher"
     save_tiny_llama(teacher, default_tokenizer(), layers=2)
-    cfg = load_spec("pipelines/lm_distill.yaml", {
-        "source.limit": 160, "teachers.0.path": str(teacher), "teachers.0.params": {"max_length": 24},
-        "teachers.0.topk": 16, "student.params": {"tokens_from": "lm", "num_layers": 1, "init_from_teacher_layers": [1]},
-        "teach.num_gpus": 1, "train.use_gpu": True, "train.num_workers": 1, "train.epochs": 2,
-        "train.checkpoint_every": 1, "storage": str(tmp_path), "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
+    cfg = load_spec(
+        "pipelines/lm_distill.yaml",
+        {
+            "source.limit": 160,
+            "teachers.0.path": str(teacher),
+            "teachers.0.params": {"max_length": 24},
+            "teachers.0.topk": 16,
+            "student.params": {"tokens_from": "lm", "num_layers": 1, "init_from_teacher_layers": [1]},
+            "teach.num_gpus": 1,
+            "train.use_gpu": True,
+            "train.num_workers": 1,
+            "train.epochs": 2,
+            "train.checkpoint_every": 1,
+            "storage": str(tmp_path),
+            "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        },
+    )
     res = run(cfg)
     for k in ("test_ppl", "test_kl", "test_teacher_agreement", "baseline_test_ppl"):
         assert math.isfinite(res.metrics[k]), k
@@ -80,8 +94,11 @@ def test_lm_pipeline_teaches_on_gpu_trains_with_use_gpu_and_registers_a_cpu_load
     assert params["train_device"] == "cuda"
     assert params["train_precision"] == ("bf16 autocast" if torch.cuda.is_bf16_supported() else "fp32")
     mlflow.set_tracking_uri(res.tracking_uri)
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{cfg.tracking.model_name}/{res.model_version}",
-                                                     dst_path=str(tmp_path / "dl")))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{cfg.tracking.model_name}/{res.model_version}", dst_path=str(tmp_path / "dl")
+        )
+    )
     model = AutoModelForCausalLM.from_pretrained(local / "model", local_files_only=True)
     assert next(model.parameters()).device.type == "cpu" and next(model.parameters()).dtype == torch.float32
 
@@ -90,12 +107,17 @@ def test_lm_pipeline_teaches_on_gpu_trains_with_use_gpu_and_registers_a_cpu_load
 def test_digits_pipeline_trains_on_gpu_and_beats_its_twin(ray_local, tmp_path: Path) -> None:
     from kdpipe.pipeline import run
 
-    cfg = load_spec("pipelines/digits_kd.yaml", {
-        "teach.num_gpus": 0.5, "train.use_gpu": True, "train.num_workers": 1,
-        "storage": str(tmp_path),
-        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
+    cfg = load_spec(
+        "pipelines/digits_kd.yaml",
+        {
+            "teach.num_gpus": 0.5,
+            "train.use_gpu": True,
+            "train.num_workers": 1,
+            "storage": str(tmp_path),
+            "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        },
+    )
     res = run(cfg)
     params = __import__("mlflow").tracking.MlflowClient(res.tracking_uri).get_run(res.run_id).data.params
     assert params["train_device"] == "cuda"
     assert res.metrics["test_acc"] > res.metrics["baseline_test_acc"], res.table
-

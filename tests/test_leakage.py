@@ -9,8 +9,8 @@ import pyarrow.compute as pc
 import pytest
 
 from kdpipe.config import GateConfig, KdpipeError, SourceConfig, TeacherConfig
-from kdpipe.model_registry import evaluate_gates
 from kdpipe.data import load_source
+from kdpipe.model_registry import evaluate_gates
 from teachers.mlp import MLPTeacher
 
 
@@ -81,8 +81,9 @@ def test_teacher_under_storage_is_trained_again_for_other_rows_and_says_why(ray_
     cfg = TeacherConfig(id="t", kind="mlp_classifier", params={"hidden": [8], "epochs": 1})
     first = MLPTeacher.prepare(cfg, load_source(SourceConfig(kind="sklearn_digits")), str(tmp_path))
     with caplog.at_level(logging.INFO, logger="kdpipe"):
-        second = MLPTeacher.prepare(cfg, load_source(SourceConfig(kind="sklearn_digits", split={"salt": "other"})),
-                                    str(tmp_path))
+        second = MLPTeacher.prepare(
+            cfg, load_source(SourceConfig(kind="sklearn_digits", split={"salt": "other"})), str(tmp_path)
+        )
     assert first.path != second.path and Path(first.path, "model.safetensors").exists()
     assert Path(second.path).parent == tmp_path / "teachers" / "mlp_classifier"
     assert "training a new copy" in caplog.text and "are val/test rows of this source" in caplog.text

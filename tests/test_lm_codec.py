@@ -54,8 +54,9 @@ def test_ids_exact_and_order_restored() -> None:
     assert (round_trip(sep_ids, sep_logp)[0] == sep_ids).all()
 
 
-@pytest.mark.parametrize("qz", [codec.Quantiser(), codec.Quantiser(levels=6, max_step=1.0),
-                                codec.Quantiser(levels=64, max_step=0.125)])
+@pytest.mark.parametrize(
+    "qz", [codec.Quantiser(), codec.Quantiser(levels=6, max_step=1.0), codec.Quantiser(levels=64, max_step=0.125)]
+)
 def test_quantiser_bounds(qz: codec.Quantiser) -> None:
     """The grid's promises: |d' - d| <= max_step / 2 down to CLIP_NATS; sqrt(p/p0) within 1/(2L) on the
     sqrt part; the top-1 (d = 0) exact; levels monotone."""
@@ -180,16 +181,19 @@ def test_single_token_and_empty() -> None:
     assert empty.ids.shape[:2] == (0, 8) and empty.mask.shape == (0, 8)
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda i, p: (i, np.where(np.arange(p.size).reshape(p.shape) == 5, np.nan, p)), "NaN"),
-    (lambda i, p: (np.where(i == i[0, 0], V, i), p), "outside the vocabulary"),
-    (lambda i, p: (i, p[:, ::-1]), "sorted descending"),
-    (lambda i, p: (i, p + 5.0), "log_softmax"),
-    (lambda i, p: (np.where(i == i[0, 1], i[0, 0], i), p), "distinct"),
-    (lambda i, p: (i, np.full_like(p, np.log(0.5))), "sums to"),
-    (lambda i, p: (i[:, :3], p), r"\(T, k\)"),
-    (lambda i, p: (i.astype(np.float32), p), "integers"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda i, p: (i, np.where(np.arange(p.size).reshape(p.shape) == 5, np.nan, p)), "NaN"),
+        (lambda i, p: (np.where(i == i[0, 0], V, i), p), "outside the vocabulary"),
+        (lambda i, p: (i, p[:, ::-1]), "sorted descending"),
+        (lambda i, p: (i, p + 5.0), "log_softmax"),
+        (lambda i, p: (np.where(i == i[0, 1], i[0, 0], i), p), "distinct"),
+        (lambda i, p: (i, np.full_like(p, np.log(0.5))), "sums to"),
+        (lambda i, p: (i[:, :3], p), r"\(T, k\)"),
+        (lambda i, p: (i.astype(np.float32), p), "integers"),
+    ],
+)
 def test_bad_input_errors(mutate, message: str) -> None:
     ids, logp = zipf_topk(4, 8, seed=5)
     bad_ids, bad_logp = mutate(ids, logp)

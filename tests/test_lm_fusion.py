@@ -16,8 +16,12 @@ def _batch(ids, probs, tails, pad: int = 0) -> TopKBatch:
     """One row of T real tokens (+ `pad` padding) from per-token top-k ids/probs and tail masses."""
     ids, probs = np.asarray(ids), np.asarray(probs, dtype=np.float64)
     t, k = ids.shape
-    b = TopKBatch(np.zeros((1, t + pad, k), np.int64), np.full((1, t + pad, k), -np.inf, np.float32),
-                  np.zeros((1, t + pad), np.float32), np.zeros((1, t + pad), bool))
+    b = TopKBatch(
+        np.zeros((1, t + pad, k), np.int64),
+        np.full((1, t + pad, k), -np.inf, np.float32),
+        np.zeros((1, t + pad), np.float32),
+        np.zeros((1, t + pad), bool),
+    )
     b.ids[0, :t], b.logp[0, :t] = ids, np.log(probs)
     b.tail_logp[0, :t], b.mask[0, :t] = np.log(np.asarray(tails, dtype=np.float64)), True
     return b

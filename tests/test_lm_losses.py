@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -36,8 +37,15 @@ DIST_LOSSES = {"forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd", "uld"}
 T2_SCALED = {"forward_kl", "reverse_kl", "jsd", "skew_kl"}
 # one parametrisation per loss (and the interesting variants) for value tests
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
-    ("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}),
-    ("skew_kl", {"alpha": 0.2}), ("skew_kl", {"alpha": 0.2, "reverse": True}), ("tvd", {}), ("uld", {}),
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("jsd", {"beta": 0.3}),
+    ("jsd", {"beta": 0.0}),
+    ("jsd", {"beta": 1.0}),
+    ("skew_kl", {"alpha": 0.2}),
+    ("skew_kl", {"alpha": 0.2, "reverse": True}),
+    ("tvd", {}),
+    ("uld", {}),
 ]
 
 
@@ -51,6 +59,7 @@ def _token_dist_names() -> list[str]:
 
 
 # --- plain-Python references ------------------------------------------------------------------------
+
 
 def _softmax(z: list[float], T: float = 1.0) -> list[float]:
     m = max(z)
@@ -110,15 +119,23 @@ def _sorted_l1(p: list[float], q: list[float]) -> float:
     return sum(abs(x - y) for x, y in zip(p, q))
 
 
-def _ref_token(name: str, prm: dict[str, Any], s: list[float], batch: dict[str, torch.Tensor], b: int, t: int,
-               sparse: bool, T: float) -> float:
+def _ref_token(
+    name: str,
+    prm: dict[str, Any],
+    s: list[float],
+    batch: dict[str, torch.Tensor],
+    b: int,
+    t: int,
+    sparse: bool,
+    T: float,
+) -> float:
     """The loss of one (b, t) position, from the batch's teacher columns and the student logits s."""
     V = len(s)
     if sparse:
         ids = batch["t.topk_ids"][b, t].tolist()
         p = _teacher_buckets(batch["t.topk_logp"][b, t].tolist(), float(batch["t.tail_logp"][b, t]), V, T)
         if name == "uld":
-            return _sorted_l1(p[:-1], sorted(_softmax(s, T), reverse=True)[:len(ids)])
+            return _sorted_l1(p[:-1], sorted(_softmax(s, T), reverse=True)[: len(ids)])
         q = _student_buckets(s, ids, T)
     else:
         p = _softmax(batch["t.logits"][b, t].tolist(), T)
@@ -128,14 +145,21 @@ def _ref_token(name: str, prm: dict[str, Any], s: list[float], batch: dict[str, 
     return _ref_div(name, p, q, prm) * (T * T if name in T2_SCALED else 1.0)
 
 
-def _ref_mean(name: str, prm: dict[str, Any], s: torch.Tensor, batch: dict[str, torch.Tensor], sparse: bool, T: float) -> float:
+def _ref_mean(
+    name: str, prm: dict[str, Any], s: torch.Tensor, batch: dict[str, torch.Tensor], sparse: bool, T: float
+) -> float:
     am = batch["attention_mask"].tolist()
-    vals = [_ref_token(name, prm, s[b, t].tolist(), batch, b, t, sparse, T)
-            for b in range(s.shape[0]) for t in range(s.shape[1] - 1) if am[b][t] and am[b][t + 1]]
+    vals = [
+        _ref_token(name, prm, s[b, t].tolist(), batch, b, t, sparse, T)
+        for b in range(s.shape[0])
+        for t in range(s.shape[1] - 1)
+        if am[b][t] and am[b][t + 1]
+    ]
     return sum(vals) / len(vals)
 
 
 # --- batches ----------------------------------------------------------------------------------------
+
 
 def _sparse_from_logits(t: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     """Top-k cache columns of teacher logits t (B, T, V): ids, log-probs (descending) and the tail's log-mass."""
@@ -145,14 +169,15 @@ def _sparse_from_logits(t: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     return {"t.topk_ids": top.indices, "t.topk_logp": top.values, "t.tail_logp": tail}
 
 
-def _case(seed: int = 0, V: int = 5, k: int = 2, B: int = 2, T: int = 4, scale: float = 2.0
-          ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _case(
+    seed: int = 0, V: int = 5, k: int = 2, B: int = 2, T: int = 4, scale: float = 2.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Student logits (B, T, V) and the same teacher as a sparse and a dense batch; row 1 is right-padded."""
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(B, T, V, generator=g)
     t = torch.randn(B, T, V, generator=g) * scale
     am = torch.ones(B, T, dtype=torch.int64)
-    am[1:, T - 1:] = 0
+    am[1:, T - 1 :] = 0
     base = {"input_ids": torch.randint(0, V, (B, T), generator=g), "attention_mask": am}
     return s, {**base, **_sparse_from_logits(t, k)}, {**base, "t.logits": t}
 
@@ -166,6 +191,7 @@ def _value_and_grad(loss: Any, s: torch.Tensor, batch: dict[str, torch.Tensor]) 
 
 
 # --- the mask and the teacher signal ----------------------------------------------------------------
+
 
 def test_next_token_mask_drops_last_real_token_and_padding() -> None:
     am = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 0, 0, 0, 0]])
@@ -198,26 +224,33 @@ def test_sparse_teacher_temperature_spreads_the_tail_uniformly() -> None:
 
 # --- hand-computed values ---------------------------------------------------------------------------
 
+
 def _literal_batch() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """V = 4, k = 2: teacher buckets p = [1/2, 1/4 | tail 1/4]; uniform student q = [1/4, 1/4 | 1/2].
 
     Only position 0 counts (position 1 is the last real token).
     """
-    batch = {"attention_mask": torch.tensor([[1, 1]]), "input_ids": torch.tensor([[0, 3]]),
-             "t.topk_ids": torch.tensor([[[0, 1], [2, 3]]]),
-             "t.topk_logp": torch.tensor([[[math.log(0.5), math.log(0.25)], [-0.1, -5.0]]]),
-             "t.tail_logp": torch.tensor([[math.log(0.25), -3.0]])}
+    batch = {
+        "attention_mask": torch.tensor([[1, 1]]),
+        "input_ids": torch.tensor([[0, 3]]),
+        "t.topk_ids": torch.tensor([[[0, 1], [2, 3]]]),
+        "t.topk_logp": torch.tensor([[[math.log(0.5), math.log(0.25)], [-0.1, -5.0]]]),
+        "t.tail_logp": torch.tensor([[math.log(0.25), -3.0]]),
+    }
     return torch.zeros(1, 2, 4), batch
 
 
-@pytest.mark.parametrize(("name", "params", "want"), [
-    ("forward_kl", {}, 0.25 * math.log(2)),  # ½ ln(½/¼) + ¼ ln 1 + ¼ ln(¼/½)
-    ("reverse_kl", {}, 0.25 * math.log(2)),  # ¼ ln(¼/½) + ¼ ln 1 + ½ ln(½/¼)
-    ("jsd", {"beta": 0.5}, 0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3)),  # m = [3/8, 1/4, 3/8], both KLs equal
-    ("skew_kl", {"alpha": 0.5}, 0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3)),
-    ("tvd", {}, 0.25),  # ½ (¼ + 0 + ¼)
-    ("uld", {}, 0.25),  # sorted top-2: [½, ¼] vs [¼, ¼]
-])
+@pytest.mark.parametrize(
+    ("name", "params", "want"),
+    [
+        ("forward_kl", {}, 0.25 * math.log(2)),  # ½ ln(½/¼) + ¼ ln 1 + ¼ ln(¼/½)
+        ("reverse_kl", {}, 0.25 * math.log(2)),  # ¼ ln(¼/½) + ¼ ln 1 + ½ ln(½/¼)
+        ("jsd", {"beta": 0.5}, 0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3)),  # m = [3/8, 1/4, 3/8], both KLs equal
+        ("skew_kl", {"alpha": 0.5}, 0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3)),
+        ("tvd", {}, 0.25),  # ½ (¼ + 0 + ¼)
+        ("uld", {}, 0.25),  # sorted top-2: [½, ¼] vs [¼, ¼]
+    ],
+)
 def test_literal_values_on_four_ids(name: str, params: dict[str, Any], want: float) -> None:
     s, batch = _literal_batch()
     value, parts = _loss(name, **params)({"logits": s}, batch)
@@ -240,14 +273,19 @@ def test_lm_ce_matches_cross_entropy_on_real_next_tokens() -> None:
     s, batch, _ = _case(seed=2)
     value, grad, parts = _value_and_grad(_loss("lm_ce"), s, batch)
     ids, am = batch["input_ids"].tolist(), batch["attention_mask"].tolist()
-    terms = [-math.log(_softmax(s[b, t].tolist())[ids[b][t + 1]])
-             for b in range(2) for t in range(3) if am[b][t] and am[b][t + 1]]
+    terms = [
+        -math.log(_softmax(s[b, t].tolist())[ids[b][t + 1]])
+        for b in range(2)
+        for t in range(3)
+        if am[b][t] and am[b][t + 1]
+    ]
     assert value == pytest.approx(sum(terms) / len(terms), rel=1e-6)
     assert float(parts["tokens"]) == len(terms) == 5
     assert float(grad[1, 2:].abs().sum()) == 0.0 and float(grad[0, 3].abs().sum()) == 0.0
 
 
 # --- invariants every token distribution loss must satisfy (parametrised over the registry) ----------
+
 
 def test_registry_holds_the_token_losses() -> None:
     assert set(_token_dist_names()) == DIST_LOSSES
@@ -342,7 +380,11 @@ def test_gradients_flow_and_are_finite_at_extreme_logits(name: str, sparse: str)
     s[..., 1] = 1e4
     t = torch.tensor([4.0, 0.5, 0.0, -1.0, -1e4]).expand(B, T, V).clone()  # p0 > ½ > p1 at T = 1 and 2: TVD moves
     base = {"attention_mask": torch.ones(B, T, dtype=torch.int64), "input_ids": torch.tensor([[0, 3, 2], [1, 4, 0]])}
-    batch = {**base, "t.logits": t} if sparse == "dense" else {**base, **_sparse_from_logits(t, 2 if sparse == "top2" else V)}
+    batch = (
+        {**base, "t.logits": t}
+        if sparse == "dense"
+        else {**base, **_sparse_from_logits(t, 2 if sparse == "top2" else V)}
+    )
     for temperature in (1.0, 2.0):
         loss = _loss(name) if name == "lm_ce" else _loss(name, temperature=temperature)
         value, grad, _ = _value_and_grad(loss, s, batch)
@@ -377,7 +419,7 @@ def test_nonnegative_and_global_token_normalisation(name: str) -> None:
     loss = _loss(name, temperature=1.5)
     whole, parts = loss({"logits": s}, sb)
     assert float(whole) >= 0
-    shards = [loss({"logits": s[i:i + 1]}, {k: v[i:i + 1] for k, v in sb.items()}) for i in range(3)]
+    shards = [loss({"logits": s[i : i + 1]}, {k: v[i : i + 1] for k, v in sb.items()}) for i in range(3)]
     num = sum(float(v) * float(p["tokens"]) for v, p in shards)
     den = sum(float(p["tokens"]) for _, p in shards)
     assert den == float(parts["tokens"]) == 4 + 3 + 1  # rows of 5, 4 and 2 real tokens
@@ -393,6 +435,7 @@ def test_a_batch_without_counted_tokens_gives_zero_with_a_graph(name: str) -> No
 
 
 # --- loss-specific math ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("sparse", [True, False], ids=["topk", "dense"])
 def test_jsd_limits_are_forward_and_reverse_kl(sparse: bool) -> None:
@@ -456,8 +499,12 @@ def test_uld_across_vocabularies_of_different_sizes() -> None:
     assert value == pytest.approx(sum(want) / 3, rel=1e-5)
     # top_k on a dense teacher compares only the k largest on both sides
     v2 = float(_loss("uld", top_k=2)({"logits": s}, dense)[0])
-    want2 = [_sorted_l1(sorted(_softmax(t[b, tt].tolist()), reverse=True)[:2], sorted(_softmax(s[b, tt].tolist()), reverse=True)[:2])
-             for b, tt in ((0, 0), (0, 1), (1, 0))]
+    want2 = [
+        _sorted_l1(
+            sorted(_softmax(t[b, tt].tolist()), reverse=True)[:2], sorted(_softmax(s[b, tt].tolist()), reverse=True)[:2]
+        )
+        for b, tt in ((0, 0), (0, 1), (1, 0))
+    ]
     assert v2 == pytest.approx(sum(want2) / 3, rel=1e-5)
 
 
@@ -488,6 +535,7 @@ def test_param_ranges() -> None:
 
 # --- the chunked driver ------------------------------------------------------------------------------
 
+
 def test_chunked_driver_matches_autograd_and_runs_backward_once() -> None:
     g = torch.Generator().manual_seed(12)
     x = torch.randn(2, 3, 4, generator=g, requires_grad=True)
@@ -511,9 +559,12 @@ def test_chunked_driver_matches_autograd_and_runs_backward_once() -> None:
 
 # --- suite integration -------------------------------------------------------------------------------
 
+
 def test_suite_combines_lm_ce_and_kd_with_token_counts() -> None:
     s, sb, _ = _case(seed=13)
-    suite = LossSuite([{"name": "lm_ce", "weight": 0.5}, {"name": "forward_kl", "weight": 2.0, "temperature": 2.0}], CTX)
+    suite = LossSuite(
+        [{"name": "lm_ce", "weight": 0.5}, {"name": "forward_kl", "weight": 2.0, "temperature": 2.0}], CTX
+    )
     x = s.clone().requires_grad_(True)
     total, parts = suite({"logits": x}, sb)
     assert float(total) == pytest.approx(0.5 * float(parts["lm_ce"]) + 2.0 * float(parts["forward_kl"]), rel=1e-6)
@@ -524,11 +575,15 @@ def test_suite_combines_lm_ce_and_kd_with_token_counts() -> None:
 
 # --- hidden states -----------------------------------------------------------------------------------
 
+
 def _hidden_batch(H_s: int = 3, H_t: int = 3) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(14)
     hs = tuple(torch.randn(2, 3, H_s, generator=g, requires_grad=True) for _ in range(3))
-    batch = {"attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
-             "t.hidden.2": torch.randn(2, 3, H_t, generator=g), "t.hidden.4": torch.randn(2, 3, H_t, generator=g)}
+    batch = {
+        "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+        "t.hidden.2": torch.randn(2, 3, H_t, generator=g),
+        "t.hidden.4": torch.randn(2, 3, H_t, generator=g),
+    }
     return {"hidden_states": hs}, batch
 
 
@@ -568,7 +623,10 @@ def test_hidden_token_learns_a_projection_when_widths_differ() -> None:
     assert float(value) == pytest.approx(4.0 / 4, rel=1e-6)
     value.backward()
     assert loss.proj["2"].weight.grad is not None and float(loss.proj["2"].weight.grad.abs().sum()) > 0
-    assert sum(p.numel() for p in LossSuite([{"name": "hidden_token", "layer_map": {2: 4}}], ctx).parameters()) == 4 * 3 + 4
+    assert (
+        sum(p.numel() for p in LossSuite([{"name": "hidden_token", "layer_map": {2: 4}}], ctx).parameters())
+        == 4 * 3 + 4
+    )
     # equal widths: no projection unless asked for
     same = LossContext(0, ["t"], widths={"student.hidden_states": 3, "t.hidden.4": 3})
     assert not list(_loss("hidden_token", same, layer_map={2: 4}).parameters())
@@ -592,6 +650,7 @@ def test_hidden_token_errors_name_the_problem() -> None:
 
 
 # --- oracle: TRL's GKD generalised JSD -----------------------------------------------------------------
+
 
 def _trl_jsd() -> Callable[..., torch.Tensor]:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")

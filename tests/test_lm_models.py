@@ -15,19 +15,31 @@ import numpy as np
 import pytest
 import torch
 
-from kdpipe.errors import KdpipeError
 from kdpipe.config import StudentConfig, TeacherConfig, check_student, check_teacher
-from kdpipe.lm.corpus import CorpusSplit, default_tokenizer, encode_texts, load_glosses, pack_texts, split_of, token_lists
+from kdpipe.errors import KdpipeError
+from kdpipe.lm.corpus import (
+    CorpusSplit,
+    default_tokenizer,
+    encode_texts,
+    load_glosses,
+    pack_texts,
+    split_of,
+    token_lists,
+)
 from kdpipe.lm.pretrain import PretrainRecipe, pretrain, pretrained_dir
-from students.causal_lm import CausalLMStudent
 from kdpipe.losses import vocabulary_bound
+from students.causal_lm import CausalLMStudent
 from teachers.hf_causal_lm import HFCausalLMTeacher, check_vocab_compatible, model_dir, topk_logprobs
 
-TEXTS = ["a domesticated carnivorous mammal that typically has a long snout",
-         "move fast by using one's feet",
-         ("the quality of being honest and telling the truth about what happened to the small animals of the "
-          "forest during the long cold winter that followed the great storm"),  # longer than max_length: truncated
-         "hi"]
+TEXTS = [
+    "a domesticated carnivorous mammal that typically has a long snout",
+    "move fast by using one's feet",
+    (
+        "the quality of being honest and telling the truth about what happened to the small animals of the "
+        "forest during the long cold winter that followed the great storm"
+    ),  # longer than max_length: truncated
+    "hi",
+]
 MAX_LEN = 24
 K = 8
 
@@ -42,10 +54,19 @@ def save_tiny_llama(path: Path, tok: Any, vocab: int | None = None, layers: int 
     up so the next-token distributions are peaked (no near-ties in the top-k)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab or len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=vocab is None, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=vocab or len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=vocab is None,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -65,8 +86,17 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory, tok: Any) -> Path:
 def teacher_cfg(path: Path | None, **params: Any) -> TeacherConfig:
     """A teacher as a spec declares it, checked by its kind (`kdpipe.config.check_teacher`)."""
     outputs = ["tokens", "topk"] + (["hidden"] if params.get("hidden_layers") else [])
-    return check_teacher(TeacherConfig(id="lm", kind="hf_causal_lm", path=str(path) if path else None, outputs=outputs,
-                                       topk=K, params={"max_length": MAX_LEN, **params}), ".kdpipe")
+    return check_teacher(
+        TeacherConfig(
+            id="lm",
+            kind="hf_causal_lm",
+            path=str(path) if path else None,
+            outputs=outputs,
+            topk=K,
+            params={"max_length": MAX_LEN, **params},
+        ),
+        ".kdpipe",
+    )
 
 
 def reference_logp(model_path: Path, ids: np.ndarray, mask: np.ndarray, vocab: int) -> tuple[torch.Tensor, Any]:
@@ -75,8 +105,11 @@ def reference_logp(model_path: Path, ids: np.ndarray, mask: np.ndarray, vocab: i
 
     model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=torch.float32).eval()
     with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-                    output_hidden_states=True)
+        out = model(
+            input_ids=torch.from_numpy(ids).long(),
+            attention_mask=torch.from_numpy(mask).long(),
+            output_hidden_states=True,
+        )
     return torch.log_softmax(out.logits[..., :vocab].double(), -1), out
 
 
@@ -119,12 +152,17 @@ def test_teacher_topk_equals_model_log_softmax(teacher_dir: Path, tok: Any) -> N
     want_tail = torch.log1p(-torch.exp(want_vals).sum(-1))
     torch.testing.assert_close(torch.from_numpy(out["tail_logp"]).double()[m], want_tail[m], atol=1e-4, rtol=1e-4)
     # padding positions hold zeros
-    assert (out["topk_logp"][~mask] == 0).all() and (out["topk_ids"][~mask] == 0).all() and (out["tail_logp"][~mask] == 0).all()
+    assert (
+        (out["topk_logp"][~mask] == 0).all()
+        and (out["topk_ids"][~mask] == 0).all()
+        and (out["tail_logp"][~mask] == 0).all()
+    )
     # hidden states of the chosen layers, at real tokens
     for layer in (0, 2):
         want_h = ref.hidden_states[layer].numpy().astype(np.float16)
-        np.testing.assert_allclose(out[f"hidden.{layer}"][mask].astype(np.float32), want_h[mask].astype(np.float32),
-                                   atol=2e-2, rtol=1e-2)
+        np.testing.assert_allclose(
+            out[f"hidden.{layer}"][mask].astype(np.float32), want_h[mask].astype(np.float32), atol=2e-2, rtol=1e-2
+        )
         assert (out[f"hidden.{layer}"][~mask] == 0).all()
 
 
@@ -162,11 +200,15 @@ def test_padded_vocab_is_cut_to_the_tokenizer(tmp_path: Path, tok: Any, caplog: 
     assert out["topk_ids"][mask].max() < len(tok)
     cut, _ = reference_logp(tmp_path, out["input_ids"], out["attention_mask"], len(tok))
     full, _ = reference_logp(tmp_path, out["input_ids"], out["attention_mask"], padded)
-    assert (full.argmax(-1)[torch.from_numpy(mask)] >= len(tok)).any(), "padded rows must compete, or the test proves nothing"
+    assert (full.argmax(-1)[torch.from_numpy(mask)] >= len(tok)).any(), (
+        "padded rows must compete, or the test proves nothing"
+    )
     got = torch.from_numpy(out["topk_logp"]).double()[torch.from_numpy(mask)]
     torch.testing.assert_close(got, torch.topk(cut, K, -1).values[torch.from_numpy(mask)], atol=2e-4, rtol=0)
     # exp(top-k) + exp(tail) is the whole distribution over the tokenizer's ids
-    total = np.exp(out["topk_logp"][mask].astype(np.float64)).sum(-1) + np.exp(out["tail_logp"][mask].astype(np.float64))
+    total = np.exp(out["topk_logp"][mask].astype(np.float64)).sum(-1) + np.exp(
+        out["tail_logp"][mask].astype(np.float64)
+    )
     np.testing.assert_allclose(total, 1.0, atol=1e-5)
 
 
@@ -178,14 +220,17 @@ def other_tokenizer(path: Path) -> Path:
     words = ["<pad>", "<s>", "</s>", "<unk>", "dog", "cat", "Ġthe", "run", "fast", "tree"]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(path)
     return path
 
 
 def test_check_vocab_compatible(teacher_dir: Path, tmp_path: Path, tok: Any) -> None:
     assert check_vocab_compatible(teacher_dir, tok, vocabulary_bound([{"name": n} for n in ["kd"]])) is True
-    assert check_vocab_compatible(teacher_dir, teacher_dir, vocabulary_bound([{"name": n} for n in ["kd", "ce"]])) is True
+    assert (
+        check_vocab_compatible(teacher_dir, teacher_dir, vocabulary_bound([{"name": n} for n in ["kd", "ce"]])) is True
+    )
     other = other_tokenizer(tmp_path / "other")
     with pytest.raises(ValueError) as e:
         check_vocab_compatible(teacher_dir, other, vocabulary_bound([{"name": n} for n in ["kd"]]))
@@ -194,7 +239,10 @@ def test_check_vocab_compatible(teacher_dir: Path, tmp_path: Path, tok: Any) -> 
     assert f"{len(tok)} tokens" in msg and "10 tokens" in msg  # with their sizes
     assert "[PAD]" in msg and "<s>" in msg and "uld" in msg  # a sample of differing tokens, and the way out
     assert check_vocab_compatible(teacher_dir, other, vocabulary_bound([{"name": n} for n in ["uld"]])) is False
-    assert check_vocab_compatible(teacher_dir, str(other), vocabulary_bound([{"name": n} for n in ["uld", "lm_ce"]])) is False
+    assert (
+        check_vocab_compatible(teacher_dir, str(other), vocabulary_bound([{"name": n} for n in ["uld", "lm_ce"]]))
+        is False
+    )
     with pytest.raises(ValueError, match="'kd'"):
         check_vocab_compatible(teacher_dir, other, vocabulary_bound([{"name": n} for n in ["uld", "kd"]]))
 
@@ -203,8 +251,9 @@ def test_teacher_config_checks(teacher_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="topk"):
         check_teacher(TeacherConfig(id="lm", kind="hf_causal_lm", path=str(teacher_dir), outputs=["logits"]), ".kdpipe")
     with pytest.raises(ValueError, match="hidden_layers"):
-        check_teacher(TeacherConfig(id="lm", kind="hf_causal_lm", path=str(teacher_dir), outputs=["tokens", "hidden"]),
-                      ".kdpipe")
+        check_teacher(
+            TeacherConfig(id="lm", kind="hf_causal_lm", path=str(teacher_dir), outputs=["tokens", "hidden"]), ".kdpipe"
+        )
     with pytest.raises(ValueError, match=r"layers 0\.\.2"):
         teacher_cfg(teacher_dir, hidden_layers=[3])
     with pytest.raises(ValueError, match="config.json"):
@@ -221,9 +270,16 @@ def test_student_shapes_and_init_from_teacher_layers(teacher_dir: Path) -> None:
 
     from kdpipe.train import StudentMeta, build_student
 
-    params = StudentConfig(kind="causal_lm", params={"tokens_from": "lm", "teacher_path": str(teacher_dir),
-                                                     "num_layers": 2, "init_from_teacher_layers": [1, 0],
-                                                     "output_hidden_states": True}).params
+    params = StudentConfig(
+        kind="causal_lm",
+        params={
+            "tokens_from": "lm",
+            "teacher_path": str(teacher_dir),
+            "num_layers": 2,
+            "init_from_teacher_layers": [1, 0],
+            "output_hidden_states": True,
+        },
+    ).params
     student = build_student("causal_lm", params, StudentMeta(None, 0, ["lm"], {}))
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, local_files_only=True)
     for s_block, t_block in ((0, 1), (1, 0)):
@@ -240,7 +296,9 @@ def test_student_shapes_and_init_from_teacher_layers(teacher_dir: Path) -> None:
     assert out["logits"].shape == (2, 6, teacher.config.vocab_size)
     assert [h.shape for h in out["hidden_states"]] == [(2, 6, 32)] * 3
     # same blocks and embeddings in the same order as the teacher -> the teacher's own logits
-    same = CausalLMStudent(tokens_from="lm", teacher_path=str(teacher_dir), num_layers=2, init_from_teacher_layers=[0, 1])
+    same = CausalLMStudent(
+        tokens_from="lm", teacher_path=str(teacher_dir), num_layers=2, init_from_teacher_layers=[0, 1]
+    )
     with torch.no_grad():
         want = teacher(input_ids=ids, attention_mask=(ids != 0).long()).logits
         got = same({"lm.input_ids": ids, "lm.attention_mask": (ids != 0).long()})["logits"]
@@ -249,8 +307,14 @@ def test_student_shapes_and_init_from_teacher_layers(teacher_dir: Path) -> None:
 
 def test_narrow_student(teacher_dir: Path) -> None:
     with pytest.raises(ValueError, match="teacher's width"):
-        CausalLMStudent(tokens_from="lm", teacher_path=str(teacher_dir), num_layers=1, hidden_size=16, heads=2,
-                        init_from_teacher_layers=[0])
+        CausalLMStudent(
+            tokens_from="lm",
+            teacher_path=str(teacher_dir),
+            num_layers=1,
+            hidden_size=16,
+            heads=2,
+            init_from_teacher_layers=[0],
+        )
     narrow = CausalLMStudent(tokens_from="lm", teacher_path=str(teacher_dir), num_layers=1, hidden_size=16, heads=2)
     assert narrow.hf_model.config.hidden_size == 16 and narrow.hf_model.config.head_dim == 8
     from transformers import AutoModelForCausalLM
@@ -263,21 +327,33 @@ def test_narrow_student(teacher_dir: Path) -> None:
     assert s_emb.shape == (t_emb.shape[0], 16)
     assert s_emb.pow(2).sum() > 0.5 * centred.pow(2).sum()
     with pytest.raises(ValueError, match="one per student block"):
-        check_student(StudentConfig(kind="causal_lm", params={"tokens_from": "lm", "teacher_path": str(teacher_dir),
-                                                              "num_layers": 2, "init_from_teacher_layers": [0]}))
+        check_student(
+            StudentConfig(
+                kind="causal_lm",
+                params={
+                    "tokens_from": "lm",
+                    "teacher_path": str(teacher_dir),
+                    "num_layers": 2,
+                    "init_from_teacher_layers": [0],
+                },
+            )
+        )
 
 
 def test_student_save_hf_loads_and_generates(teacher_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-    student = CausalLMStudent(tokens_from="lm", teacher_path=str(teacher_dir), num_layers=1,
-                              init_from_teacher_layers=[1]).eval()
+    student = CausalLMStudent(
+        tokens_from="lm", teacher_path=str(teacher_dir), num_layers=1, init_from_teacher_layers=[1]
+    ).eval()
     d = student.save_hf(tmp_path / "student")
     loaded = AutoModelForCausalLM.from_pretrained(d, local_files_only=True).eval()
     ids = torch.tensor([[101, 1037, 3899, 11286]])
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits,
-                                   student({"lm.input_ids": ids, "lm.attention_mask": torch.ones_like(ids)})["logits"])
+        torch.testing.assert_close(
+            loaded(input_ids=ids).logits,
+            student({"lm.input_ids": ids, "lm.attention_mask": torch.ones_like(ids)})["logits"],
+        )
     tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("[CLS]", "[SEP]", "[PAD]")
     assert tok("a dog")["input_ids"] == [101, 1037, 3899]  # BOS only: a prompt must not end in EOS
@@ -306,7 +382,10 @@ def test_corpus_split_domains_and_packing(tok: Any) -> None:
     assert set(wider) < set(train)  # a larger held-out share only removes train glosses
     nouns, verbs = load_glosses("train", "noun"), load_glosses("train", "verb")
     assert nouns and verbs and not set(nouns) & set(verbs)
-    assert load_glosses("train", limit=100) == load_glosses("train", limit=100) and len(load_glosses("train", limit=100)) == 100
+    assert (
+        load_glosses("train", limit=100) == load_glosses("train", limit=100)
+        and len(load_glosses("train", limit=100)) == 100
+    )
     packed = pack_texts(tok, train[:50], 16)
     stream = [t for r in token_lists(tok, train[:50]) for t in r]
     assert packed.shape[1] == 16 and packed.ravel().tolist() == stream[: packed.size]
@@ -317,8 +396,19 @@ def test_corpus_split_domains_and_packing(tok: Any) -> None:
         load_glosses("train", "nouns")
 
 
-TINY = {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64, "max_length": 32, "steps": 25, "batch_size": 8,
-        "lr": 1e-2, "warmup_steps": 2, "limit": 300, "eval_glosses": 40}
+TINY = {
+    "layers": 1,
+    "hidden": 32,
+    "heads": 2,
+    "intermediate": 64,
+    "max_length": 32,
+    "steps": 25,
+    "batch_size": 8,
+    "lr": 1e-2,
+    "warmup_steps": 2,
+    "limit": 300,
+    "eval_glosses": 40,
+}
 
 
 @pytest.fixture(scope="module")
@@ -355,8 +445,11 @@ def test_teacher_prepare_pretrains_then_teaches(pretrained: Any) -> None:
     root, res = pretrained
     cfg = teacher_cfg(None, pretrain=TINY, pretrain_root=str(root))
     assert model_dir(cfg) == res.path
-    source = types.SimpleNamespace(input_kind="text", split={"salt": "kdpipe", "val": 0.15, "test": 0.25},
-                                   cfg=types.SimpleNamespace(kind="wordnet"))
+    source = types.SimpleNamespace(
+        input_kind="text",
+        split={"salt": "kdpipe", "val": 0.15, "test": 0.25},
+        cfg=types.SimpleNamespace(kind="wordnet"),
+    )
     stamp = (Path(res.path) / "model.safetensors").stat().st_mtime_ns
     HFCausalLMTeacher.prepare(cfg, source, str(root))  # reuses the fixture's run
     assert (Path(res.path) / "model.safetensors").stat().st_mtime_ns == stamp
@@ -364,8 +457,9 @@ def test_teacher_prepare_pretrains_then_teaches(pretrained: Any) -> None:
     assert len(digest) == 16 and digest == HFCausalLMTeacher.weights_digest(cfg)
     out = HFCausalLMTeacher.load(cfg).forward({"text": TEXTS[:2]})
     assert out["topk_ids"].shape == (2, MAX_LEN, K)
-    leaky = types.SimpleNamespace(input_kind="text", split={"salt": "kdpipe", "val": 0.3, "test": 0.25},
-                                  cfg=types.SimpleNamespace(kind="wordnet"))
+    leaky = types.SimpleNamespace(
+        input_kind="text", split={"salt": "kdpipe", "val": 0.3, "test": 0.25}, cfg=types.SimpleNamespace(kind="wordnet")
+    )
     with pytest.raises(ValueError, match="would train on rows"):
         HFCausalLMTeacher.prepare(cfg, leaky, str(root))
     report = json.loads((Path(res.path) / "kdpipe_pretrain.json").read_text())

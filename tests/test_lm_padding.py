@@ -23,27 +23,55 @@ def test_each_teacher_is_cut_by_its_own_mask() -> None:
     different lengths: each teacher's columns keep that teacher's longest row."""
     short = (torch.arange(T)[None] < torch.tensor([3, 5])[:, None]).long()
     long = (torch.arange(T)[None] < torch.tensor([8, 6])[:, None]).long()
-    batch = {"attention_mask": short, "a.attention_mask": short, "a.input_ids": short.clone(),
-             "b.attention_mask": long, "b.input_ids": long.clone(), "b.topk_logp": torch.zeros(2, T, K)}
+    batch = {
+        "attention_mask": short,
+        "a.attention_mask": short,
+        "a.input_ids": short.clone(),
+        "b.attention_mask": long,
+        "b.input_ids": long.clone(),
+        "b.topk_logp": torch.zeros(2, T, K),
+    }
     out = trim_to_longest(batch)
-    assert {k: v.shape[1] for k, v in out.items()} == {"attention_mask": 5, "a.attention_mask": 5, "a.input_ids": 5,
-                                                        "b.attention_mask": 8, "b.input_ids": 8, "b.topk_logp": 8}
+    assert {k: v.shape[1] for k, v in out.items()} == {
+        "attention_mask": 5,
+        "a.attention_mask": 5,
+        "a.input_ids": 5,
+        "b.attention_mask": 8,
+        "b.input_ids": 8,
+        "b.topk_logp": 8,
+    }
     assert int(out["b.attention_mask"].sum()) == int(long.sum())  # no real token of b is lost
 
 
 def test_only_token_columns_are_cut_after_the_longest_row() -> None:
     mask = _mask()
-    batch = {"attention_mask": mask, "lm.attention_mask": mask, "lm.input_ids": torch.ones(3, T, dtype=torch.long),
-             "lm.topk_ids": torch.zeros(3, T, K, dtype=torch.long), "lm.tail_logp": torch.zeros(3, T),
-             "lm.hidden.2": torch.zeros(3, T, 8), "fused.weights": torch.zeros(3, T),  # per row, not per token
-             "label": torch.full((3,), -1), "lm.attn_rel": torch.zeros(3, T, T, T)}
+    batch = {
+        "attention_mask": mask,
+        "lm.attention_mask": mask,
+        "lm.input_ids": torch.ones(3, T, dtype=torch.long),
+        "lm.topk_ids": torch.zeros(3, T, K, dtype=torch.long),
+        "lm.tail_logp": torch.zeros(3, T),
+        "lm.hidden.2": torch.zeros(3, T, 8),
+        "fused.weights": torch.zeros(3, T),  # per row, not per token
+        "label": torch.full((3,), -1),
+        "lm.attn_rel": torch.zeros(3, T, T, T),
+    }
     out = trim_to_longest(batch)
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "attention_mask": (3, 7), "lm.attention_mask": (3, 7), "lm.input_ids": (3, 7), "lm.topk_ids": (3, 7, K),
-        "lm.tail_logp": (3, 7), "lm.hidden.2": (3, 7, 8), "fused.weights": (3, T), "label": (3,),
-        "lm.attn_rel": (3, T, T, T)}
+        "attention_mask": (3, 7),
+        "lm.attention_mask": (3, 7),
+        "lm.input_ids": (3, 7),
+        "lm.topk_ids": (3, 7, K),
+        "lm.tail_logp": (3, 7),
+        "lm.hidden.2": (3, 7, 8),
+        "fused.weights": (3, T),
+        "label": (3,),
+        "lm.attn_rel": (3, T, T, T),
+    }
     assert torch.equal(out["attention_mask"], mask[:, :7])
-    full = {k: v for k, v in batch.items() if k != "lm.attention_mask"} | {"attention_mask": torch.ones(3, T, dtype=torch.long)}
+    full = {k: v for k, v in batch.items() if k != "lm.attention_mask"} | {
+        "attention_mask": torch.ones(3, T, dtype=torch.long)
+    }
     assert trim_to_longest(full) is full  # nothing to cut (and "lm." has no mask of its own)
     plain = {"x": torch.zeros(3, 64)}
     assert trim_to_longest(plain) is plain  # no token mask: unchanged
@@ -63,9 +91,16 @@ def student_and_batch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, di
     vocab = student.hf_model.config.vocab_size
     ids = torch.randint(5, vocab, (3, T), generator=g) * mask
     topk_logp = torch.log_softmax(torch.randn(3, T, K + 1, generator=g), -1).sort(-1, descending=True).values
-    batch = {"lm.input_ids": ids, "lm.attention_mask": mask, "input_ids": ids.clone(), "attention_mask": mask.clone(),
-             "lm.topk_ids": torch.randint(0, vocab, (3, T, K), generator=g), "lm.topk_logp": topk_logp[..., :K],
-             "lm.tail_logp": topk_logp[..., K], "label": torch.full((3,), -1)}
+    batch = {
+        "lm.input_ids": ids,
+        "lm.attention_mask": mask,
+        "input_ids": ids.clone(),
+        "attention_mask": mask.clone(),
+        "lm.topk_ids": torch.randint(0, vocab, (3, T, K), generator=g),
+        "lm.topk_logp": topk_logp[..., :K],
+        "lm.tail_logp": topk_logp[..., K],
+        "label": torch.full((3,), -1),
+    }
     return student, batch
 
 
@@ -136,4 +171,3 @@ def test_students_that_are_not_causal_do_not_opt_in() -> None:
 
     for cls in (HFClassifierStudent, HFEncoderStudent):
         assert not getattr(cls, "pads_to_longest", False), cls
-

@@ -33,19 +33,34 @@ def test_lm_pipeline_caches_compressed_topk_trains_and_registers_a_hf_model(ray_
     save_tiny_llama(teacher, default_tokenizer(), layers=2)
     save_tiny_llama(teacher2, default_tokenizer(), layers=2, seed=1)
     member = {"kind": "hf_causal_lm", "params": {"max_length": 24}, "outputs": ["tokens", "topk"], "topk": 16}
-    cfg = load_spec("pipelines/lm_distill.yaml", {
-        "source.limit": 160, "teachers": [{"id": "lm", "path": str(teacher), **member},
-                                          {"id": "lm2", "path": str(teacher2), **member}],
-        "teach.fusion": {"mode": "dynamic", "teachers": ["lm", "lm2"]},
-        "losses": [{"name": "forward_kl", "weight": 1.0, "teacher": "fused"}, {"name": "lm_ce", "weight": 1.0},
-                   # and the same two members fused again at train time, batch by batch, from their own caches
-                   {"name": "token_fusion_kl", "weight": 0.5, "teachers": ["lm", "lm2"], "mode": "static",
-                    "weights": [0.25, 0.75]}],
-        "student.params": {"tokens_from": "lm", "num_layers": 1, "init_from_teacher_layers": [1]},
-        "storage": tmp_path.as_uri(), "train.epochs": 1,
-        "train.checkpoint_every": 1, "train.num_workers": 1, "train.batch_size": 8,
-        "evaluate.slices": {"nouns": ["3-28"], "verbs": ["29-43"]},  # WordNet's noun and verb categories
-        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
+    cfg = load_spec(
+        "pipelines/lm_distill.yaml",
+        {
+            "source.limit": 160,
+            "teachers": [{"id": "lm", "path": str(teacher), **member}, {"id": "lm2", "path": str(teacher2), **member}],
+            "teach.fusion": {"mode": "dynamic", "teachers": ["lm", "lm2"]},
+            "losses": [
+                {"name": "forward_kl", "weight": 1.0, "teacher": "fused"},
+                {"name": "lm_ce", "weight": 1.0},
+                # and the same two members fused again at train time, batch by batch, from their own caches
+                {
+                    "name": "token_fusion_kl",
+                    "weight": 0.5,
+                    "teachers": ["lm", "lm2"],
+                    "mode": "static",
+                    "weights": [0.25, 0.75],
+                },
+            ],
+            "student.params": {"tokens_from": "lm", "num_layers": 1, "init_from_teacher_layers": [1]},
+            "storage": tmp_path.as_uri(),
+            "train.epochs": 1,
+            "train.checkpoint_every": 1,
+            "train.num_workers": 1,
+            "train.batch_size": 8,
+            "evaluate.slices": {"nouns": ["3-28"], "verbs": ["29-43"]},  # WordNet's noun and verb categories
+            "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        },
+    )
     assert cfg.student.params["teacher_path"] == str(teacher)  # the student reads the teacher's tokenizer
     res = run(cfg)
 
@@ -83,8 +98,15 @@ def test_lm_pipeline_caches_compressed_topk_trains_and_registers_a_hf_model(ray_
 
     # held-out metrics for student, twin and the teachers (the fused one as reference, each member on
     # its own, all from their caches); every one finite
-    for k in ("test_ppl", "test_kl", "test_teacher_agreement", "test_teacher_ppl", "baseline_test_ppl",
-              "test_teacher_lm_ppl", "test_teacher_lm2_ppl"):
+    for k in (
+        "test_ppl",
+        "test_kl",
+        "test_teacher_agreement",
+        "test_teacher_ppl",
+        "baseline_test_ppl",
+        "test_teacher_lm_ppl",
+        "test_teacher_lm2_ppl",
+    ):
         assert math.isfinite(res.metrics[k]), k
     assert res.metrics["test_teacher_ppl"] > 1 and 0 <= res.metrics["test_teacher_agreement"] <= 1
     # ... and on each slice's glosses alone (per-domain perplexity), the teachers' included
@@ -103,8 +125,11 @@ def test_lm_pipeline_caches_compressed_topk_trains_and_registers_a_hf_model(ray_
     gen = mlflow.transformers.load_model(f"models:/{cfg.tracking.model_name}/{res.model_version}")
     out = gen("a domesticated animal", max_new_tokens=4, do_sample=False)
     assert isinstance(out[0]["generated_text"], str)
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{cfg.tracking.model_name}/{res.model_version}",
-                                                     dst_path=str(tmp_path / "dl")))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{cfg.tracking.model_name}/{res.model_version}", dst_path=str(tmp_path / "dl")
+        )
+    )
     model = AutoModelForCausalLM.from_pretrained(local / "model", local_files_only=True)
     assert model.config.num_hidden_layers == 1
     assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle")]  # no pickles in the registry
@@ -119,10 +144,13 @@ def test_lm_evaluator_sums_match_hand_computed_values() -> None:
     from kdpipe.evaluators import EVALUATORS
 
     logits = torch.tensor([[[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0], [0.0, 1.0, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0]]])
-    batch = {"input_ids": torch.tensor([[3, 3, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]]),
-             "t.topk_ids": torch.tensor([[[0, 1], [3, 2], [1, 0], [0, 1]]]),
-             "t.topk_logp": torch.log(torch.tensor([[[0.5, 0.3], [0.6, 0.2], [0.9, 0.05], [0.5, 0.5]]])),
-             "t.tail_logp": torch.log(torch.tensor([[0.2, 0.2, 0.05, 1e-9]]))}
+    batch = {
+        "input_ids": torch.tensor([[3, 3, 2, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 0]]),
+        "t.topk_ids": torch.tensor([[[0, 1], [3, 2], [1, 0], [0, 1]]]),
+        "t.topk_logp": torch.log(torch.tensor([[[0.5, 0.3], [0.6, 0.2], [0.9, 0.05], [0.5, 0.5]]])),
+        "t.tail_logp": torch.log(torch.tensor([[0.2, 0.2, 0.05, 1e-9]])),
+    }
 
     class Fixed(torch.nn.Module):
         def forward(self, b):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kdpipe.losses import LossContext
-from kdpipe.losses.suite import LossSuite
 from kdpipe.losses.functional import dense_from_topk, kd_dense, kd_topk, masked_ce
+from kdpipe.losses.suite import LossSuite
 from kdpipe.teach import topk_compress
 
 
@@ -39,7 +39,9 @@ def test_topk_equals_dense_when_k_is_num_classes(T: float) -> None:
     assert np.isneginf(tail).all()
     dense = kd_dense(s, t, T)
     # fp32 values to isolate the bucket math from fp16 storage rounding
-    top = kd_topk(s, torch.from_numpy(idx), torch.from_numpy(np.take_along_axis(t.numpy(), idx, 1)), torch.from_numpy(tail), T)
+    top = kd_topk(
+        s, torch.from_numpy(idx), torch.from_numpy(np.take_along_axis(t.numpy(), idx, 1)), torch.from_numpy(tail), T
+    )
     assert float(top) == pytest.approx(float(dense), rel=1e-5)
 
 

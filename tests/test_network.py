@@ -21,6 +21,11 @@ def test_cluster_manifests_keep_the_jobs_api_off_the_network() -> None:
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= head["template"]["metadata"]["labels"].items()
     dashboard = [r for r in policy["spec"]["ingress"] if any(p["port"] == 8265 for p in r["ports"])]
     assert len(dashboard) == 1 and dashboard[0]["from"][0]["podSelector"]["matchLabels"] == {
-        "app.kubernetes.io/name": "kuberay-operator"}  # only the operator reaches the Jobs API
-    assert not any(p.get("port", 0) <= 8265 <= p.get("endPort", p.get("port", 0))
-                   for r in policy["spec"]["ingress"] if r is not dashboard[0] for p in r["ports"])
+        "app.kubernetes.io/name": "kuberay-operator"
+    }  # only the operator reaches the Jobs API
+    assert not any(
+        p.get("port", 0) <= 8265 <= p.get("endPort", p.get("port", 0))
+        for r in policy["spec"]["ingress"]
+        if r is not dashboard[0]
+        for p in r["ports"]
+    )

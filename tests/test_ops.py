@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +42,24 @@ def _write_digits(path: Path, lo: int, hi: int, nan_rows: int = 0) -> None:
 
 
 def _overrides(tmp: Path, uri: str, **extra):
-    o = tiny_overrides(tmp, **{
-        "source": {"kind": "parquet", "path": str(tmp / "data"), "features": "x", "label": "label", "num_classes": 10,
-                   "on_bad_rows": "skip",
-                   "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 0.3}},
-        "tracking.tracking_uri": uri, "tracking.model_name": "retrain-student",
-        "tracking.gates.min_gain_over_baseline": None, "evaluate.baseline": False,
-    })
+    o = tiny_overrides(
+        tmp,
+        **{
+            "source": {
+                "kind": "parquet",
+                "path": str(tmp / "data"),
+                "features": "x",
+                "label": "label",
+                "num_classes": 10,
+                "on_bad_rows": "skip",
+                "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 0.3},
+            },
+            "tracking.tracking_uri": uri,
+            "tracking.model_name": "retrain-student",
+            "tracking.gates.min_gain_over_baseline": None,
+            "evaluate.baseline": False,
+        },
+    )
     o.update(extra)
     return o
 
@@ -83,7 +95,9 @@ def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tm
     t2 = c2.run.teach["digits_mlp"]
     assert t2.fingerprint == t1.fingerprint and t2.rows_taught == 796
     parts = t2.manifest()["parts"]
-    assert [p["rows"] for p in parts] == [1000, 796] and parts[0]["source_fingerprint"] != parts[1]["source_fingerprint"]
+    assert [p["rows"] for p in parts] == [1000, 796] and parts[0]["source_fingerprint"] != parts[1][
+        "source_fingerprint"
+    ]
     assert c2.run.metrics["champion_version"] == 1.0
     assert c2.run.promoted, c2.run.gate_reasons
     assert client.get_model_version_by_alias("retrain-student", "champion").version == c2.run.model_version
@@ -104,8 +118,14 @@ def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tm
     assert client.get_model_version_by_alias("retrain-student", "champion").version == c2.run.model_version
 
     # lineage on every version
-    for tag in ("kdpipe.cache.digits_mlp", "kdpipe.source_fingerprint", "kdpipe.spec_hash", "kdpipe.git_commit",
-                "kdpipe.teachers", "kdpipe.gates"):
+    for tag in (
+        "kdpipe.cache.digits_mlp",
+        "kdpipe.source_fingerprint",
+        "kdpipe.spec_hash",
+        "kdpipe.git_commit",
+        "kdpipe.teachers",
+        "kdpipe.gates",
+    ):
         assert mv3.tags.get(tag), tag
 
     # `kdpipe models` lists versions with aliases; `kdpipe promote` moves the alias; `kdpipe eval` scores it
@@ -150,11 +170,20 @@ def test_unreachable_tracking_server_fails_before_compute(tmp_path: Path, monkey
     calls: list[str] = []
     from types import SimpleNamespace
 
-    monkeypatch.setattr(pipeline, "load_source", lambda *a, **k: calls.append("load_source") or SimpleNamespace(
-        bad_rows=0, split_rows={}, labeled_rows={}, num_rows=0, describe_rows=lambda: ""))
+    monkeypatch.setattr(
+        pipeline,
+        "load_source",
+        lambda *a, **k: (
+            calls.append("load_source")
+            or SimpleNamespace(bad_rows=0, split_rows={}, labeled_rows={}, num_rows=0, describe_rows=lambda: "")
+        ),
+    )
     monkeypatch.setattr(runtime, "check_storage", lambda *a, **k: None)
     monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: calls.append("init_ray"))
-    cfg = load_spec("pipelines/digits_kd.yaml", tiny_overrides(tmp_path, **{"tracking.tracking_uri": f"http://127.0.0.1:{free_port()}"}))
+    cfg = load_spec(
+        "pipelines/digits_kd.yaml",
+        tiny_overrides(tmp_path, **{"tracking.tracking_uri": f"http://127.0.0.1:{free_port()}"}),
+    )
     with pytest.raises(TrackingUnavailableError, match="unreachable"):
         pipeline.prepare(cfg)
     assert calls == []
@@ -187,14 +216,16 @@ def test_a_half_finished_cycle_is_not_the_last_cycle_and_its_run_fails(tmp_path:
 
 
 def test_schedule_uses_cron_trigger(tmp_path: Path) -> None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     sched = build_scheduler("pipelines/digits_kd.yaml", "0 3 * * *")
     job = sched.get_jobs()[0]
-    now = datetime(2026, 11, 25, 7, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 25, 7, 0, tzinfo=UTC)
     fire = job.trigger.get_next_fire_time(None, now)
     assert (fire.hour, fire.minute, fire.day) == (3, 0, 26)
-    fire2 = build_scheduler("pipelines/digits_kd.yaml", "*/15 * * * *").get_jobs()[0].trigger.get_next_fire_time(None, now)
+    fire2 = (
+        build_scheduler("pipelines/digits_kd.yaml", "*/15 * * * *").get_jobs()[0].trigger.get_next_fire_time(None, now)
+    )
     assert (fire2.hour, fire2.minute) == (7, 0) or (fire2.hour, fire2.minute) == (7, 15)
     with pytest.raises(ValueError, match="5-field crontab"):
         build_scheduler("pipelines/digits_kd.yaml", "every night")

@@ -78,16 +78,21 @@ def test_a_text_feature_column_is_refused_by_name_and_a_repeated_id_is_a_bad_row
     for f in (csv, parquet):
         with pytest.raises(BadInputError, match="feature column 'city'.*encode it as numbers"):
             load_source(SourceConfig(kind=f.suffix[1:], path=str(f), features=[*COLUMNS[:3], "city"], label="digit"))
-    ok = load_source(SourceConfig(kind="csv", path=str(csv), features={"regex": r"px_0\d", "exclude": ["px_00"]},
-                                  label="digit"))
+    ok = load_source(
+        SourceConfig(kind="csv", path=str(csv), features={"regex": r"px_0\d", "exclude": ["px_00"]}, label="digit")
+    )
     assert ok.feature_columns == COLUMNS[1:10]
     dup = digits_table().head(50)
     dup.loc[7, "image_id"] = dup.loc[3, "image_id"]
     pq.write_table(pa.Table.from_pandas(dup, preserve_index=False), tmp_path / "dup.parquet")
-    cfg = SourceConfig(kind="parquet", path=str(tmp_path / "dup.parquet"), features=COLUMNS, label="digit",
-                       id_column="image_id")
-    with pytest.raises(BadInputError, match=r"bad input row 7: source.id_column value 'img-00003' repeats the id of "
-                                            r"record 3 of .*dup.parquet"):
+    cfg = SourceConfig(
+        kind="parquet", path=str(tmp_path / "dup.parquet"), features=COLUMNS, label="digit", id_column="image_id"
+    )
+    with pytest.raises(
+        BadInputError,
+        match=r"bad input row 7: source.id_column value 'img-00003' repeats the id of "
+        r"record 3 of .*dup.parquet",
+    ):
         load_source(cfg)
     skipped = load_source(cfg.model_copy(update={"on_bad_rows": "skip"}), tmp_path / "q")
     assert skipped.num_rows == 49 and skipped.bad_rows == 1
@@ -95,12 +100,28 @@ def test_a_text_feature_column_is_refused_by_name_and_a_repeated_id_is_a_bad_row
 
 def _spec(tmp: Path, data: Path, **extra) -> object:
     kind = "csv" if data.suffix == ".csv" else "parquet"
-    return load_spec("pipelines/digits_kd.yaml", {
-        "storage": str(tmp / "store"), "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}",
-        "source": {"kind": kind, "path": str(data.parent), "features": {"prefix": "px_"}, "label": "digit", **extra},
-        "teachers.0.params.epochs": 30, "teachers.0.params.hidden": [64], "train.epochs": 3, "train.checkpoint_every": 3,
-        "train.num_workers": 1,
-        "evaluate.baseline": False, "tracking.gates.min_gain_over_baseline": None, "tracking.model_name": "own-table"})
+    return load_spec(
+        "pipelines/digits_kd.yaml",
+        {
+            "storage": str(tmp / "store"),
+            "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}",
+            "source": {
+                "kind": kind,
+                "path": str(data.parent),
+                "features": {"prefix": "px_"},
+                "label": "digit",
+                **extra,
+            },
+            "teachers.0.params.epochs": 30,
+            "teachers.0.params.hidden": [64],
+            "train.epochs": 3,
+            "train.checkpoint_every": 3,
+            "train.num_workers": 1,
+            "evaluate.baseline": False,
+            "tracking.gates.min_gain_over_baseline": None,
+            "tracking.model_name": "own-table",
+        },
+    )
 
 
 def test_a_teacher_fitted_on_the_csv_never_scores_the_parquet_runs_test_rows(ray_local, tmp_path: Path, caplog) -> None:
@@ -133,8 +154,12 @@ def test_a_teacher_fitted_on_the_csv_never_scores_the_parquet_runs_test_rows(ray
     test_content = {tuple(np.round(v, 4)) for v in np.asarray(test["x"].to_pylist())}
     homes = sorted((tmp_path / "store" / "teachers" / "mlp_classifier").iterdir())
     assert len(homes) == 2
-    second_home = next(h for h in homes if json.loads((h / "config.json").read_text())["fit"]["rows"] and
-                       set(pq.read_table(h / "fit_ids.parquet")["id"].to_pylist()) <= set(table["id"].to_pylist()))
+    second_home = next(
+        h
+        for h in homes
+        if json.loads((h / "config.json").read_text())["fit"]["rows"]
+        and set(pq.read_table(h / "fit_ids.parquet")["id"].to_pylist()) <= set(table["id"].to_pylist())
+    )
     fitted = set(pq.read_table(second_home / "fit_ids.parquet")["id"].to_pylist())
     fitted_rows = table.filter(pc.is_in(table["id"], value_set=pa.array(sorted(fitted))))
     fitted_content = {tuple(np.round(v, 4)) for v in np.asarray(fitted_rows["x"].to_pylist())}

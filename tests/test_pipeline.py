@@ -87,7 +87,9 @@ def test_full_pipeline_teach_cache_distil_track(ray_local, tmp_path: Path, monke
     gates = json.loads(mv.tags["kdpipe.gates"])
     assert "over_baseline" in gates
     aliases = client.get_registered_model(cfg.tracking.model_name).aliases
-    assert (str(aliases.get("champion")) == res.model_version) == res.promoted == all(g["passed"] for g in gates.values())
+    assert (
+        (str(aliases.get("champion")) == res.model_version) == res.promoted == all(g["passed"] for g in gates.values())
+    )
     # the product's point: the distilled student beats its label-only twin (README: 0.853 vs 0.745;
     # which rows each worker streams is Ray Data's run-time choice); half that margin is the bar
     assert res.metrics["test_acc"] >= res.metrics["baseline_test_acc"] + 0.05, res.metrics
@@ -190,7 +192,9 @@ def test_a_small_dataset_reaches_every_worker_whole_and_each_rank_keeps_an_equal
     assert fits_whole(ds, 2**20)
     assert not fits_whole(ds, 100)  # 1.6 KB of ids: over the limit, split and streamed as before
     assert not fits_whole(ds, 0)  # keep_in_memory_mb: 0 streams everything
-    assert not fits_whole(ds.map_batches(lambda b: b), 2**20)  # lazy (the LM views decode per batch): its size is unknown
+    assert not fits_whole(
+        ds.map_batches(lambda b: b), 2**20
+    )  # lazy (the LM views decode per batch): its size is unknown
 
     class Counting:  # the whole dataset's iterator, counting passes over it
         def __init__(self, it):
@@ -205,7 +209,9 @@ def test_a_small_dataset_reaches_every_worker_whole_and_each_rank_keeps_an_equal
     for rank in range(3):
         whole = Counting(ds.iterator())
         replay = EpochReplay.rank_share(whole, ds.count(), rank, 3)
-        epochs = [[i for b in replay.batches(16, 0, seed=0, epoch=e, rank=rank) for i in b["id"].tolist()] for e in range(3)]
+        epochs = [
+            [i for b in replay.batches(16, 0, seed=0, epoch=e, rank=rank) for i in b["id"].tolist()] for e in range(3)
+        ]
         assert whole.passes == 1 and epochs[0] == epochs[1] == epochs[2]
         shuffled = [i for b in replay.batches(16, 50, seed=0, epoch=1, rank=rank) for i in b["id"].tolist()]
         assert sorted(shuffled) == sorted(epochs[0]) and shuffled != epochs[0]

@@ -56,17 +56,46 @@ def test_a_loss_in_one_new_file_runs_from_a_spec(tmp_path: Path) -> None:
     plugin = ROOT / "kdpipe" / "losses" / f"{name}.py"
     plugin.write_text(textwrap.dedent(LOSS).replace("NAME", name))
     try:
-        o = tiny_overrides(tmp_path, **{"losses": [{"name": name, "temperature": 3.0}, {"name": "ce"}],
-                                        "evaluate.baseline": False, "train.epochs": 2, "train.checkpoint_every": 2,
-                                        "source.limit": 600})
+        o = tiny_overrides(
+            tmp_path,
+            **{
+                "losses": [{"name": name, "temperature": 3.0}, {"name": "ce"}],
+                "evaluate.baseline": False,
+                "train.epochs": 2,
+                "train.checkpoint_every": 2,
+                "source.limit": 600,
+            },
+        )
         sets = [a for k, v in o.items() for a in ("--set", f"{k}={json.dumps(v)}")]
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        bad = subprocess.run([str(BIN / "kdpipe"), "validate", "pipelines/digits_kd.yaml", *sets,
-                              "--set", "teachers.0.outputs=[topk]", "--set", "teachers.0.topk=4"],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert bad.returncode == 2 and f"({name}) reads teacher 'digits_mlp' outputs ['logits']" in bad.stderr, bad.stderr
-        run = subprocess.run([str(BIN / "kdpipe"), "run", "pipelines/digits_kd.yaml", *sets], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=600)
+        bad = subprocess.run(
+            [
+                str(BIN / "kdpipe"),
+                "validate",
+                "pipelines/digits_kd.yaml",
+                *sets,
+                "--set",
+                "teachers.0.outputs=[topk]",
+                "--set",
+                "teachers.0.topk=4",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert bad.returncode == 2 and f"({name}) reads teacher 'digits_mlp' outputs ['logits']" in bad.stderr, (
+            bad.stderr
+        )
+        run = subprocess.run(
+            [str(BIN / "kdpipe"), "run", "pipelines/digits_kd.yaml", *sets],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
         from mlflow.tracking import MlflowClient
 

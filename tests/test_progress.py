@@ -21,9 +21,14 @@ def test_progress_logs_the_newest_recorded_epoch_with_pace_and_eta(tmp_path: Pat
     t0 = int(time.time() * 1000)
 
     def epoch(step: int) -> None:  # what rank 0's MetricsLogger writes, 2 s apart
-        client.log_batch(run_id, metrics=[Metric("baseline_train_loss", 1.0 / (step + 1), t0 + 2000 * step, step),
-                                          Metric("baseline_val_acc", 0.5 + 0.1 * step, t0 + 2000 * step, step),
-                                          Metric("train_loss", 9.0, t0, step)])  # another model's metric: ignored
+        client.log_batch(
+            run_id,
+            metrics=[
+                Metric("baseline_train_loss", 1.0 / (step + 1), t0 + 2000 * step, step),
+                Metric("baseline_val_acc", 0.5 + 0.1 * step, t0 + 2000 * step, step),
+                Metric("train_loss", 9.0, t0, step),
+            ],
+        )  # another model's metric: ignored
 
     started = time.monotonic()
     with EpochProgress(uri, run_id, [("baseline", "baseline_", 5)], every_s=3600) as p:

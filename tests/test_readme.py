@@ -20,7 +20,7 @@ def example_spec() -> str:
     return re.search(r"```yaml\n(.*?)```", block, re.S).group(1)  # type: ignore[union-attr]
 
 
-def readings_csv(path: Path, labeled: float = 0.2) -> "object":
+def readings_csv(path: Path, labeled: float = 0.2) -> object:
     """The example's table: scikit-learn's real digits as 20 feature columns, an id, a class name."""
     import pandas as pd
     from sklearn.datasets import load_digits

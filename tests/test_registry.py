@@ -77,8 +77,9 @@ def test_a_version_without_the_kdpipe_flavor_is_refused_not_unpickled(tmp_path: 
     exp = MlflowClient().create_experiment("old", artifact_location=(tmp_path / "mlartifacts").as_uri())
     student, *_ = _student()
     with mlflow.start_run(experiment_id=exp):
-        info = mlflow.pytorch.log_model(reg.InferenceModel(student), name="student", serialization_format="pickle",
-                                        registered_model_name="old")
+        info = mlflow.pytorch.log_model(
+            reg.InferenceModel(student), name="student", serialization_format="pickle", registered_model_name="old"
+        )
     mv = MlflowClient().get_model_version("old", str(info.registered_model_version))
     with pytest.raises(KdpipeError, match="no 'kdpipe' flavor"):
         reg.load_served(mv)
@@ -117,10 +118,14 @@ def test_a_token_student_exports_with_dynamic_batch_and_length(tmp_path: Path) -
     exp = MlflowClient().create_experiment("tok", artifact_location=(tmp_path / "mlartifacts").as_uri())
     with mlflow.start_run(experiment_id=exp) as run:
         pass
-    mv = reg.log_and_register(run.info.run_id, student, example, "tok", {}, {"kind": "custom", "params": {}, "meta": {}})
+    mv = reg.log_and_register(
+        run.info.run_id, student, example, "tok", {}, {"kind": "custom", "params": {}, "meta": {}}
+    )
     assert reg.pickles_in(tmp_path / "mlartifacts") == []
     served = mlflow.pytorch.load_model(f"models:/tok/{mv.version}")
     ids, mask = torch.randint(0, 3000, (3, 7)), torch.ones(3, 7, dtype=torch.int64)  # other batch and length
     mask[0, 4:] = 0
     with torch.no_grad():
-        torch.testing.assert_close(served(ids, mask), student({"t.input_ids": ids, "t.attention_mask": mask})["embedding"])
+        torch.testing.assert_close(
+            served(ids, mask), student({"t.input_ids": ids, "t.attention_mask": mask})["embedding"]
+        )

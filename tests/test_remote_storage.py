@@ -30,23 +30,36 @@ def _digits_rows(lo: int, hi: int) -> pa.Table:
 
     d = load_digits()
     x = (d.data[lo:hi] / 16.0).astype(np.float32)
-    return pa.table({"pixels": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 64),
-                     "digit": pa.array(d.target[lo:hi].astype(np.int64))})
+    return pa.table(
+        {
+            "pixels": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 64),
+            "digit": pa.array(d.target[lo:hi].astype(np.int64)),
+        }
+    )
 
 
 def _kdpipe(cmd: str, s3: S3Server, tmp: Path, overrides: dict) -> str:
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     env = {**os.environ, **s3.env, "RAY_ADDRESS": ""}
-    out = subprocess.run([str(BIN / "kdpipe"), cmd, str(ROOT / "pipelines" / "digits_kd.yaml"), *sets], cwd=tmp,
-                         env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [str(BIN / "kdpipe"), cmd, str(ROOT / "pipelines" / "digits_kd.yaml"), *sets],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     return out.stdout + out.stderr
 
 
 def _manifest(s3: S3Server, key: str) -> dict:
     fs = s3.filesystem()
-    [cache] = [f.path for f in fs.get_file_info(pa.fs.FileSelector(f"{s3.bucket}/{key}", recursive=True))
-               if f.base_name == "MANIFEST.json" and "/fused/" not in f.path]
+    [cache] = [
+        f.path
+        for f in fs.get_file_info(pa.fs.FileSelector(f"{s3.bucket}/{key}", recursive=True))
+        if f.base_name == "MANIFEST.json" and "/fused/" not in f.path
+    ]
     with fs.open_input_stream(cache) as fh:
         return {**json.loads(fh.read()), "dir": cache.rsplit("/", 1)[0]}
 
@@ -61,11 +74,22 @@ def test_teach_then_retrain_with_source_cache_and_checkpoints_in_a_bucket(tmp_pa
     pq.write_table(_digits_rows(0, 1200), f"{b}/data/digits-000.parquet", filesystem=fs)
     work = tmp_path / "work"
     work.mkdir()
-    o = tiny_overrides(work, **{
-        "source": {"kind": "parquet", "path": f"s3://{b}/data", "features": "pixels", "label": "digit",
-                   "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 0.1}},
-        "storage": f"s3://{b}/kd",
-        "evaluate.baseline": False, "train.epochs": 3, "teachers.0.params.epochs": 20})
+    o = tiny_overrides(
+        work,
+        **{
+            "source": {
+                "kind": "parquet",
+                "path": f"s3://{b}/data",
+                "features": "pixels",
+                "label": "digit",
+                "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 0.1},
+            },
+            "storage": f"s3://{b}/kd",
+            "evaluate.baseline": False,
+            "train.epochs": 3,
+            "teachers.0.params.epochs": 20,
+        },
+    )
     _kdpipe("teach", s3, work, o)
     m1 = _manifest(s3, "kd/cache")
     assert [p["rows"] for p in m1["parts"]] == [1200] and m1["rows"] == 1200

@@ -63,7 +63,9 @@ def test_bad_feature_rows_fail_with_row_and_reason(tmp_path, row, reason) -> Non
 def test_bad_text_rows_are_quarantined_with_skip(tmp_path) -> None:
     f = tmp_path / "d.jsonl"
     f.write_bytes(
-        b'{"text": "a fine sentence"}\n{"text": ""}\n{"text": "' + b"x" * 50 + b'"}\n{"text": 5}\nnot json\n{"text": "ok too"}\n'
+        b'{"text": "a fine sentence"}\n{"text": ""}\n{"text": "'
+        + b"x" * 50
+        + b'"}\n{"text": 5}\nnot json\n{"text": "ok too"}\n'
     )
     cfg = SourceConfig(kind="jsonl", path=str(f), text="text", on_bad_rows="skip", max_text_chars=40, num_classes=2)
     src = load_source(cfg, tmp_path / "q")
@@ -105,8 +107,11 @@ def _digits_parquet(path, n: int, row_group: int) -> None:
 
     d = load_digits()
     x = (d.data[:n] / 16.0).astype(np.float32)
-    pq.write_table(pa.table({"x": to_fixed_list(x), "label": pa.array(d.target[:n].astype(np.int64))}), path,
-                   row_group_size=row_group)
+    pq.write_table(
+        pa.table({"x": to_fixed_list(x), "label": pa.array(d.target[:n].astype(np.int64))}),
+        path,
+        row_group_size=row_group,
+    )
 
 
 def test_duplicates_are_found_a_bucket_at_a_time(tmp_path) -> None:
@@ -121,9 +126,22 @@ def test_duplicates_are_found_a_bucket_at_a_time(tmp_path) -> None:
     digests = rng.integers(0, 50, 300).astype(np.uint64) * np.uint64(2**40 + 7)  # many repeats
     raw = tmp_path / "raw.parquet"
     n = len(digests)
-    pq.write_table(pa.table({"id": [str(d) for d in digests], "label": pa.nulls(n, pa.string()),
-                             "key": pa.nulls(n, pa.string()), "file": np.zeros(n, np.int32), "row": np.arange(n), "seq": np.arange(n),
-                             "digest": digests}, schema=RAW_SCHEMA), raw, row_group_size=64)
+    pq.write_table(
+        pa.table(
+            {
+                "id": [str(d) for d in digests],
+                "label": pa.nulls(n, pa.string()),
+                "key": pa.nulls(n, pa.string()),
+                "file": np.zeros(n, np.int32),
+                "row": np.arange(n),
+                "seq": np.arange(n),
+                "digest": digests,
+            },
+            schema=RAW_SCHEMA,
+        ),
+        raw,
+        row_group_size=64,
+    )
     first: dict[int, int] = {}
     want, want_first = [], []
     for i, d in enumerate(digests.tolist()):
@@ -203,8 +221,13 @@ def test_dataset_streams_rows_through_ray(tmp_path, ray_local) -> None:
     src = load_source(SourceConfig(kind="parquet", path=str(f), features="x", label="label"))
     index = src.index.slice(100, 300)
     want = index["id"]
-    got = pa.concat_tables([t for t in ray_local.get(src.dataset(ray_local.data.from_arrow(index), num_cpus=0.5)
-                                                      .to_arrow_refs()) if t.num_rows])
+    got = pa.concat_tables(
+        [
+            t
+            for t in ray_local.get(src.dataset(ray_local.data.from_arrow(index), num_cpus=0.5).to_arrow_refs())
+            if t.num_rows
+        ]
+    )
     assert sorted(got["id"].to_pylist()) == sorted(want.to_pylist())
     table = src.table.filter(pc.is_in(src.table["id"], value_set=want.combine_chunks()))
     by_id = dict(zip(table["id"].to_pylist(), table["x"].to_pylist()))
@@ -224,8 +247,13 @@ def test_read_step_is_fused_into_the_next_stage(tmp_path, ray_local) -> None:
         def __call__(self, batch: pa.Table) -> pa.Table:
             return batch
 
-    ds = src.dataset(None, blocks=2, num_cpus=0.5).map_batches(
-        Passthrough, batch_format="pyarrow", compute=ray_local.data.ActorPoolStrategy(size=1), num_cpus=0.5).materialize()
+    ds = (
+        src.dataset(None, blocks=2, num_cpus=0.5)
+        .map_batches(
+            Passthrough, batch_format="pyarrow", compute=ray_local.data.ActorPoolStrategy(size=1), num_cpus=0.5
+        )
+        .materialize()
+    )
     assert ds.count() == 300
     assert "MapBatches(read_rows)->MapBatches(Passthrough)" in ds.stats()
 
@@ -238,16 +266,30 @@ def _write_bad_field_source(tmp_path, kind: str):
     good = [[0.0, 1.0, 2.0], [1.0, 1.0, 1.0], [2.0, 0.5, 0.0], [3.0, 3.0, 3.0]]
     if kind == "jsonl":
         f = tmp_path / "d.jsonl"
-        rows = [{"pixels": good[0], "digit": 1}, {"digit": 4}, {"pixels": good[1], "digit": 0},
-                {"pixels": None, "digit": 2}, {"pixels": good[2], "digit": 1, "extra": "ignored"},
-                {"pixels": good[3]}]  # no label key: a row without a label is bad too (label is configured)
+        rows = [
+            {"pixels": good[0], "digit": 1},
+            {"digit": 4},
+            {"pixels": good[1], "digit": 0},
+            {"pixels": None, "digit": 2},
+            {"pixels": good[2], "digit": 1, "extra": "ignored"},
+            {"pixels": good[3]},
+        ]  # no label key: a row without a label is bad too (label is configured)
         _write_jsonl(f, rows)
-        return f, {"features": "pixels", "label": "digit"}, 3, ["'pixels' (source.features) is missing",
-                                                                 "'pixels' (source.features) is null",
-                                                                 "'digit' (source.label) is missing"]
+        return (
+            f,
+            {"features": "pixels", "label": "digit"},
+            3,
+            [
+                "'pixels' (source.features) is missing",
+                "'pixels' (source.features) is null",
+                "'digit' (source.label) is missing",
+            ],
+        )
     if kind == "csv":
         f = tmp_path / "d.csv"
-        f.write_text('pixels,digit\n"[0, 1, 2]",1\n"[1, 1, 1]"\n"[1, 1, 1]",0\n"[2, 0.5, 0]",1,surplus\n"[3, 3, 3]",0\n')
+        f.write_text(
+            'pixels,digit\n"[0, 1, 2]",1\n"[1, 1, 1]"\n"[1, 1, 1]",0\n"[2, 0.5, 0]",1,surplus\n"[3, 3, 3]",0\n'
+        )
         return f, {"features": "pixels", "label": "digit"}, 3, ["fewer cells than the header", "more than the header"]
     if kind == "parquet":
         f = tmp_path / "d.parquet"
@@ -276,5 +318,7 @@ def test_a_row_missing_a_field_is_a_bad_row_not_a_bad_file(tmp_path, kind) -> No
 def test_a_header_without_the_column_fails_the_file(tmp_path) -> None:
     f = tmp_path / "d.csv"
     f.write_text('x,label\n"[0.5, 1.0, 2.0]",1\n')
-    with pytest.raises(BadInputError, match=r"column 'pixels' \(source.features\) not found; columns are \['label', 'x'\]"):
+    with pytest.raises(
+        BadInputError, match=r"column 'pixels' \(source.features\) not found; columns are \['label', 'x'\]"
+    ):
         load_source(SourceConfig(kind="csv", path=str(f), features="pixels", label="label"))

@@ -25,17 +25,32 @@ def _digits_parquet(path: Path, n: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     idx = np.arange(n) % len(d.data)
     x = (d.data[idx] / 16.0).astype(np.float32) + (np.arange(n) // len(d.data))[:, None].astype(np.float32) * 1e-4
-    pq.write_table(pa.table({"x": to_fixed_list(x), "label": pa.array(d.target[idx].astype(np.int64))}), path,
-                   row_group_size=256)
+    pq.write_table(
+        pa.table({"x": to_fixed_list(x), "label": pa.array(d.target[idx].astype(np.int64))}), path, row_group_size=256
+    )
     return path
 
 
 def _spec(tmp_path: Path, n: int = 900):
     data = _digits_parquet(tmp_path / "rows.parquet", n)
-    return load_spec("pipelines/digits_kd.yaml", tiny_overrides(tmp_path, **{
-        "source": {"kind": "parquet", "path": str(data), "features": "x", "label": "label",
-                   "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 0.1}},
-        "train.epochs": 2, "train.checkpoint_every": 2, "evaluate.baseline_epochs": 1}))
+    return load_spec(
+        "pipelines/digits_kd.yaml",
+        tiny_overrides(
+            tmp_path,
+            **{
+                "source": {
+                    "kind": "parquet",
+                    "path": str(data),
+                    "features": "x",
+                    "label": "label",
+                    "split": {"val": 0.15, "test": 0.25, "labeled_fraction": 0.1},
+                },
+                "train.epochs": 2,
+                "train.checkpoint_every": 2,
+                "evaluate.baseline_epochs": 1,
+            },
+        ),
+    )
 
 
 def test_views_join_every_part_keep_fp16_and_hide_labels(ray_local, tmp_path: Path, monkeypatch) -> None:
@@ -44,9 +59,9 @@ def test_views_join_every_part_keep_fp16_and_hide_labels(ray_local, tmp_path: Pa
     part, keep fp16 columns fp16 until a worker widens a batch, hide labels of unlabeled train
     rows, and refuse a cache that lacks rows."""
     from kdpipe.cache import TeacherCache
+    from kdpipe.data import SourceData
     from kdpipe.evaluate import float_batch
     from kdpipe.pipeline import prepare, teach
-    from kdpipe.data import SourceData
     from kdpipe.todo import IdTally, rows_missing
     from kdpipe.views import build_views
 
@@ -126,7 +141,6 @@ def _shifted(cache, tmp_path: Path, src) -> object:
     return c
 
 
-
 def test_evaluation_ships_the_models_through_the_object_store(ray_local) -> None:
     """The models' weights go to the scoring actor as one object-store ref, not inside the map
     function that Ray Data serialises for each operator (the LM student's 135 MB did, with a
@@ -134,7 +148,6 @@ def test_evaluation_ships_the_models_through_the_object_store(ray_local) -> None
     import logging
 
     import ray
-
     import torch
 
     from kdpipe.evaluate import evaluate_models

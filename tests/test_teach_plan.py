@@ -16,9 +16,10 @@ def test_gpu_teacher_plan_builds_with_cpu_read_tasks(ray_local, tmp_path: Path) 
     from kdpipe.pipeline import prepare
     from kdpipe.teach import teach_dataset
 
-    cfg = load_spec("pipelines/digits_kd.yaml", {
-        "teach.num_gpus": 1, "storage": str(tmp_path),
-        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
+    cfg = load_spec(
+        "pipelines/digits_kd.yaml",
+        {"teach.num_gpus": 1, "storage": str(tmp_path), "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"},
+    )
     source, _ = prepare(cfg)
     ds = teach_dataset(cfg.teach, cfg.teachers[0], source)
     assert "TeacherActor" in str(ds)
@@ -33,15 +34,21 @@ def test_teacher_actors_taking_every_cpu_are_warned_about(ray_local, tmp_path: P
     from kdpipe.teach import teach_dataset
 
     cpus = ray.cluster_resources()["CPU"]
-    cfg = load_spec("pipelines/digits_kd.yaml", {
-        "teach.num_cpus": cpus, "storage": str(tmp_path),
-        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
+    cfg = load_spec(
+        "pipelines/digits_kd.yaml",
+        {
+            "teach.num_cpus": cpus,
+            "storage": str(tmp_path),
+            "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        },
+    )
     source, _ = prepare(cfg)
     with caplog.at_level(logging.WARNING, logger="kdpipe.teach"):
         teach_dataset(cfg.teach, cfg.teachers[0], source)
     assert any("teach.num_cpus or teach.concurrency" in m for m in caplog.messages), caplog.messages
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="kdpipe.teach"):
-        teach_dataset(load_spec("pipelines/digits_kd.yaml", {"teach.num_cpus": cpus / 2}).teach, cfg.teachers[0],
-                      source)
+        teach_dataset(
+            load_spec("pipelines/digits_kd.yaml", {"teach.num_cpus": cpus / 2}).teach, cfg.teachers[0], source
+        )
     assert not caplog.messages

@@ -26,16 +26,31 @@ def test_text_classifier_pipeline_fine_tunes_teaches_distils_and_ships(ray_local
     from kdpipe.datasets.wordnet import LEXNAMES
     from kdpipe.pipeline import run
 
-    cfg = load_spec("pipelines/text_classifier_distill.yaml", {
-        "source.limit": 240,
-        "teachers.0.params": {"max_length": 16, "layers": [3, 6], "finetune_root": str(tmp_path / "teachers"),
-                              "finetune": {"steps": 4, "warmup_steps": 1, "batch_size": 8, "limit": 64, "eval_glosses": 20}},
-        "student.params": {"tokens_from": "clf", "layers": 1, "init_from_teacher": [5], "relations": True},
-        "losses": [{"name": "kd", "weight": 1.0, "temperature": 2.0}, {"name": "ce", "weight": 0.5},
-                   {"name": "hidden_mse", "weight": 0.1, "layer_map": {1: 6}}, {"name": "minilm", "weight": 0.5}],
-        "storage": str(tmp_path), "train.epochs": 1,
-        "train.checkpoint_every": 1, "train.num_workers": 1, "train.batch_size": 16,
-        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
+    cfg = load_spec(
+        "pipelines/text_classifier_distill.yaml",
+        {
+            "source.limit": 240,
+            "teachers.0.params": {
+                "max_length": 16,
+                "layers": [3, 6],
+                "finetune_root": str(tmp_path / "teachers"),
+                "finetune": {"steps": 4, "warmup_steps": 1, "batch_size": 8, "limit": 64, "eval_glosses": 20},
+            },
+            "student.params": {"tokens_from": "clf", "layers": 1, "init_from_teacher": [5], "relations": True},
+            "losses": [
+                {"name": "kd", "weight": 1.0, "temperature": 2.0},
+                {"name": "ce", "weight": 0.5},
+                {"name": "hidden_mse", "weight": 0.1, "layer_map": {1: 6}},
+                {"name": "minilm", "weight": 0.5},
+            ],
+            "storage": str(tmp_path),
+            "train.epochs": 1,
+            "train.checkpoint_every": 1,
+            "train.num_workers": 1,
+            "train.batch_size": 16,
+            "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        },
+    )
     teacher_dir = Path(cfg.student.params["teacher_path"])
     assert teacher_dir.parent == tmp_path / "teachers" and not teacher_dir.exists()  # made by the run, once
     res = run(cfg)
@@ -69,22 +84,35 @@ def test_multi_exit_student_folds_every_ranks_first_batch_inside_ray_train(ray_l
     from kdpipe.views import build_views
     from tests.test_hf_students import _classifier_teacher
 
-    cfg = load_spec("pipelines/text_classifier_hierarchical.yaml", {
-        "source.limit": 120,
-        "teachers.0.path": str(_classifier_teacher(tmp_path)),
-        "teachers.0.params": {"max_length": 16, "layers": [6]}, "teachers.0.outputs": ["logits", "tokens"],
-        "student.params": {"tokens_from": "clf", "layers": 2, "init_from_teacher": [0, 5], "exits": [1]},
-        "storage": str(tmp_path), "train.epochs": 1,
-        "train.checkpoint_every": 1, "train.num_workers": 2, "train.batch_size": 512, "train.lr": 1e-12,
-        "evaluate.baseline": False, "tracking.gates.min_gain_over_baseline": None,
-        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})
+    cfg = load_spec(
+        "pipelines/text_classifier_hierarchical.yaml",
+        {
+            "source.limit": 120,
+            "teachers.0.path": str(_classifier_teacher(tmp_path)),
+            "teachers.0.params": {"max_length": 16, "layers": [6]},
+            "teachers.0.outputs": ["logits", "tokens"],
+            "student.params": {"tokens_from": "clf", "layers": 2, "init_from_teacher": [0, 5], "exits": [1]},
+            "storage": str(tmp_path),
+            "train.epochs": 1,
+            "train.checkpoint_every": 1,
+            "train.num_workers": 2,
+            "train.batch_size": 512,
+            "train.lr": 1e-12,
+            "evaluate.baseline": False,
+            "tracking.gates.min_gain_over_baseline": None,
+            "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        },
+    )
     source, uri = prepare(cfg)
     taught = teach(cfg, source)
     res = distil(cfg, source, taught, uri)
 
     train = build_views(source, {k: r.cache for k, r in taught.items()}).train
     cols = ["clf.input_ids", "clf.attention_mask"]
-    rows = {k: torch.as_tensor(np.asarray(v)) for k, v in train.select_columns(cols).take_batch(10_000, batch_format="numpy").items()}
+    rows = {
+        k: torch.as_tensor(np.asarray(v))
+        for k, v in train.select_columns(cols).take_batch(10_000, batch_format="numpy").items()
+    }
     n = len(rows["clf.input_ids"])
     history = MlflowClient(uri).get_metric_history(res.run_id, "data_init_rows")
     assert [h.value for h in history] == [n]  # epoch 0 only, from both ranks' first batches: every train row
@@ -100,4 +128,6 @@ def test_multi_exit_student_folds_every_ranks_first_batch_inside_ray_train(ray_l
     torch.manual_seed(cfg.seed)
     bert = build_student(cfg.student.kind, {**cfg.student.params, "exit_init": "bert"}, meta).state_dict()
     assert not torch.allclose(got["exit_heads.0.pooler.dense.weight"], bert["exit_heads.0.pooler.dense.weight"])
-    torch.testing.assert_close(got["exit_heads.0.classifier.weight"], bert["exit_heads.0.classifier.weight"])  # not folded
+    torch.testing.assert_close(
+        got["exit_heads.0.classifier.weight"], bert["exit_heads.0.classifier.weight"]
+    )  # not folded

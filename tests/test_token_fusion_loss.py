@@ -22,8 +22,12 @@ def _sparse(logits: torch.Tensor, mask: torch.Tensor, tid: str) -> dict[str, tor
     rest = lp.scatter(-1, ids, float("-inf"))
     tail = torch.logsumexp(rest, -1)
     pad = ~mask
-    return {f"{tid}.topk_ids": ids.masked_fill(pad[..., None], 0), f"{tid}.topk_logp": vals.masked_fill(pad[..., None], float("-inf")),
-            f"{tid}.tail_logp": tail.masked_fill(pad, 0.0), f"{tid}.input_ids": torch.arange(T).repeat(B, 1)}
+    return {
+        f"{tid}.topk_ids": ids.masked_fill(pad[..., None], 0),
+        f"{tid}.topk_logp": vals.masked_fill(pad[..., None], float("-inf")),
+        f"{tid}.tail_logp": tail.masked_fill(pad, 0.0),
+        f"{tid}.input_ids": torch.arange(T).repeat(B, 1),
+    }
 
 
 def _batch(seed: int = 0, same: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -46,7 +50,9 @@ def test_fusion_reduces_to_the_single_teacher_kl_where_it_must() -> None:
     log-probs, its tail mass), so the loss equals forward KL against a; two identical teachers
     fused uniformly equal forward KL against either."""
     batch, s = _batch(0)
-    fused, parts = _loss("token_fusion_kl", teachers=["a", "b"], mode="static", weights=[1.0, 0.0])({"logits": s}, batch)
+    fused, parts = _loss("token_fusion_kl", teachers=["a", "b"], mode="static", weights=[1.0, 0.0])(
+        {"logits": s}, batch
+    )
     only_a, _ = _loss("forward_kl", teacher="a")({"logits": s}, batch)
     assert float(fused) == pytest.approx(float(only_a), rel=1e-5)
     assert float(parts["w_a"]) == pytest.approx(1.0) and float(parts["w_b"]) == pytest.approx(0.0)
@@ -64,7 +70,9 @@ def test_dynamic_fusion_weights_are_per_token_on_the_simplex_and_the_student_get
     assert float(parts["w_a"]) + float(parts["w_b"]) == pytest.approx(1.0, abs=1e-5)
     assert float(parts["tokens"]) == 5 + 3  # next-token pairs of real tokens: 6 real tokens in row 0, 4 in row 1
     for tid in ("a", "b"):  # a fusion of two different teachers is neither of them
-        assert abs(float(loss) - float(_loss("forward_kl", teacher=tid, temperature=2.0)({"logits": s}, batch)[0])) > 1e-3
+        assert (
+            abs(float(loss) - float(_loss("forward_kl", teacher=tid, temperature=2.0)({"logits": s}, batch)[0])) > 1e-3
+        )
     loss.backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert s.grad[1, 4:].abs().sum() == 0  # padding gets no gradient
@@ -86,10 +94,26 @@ def test_bad_fusion_settings_are_refused_with_the_fix() -> None:
 def test_a_spec_that_fuses_a_teacher_without_per_token_outputs_is_refused_at_load() -> None:
     from kdpipe.config import SpecError, load_spec
 
-    lm = {"kind": "hf_causal_lm", "params": {"max_length": 48, "pretrain": {"layers": 2, "hidden": 64, "heads": 2,
-                                                                           "intermediate": 128, "steps": 10}}, "topk": 16}
-    with pytest.raises(SpecError, match=r"losses\[1\] \(token_fusion_kl\) reads teacher 'b' outputs \['tokens', 'topk'\]; add \['topk'\]"):
-        load_spec("pipelines/lm_distill.yaml", {
-            "teachers": [{"id": "a", **lm, "outputs": ["tokens", "topk"]}, {"id": "b", **lm, "outputs": ["tokens"]}],
-            "student.params": {"tokens_from": "a", "num_layers": 1},
-            "losses": [{"name": "lm_ce"}, {"name": "token_fusion_kl", "teachers": ["a", "b"]}]})
+    lm = {
+        "kind": "hf_causal_lm",
+        "params": {
+            "max_length": 48,
+            "pretrain": {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128, "steps": 10},
+        },
+        "topk": 16,
+    }
+    with pytest.raises(
+        SpecError,
+        match=r"losses\[1\] \(token_fusion_kl\) reads teacher 'b' outputs \['tokens', 'topk'\]; add \['topk'\]",
+    ):
+        load_spec(
+            "pipelines/lm_distill.yaml",
+            {
+                "teachers": [
+                    {"id": "a", **lm, "outputs": ["tokens", "topk"]},
+                    {"id": "b", **lm, "outputs": ["tokens"]},
+                ],
+                "student.params": {"tokens_from": "a", "num_layers": 1},
+                "losses": [{"name": "lm_ce"}, {"name": "token_fusion_kl", "teachers": ["a", "b"]}],
+            },
+        )

@@ -4,5 +4,13 @@ from kdpipe.data.checks import row_id, unit
 from kdpipe.data.index import SourceChangedError, SourceData, id_digest, id_multiset_hash, load_source
 from kdpipe.data.readers import BadInputError
 
-__all__ = ["BadInputError", "SourceChangedError", "SourceData", "id_digest", "id_multiset_hash", "load_source",
-           "row_id", "unit"]
+__all__ = [
+    "BadInputError",
+    "SourceChangedError",
+    "SourceData",
+    "id_digest",
+    "id_multiset_hash",
+    "load_source",
+    "row_id",
+    "unit",
+]

@@ -195,5 +195,7 @@ def check_chunk(chunk: pa.Table | list[dict[str, Any]], cfg: SourceConfig, dim: 
         keys.append(row["key"])
         inputs.append(row["x"] if "x" in row else row["text"])
     features = cfg.features is not None or cfg.kind == "sklearn_digits"
-    arr: np.ndarray | list[str] = (np.stack(inputs) if inputs else np.zeros((0, dim or 0), np.float32)) if features else inputs
+    arr: np.ndarray | list[str] = (
+        (np.stack(inputs) if inputs else np.zeros((0, dim or 0), np.float32)) if features else inputs
+    )
     return Checked(np.asarray(pos, np.int64), ids, labels, keys, arr, bad, dim)

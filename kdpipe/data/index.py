@@ -22,9 +22,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +37,7 @@ from kdpipe.data import readers
 from kdpipe.data.checks import check_chunk, unit
 from kdpipe.data.labels import LabelMap
 from kdpipe.data.readers import BadInputError
+from kdpipe.datasets.wordnet import WORDNET_DIR
 from kdpipe.errors import KdpipeError
 from kdpipe.spec import SourceConfig
 
@@ -94,7 +96,9 @@ class SourceData:
         if self.index_ is None and self.index_path is None:
             if self.table_ is None:
                 raise ValueError("SourceData needs a table, an index or an index file")
-            self.index_ = self.table_.select([c for c in ("id", "label", "split", "labeled") if c in self.table_.column_names])
+            self.index_ = self.table_.select(
+                [c for c in ("id", "label", "split", "labeled") if c in self.table_.column_names]
+            )
 
     @property
     def index(self) -> pa.Table:
@@ -127,8 +131,16 @@ class SourceData:
         if self.table_ is None:
             assert self.cfg is not None
             index = self.index
-            parts = list(read_rows(index.select(["file", "row", "id"]), self.cfg.model_dump(), self.files,
-                                   self.stamps, self.dim, self.feature_columns))
+            parts = list(
+                read_rows(
+                    index.select(["file", "row", "id"]),
+                    self.cfg.model_dump(),
+                    self.files,
+                    self.stamps,
+                    self.dim,
+                    self.feature_columns,
+                )
+            )
             inputs = pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], pa.string())})
             cols = {"id": index["id"], self.input_column: inputs[self.input_column]}
             self.table_ = pa.table({**cols, **{c: index[c] for c in ("label", "split", "labeled")}})
@@ -175,13 +187,26 @@ class SourceData:
         """
         positions = self.index_dataset() if positions is None else positions
         if self.cfg is None:  # in-memory source: its table is the data
-            return positions.map_batches(_attach_inputs, batch_size=None, batch_format="pyarrow",
-                                         fn_kwargs={"table": self.table.select(["id", self.input_column])}, **remote_args)
+            return positions.map_batches(
+                _attach_inputs,
+                batch_size=None,
+                batch_format="pyarrow",
+                fn_kwargs={"table": self.table.select(["id", self.input_column])},
+                **remote_args,
+            )
         return positions.map_batches(
-            read_rows, batch_size=None, batch_format="pyarrow",
-            fn_kwargs={"cfg": self.cfg.model_dump(), "files": self.files, "stamps": self.stamps, "dim": self.dim,
-                       "columns": self.feature_columns},
-            **remote_args)
+            read_rows,
+            batch_size=None,
+            batch_format="pyarrow",
+            fn_kwargs={
+                "cfg": self.cfg.model_dump(),
+                "files": self.files,
+                "stamps": self.stamps,
+                "dim": self.dim,
+                "columns": self.feature_columns,
+            },
+            **remote_args,
+        )
 
     @property
     def position_columns(self) -> list[str]:
@@ -216,8 +241,14 @@ def _attach_inputs(batch: pa.Table, table: pa.Table) -> pa.Table:
 # ---------------------------------------------------------------- reading rows back by position
 
 
-def read_rows(batch: pa.Table, cfg: dict[str, Any], files: list[str], stamps: list[list[int]],
-              dim: int | None, columns: list[str] | None = None) -> Iterator[pa.Table]:
+def read_rows(
+    batch: pa.Table,
+    cfg: dict[str, Any],
+    files: list[str],
+    stamps: list[list[int]],
+    dim: int | None,
+    columns: list[str] | None = None,
+) -> Iterator[pa.Table]:
     """`map_batches` step: (file, row) positions -> `id` + input rows, a chunk at a time; other
     columns of `batch` (label, split, …) are passed through beside them."""
     scfg = SourceConfig.model_validate(cfg)
@@ -230,8 +261,10 @@ def read_rows(batch: pa.Table, cfg: dict[str, Any], files: list[str], stamps: li
         return
     for fi in pc.unique(batch["file"]).to_pylist():
         sel = batch.filter(pc.equal(batch["file"], fi)).sort_by("row")
-        changed = SourceChangedError(f"source file {files[fi]} no longer holds the rows it held when it was indexed; "
-                                     "rerun (do not edit source files in place while a run reads them; add new files instead)")
+        changed = SourceChangedError(
+            f"source file {files[fi]} no longer holds the rows it held when it was indexed; "
+            "rerun (do not edit source files in place while a run reads them; add new files instead)"
+        )
         at = 0
         for out in read_file_rows(scfg, files[fi], stamps[fi] if stamps else None, sel["row"].to_numpy(), dim, columns):
             want = sel.slice(at, out.num_rows)
@@ -245,12 +278,20 @@ def read_rows(batch: pa.Table, cfg: dict[str, Any], files: list[str], stamps: li
             raise changed
 
 
-def read_file_rows(cfg: SourceConfig, f: str, stamp: list[int] | None, rows: np.ndarray,
-                   dim: int | None, columns: list[str] | None = None) -> Iterator[pa.Table]:
+def read_file_rows(
+    cfg: SourceConfig,
+    f: str,
+    stamp: list[int] | None,
+    rows: np.ndarray,
+    dim: int | None,
+    columns: list[str] | None = None,
+) -> Iterator[pa.Table]:
     """Given rows of one source file, re-validated into `id` + input, in row order."""
     if stamp is not None and readers.stamp(f) != stamp:
-        raise SourceChangedError(f"source file {f} changed since the pipeline indexed it; rerun (do not edit source "
-                                 "files in place while a run reads them; add new files instead)")
+        raise SourceChangedError(
+            f"source file {f} changed since the pipeline indexed it; rerun (do not edit source "
+            "files in place while a run reads them; add new files instead)"
+        )
     rows = np.sort(rows)
     if len(rows) == 0:
         return
@@ -264,8 +305,10 @@ def read_file_rows(cfg: SourceConfig, f: str, stamp: list[int] | None, rows: np.
             sub = chunk.take(pa.array(offs)) if isinstance(chunk, pa.Table) else [chunk[int(o)] for o in offs]
             c = check_chunk(sub, cfg, dim)
             if c.bad:
-                raise SourceChangedError(f"source file {f}: row {first + int(offs[c.bad[0][0]])} was good when indexed "
-                                         f"and is now bad ({c.bad[0][1]}); rerun the pipeline")
+                raise SourceChangedError(
+                    f"source file {f}: row {first + int(offs[c.bad[0][0]])} was good when indexed "
+                    f"and is now bad ({c.bad[0][1]}); rerun the pipeline"
+                )
             data = to_fixed_list(c.inputs) if col == "x" else pa.array(c.inputs, pa.string())
             yield pa.table({"id": pa.array(c.ids, pa.string()), col: data})
         first += n
@@ -293,8 +336,9 @@ class Quarantine:
         if self.cfg.on_bad_rows == "fail":
             where = "" if readers.builtin(f) else f" (record {file_row} of {f}, from 0)"
             what = f"bad input row {row}" if row is not None else "bad input row"
-            raise BadInputError(f"{what}: {reason}{where}. Fix the data, or set "
-                                "`source.on_bad_rows: skip` to quarantine bad rows")
+            raise BadInputError(
+                f"{what}: {reason}{where}. Fix the data, or set `source.on_bad_rows: skip` to quarantine bad rows"
+            )
         self.add({"row": row, "file": f, "file_row": file_row, "reason": reason, "preview": preview})
 
     def add(self, rec: dict[str, Any]) -> None:
@@ -320,11 +364,28 @@ class Quarantine:
 
 # ---------------------------------------------------------------- the two passes
 
-RAW_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string()), ("key", pa.string()), ("file", pa.int32()),
-                        ("row", pa.int64()), ("seq", pa.int64()), ("digest", pa.uint64())])
+RAW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("label", pa.string()),
+        ("key", pa.string()),
+        ("file", pa.int32()),
+        ("row", pa.int64()),
+        ("seq", pa.int64()),
+        ("digest", pa.uint64()),
+    ]
+)
 DEDUP_ROWS = 1 << 18  # ids de-duplicated per pass over the raw index: bounds that pass's memory (~10 MB)
-INDEX_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("split", pa.string()), ("labeled", pa.bool_()),
-                          ("file", pa.int32()), ("row", pa.int64())])
+INDEX_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("label", pa.int64()),
+        ("split", pa.string()),
+        ("labeled", pa.bool_()),
+        ("file", pa.int32()),
+        ("row", pa.int64()),
+    ]
+)
 
 
 @dataclass
@@ -337,12 +398,13 @@ class IndexPass:
     rows_read: int = 0
 
 
-def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kdpipe/quarantine",
-                index_dir: str | os.PathLike[str] | None = None) -> SourceData:
+def load_source(
+    cfg: SourceConfig,
+    quarantine_dir: str | os.PathLike[str] = ".kdpipe/quarantine",
+    index_dir: str | os.PathLike[str] | None = None,
+) -> SourceData:
     """Two streaming passes that keep no rows in memory (see the module docstring)."""
     if cfg.kind == "wordnet" or cfg.path:  # readers run in Ray workers: give them absolute paths (or URIs)
-        from kdpipe.datasets.wordnet import WORDNET_DIR
-
         cfg = cfg.model_copy(update={"path": storage.normalize(cfg.path or WORDNET_DIR)})
     files = readers.list_files(cfg)
     stamps = [readers.stamp(f) for f in files]
@@ -363,7 +425,9 @@ def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kd
         if stats["rows"] == 0:
             raise BadInputError(f"source {cfg.kind} {cfg.path or ''} yielded no usable rows ({quarantine.count} bad)")
         path = storage.join(index_dir, f"index-{key}.parquet")
-        storage.upload(staged, path)  # a rename locally (atomic: a concurrent run with the same key writes the same rows)
+        storage.upload(
+            staged, path
+        )  # a rename locally (atomic: a concurrent run with the same key writes the same rows)
     finally:
         quarantine.close()
         for f in (raw, staged):
@@ -371,12 +435,26 @@ def load_source(cfg: SourceConfig, quarantine_dir: str | os.PathLike[str] = ".kd
         if storage.is_remote(index_dir):
             shutil.rmtree(work, ignore_errors=True)
     num_classes = labels.num_classes or (stats["max_label"] + 1 if stats["max_label"] >= 0 else None)
-    return SourceData(None, "features" if features else "text", first.dim, num_classes, stats["fingerprint"], files,
-                      quarantine.count, quarantine.path, cfg.split.model_dump(), cfg=cfg, stamps=stamps,
-                      index_path=str(path), rows_=stats["rows"], ids_digest_=stats["ids_digest"],
-                      class_names=list(labels.names) if labels.names is not None else None,
-                      feature_columns=first.columns, split_rows=stats["split_rows"],
-                      labeled_rows=stats["labeled_rows"])
+    return SourceData(
+        None,
+        "features" if features else "text",
+        first.dim,
+        num_classes,
+        stats["fingerprint"],
+        files,
+        quarantine.count,
+        quarantine.path,
+        cfg.split.model_dump(),
+        cfg=cfg,
+        stamps=stamps,
+        index_path=str(path),
+        rows_=stats["rows"],
+        ids_digest_=stats["ids_digest"],
+        class_names=list(labels.names) if labels.names is not None else None,
+        feature_columns=first.columns,
+        split_rows=stats["split_rows"],
+        labeled_rows=stats["labeled_rows"],
+    )
 
 
 def _index_pass(cfg: SourceConfig, files: list[str], features: bool, quarantine: Quarantine, out: Path) -> IndexPass:
@@ -401,11 +479,20 @@ def _index_pass(cfg: SourceConfig, files: list[str], features: bool, quarantine:
                 for off, why, preview in c.bad:
                     quarantine.bad(state.rows_read + off, f, row0 + off, why, preview)
                 state.labels_seen.update(t for t in c.labels if t is not None)
-                writer.write_table(pa.table({
-                    "id": pa.array(c.ids, pa.string()), "label": pa.array(c.labels, pa.string()),
-                    "key": pa.array(c.keys, pa.string()), "file": pa.array(np.full(len(c.ids), fi, np.int32)),
-                    "row": pa.array(row0 + c.pos, pa.int64()), "seq": pa.array(state.rows_read + c.pos, pa.int64()),
-                    "digest": pa.array([id_digest(rid) for rid in c.ids], pa.uint64())}, schema=RAW_SCHEMA))
+                writer.write_table(
+                    pa.table(
+                        {
+                            "id": pa.array(c.ids, pa.string()),
+                            "label": pa.array(c.labels, pa.string()),
+                            "key": pa.array(c.keys, pa.string()),
+                            "file": pa.array(np.full(len(c.ids), fi, np.int32)),
+                            "row": pa.array(row0 + c.pos, pa.int64()),
+                            "seq": pa.array(state.rows_read + c.pos, pa.int64()),
+                            "digest": pa.array([id_digest(rid) for rid in c.ids], pa.uint64()),
+                        },
+                        schema=RAW_SCHEMA,
+                    )
+                )
                 state.rows_read += n
                 row0 += n
                 if cfg.limit and state.rows_read >= cfg.limit:
@@ -439,7 +526,9 @@ def duplicate_rows(raw: Path, rows_per_pass: int = DEDUP_ROWS) -> tuple[np.ndarr
         if not digests:
             continue
         d, pos = np.concatenate(digests), np.concatenate(positions)
-        order = np.argsort(d, kind="stable")  # positions ascend within the bucket: a repeat's first occurrence sorts first
+        order = np.argsort(
+            d, kind="stable"
+        )  # positions ascend within the bucket: a repeat's first occurrence sorts first
         s, p = d[order], pos[order]
         same = np.concatenate([[False], s[1:] == s[:-1]])
         group_start = np.maximum.accumulate(np.where(~same, np.arange(len(s)), 0))
@@ -460,8 +549,16 @@ def _read_raw_rows(raw: Path, positions: np.ndarray) -> pa.Table:
     return t.take(pa.array(positions)) if len(positions) else t.slice(0, 0)
 
 
-def _split_pass(raw: Path, out: Path, repeats: np.ndarray, firsts: np.ndarray, cfg: SourceConfig, labels: LabelMap,
-                quarantine: Quarantine, files: list[str]) -> dict[str, Any]:
+def _split_pass(
+    raw: Path,
+    out: Path,
+    repeats: np.ndarray,
+    firsts: np.ndarray,
+    cfg: SourceConfig,
+    labels: LabelMap,
+    quarantine: Quarantine,
+    files: list[str],
+) -> dict[str, Any]:
     """Pass 2: the raw index without repeated ids (a bad row each with `source.id_column`), labels
     mapped to class ids (a bad label is a bad row), each row's split and labeled flag, to `out`;
     also the source fingerprint (an order-independent multiset hash of id:label lines and the split
@@ -484,9 +581,14 @@ def _split_pass(raw: Path, out: Path, repeats: np.ndarray, firsts: np.ndarray, c
                     for r in range(lo, hi):
                         i = int(repeats[r] - at)
                         fr = first_rows.slice(int(r), 1).to_pylist()[0]
-                        quarantine.bad(t["seq"][i].as_py(), files[t["file"][i].as_py()], t["row"][i].as_py(),
-                                       f"source.id_column value {t['key'][i].as_py()!r} repeats the id of record "
-                                       f"{fr['row']} of {files[fr['file']]}", str(t["key"][i].as_py()))
+                        quarantine.bad(
+                            t["seq"][i].as_py(),
+                            files[t["file"][i].as_py()],
+                            t["row"][i].as_py(),
+                            f"source.id_column value {t['key'][i].as_py()!r} repeats the id of record "
+                            f"{fr['row']} of {files[fr['file']]}",
+                            str(t["key"][i].as_py()),
+                        )
             texts = t["label"].to_pylist()
             mapped = np.full(t.num_rows, -1, np.int64)
             for i, text in enumerate(texts):
@@ -495,7 +597,9 @@ def _split_pass(raw: Path, out: Path, repeats: np.ndarray, firsts: np.ndarray, c
                 label, why = labels.lookup(text)
                 if why:
                     keep[i] = False
-                    quarantine.bad(t["seq"][i].as_py(), files[t["file"][i].as_py()], t["row"][i].as_py(), why, str(text))
+                    quarantine.bad(
+                        t["seq"][i].as_py(), files[t["file"][i].as_py()], t["row"][i].as_py(), why, str(text)
+                    )
                 mapped[i] = label
             at += batch.num_rows
             t = t.filter(pa.array(keep))
@@ -510,9 +614,19 @@ def _split_pass(raw: Path, out: Path, repeats: np.ndarray, firsts: np.ndarray, c
                 split_rows[s] += 1
                 labeled_rows[s] += int(visible and label >= 0)
                 total += id_digest(f"{rid}:{label}")
-            writer.write_table(pa.table({"id": t["id"], "label": pa.array(mapped, pa.int64()),
-                                         "split": pa.array(sp, pa.string()), "labeled": pa.array(lab, pa.bool_()),
-                                         "file": t["file"], "row": t["row"]}, schema=INDEX_SCHEMA))
+            writer.write_table(
+                pa.table(
+                    {
+                        "id": t["id"],
+                        "label": pa.array(mapped, pa.int64()),
+                        "split": pa.array(sp, pa.string()),
+                        "labeled": pa.array(lab, pa.bool_()),
+                        "file": t["file"],
+                        "row": t["row"],
+                    },
+                    schema=INDEX_SCHEMA,
+                )
+            )
             rows += t.num_rows
             ids = (ids + int(np.sum(t["digest"].to_numpy(), dtype=np.uint64))) % 2**64  # numpy's sum wraps mod 2**64
             if t.num_rows:
@@ -521,5 +635,11 @@ def _split_pass(raw: Path, out: Path, repeats: np.ndarray, firsts: np.ndarray, c
     h.update(json.dumps(split.model_dump(), sort_keys=True).encode())
     if labels.names is not None:  # the same ids under other class names are another source
         h.update(json.dumps(list(labels.names)).encode())
-    return {"rows": rows, "max_label": max_label, "fingerprint": h.hexdigest()[:16], "ids_digest": ids,
-            "split_rows": split_rows, "labeled_rows": labeled_rows}
+    return {
+        "rows": rows,
+        "max_label": max_label,
+        "fingerprint": h.hexdigest()[:16],
+        "ids_digest": ids,
+        "split_rows": split_rows,
+        "labeled_rows": labeled_rows,
+    }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kdpipe.data.readers import BadInputError
 from kdpipe.spec import SourceConfig
 
 MAX_NAMES = 100_000  # more distinct names than this is not a class label
@@ -32,8 +33,7 @@ class LabelMap:
         self._ids = {n: i for i, n in enumerate(self.names or ())}
 
     @classmethod
-    def infer(cls, cfg: SourceConfig, seen: set[str]) -> "LabelMap":
-        from kdpipe.data.readers import BadInputError
+    def infer(cls, cfg: SourceConfig, seen: set[str]) -> LabelMap:
 
         if cfg.classes is not None:
             if cfg.num_classes is not None and cfg.num_classes < len(cfg.classes):
@@ -42,12 +42,16 @@ class LabelMap:
         if any(_is_id(t) for t in seen):  # ids, and a stray name among them is a bad row, not a new class
             return cls(None, cfg.num_classes)
         if len(seen) > MAX_NAMES:
-            raise BadInputError(f"source.label '{cfg.label}' holds more than {MAX_NAMES} distinct values: is it a class "
-                                "label? (an id or a free-text column would be another key: source.id_column, source.text)")
+            raise BadInputError(
+                f"source.label '{cfg.label}' holds more than {MAX_NAMES} distinct values: is it a class "
+                "label? (an id or a free-text column would be another key: source.id_column, source.text)"
+            )
         names = tuple(sorted(seen))
         if cfg.num_classes is not None and cfg.num_classes < len(names):
-            raise BadInputError(f"source.label '{cfg.label}' holds {len(names)} class names ({', '.join(names[:8])}…) but "
-                                f"source.num_classes is {cfg.num_classes}; remove source.num_classes or list the classes")
+            raise BadInputError(
+                f"source.label '{cfg.label}' holds {len(names)} class names ({', '.join(names[:8])}…) but "
+                f"source.num_classes is {cfg.num_classes}; remove source.num_classes or list the classes"
+            )
         return cls(names, cfg.num_classes or len(names))
 
     def lookup(self, text: str | None) -> tuple[int, str | None]:
@@ -56,8 +60,10 @@ class LabelMap:
             return -1, None
         if self.names is None:
             if not _is_id(text):
-                return -1, (f"label {text!r} is not an integer class id (a label column holds ids 0..C-1 or class names, "
-                            "not both; with names, list them in source.classes)")
+                return -1, (
+                    f"label {text!r} is not an integer class id (a label column holds ids 0..C-1 or class names, "
+                    "not both; with names, list them in source.classes)"
+                )
             label = int(text)
             if self.num_classes is not None and label >= self.num_classes:
                 return -1, f"label {label} >= source.num_classes={self.num_classes}"

@@ -17,7 +17,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +26,7 @@ import pyarrow.compute as pc
 
 from kdpipe import storage
 from kdpipe.arrays import to_fixed_list
+from kdpipe.datasets.wordnet import read_wordnet
 from kdpipe.errors import KdpipeError
 from kdpipe.spec import FeatureSelector, SourceConfig
 
@@ -46,8 +48,10 @@ def list_files(cfg: SourceConfig) -> list[str]:
     assert cfg.path is not None
     files = storage.files_under(cfg.path, SUFFIXES[cfg.kind])
     if not files:
-        raise BadInputError(f"source.path '{cfg.path}' matches no {'/'.join(SUFFIXES[cfg.kind])} files; check the path "
-                            "(a relative path is relative to the spec file's folder)")
+        raise BadInputError(
+            f"source.path '{cfg.path}' matches no {'/'.join(SUFFIXES[cfg.kind])} files; check the path "
+            "(a relative path is relative to the spec file's folder)"
+        )
     return files
 
 
@@ -76,22 +80,27 @@ def feature_columns(cfg: SourceConfig, names: list[str], where: str) -> list[str
     if isinstance(f, list):
         missing = [c for c in f if c not in names]
         if missing:
-            raise BadInputError(f"{where}: feature column(s) {missing} (source.features) not found; columns are "
-                                f"{sorted(names)}")
+            raise BadInputError(
+                f"{where}: feature column(s) {missing} (source.features) not found; columns are {sorted(names)}"
+            )
         return list(f)
     if isinstance(f, FeatureSelector):
         got = f.select([n for n in names if n not in (cfg.label, cfg.id_column)])
         if not got:
-            raise BadInputError(f"{where}: source.features {f.model_dump(exclude_none=True, exclude_defaults=True)} "
-                                f"matches no column; columns are {sorted(names)}")
+            raise BadInputError(
+                f"{where}: source.features {f.model_dump(exclude_none=True, exclude_defaults=True)} "
+                f"matches no column; columns are {sorted(names)}"
+            )
         return got
     return None
 
 
 def not_numeric(column: str, where: str, sample: Any) -> BadInputError:
-    return BadInputError(f"{where}: feature column '{column}' (source.features) holds non-numeric values "
-                         f"(e.g. {sample!r}); kdpipe does not encode features: encode it as numbers first (one column "
-                         "per category, or category ids), or leave it out (a list without it, or `exclude:`)")
+    return BadInputError(
+        f"{where}: feature column '{column}' (source.features) holds non-numeric values "
+        f"(e.g. {sample!r}); kdpipe does not encode features: encode it as numbers first (one column "
+        "per category, or category ids), or leave it out (a list without it, or `exclude:`)"
+    )
 
 
 def _numeric_type(t: pa.DataType) -> bool:
@@ -101,8 +110,9 @@ def _numeric_type(t: pa.DataType) -> bool:
 # ---------------------------------------------------------------- chunks
 
 
-def raw_chunks(cfg: SourceConfig, f: str, start: int = 0,
-               expect: list[str] | None = None) -> Iterator[pa.Table | list[dict[str, Any]]]:
+def raw_chunks(
+    cfg: SourceConfig, f: str, start: int = 0, expect: list[str] | None = None
+) -> Iterator[pa.Table | list[dict[str, Any]]]:
     """The raw rows of one file from row `start` on, CHUNK_ROWS at a time (see the module
     docstring); `expect` is the first file's feature columns, which every file must have."""
     if cfg.kind == "sklearn_digits":
@@ -111,12 +121,14 @@ def raw_chunks(cfg: SourceConfig, f: str, start: int = 0,
         d = load_digits()
         x = (d.data / 16.0).astype(np.float32)
         for i in range(start, len(x), CHUNK_ROWS):
-            yield pa.table({"x": to_fixed_list(x[i : i + CHUNK_ROWS]),
-                            "label": pa.array(d.target[i : i + CHUNK_ROWS].astype(np.int64))})
+            yield pa.table(
+                {
+                    "x": to_fixed_list(x[i : i + CHUNK_ROWS]),
+                    "label": pa.array(d.target[i : i + CHUNK_ROWS].astype(np.int64)),
+                }
+            )
         return
     if cfg.kind == "wordnet":
-        from kdpipe.datasets.wordnet import read_wordnet
-
         rows, _ = read_wordnet(cfg)
         items = [{"text": r["text"], "label": r["label"]} for r in rows]
         for i in range(start, len(items), CHUNK_ROWS):
@@ -160,8 +172,10 @@ def file_feature_columns(cfg: SourceConfig, f: str) -> list[str] | None:
 
 def _check_same(f: str, got: list[str] | None, expect: list[str] | None) -> None:
     if expect is not None and got != expect:
-        raise BadInputError(f"{f}: its feature columns {got} differ from the first file's {expect}; every file of a "
-                            "source must have the same feature columns")
+        raise BadInputError(
+            f"{f}: its feature columns {got} differ from the first file's {expect}; every file of a "
+            "source must have the same feature columns"
+        )
 
 
 def _parquet_chunks(cfg: SourceConfig, f: str, start: int, expect: list[str] | None) -> Iterator[pa.Table]:
@@ -255,8 +269,11 @@ def _records(cfg: SourceConfig, f: str, start: int, expect: list[str] | None) ->
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
         one = None if wide is not None else (cfg.features or cfg.text)
-        for name, setting in ((one, "features" if cfg.features else "text"), (cfg.label, "label"),
-                              (cfg.id_column, "id_column")):
+        for name, setting in (
+            (one, "features" if cfg.features else "text"),
+            (cfg.label, "label"),
+            (cfg.id_column, "id_column"),
+        ):
             if name and name not in header:
                 raise BadInputError(f"{f}: column '{name}' (source.{setting}) not found; columns are {sorted(header)}")
         watch = TextColumns(f, wide or [])
@@ -327,8 +344,18 @@ def pick(cfg: SourceConfig, r: dict[str, Any], wide: list[str] | None, csv_cells
             cell = r.get(c)
             if c not in r or cell is None or (csv_cells and cell == ""):
                 short = csv_cells and cell is None
-                return {"error": f"feature '{c}' is " + ("missing: the row has fewer cells than the header" if short else
-                                                         "missing" if c not in r else "empty" if cell == "" else "null")}
+                return {
+                    "error": f"feature '{c}' is "
+                    + (
+                        "missing: the row has fewer cells than the header"
+                        if short
+                        else "missing"
+                        if c not in r
+                        else "empty"
+                        if cell == ""
+                        else "null"
+                    )
+                }
             try:
                 x.append(float(cell))
             except (TypeError, ValueError):
@@ -340,13 +367,17 @@ def pick(cfg: SourceConfig, r: dict[str, Any], wide: list[str] | None, csv_cells
         if name not in r:
             return {"error": f"field '{name}' (source.{setting}) is missing; the row has {keys}"}
         if r[name] is None:
-            return {"error": f"field '{name}' (source.{setting}) is "
-                             f"{'missing: the row has fewer cells than the header' if csv_cells else 'null'}"}
+            return {
+                "error": f"field '{name}' (source.{setting}) is "
+                f"{'missing: the row has fewer cells than the header' if csv_cells else 'null'}"
+            }
         row[key] = _parse_vector(r[name]) if csv_cells and key == "x" else r[name]
     if cfg.label:
         if cfg.label not in r:
-            return {"error": f"field '{cfg.label}' (source.label) is missing (write null for an unlabeled row); "
-                             f"the row has {keys}"}
+            return {
+                "error": f"field '{cfg.label}' (source.label) is missing (write null for an unlabeled row); "
+                f"the row has {keys}"
+            }
         if csv_cells and r[cfg.label] is None:
             return {"error": f"field '{cfg.label}' (source.label) is missing: the row has fewer cells than the header"}
         row["label"] = r[cfg.label]
@@ -354,8 +385,10 @@ def pick(cfg: SourceConfig, r: dict[str, Any], wide: list[str] | None, csv_cells
         row["label"] = None
     if cfg.id_column:
         if r.get(cfg.id_column) in (None, ""):
-            return {"error": f"field '{cfg.id_column}' (source.id_column) is "
-                             f"{'missing' if cfg.id_column not in r else 'empty'}: every row needs its id"}
+            return {
+                "error": f"field '{cfg.id_column}' (source.id_column) is "
+                f"{'missing' if cfg.id_column not in r else 'empty'}: every row needs its id"
+            }
         row["key"] = r[cfg.id_column]
     return row
 

@@ -40,10 +40,12 @@ def class_arrays(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, num_cla
     confusion = np.bincount(labels * c + pred, minlength=c * c).reshape(c, c).astype(np.float64)
     b = np.minimum((conf * CALIBRATION_BINS).astype(np.int64), CALIBRATION_BINS - 1)
     hit = (pred == labels).astype(np.float64)
-    return {"confusion": confusion,
-            "calib_n": np.bincount(b, minlength=CALIBRATION_BINS).astype(np.float64),
-            "calib_conf": np.bincount(b, weights=conf, minlength=CALIBRATION_BINS),
-            "calib_correct": np.bincount(b, weights=hit, minlength=CALIBRATION_BINS)}
+    return {
+        "confusion": confusion,
+        "calib_n": np.bincount(b, minlength=CALIBRATION_BINS).astype(np.float64),
+        "calib_conf": np.bincount(b, weights=conf, minlength=CALIBRATION_BINS),
+        "calib_correct": np.bincount(b, weights=hit, minlength=CALIBRATION_BINS),
+    }
 
 
 def expected_calibration_error(a: dict[str, np.ndarray]) -> float:

@@ -23,8 +23,9 @@ class ClassificationEvaluator(Evaluator):
         mask = labels >= 0
         prob = torch.softmax(out["logits"].float(), 1)
         sums: dict[str, Any] = {"n": float(mask.sum()), "acc": _correct(out["logits"], labels, mask)}
-        sums.update(class_arrays(prob.max(1).values.numpy(), prob.argmax(1).numpy(), labels.numpy(),
-                                 out["logits"].shape[1]))
+        sums.update(
+            class_arrays(prob.max(1).values.numpy(), prob.argmax(1).numpy(), labels.numpy(), out["logits"].shape[1])
+        )
         for i, z in enumerate(out.get("exits") or []):
             sums[f"acc_exit{i}"] = _correct(z, labels, mask)
         return sums

@@ -40,8 +40,10 @@ def _teacher_column(columns: list[str], inputs: list[str]) -> str:
         return f"{tid}.embedding"
     cands = [c for c in columns if c.endswith(".embedding")]
     if len(cands) != 1:
-        raise ValueError(f"embedding evaluator: cannot tell which teacher embedding to compare with (found {cands}); "
-                         "cache the teacher's 'embedding' output")
+        raise ValueError(
+            f"embedding evaluator: cannot tell which teacher embedding to compare with (found {cands}); "
+            "cache the teacher's 'embedding' output"
+        )
     return cands[0]
 
 
@@ -108,16 +110,20 @@ class EmbeddingEvaluator(Evaluator):
         s = model({k: batch[k] for k in names})["embedding"].float().cpu().numpy()
         t = batch[_teacher_column(list(batch), names)].float().cpu().numpy()
         if s.shape != t.shape:
-            raise ValueError(f"student embeddings {s.shape} and teacher embeddings {t.shape} differ in width; "
-                             "set student `out_dim:`")
+            raise ValueError(
+                f"student embeddings {s.shape} and teacher embeddings {t.shape} differ in width; set student `out_dim:`"
+            )
         return s, t
 
     def batch_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Summed cosine to the teacher, and its histogram (`cos_hist`, COSINE_BINS over [-1, 1]) for the run's figure."""
         s, t = self._pair(model, batch)
         cos = np.sum(_unit(s) * _unit(t), axis=1)
-        return {"cosine": float(np.sum(cos)), "n": float(len(s)),
-                "cos_hist": np.histogram(cos, bins=COSINE_BINS, range=(-1.0, 1.0))[0].astype(np.float64)}
+        return {
+            "cosine": float(np.sum(cos)),
+            "n": float(len(s)),
+            "cos_hist": np.histogram(cos, bins=COSINE_BINS, range=(-1.0, 1.0))[0].astype(np.float64),
+        }
 
     def sample(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         s, t = self._pair(model, batch)

@@ -22,8 +22,13 @@ from torch import nn
 
 from kdpipe.evaluators import EVALUATORS
 from kdpipe.evaluators.base import Evaluator
-from kdpipe.lm.token_functional import (TeacherSignal, forward_kl_rows, next_token_positions, next_token_targets,
-                                        paired_logprobs)
+from kdpipe.lm.token_functional import (
+    TeacherSignal,
+    forward_kl_rows,
+    next_token_positions,
+    next_token_targets,
+    paired_logprobs,
+)
 
 
 def _teacher_ids(batch: dict[str, torch.Tensor]) -> list[str]:
@@ -43,8 +48,11 @@ class LMEvaluator(Evaluator):
         s = logits.reshape(-1, v).index_select(0, pos).float()
         logq = F.log_softmax(s, dim=1)
         top1 = s.argmax(1)
-        sums = {"tokens": float(len(pos)), "nll": float(-logq.gather(1, targets[:, None]).sum()),
-                "correct": float((top1 == targets).sum())}
+        sums = {
+            "tokens": float(len(pos)),
+            "nll": float(-logq.gather(1, targets[:, None]).sum()),
+            "correct": float((top1 == targets).sum()),
+        }
         tids = _teacher_ids(batch)
         for i, tid in enumerate(tids):  # the reference teacher; then each other one on its own (fusion members)
             sig = TeacherSignal.from_batch(batch, tid, "topk").flat().rows(pos)
@@ -61,12 +69,20 @@ class LMEvaluator(Evaluator):
         n = sums.get("tokens", 0.0)
         if not n:
             return {f"{prefix}nll": float("nan")}
-        out = {f"{prefix}nll": sums["nll"] / n, f"{prefix}ppl": math.exp(sums["nll"] / n),
-               f"{prefix}token_acc": sums["correct"] / n}
+        out = {
+            f"{prefix}nll": sums["nll"] / n,
+            f"{prefix}ppl": math.exp(sums["nll"] / n),
+            f"{prefix}token_acc": sums["correct"] / n,
+        }
         if "kl" in sums:
-            out.update({f"{prefix}kl": sums["kl"] / n, f"{prefix}teacher_agreement": sums["agree"] / n,
-                        f"{prefix}teacher_ppl": math.exp(sums["teacher_nll"] / n),
-                        f"{prefix}teacher_token_acc": sums["teacher_correct"] / n})
+            out.update(
+                {
+                    f"{prefix}kl": sums["kl"] / n,
+                    f"{prefix}teacher_agreement": sums["agree"] / n,
+                    f"{prefix}teacher_ppl": math.exp(sums["teacher_nll"] / n),
+                    f"{prefix}teacher_token_acc": sums["teacher_correct"] / n,
+                }
+            )
         for k in sums:
             if k.startswith("teacher_") and k.endswith("_nll") and k != "teacher_nll":
                 tid = k.removeprefix("teacher_").removesuffix("_nll")

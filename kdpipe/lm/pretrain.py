@@ -31,11 +31,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kdpipe import storage
 from kdpipe.lm.corpus import (
-    CorpusSplit, check_domain, default_tokenizer, encode_texts, load_glosses, pack_texts, tokenizer_digest,
+    CorpusSplit,
+    check_domain,
+    default_tokenizer,
+    encode_texts,
+    load_glosses,
+    pack_texts,
+    tokenizer_digest,
     wordnet_digest,
 )
-from kdpipe import storage
 from kdpipe.trained_once import REPORT, TrainedOnce, is_trained, optimizer_step, train_once
 
 log = logging.getLogger("kdpipe.lm.pretrain")
@@ -66,10 +72,17 @@ class PretrainRecipe(BaseModel):
     warmup_steps: int = Field(50, ge=0, description="linear warm-up steps before the cosine decay")
     weight_decay: float = Field(0.01, ge=0)
     seed: int = Field(0, description="weight init and window order")
-    domain: str = Field("all", description="'all', a part of speech (noun/verb/adj/adv) or a lexicographer file (noun.animal): "
-                                           "two disjoint domains make two expert teachers for logit fusion")
-    limit: int | None = Field(None, ge=1, description="train on an evenly spread subset of this many train glosses (null = all)")
-    split: CorpusSplit = Field(default_factory=CorpusSplit, description="held-out split of the glosses (kdpipe.lm.corpus)")
+    domain: str = Field(
+        "all",
+        description="'all', a part of speech (noun/verb/adj/adv) or a lexicographer file (noun.animal): "
+        "two disjoint domains make two expert teachers for logit fusion",
+    )
+    limit: int | None = Field(
+        None, ge=1, description="train on an evenly spread subset of this many train glosses (null = all)"
+    )
+    split: CorpusSplit = Field(
+        default_factory=CorpusSplit, description="held-out split of the glosses (kdpipe.lm.corpus)"
+    )
     eval_glosses: int = Field(2000, ge=1, description="validation glosses for the held-out perplexity")
 
     @field_validator("domain")
@@ -78,7 +91,7 @@ class PretrainRecipe(BaseModel):
         return check_domain(v)
 
     @model_validator(mode="after")
-    def _shape(self) -> "PretrainRecipe":
+    def _shape(self) -> PretrainRecipe:
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
         if self.kv_heads is not None and self.heads % self.kv_heads:
@@ -88,8 +101,12 @@ class PretrainRecipe(BaseModel):
 
 def recipe_digest(recipe: PretrainRecipe) -> str:
     """Digest of the recipe, the corpus files, the tokenizer and the training procedure's version."""
-    payload = {"recipe": recipe.model_dump(mode="json"), "format": RECIPE_FORMAT, "wordnet": wordnet_digest(),
-               "tokenizer": tokenizer_digest()}
+    payload = {
+        "recipe": recipe.model_dump(mode="json"),
+        "format": RECIPE_FORMAT,
+        "wordnet": wordnet_digest(),
+        "tokenizer": tokenizer_digest(),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -105,8 +122,12 @@ def is_pretrained(path: str | Path) -> bool:
     return is_trained(path, REPORT)
 
 
-def pretrain(recipe: PretrainRecipe, out_dir: str | Path | None = None, root: str | Path = DEFAULT_ROOT,
-             num_threads: int | None = None) -> PretrainResult:
+def pretrain(
+    recipe: PretrainRecipe,
+    out_dir: str | Path | None = None,
+    root: str | Path = DEFAULT_ROOT,
+    num_threads: int | None = None,
+) -> PretrainResult:
     """The teacher of `recipe`: reused when its directory holds a finished run of the same digest,
     trained (and saved atomically) otherwise (`kdpipe.trained_once`).
 
@@ -114,10 +135,17 @@ def pretrain(recipe: PretrainRecipe, out_dir: str | Path | None = None, root: st
     raises instead of silently serving other weights. `num_threads` sets torch's intra-op threads
     for this call only."""
     path = str(out_dir) if out_dir is not None else pretrained_dir(recipe, root)
-    res = train_once(path, recipe_digest(recipe), lambda: train_teacher(recipe), "pretrained teacher", REPORT, num_threads)
+    res = train_once(
+        path, recipe_digest(recipe), lambda: train_teacher(recipe), "pretrained teacher", REPORT, num_threads
+    )
     if res.trained:
-        log.info("pretrained teacher %s: held-out ppl %.1f (unigram %.1f) in %.0f s", path, res.report["heldout_ppl"],
-                 res.report["unigram_ppl"], res.report["train_seconds"])
+        log.info(
+            "pretrained teacher %s: held-out ppl %.1f (unigram %.1f) in %.0f s",
+            path,
+            res.report["heldout_ppl"],
+            res.report["unigram_ppl"],
+            res.report["train_seconds"],
+        )
     return res
 
 
@@ -127,11 +155,18 @@ def build_model(recipe: PretrainRecipe, tokenizer: Any) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
-        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
-        num_key_value_heads=recipe.kv_heads or recipe.heads, max_position_embeddings=max(512, recipe.max_length),
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-6,
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden,
+        intermediate_size=recipe.intermediate,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.kv_heads or recipe.heads,
+        max_position_embeddings=max(512, recipe.max_length),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rms_norm_eps=1e-6,
     )
     torch.manual_seed(recipe.seed)
     model = LlamaForCausalLM(cfg).float()
@@ -165,8 +200,9 @@ def train_teacher(recipe: PretrainRecipe, device: str | None = None) -> tuple[An
     if len(windows) == 0:
         raise ValueError(f"{len(train_texts)} glosses are fewer than one {recipe.max_length}-token window; raise limit")
     model = build_model(recipe, tok).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.95),
-                            fused=True)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.95), fused=True
+    )
     g = torch.Generator().manual_seed(recipe.seed)
     order = torch.randperm(len(windows), generator=g)
     pos, losses = 0, []
@@ -182,18 +218,29 @@ def train_teacher(recipe: PretrainRecipe, device: str | None = None) -> tuple[An
         losses.append(optimizer_step(opt, model, loss, lr_at(step, recipe)))
         if (step + 1) % LOG_EVERY == 0 or step + 1 == recipe.steps:
             el = time.perf_counter() - t0
-            log.info("pretrain step %d/%d: loss %.3f, %.0f s, %.0f tokens/s", step + 1, recipe.steps,
-                     np.mean(losses[-LOG_EVERY:]), el, (step + 1) * batch.numel() / el)
+            log.info(
+                "pretrain step %d/%d: loss %.3f, %.0f s, %.0f tokens/s",
+                step + 1,
+                recipe.steps,
+                np.mean(losses[-LOG_EVERY:]),
+                el,
+                (step + 1) * batch.numel() / el,
+            )
     train_s = time.perf_counter() - t0
     model.eval().float().cpu()
     eval_texts = load_glosses("val", recipe.domain, recipe.split, recipe.eval_glosses)
     report = {
-        "recipe": recipe.model_dump(mode="json"), "losses": losses, "train_seconds": train_s,
-        "train_glosses": len(train_texts), "train_windows": len(windows),
+        "recipe": recipe.model_dump(mode="json"),
+        "losses": losses,
+        "train_seconds": train_s,
+        "train_glosses": len(train_texts),
+        "train_windows": len(windows),
         "tokens_seen": recipe.steps * recipe.batch_size * recipe.max_length,
         "epochs": recipe.steps * recipe.batch_size / len(windows),
-        "params": sum(p.numel() for p in model.parameters()), "eval_glosses": len(eval_texts),
-        "device": device, "autocast": "bf16" if amp else None,
+        "params": sum(p.numel() for p in model.parameters()),
+        "eval_glosses": len(eval_texts),
+        "device": device,
+        "autocast": "bf16" if amp else None,
         "heldout_ppl": heldout_perplexity(model, tok, eval_texts, recipe.max_length),
         "unigram_ppl": unigram_perplexity(windows.numpy(), tok, eval_texts, recipe.max_length),
     }

@@ -15,8 +15,9 @@ No function here uses fp64.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ TokenFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # --- which positions count -------------------------------------------------------------------------
+
 
 def next_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) bool: position t counts iff tokens t and t + 1 are both real.
@@ -58,6 +60,7 @@ def next_token_targets(input_ids: torch.Tensor) -> torch.Tensor:
 
 
 # --- the teacher's signal, typed -------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TeacherSignal:
@@ -90,20 +93,24 @@ class TeacherSignal:
         return f"{tid}.hidden.{layer}"
 
     @classmethod
-    def from_batch(cls, batch: Mapping[str, Any], tid: str, kind: SignalKind = "auto") -> "TeacherSignal":
+    def from_batch(cls, batch: Mapping[str, Any], tid: str, kind: SignalKind = "auto") -> TeacherSignal:
         """Read teacher `tid`'s columns; `auto` takes the top-k cache when present, else dense logits."""
         ids, logp, tail = cls.sparse_columns(tid)
         has_sparse = all(c in batch for c in (ids, logp, tail))
         if kind == "topk" or (kind == "auto" and has_sparse):
             missing = [c for c in (ids, logp, tail) if c not in batch]
             if missing:
-                raise KeyError(f"teacher '{tid}': the batch has no top-k column(s) {missing}; "
-                               f"teacher columns present: {_teacher_columns(batch, tid)}")
+                raise KeyError(
+                    f"teacher '{tid}': the batch has no top-k column(s) {missing}; "
+                    f"teacher columns present: {_teacher_columns(batch, tid)}"
+                )
             return cls(topk_ids=batch[ids].long(), topk_logp=batch[logp].float(), tail_logp=batch[tail].float())
         dense = cls.dense_column(tid)
         if dense not in batch:
-            raise KeyError(f"teacher '{tid}': the batch has neither the top-k columns {[ids, logp, tail]} nor "
-                           f"'{dense}'; teacher columns present: {_teacher_columns(batch, tid)}")
+            raise KeyError(
+                f"teacher '{tid}': the batch has neither the top-k columns {[ids, logp, tail]} nor "
+                f"'{dense}'; teacher columns present: {_teacher_columns(batch, tid)}"
+            )
         return cls(logits=batch[dense])
 
     @property
@@ -117,21 +124,26 @@ class TeacherSignal:
         assert t is not None
         return int(t.shape[-1])
 
-    def flat(self) -> "TeacherSignal":
+    def flat(self) -> TeacherSignal:
         """(B, T, ·) -> (B·T, ·) views, to index by `next_token_positions`."""
         if self.is_sparse:
             assert self.topk_ids is not None and self.topk_logp is not None and self.tail_logp is not None
             k = self.width
-            return TeacherSignal(self.topk_ids.reshape(-1, k), self.topk_logp.reshape(-1, k), self.tail_logp.reshape(-1))
+            return TeacherSignal(
+                self.topk_ids.reshape(-1, k), self.topk_logp.reshape(-1, k), self.tail_logp.reshape(-1)
+            )
         assert self.logits is not None
         return TeacherSignal(logits=self.logits.reshape(-1, self.logits.shape[-1]))
 
-    def rows(self, idx: torch.Tensor) -> "TeacherSignal":
+    def rows(self, idx: torch.Tensor) -> TeacherSignal:
         """The n rows `idx` (n,) of a flat signal; dense rows are cast to fp32 here, one chunk at a time."""
         if self.is_sparse:
             assert self.topk_ids is not None and self.topk_logp is not None and self.tail_logp is not None
-            return TeacherSignal(self.topk_ids.index_select(0, idx), self.topk_logp.index_select(0, idx),
-                                 self.tail_logp.index_select(0, idx))
+            return TeacherSignal(
+                self.topk_ids.index_select(0, idx),
+                self.topk_logp.index_select(0, idx),
+                self.tail_logp.index_select(0, idx),
+            )
         assert self.logits is not None
         return TeacherSignal(logits=self.logits.index_select(0, idx).float())
 
@@ -144,26 +156,36 @@ class TeacherSignal:
         lead = self.topk_ids if self.is_sparse else self.logits
         assert lead is not None
         if tuple(lead.shape[:2]) != tuple(seq_shape):
-            raise ValueError(f"teacher '{tid}' signal covers {tuple(lead.shape[:2])} (B, T) positions but the student's "
-                             f"logits cover {tuple(seq_shape)}")
+            raise ValueError(
+                f"teacher '{tid}' signal covers {tuple(lead.shape[:2])} (B, T) positions but the student's "
+                f"logits cover {tuple(seq_shape)}"
+            )
         if student_vocab is None:
             return
         if self.is_sparse:
             assert self.topk_ids is not None and self.tail_logp is not None
             if tuple(self.tail_logp.shape) != tuple(seq_shape):
-                raise ValueError(f"teacher '{tid}' tail_logp has shape {tuple(self.tail_logp.shape)}, expected {tuple(seq_shape)}")
+                raise ValueError(
+                    f"teacher '{tid}' tail_logp has shape {tuple(self.tail_logp.shape)}, expected {tuple(seq_shape)}"
+                )
             if self.width > student_vocab:
-                raise ValueError(f"teacher '{tid}' keeps k = {self.width} ids but the student's vocabulary has {student_vocab}")
+                raise ValueError(
+                    f"teacher '{tid}' keeps k = {self.width} ids but the student's vocabulary has {student_vocab}"
+                )
             if not self.topk_ids.numel():
                 return
             lo, hi = int(self.topk_ids.min()), int(self.topk_ids.max())  # one host sync per loss and step
             if lo < 0 or hi >= student_vocab:
-                raise ValueError(f"teacher '{tid}' top-k ids span [{lo}, {hi}] (reach {hi}) but the student's vocabulary "
-                                 f"has {student_vocab} ids: the two models must share a vocabulary (use `uld` across "
-                                 "tokenizers)")
+                raise ValueError(
+                    f"teacher '{tid}' top-k ids span [{lo}, {hi}] (reach {hi}) but the student's vocabulary "
+                    f"has {student_vocab} ids: the two models must share a vocabulary (use `uld` across "
+                    "tokenizers)"
+                )
         elif self.width != student_vocab:
-            raise ValueError(f"teacher '{tid}' logits have V = {self.width} but the student's have V = {student_vocab}: "
-                             "the two models must share a vocabulary (use `uld` across tokenizers)")
+            raise ValueError(
+                f"teacher '{tid}' logits have V = {self.width} but the student's have V = {student_vocab}: "
+                "the two models must share a vocabulary (use `uld` across tokenizers)"
+            )
 
 
 def _teacher_columns(batch: Mapping[str, Any], tid: str) -> list[str]:
@@ -172,7 +194,10 @@ def _teacher_columns(batch: Mapping[str, Any], tid: str) -> list[str]:
 
 # --- log-probs on the shared buckets ---------------------------------------------------------------
 
-def sparse_teacher_logprobs(topk_logp: torch.Tensor, tail_logp: torch.Tensor, vocab: int, temperature: float) -> torch.Tensor:
+
+def sparse_teacher_logprobs(
+    topk_logp: torch.Tensor, tail_logp: torch.Tensor, vocab: int, temperature: float
+) -> torch.Tensor:
     """(n, k + 1) fp32 teacher log-probs at temperature T over the k kept ids + one tail bucket.
 
     topk_logp (n, k), tail_logp (n,): the cache at T = 1. Dividing log-probs by T equals dividing
@@ -231,6 +256,7 @@ def paired_logprobs(s: torch.Tensor, teacher: TeacherSignal, temperature: float)
 
 # --- per-token divergences on paired log-probs (all (n, K) -> (n,)) -------------------------------
 
+
 def kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p ‖ q) = Σ p (log p − log q) per row. Inputs must be finite (see LOGP_FLOOR)."""
     return (logp.exp() * (logp - logq)).sum(dim=-1)
@@ -279,6 +305,7 @@ def tvd_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 # --- ULD: sorted probabilities, no shared vocabulary -----------------------------------------------
 
+
 def sorted_l1_rows(p_sorted: torch.Tensor, q_sorted: torch.Tensor) -> torch.Tensor:
     """Σ_i |p_(i) − q_(i)| per row; p_sorted (n, a), q_sorted (n, b) descending, the shorter padded with 0."""
     a, b = p_sorted.shape[1], q_sorted.shape[1]
@@ -297,8 +324,9 @@ def sorted_probs(logits: torch.Tensor, temperature: float, k: int | None) -> tor
     return p.topk(k, dim=1).values
 
 
-def sparse_sorted_probs(topk_logp: torch.Tensor, tail_logp: torch.Tensor, vocab: int, temperature: float,
-                        k: int | None) -> torch.Tensor:
+def sparse_sorted_probs(
+    topk_logp: torch.Tensor, tail_logp: torch.Tensor, vocab: int, temperature: float, k: int | None
+) -> torch.Tensor:
     """(n, k') fp32 descending teacher probabilities at T of the cached top-k (k' = min(k, cached k)).
 
     topk_logp (n, k), tail_logp (n,); `vocab` is the teacher's vocabulary size, used only to
@@ -311,6 +339,7 @@ def sparse_sorted_probs(topk_logp: torch.Tensor, tail_logp: torch.Tensor, vocab:
 
 
 # --- data cross-entropy and hidden states --------------------------------------------------------
+
 
 def next_token_ce_rows(s: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(n,) cross-entropy −log softmax(s)[target]; s (n, V) logits, targets (n,) int64 ids."""
@@ -338,6 +367,7 @@ def hidden_cosine(h: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch
 
 # --- the chunked driver ----------------------------------------------------------------------------
 
+
 def chunked_token_sum(logits: torch.Tensor, positions: torch.Tensor, fn: TokenFn, chunk_tokens: int) -> torch.Tensor:
     """Σ over the `positions` of fn(student rows, positions): a 0-dim fp32 tensor, differentiable in `logits`.
 
@@ -356,7 +386,7 @@ def chunked_token_sum(logits: torch.Tensor, positions: torch.Tensor, fn: TokenFn
         flat = logits.reshape(-1, logits.shape[-1])
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for start in range(0, positions.numel(), chunk_tokens):
-            rows = positions[start:start + chunk_tokens]
+            rows = positions[start : start + chunk_tokens]
             total += fn(flat.index_select(0, rows).float(), rows).sum()
         return total
 
@@ -365,12 +395,14 @@ class _ChunkedTokenSum(torch.autograd.Function):
     """Forward computes value and gradient chunk by chunk; backward only scales the stored gradient."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, positions: torch.Tensor, fn: TokenFn, chunk_tokens: int) -> torch.Tensor:
+    def forward(
+        ctx: Any, logits: torch.Tensor, positions: torch.Tensor, fn: TokenFn, chunk_tokens: int
+    ) -> torch.Tensor:
         flat = logits.detach().reshape(-1, logits.shape[-1])
         grad = torch.zeros_like(flat)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for start in range(0, positions.numel(), chunk_tokens):
-            rows = positions[start:start + chunk_tokens]
+            rows = positions[start : start + chunk_tokens]
             with torch.enable_grad():
                 s = flat.index_select(0, rows).float().requires_grad_(True)
                 part = fn(s, rows).sum()
@@ -385,8 +417,10 @@ class _ChunkedTokenSum(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         if ctx.used:
-            raise RuntimeError("a chunked token loss stores its gradient from the forward pass and scales it in place: "
-                               "backward through it runs once (do not use retain_graph=True with a second backward)")
+            raise RuntimeError(
+                "a chunked token loss stores its gradient from the forward pass and scales it in place: "
+                "backward through it runs once (do not use retain_graph=True with a second backward)"
+            )
         ctx.used = True
         grad, ctx.grad = ctx.grad, None
         return grad.mul_(grad_out.to(grad.dtype)), None, None, None

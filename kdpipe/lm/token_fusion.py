@@ -20,7 +20,7 @@ tail: its k most likely ids of U, and the tail = everything else (the rest of U 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -37,8 +37,10 @@ def union_logprobs(members: Sequence[TopKBatch], vocab: int) -> tuple[np.ndarray
     mask = members[0].mask
     for m in members[1:]:
         if m.mask.shape != mask.shape or (m.mask != mask).any():
-            raise ValueError("token fusion: the member caches hold different tokens for the same rows (different "
-                             "tokenizers or max_length?); fuse teachers that share a tokenizer and `max_length`")
+            raise ValueError(
+                "token fusion: the member caches hold different tokens for the same rows (different "
+                "tokenizers or max_length?); fuse teachers that share a tokenizer and `max_length`"
+            )
     ids = [m.ids[mask].astype(np.int64) for m in members]  # (M, k_i)
     logp = [m.logp[mask].astype(np.float64) for m in members]
     tail = [m.tail_logp[mask].astype(np.float64) for m in members]
@@ -65,9 +67,16 @@ def union_logprobs(members: Sequence[TopKBatch], vocab: int) -> tuple[np.ndarray
     return union, np.maximum(z, _PAD)
 
 
-def fuse_topk(members: Sequence[TopKBatch], vocab: int, k: int, mode: str, weights: Sequence[float] | None = None,
-              steps: int = 50, sharpness: float = DEFAULT_SHARPNESS, temperature: float = 1.0
-              ) -> tuple[TopKBatch, np.ndarray]:
+def fuse_topk(
+    members: Sequence[TopKBatch],
+    vocab: int,
+    k: int,
+    mode: str,
+    weights: Sequence[float] | None = None,
+    steps: int = 50,
+    sharpness: float = DEFAULT_SHARPNESS,
+    temperature: float = 1.0,
+) -> tuple[TopKBatch, np.ndarray]:
     """Fuse the members' top-k per token; returns the fused top-k + tail as a `TopKBatch` (same
     padding and mask as the members) and the per-token weights (B, T, n) (0 at padding).
     `temperature` only shapes the dynamic objective; the fused distribution is Σ_i w_i log p_i."""
@@ -84,8 +93,12 @@ def fuse_topk(members: Sequence[TopKBatch], vocab: int, k: int, mode: str, weigh
     rest[:, :-1] = cand.scatter(1, slot, -math.inf)
     tail = torch.logsumexp(rest, dim=-1)
     b, t = mask.shape
-    out = TopKBatch(np.zeros((b, t, kk), np.int64), np.full((b, t, kk), -np.inf, np.float32), np.zeros((b, t), np.float32),
-                    mask.copy())
+    out = TopKBatch(
+        np.zeros((b, t, kk), np.int64),
+        np.full((b, t, kk), -np.inf, np.float32),
+        np.zeros((b, t), np.float32),
+        mask.copy(),
+    )
     out.ids[mask] = np.where(np.isfinite(vals.numpy()), top_ids.numpy(), 0)
     out.logp[mask] = vals.numpy().astype(np.float32)
     out.tail_logp[mask] = tail.numpy().astype(np.float32)

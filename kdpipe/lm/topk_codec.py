@@ -274,8 +274,10 @@ def _check(ids: np.ndarray, logp: np.ndarray, vocab_size: int) -> tuple[np.ndarr
         raise ValueError("ids must be distinct within a token (a duplicated id was found)")
     excess = np.exp(logp).sum(axis=1) - 1.0
     if excess.max() > SUM_TOLERANCE:
-        raise ValueError(f"exp(logp) sums to {1 + excess.max():.4f} > 1 for a token: not normalised log-probs "
-                         "(take log_softmax over the full vocabulary before top-k)")
+        raise ValueError(
+            f"exp(logp) sums to {1 + excess.max():.4f} > 1 for a token: not normalised log-probs "
+            "(take log_softmax over the full vocabulary before top-k)"
+        )
     return ids, logp
 
 
@@ -330,8 +332,13 @@ def _ns_order(k: int) -> int:
     return max(0, k.bit_length() - 3)
 
 
-def encode_sequence(ids: np.ndarray, logp: np.ndarray, vocab_size: int, tail_logp: np.ndarray | None = None,
-                    quantiser: Quantiser = Quantiser()) -> bytes:
+def encode_sequence(
+    ids: np.ndarray,
+    logp: np.ndarray,
+    vocab_size: int,
+    tail_logp: np.ndarray | None = None,
+    quantiser: Quantiser = Quantiser(),
+) -> bytes:
     """One sequence's top-k -> one blob (see the module docstring for the layout).
 
     ids: (T, k) int, distinct per token, in [0, vocab_size); logp: (T, k) float log-probs at T=1,
@@ -364,12 +371,15 @@ def encode_sequence(ids: np.ndarray, logp: np.ndarray, vocab_size: int, tail_log
     g_order = np.where(in_dict, m_s[:, None], m_p[:, None]).ravel()
     g_pre, g_suf, g_w = _eg_split(gaps.ravel(), g_order)
     r_k = np.repeat(r, k)
-    bits = np.concatenate([
-        _pack_unary(np.concatenate([d_pre, ns_pre, qb_pre, x.ravel() >> r_k, g_pre])),
-        _pack_fixed(np.concatenate([z & 0xFFFF, r, m_s, m_p, d_suf, ns_suf, qb_suf, x.ravel() & ((1 << r_k) - 1),
-                                    g_suf]),
-                    np.concatenate([np.repeat(_TOKEN_FIELD_BITS, t), d_w, ns_w, qb_w, r_k, g_w])),
-    ])
+    bits = np.concatenate(
+        [
+            _pack_unary(np.concatenate([d_pre, ns_pre, qb_pre, x.ravel() >> r_k, g_pre])),
+            _pack_fixed(
+                np.concatenate([z & 0xFFFF, r, m_s, m_p, d_suf, ns_suf, qb_suf, x.ravel() & ((1 << r_k) - 1), g_suf]),
+                np.concatenate([np.repeat(_TOKEN_FIELD_BITS, t), d_w, ns_w, qb_w, r_k, g_w]),
+            ),
+        ]
+    )
     return _varints(fields + [len(dictionary), m_d]) + np.packbits(bits, bitorder="little").tobytes()
 
 
@@ -434,8 +444,10 @@ def decode_rows(blobs: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndar
         raise ValueError(f"rows of one batch must share vocab_size, k and quantiser; got {sorted(shared)}")
     v, k, levels, step64 = shared.pop() if shared else (1, 0, 1, 64)
     qz = _quantiser(levels, step64)
-    t_rows, n_d, m_d, hdr = (np.array([h[f] for h in heads], dtype=np.int64).reshape(-1)
-                             for f in ("T", "dictionary_size", "dictionary_order", "header_bytes"))
+    t_rows, n_d, m_d, hdr = (
+        np.array([h[f] for h in heads], dtype=np.int64).reshape(-1)
+        for f in ("T", "dictionary_size", "dictionary_order", "header_bytes")
+    )
     n_tok = int(t_rows.sum())
     if n_tok == 0:
         return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32), t_rows
@@ -461,8 +473,9 @@ def decode_rows(blobs: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndar
     prev[code0[live]] = pay_bit[live] - 1
     unary = pos - prev - 1
     seg0 = code0 + np.cumsum(np.stack([np.zeros_like(n_d), n_d, t_rows, t_rows, tk]), axis=0)
-    d_pre, ns_pre, qb_pre, x_quot, g_pre = (unary[_ragged(seg0[i], c)]
-                                            for i, c in enumerate([n_d, t_rows, t_rows, tk, tk]))
+    d_pre, ns_pre, qb_pre, x_quot, g_pre = (
+        unary[_ragged(seg0[i], c)] for i, c in enumerate([n_d, t_rows, t_rows, tk, tk])
+    )
 
     # 2. fixed-width part, two reads: per-token fields and the first suffixes, then (their widths
     #    depend on what the first read gives) the level remainders and the id-gap suffixes
@@ -472,7 +485,10 @@ def decode_rows(blobs: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndar
     m_d_tok = np.repeat(m_d, n_d)
     ns_order = _ns_order(k)
     seg1 = [(np.full(n_tok, w), t_rows) for w in _TOKEN_FIELD_BITS] + [
-        (d_pre + m_d_tok, n_d), (ns_pre + ns_order, t_rows), (qb_pre + QB_ORDER, t_rows)]
+        (d_pre + m_d_tok, n_d),
+        (ns_pre + ns_order, t_rows),
+        (qb_pre + QB_ORDER, t_rows),
+    ]
     starts1, raw_bit = _field_starts(raw_bit, seg1)
     w1 = np.concatenate([w for w, _ in seg1])
     f1 = _read_fixed(words, starts1, w1)
@@ -493,7 +509,7 @@ def decode_rows(blobs: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndar
     if (ends > end_bit).any():
         raise ValueError("corrupt top-k blob: fixed-width part ends past the end of the data")
     f2 = _read_fixed(words, starts2, np.concatenate([w for w, _ in seg2]))
-    x_rem, g_suf = f2[: n_tok * k], f2[n_tok * k:]
+    x_rem, g_suf = f2[: n_tok * k], f2[n_tok * k :]
 
     # 3. ids: dictionary positions (first run) or ids (second run) of each token; levels
     gaps = _eg_join(g_pre, g_suf, g_order).reshape(n_tok, k)
@@ -543,9 +559,15 @@ class TopKBatch:
     mask: np.ndarray
 
 
-def encode_batch(ids: Sequence[np.ndarray] | np.ndarray, logp: Sequence[np.ndarray] | np.ndarray, vocab_size: int,
-                 lengths: Sequence[int] | np.ndarray | None = None, tail_logp: Sequence[np.ndarray] | None = None,
-                 quantiser: Quantiser = Quantiser(), column: str = COLUMN) -> dict[str, pa.Array]:
+def encode_batch(
+    ids: Sequence[np.ndarray] | np.ndarray,
+    logp: Sequence[np.ndarray] | np.ndarray,
+    vocab_size: int,
+    lengths: Sequence[int] | np.ndarray | None = None,
+    tail_logp: Sequence[np.ndarray] | None = None,
+    quantiser: Quantiser = Quantiser(),
+    column: str = COLUMN,
+) -> dict[str, pa.Array]:
     """Sequences -> {column: pa.binary() array}, one row per sequence.
 
     ids/logp: either (B, T, k) arrays with `lengths` (B,) giving each row's real tokens (the rest is
@@ -553,8 +575,10 @@ def encode_batch(ids: Sequence[np.ndarray] | np.ndarray, logp: Sequence[np.ndarr
     ids_rows, logp_rows = _rows(ids, lengths), _rows(logp, lengths)
     tail_rows = _rows(tail_logp, lengths) if tail_logp is not None else [None] * len(ids_rows)
     if not len(ids_rows) == len(logp_rows) == len(tail_rows):
-        raise ValueError(f"ids, logp and tail_logp hold different numbers of sequences: "
-                         f"{len(ids_rows)}, {len(logp_rows)}, {len(tail_rows)}")
+        raise ValueError(
+            f"ids, logp and tail_logp hold different numbers of sequences: "
+            f"{len(ids_rows)}, {len(logp_rows)}, {len(tail_rows)}"
+        )
     blobs = [encode_sequence(i, p, vocab_size, t, quantiser) for i, p, t in zip(ids_rows, logp_rows, tail_rows)]
     return {column: pa.array(blobs, type=pa.binary())}
 
@@ -568,8 +592,9 @@ def _rows(x: Any, lengths: Sequence[int] | np.ndarray | None) -> list[np.ndarray
     return [np.asarray(row)[:n] for row, n in zip(x, lengths)]
 
 
-def decode_batch(data: pa.Table | pa.ChunkedArray | pa.Array | Sequence[bytes], seq_len: int,
-                 column: str = COLUMN) -> TopKBatch:
+def decode_batch(
+    data: pa.Table | pa.ChunkedArray | pa.Array | Sequence[bytes], seq_len: int, column: str = COLUMN
+) -> TopKBatch:
     """Parquet rows (a table holding `column`, its column, or a list of blobs) -> a padded TopKBatch.
 
     Rows must share V, k and quantiser; a row longer than `seq_len` is an error (truncating would
@@ -581,8 +606,12 @@ def decode_batch(data: pa.Table | pa.ChunkedArray | pa.Array | Sequence[bytes], 
     if len(t_rows) and t_rows.max() > seq_len:
         raise ValueError(f"row {int(np.argmax(t_rows))} holds {int(t_rows.max())} tokens, more than seq_len={seq_len}")
     b, k = len(blobs), ids.shape[1]
-    out = TopKBatch(np.zeros((b, seq_len, k), np.int64), np.full((b, seq_len, k), -np.inf, np.float32),
-                    np.zeros((b, seq_len), np.float32), np.zeros((b, seq_len), bool))
+    out = TopKBatch(
+        np.zeros((b, seq_len, k), np.int64),
+        np.full((b, seq_len, k), -np.inf, np.float32),
+        np.zeros((b, seq_len), np.float32),
+        np.zeros((b, seq_len), bool),
+    )
     row = np.repeat(np.arange(b), t_rows)
     col = np.arange(len(row)) - np.repeat(np.cumsum(t_rows) - t_rows, t_rows)
     out.ids[row, col], out.logp[row, col], out.tail_logp[row, col], out.mask[row, col] = ids, logp, tail, True

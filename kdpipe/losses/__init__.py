@@ -15,7 +15,6 @@ from kdpipe.losses.base import Loss, LossContext  # noqa: E402
 import_submodules(__name__)
 
 
-
 def vocabulary_bound(specs: list[dict[str, object]]) -> list[str]:
     """The names of the losses in `specs` ({name, **params}) that compare a teacher's and the
     student's token distributions id by id, so they need one shared vocabulary."""

@@ -40,14 +40,19 @@ class AspectBCELoss(Loss):
     def teacher_reads(cls, params: Any) -> set[str]:
         return {output_of_column(params.teacher_output)}
 
-
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         tid = self.ctx.teacher(self.p.teacher)
         if self.p.output not in student:
-            raise KeyError(f"aspect_bce: the student has no '{self.p.output}' output; give it aspect units "
-                           f"(student.params.aspects: A for the mlp student)")
+            raise KeyError(
+                f"aspect_bce: the student has no '{self.p.output}' output; give it aspect units "
+                f"(student.params.aspects: A for the mlp student)"
+            )
         s, t = student[self.p.output], batch[f"{tid}.{self.p.teacher_output}"]
         if s.shape[1] != t.shape[1]:
-            raise ValueError(f"aspect_bce: student has {s.shape[1]} aspect outputs, teacher '{tid}' answers {t.shape[1]} "
-                             f"aspects; set student.params.aspects: {t.shape[1]}")
+            raise ValueError(
+                f"aspect_bce: student has {s.shape[1]} aspect outputs, teacher '{tid}' answers {t.shape[1]} "
+                f"aspects; set student.params.aspects: {t.shape[1]}"
+            )
         return aspect_bce(s, t, self.p.temperature), {}

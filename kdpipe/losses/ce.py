@@ -21,5 +21,7 @@ class CEParams(BaseModel):
 class CELoss(Loss):
     Params = CEParams
 
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return masked_ce(student[self.p.output], batch["label"]), {}

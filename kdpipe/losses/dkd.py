@@ -24,7 +24,9 @@ from kdpipe.losses.base import Loss
 from kdpipe.losses.functional import dense_from_topk
 
 
-def dkd_terms(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dkd_terms(
+    s: torch.Tensor, t: torch.Tensor, target: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (TCKD, NCKD) at temperature T, without the T² factor. Shapes: (N, C), (N, C), (N,)."""
     T = temperature
     gt = F.one_hot(target.long(), s.shape[1]).bool()
@@ -63,12 +65,15 @@ class DKDLoss(Loss):
     def teacher_reads(cls, params: Any) -> set[str]:
         return {"topk"} if params.use_topk else {"logits"}
 
-
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         tid = self.ctx.teacher(self.p.teacher)
         s = student[self.p.output]
         if self.p.use_topk:
-            t = dense_from_topk(batch[f"{tid}.topk_idx"], batch[f"{tid}.topk_val"], batch[f"{tid}.tail_lse"], s.shape[1])
+            t = dense_from_topk(
+                batch[f"{tid}.topk_idx"], batch[f"{tid}.topk_val"], batch[f"{tid}.tail_lse"], s.shape[1]
+            )
         else:
             t = batch[f"{tid}.logits"].float()
         label = batch["label"].long()
@@ -81,6 +86,6 @@ class DKDLoss(Loss):
         else:
             target = torch.where(label >= 0, label, t.argmax(1))
         tckd, nckd = dkd_terms(s, t, target, self.p.temperature)
-        T2 = self.p.temperature ** 2
+        T2 = self.p.temperature**2
         tckd, nckd = tckd.mean() * T2, nckd.mean() * T2
         return self.p.alpha * tckd + self.p.beta * nckd, {"tckd": tckd, "nckd": nckd}

@@ -27,16 +27,19 @@ class _EmbeddingLoss(Loss):
     def teacher_reads(cls, params: Any) -> set[str]:
         return {output_of_column(params.column)}
 
-
     def _pair(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         tid = self.ctx.teacher(self.p.teacher)
         col = f"{tid}.{self.p.column}"
         if col not in batch:
-            raise KeyError(f"{type(self).__name__}: no cached '{col}'; add '{self.p.column}' to teacher '{tid}' outputs")
+            raise KeyError(
+                f"{type(self).__name__}: no cached '{col}'; add '{self.p.column}' to teacher '{tid}' outputs"
+            )
         s, t = student[self.p.output].float(), batch[col].float()
         if s.shape != t.shape:
-            raise ValueError(f"student '{self.p.output}' {tuple(s.shape)} and teacher '{col}' {tuple(t.shape)} differ; "
-                             "give the student `out_dim:` equal to the teacher's width")
+            raise ValueError(
+                f"student '{self.p.output}' {tuple(s.shape)} and teacher '{col}' {tuple(t.shape)} differ; "
+                "give the student `out_dim:` equal to the teacher's width"
+            )
         return s, t
 
 
@@ -44,7 +47,9 @@ class _EmbeddingLoss(Loss):
 class EmbeddingCosineLoss(_EmbeddingLoss):
     """mean(1 - cos(s, t))."""
 
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s, t = self._pair(student, batch)
         return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean(), {}
 
@@ -53,6 +58,8 @@ class EmbeddingCosineLoss(_EmbeddingLoss):
 class EmbeddingMSELoss(_EmbeddingLoss):
     """mean over rows and dimensions of (s - t)²."""
 
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s, t = self._pair(student, batch)
         return F.mse_loss(s, t), {}

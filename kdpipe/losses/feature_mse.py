@@ -35,7 +35,6 @@ class FeatureMSELoss(Loss):
     def teacher_reads(cls, params: Any) -> set[str]:
         return {output_of_column(params.teacher_output)}
 
-
     def __init__(self, params: FeatureMSEParams, ctx: LossContext) -> None:
         super().__init__(params, ctx)
         self.tid = ctx.teacher(params.teacher)
@@ -46,7 +45,9 @@ class FeatureMSELoss(Loss):
         ds, dt = ctx.widths[skey], ctx.widths[tkey]
         self.proj: nn.Module = nn.Linear(ds, dt) if ds != dt else nn.Identity()
 
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         h = self.proj(student[self.p.student_output])
         t = batch[f"{self.tid}.{self.p.teacher_output}"].float()
         if self.p.normalize:

@@ -18,7 +18,9 @@ def kd_dense(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tens
     return F.kl_div(logq, logp, log_target=True, reduction="batchmean") * T * T
 
 
-def topk_teacher_logprobs(idx: torch.Tensor, val: torch.Tensor, tail_lse: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
+def topk_teacher_logprobs(
+    idx: torch.Tensor, val: torch.Tensor, tail_lse: torch.Tensor, num_classes: int, temperature: float
+) -> torch.Tensor:
     """Teacher log-probs over k kept classes + one tail bucket, at temperature T.
 
     The tail's k..C logits are reconstructed as (C-k) equal logits with the stored
@@ -44,7 +46,9 @@ def student_bucket_logprobs(s: torch.Tensor, idx: torch.Tensor, temperature: flo
     return torch.cat([kept, rest[:, None]], dim=1).clamp(min=NEG)
 
 
-def kd_topk(s: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, tail_lse: torch.Tensor, temperature: float) -> torch.Tensor:
+def kd_topk(
+    s: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, tail_lse: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """T² · KL over the k+1 buckets; equals `kd_dense` when k covers every class."""
     logp = topk_teacher_logprobs(idx, val, tail_lse, s.shape[1], temperature)
     logq = student_bucket_logprobs(s, idx, temperature)

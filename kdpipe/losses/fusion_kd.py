@@ -30,16 +30,23 @@ class FusionKDLoss(Loss):
     def teacher_reads(cls, params: Any) -> set[str]:
         return {"topk"} if params.use_topk else {"logits"}
 
-
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s = student[self.p.output]
         logits = []
         for tid in self.p.teachers:
             if self.p.use_topk:
-                logits.append(dense_from_topk(batch[f"{tid}.topk_idx"], batch[f"{tid}.topk_val"], batch[f"{tid}.tail_lse"], s.shape[1]))
+                logits.append(
+                    dense_from_topk(
+                        batch[f"{tid}.topk_idx"], batch[f"{tid}.topk_val"], batch[f"{tid}.tail_lse"], s.shape[1]
+                    )
+                )
             else:
                 logits.append(batch[f"{tid}.logits"].float())
         with torch.no_grad():
-            fused, w = fuse(logits, self.p.mode, self.p.weights, self.p.fusion_temperature, self.p.steps, self.p.sharpness)
+            fused, w = fuse(
+                logits, self.p.mode, self.p.weights, self.p.fusion_temperature, self.p.steps, self.p.sharpness
+            )
         parts = {f"w_{tid}": w[:, i].mean() for i, tid in enumerate(self.p.teachers)}
         return kd_dense(s, fused.to(s.device), self.p.temperature), parts

@@ -50,7 +50,6 @@ class HiddenMSELoss(Loss):
     def teacher_reads(cls, params: Any) -> set[str]:
         return {"features", "tokens"}
 
-
     def __init__(self, params: HiddenMSEParams, ctx: LossContext) -> None:
         super().__init__(params, ctx)
         self.tid = ctx.teacher(params.teacher)
@@ -62,11 +61,15 @@ class HiddenMSELoss(Loss):
             s_key = f"student.{params.student_prefix}{s_layer}"
             if ctx.widths and t_col not in ctx.widths:
                 have = sorted(k for k in ctx.widths if k.startswith(f"{self.tid}.feat."))
-                raise ValueError(f"hidden_mse: no cached '{t_col}' (cached: {have}); add {t_layer} to teacher "
-                                 f"'{self.tid}' params.layers and 'features' to its outputs")
+                raise ValueError(
+                    f"hidden_mse: no cached '{t_col}' (cached: {have}); add {t_layer} to teacher "
+                    f"'{self.tid}' params.layers and 'features' to its outputs"
+                )
             if ctx.widths and s_key not in ctx.widths:
                 have = sorted(k for k in ctx.widths if k.startswith("student."))
-                raise ValueError(f"hidden_mse: the student has no output '{s_key.removeprefix('student.')}' (it has {have})")
+                raise ValueError(
+                    f"hidden_mse: the student has no output '{s_key.removeprefix('student.')}' (it has {have})"
+                )
             if not ctx.widths:
                 continue
             if seq is None:
@@ -76,7 +79,9 @@ class HiddenMSELoss(Loss):
             if params.project or (params.project is None and hs != ht):
                 self.proj[str(s_layer)] = nn.Linear(hs, ht)
 
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = batch[f"{self.tid}.attention_mask"]
         n, L = mask.shape
         parts: dict[str, torch.Tensor] = {}
@@ -86,8 +91,10 @@ class HiddenMSELoss(Loss):
                 s = self.proj[str(s_layer)](s)
             t = batch[f"{self.tid}.feat.{t_layer}"].float().reshape(n, L, -1)
             if s.shape != t.shape:
-                raise ValueError(f"hidden_mse: student layer {s_layer} {tuple(s.shape)} vs teacher layer {t_layer} "
-                                 f"{tuple(t.shape)}; set `project: true` or match max_length")
+                raise ValueError(
+                    f"hidden_mse: student layer {s_layer} {tuple(s.shape)} vs teacher layer {t_layer} "
+                    f"{tuple(t.shape)}; set `project: true` or match max_length"
+                )
             parts[f"l{s_layer}_{t_layer}"] = masked_mse(s, t, mask)
         total = torch.stack(list(parts.values())).mean()
         return total, parts

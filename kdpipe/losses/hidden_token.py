@@ -27,9 +27,12 @@ class HiddenTokenParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     teacher: str | None = Field(None, description="teacher id (default: the only teacher)")
     layer_map: dict[int, int] = Field(description="student layer -> teacher layer (0 = embeddings), e.g. {2: 4, 4: 8}")
-    metric: Literal["mse", "cosine"] = Field("mse", description="'mse' per hidden unit, or 'cosine' (1 − cos per token)")
-    project: bool | None = Field(None, description="learned projection student -> teacher width "
-                                                   "(default: only when the widths differ)")
+    metric: Literal["mse", "cosine"] = Field(
+        "mse", description="'mse' per hidden unit, or 'cosine' (1 − cos per token)"
+    )
+    project: bool | None = Field(
+        None, description="learned projection student -> teacher width (default: only when the widths differ)"
+    )
     output: str = Field("hidden_states", description="student output holding the tuple of (B, T, H) hidden states")
 
     @field_validator("layer_map")
@@ -52,7 +55,6 @@ class HiddenTokenLoss(Loss):
     def teacher_reads(cls, params: Any) -> set[str]:
         return {"hidden"}
 
-
     def __init__(self, params: HiddenTokenParams, ctx: LossContext) -> None:
         super().__init__(params, ctx)
         self.tid = ctx.teacher(params.teacher)
@@ -65,19 +67,25 @@ class HiddenTokenLoss(Loss):
             if not (params.project or (params.project is None and differ)):
                 continue
             if hs is None or ht is None:
-                raise ValueError(f"hidden_token: a projection needs the widths '{STUDENT_WIDTH_KEY}' and '{col}' in the "
-                                 f"loss context (known: {sorted(ctx.widths)})")
+                raise ValueError(
+                    f"hidden_token: a projection needs the widths '{STUDENT_WIDTH_KEY}' and '{col}' in the "
+                    f"loss context (known: {sorted(ctx.widths)})"
+                )
             self.proj[str(s_layer)] = nn.Linear(hs, ht)
 
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hidden = student[self.p.output]
         mask = batch["attention_mask"].bool()
         distance = hidden_mse if self.p.metric == "mse" else hidden_cosine
         parts: dict[str, torch.Tensor] = {}
         for s_layer, t_layer in self.p.layer_map.items():
             if s_layer >= len(hidden):
-                raise ValueError(f"hidden_token: student layer {s_layer} requested but the student returns "
-                                 f"{len(hidden)} hidden states (0 = embeddings)")
+                raise ValueError(
+                    f"hidden_token: student layer {s_layer} requested but the student returns "
+                    f"{len(hidden)} hidden states (0 = embeddings)"
+                )
             h = hidden[s_layer].float()
             if str(s_layer) in self.proj:
                 h = self.proj[str(s_layer)](h)
@@ -87,8 +95,10 @@ class HiddenTokenLoss(Loss):
                 raise KeyError(f"hidden_token: the batch has no '{col}' (teacher hidden columns: {have})")
             t = batch[col].float().to(h.device)
             if h.shape != t.shape:
-                raise ValueError(f"hidden_token: student layer {s_layer} {tuple(h.shape)} vs teacher layer {t_layer} "
-                                 f"{tuple(t.shape)}; set `project: true` (with both widths in the loss context)")
+                raise ValueError(
+                    f"hidden_token: student layer {s_layer} {tuple(h.shape)} vs teacher layer {t_layer} "
+                    f"{tuple(t.shape)}; set `project: true` (with both widths in the loss context)"
+                )
             parts[f"l{s_layer}_{t_layer}"] = distance(h, t, mask.to(h.device))
         total = torch.stack(list(parts.values())).mean()
         parts["tokens"] = mask.sum().float()

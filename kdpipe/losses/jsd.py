@@ -15,8 +15,12 @@ from kdpipe.losses.token_kl import TokenDistParams, TokenDistributionLoss
 
 
 class JSDParams(TokenDistParams):
-    beta: float = Field(0.5, ge=0, le=1, description="weight of the teacher in the mixture m = β·p + (1 − β)·q; "
-                                                     "0 = forward KL, 1 = reverse KL")
+    beta: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="weight of the teacher in the mixture m = β·p + (1 − β)·q; 0 = forward KL, 1 = reverse KL",
+    )
 
 
 @LOSSES.register("jsd")

@@ -30,12 +30,15 @@ class KDLoss(Loss):
     def teacher_reads(cls, params: Any) -> set[str]:
         return {"topk"} if params.use_topk else {"logits"}
 
-
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         tid = self.ctx.teacher(self.p.teacher)
         s = student[self.p.output]
         if self.p.use_topk:
-            value = kd_topk(s, batch[f"{tid}.topk_idx"], batch[f"{tid}.topk_val"], batch[f"{tid}.tail_lse"], self.p.temperature)
+            value = kd_topk(
+                s, batch[f"{tid}.topk_idx"], batch[f"{tid}.topk_val"], batch[f"{tid}.tail_lse"], self.p.temperature
+            )
         else:
             value = kd_dense(s, batch[f"{tid}.logits"], self.p.temperature)
         return value, {}

@@ -28,7 +28,9 @@ class LMCELoss(Loss):
 
     Params = LMCEParams
 
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = student[self.p.output]
         ids = batch["input_ids"].to(logits.device)
         if tuple(ids.shape) != tuple(logits.shape[:2]):
@@ -36,9 +38,12 @@ class LMCELoss(Loss):
         positions = next_token_positions(batch["attention_mask"].to(logits.device))
         targets = next_token_targets(ids.long()).reshape(-1)
         if positions.numel() and int(targets[positions].max()) >= logits.shape[-1]:
-            raise ValueError(f"lm_ce: token id {int(targets[positions].max())} is outside the student's vocabulary "
-                             f"({logits.shape[-1]} ids)")
-        total = chunked_token_sum(logits, positions, lambda s, rows: next_token_ce_rows(s, targets.index_select(0, rows)),
-                                  self.p.chunk_tokens)
+            raise ValueError(
+                f"lm_ce: token id {int(targets[positions].max())} is outside the student's vocabulary "
+                f"({logits.shape[-1]} ids)"
+            )
+        total = chunked_token_sum(
+            logits, positions, lambda s, rows: next_token_ce_rows(s, targets.index_select(0, rows)), self.p.chunk_tokens
+        )
         n = positions.numel()
         return total / max(n, 1), {"tokens": torch.tensor(float(n), device=logits.device)}

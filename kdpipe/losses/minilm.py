@@ -67,35 +67,46 @@ class MiniLMParams(BaseModel):
 class MiniLMLoss(Loss):
     @classmethod
     def teacher_reads(cls, params: Any) -> set[str]:
-        return {"tokens"} | ({"attn_rel"} if params.attention_weight else set()) | (
-            {"value_rel"} if params.value_weight else set())
+        return (
+            {"tokens"}
+            | ({"attn_rel"} if params.attention_weight else set())
+            | ({"value_rel"} if params.value_weight else set())
+        )
 
     """attention_weight · KL(attention) + value_weight · KL(value relation); needs the teacher's
     `attn_rel`, `value_rel` and `tokens` outputs and a student with `relations: true`."""
 
     Params = MiniLMParams
 
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         tid = self.ctx.teacher(self.p.teacher)
         mask = batch[f"{tid}.attention_mask"]
         n, L = mask.shape
         parts: dict[str, torch.Tensor] = {}
         total = None
-        for key, out_key, w in (("attn_rel", self.p.attn_output, self.p.attention_weight),
-                                ("value_rel", self.p.value_output, self.p.value_weight)):
+        for key, out_key, w in (
+            ("attn_rel", self.p.attn_output, self.p.attention_weight),
+            ("value_rel", self.p.value_output, self.p.value_weight),
+        ):
             if w == 0:
                 continue
             if out_key not in student:
-                raise KeyError(f"minilm loss: the student returned no '{out_key}' (set student.params.relations: true; "
-                               f"it returns {sorted(student)})")
+                raise KeyError(
+                    f"minilm loss: the student returned no '{out_key}' (set student.params.relations: true; "
+                    f"it returns {sorted(student)})"
+                )
             col = f"{tid}.{key}"
             if col not in batch:
                 raise KeyError(f"minilm loss: no cached '{col}'; add '{key}' to the outputs of teacher '{tid}'")
             s = student[out_key]
             t = batch[col].reshape(n, -1, L, L)
             if t.shape != s.shape:
-                raise ValueError(f"minilm loss: teacher {key} has shape {tuple(t.shape)} but the student's {out_key} "
-                                 f"{tuple(s.shape)}: use the same number of (relation) heads and max_length")
+                raise ValueError(
+                    f"minilm loss: teacher {key} has shape {tuple(t.shape)} but the student's {out_key} "
+                    f"{tuple(s.shape)}: use the same number of (relation) heads and max_length"
+                )
             v = relation_kl(t, s, mask)
             parts[key] = v
             total = w * v if total is None else total + w * v

@@ -29,7 +29,9 @@ class SelfDistillParams(BaseModel):
     temperature: float = Field(3.0, gt=0)
     kl_weight: float = Field(1.0, ge=0, description="weight of the exit-to-exit KL terms (0: per-exit CE only)")
     ce_weight: float = Field(1.0, ge=0, description="weight of the per-exit CE on labeled rows (0: none)")
-    ce_on_deepest: bool = Field(True, description="include the deepest exit in the per-exit CE (off when a `ce` loss covers it)")
+    ce_on_deepest: bool = Field(
+        True, description="include the deepest exit in the per-exit CE (off when a `ce` loss covers it)"
+    )
     output: str = Field("exits", description="student output holding the list of exit logits")
 
 
@@ -37,7 +39,9 @@ class SelfDistillParams(BaseModel):
 class SelfDistillLoss(Loss):
     Params = SelfDistillParams
 
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         exits = student.get(self.p.output)
         if not exits:
             raise KeyError(f"self_distill: the student has no '{self.p.output}' output (use a multi-exit student)")

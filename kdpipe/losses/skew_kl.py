@@ -15,8 +15,13 @@ from kdpipe.losses.token_kl import TokenDistParams, TokenDistributionLoss
 
 
 class SkewKLParams(TokenDistParams):
-    alpha: float = Field(0.1, ge=0, lt=1, description="skew α: share of the first argument in the mixture "
-                                                      "(0 = plain KL; 1 would make the loss identically 0)")
+    alpha: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="skew α: share of the first argument in the mixture "
+        "(0 = plain KL; 1 would make the loss identically 0)",
+    )
     reverse: bool = Field(False, description="skew reverse KL(q ‖ α·q + (1 − α)·p) instead of the forward one")
 
 

@@ -28,7 +28,9 @@ class LossSuite(nn.Module):
             label = name if name not in self.names else f"{name}_{len(self.names)}"
             self.names.append(label)
 
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total: torch.Tensor | None = None
         parts: dict[str, torch.Tensor] = {}
         for name, w, loss in zip(self.names, self.weights, self.items):

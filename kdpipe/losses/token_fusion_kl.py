@@ -17,6 +17,8 @@ from pydantic import Field
 
 from kdpipe.fusion import FusionLossParams
 from kdpipe.lm.token_functional import TeacherSignal
+from kdpipe.lm.token_fusion import fuse_topk
+from kdpipe.lm.topk_codec import TopKBatch
 from kdpipe.losses import LOSSES
 from kdpipe.losses.base import Loss, LossContext
 from kdpipe.losses.token_kl import ForwardKLLoss, TokenDistParams
@@ -39,19 +41,23 @@ class TokenFusionKLLoss(Loss):
     def teacher_reads(cls, params: Any) -> set[str]:
         return {"tokens", "topk"}
 
-
     def __init__(self, params: TokenFusionParams, ctx: LossContext) -> None:
         super().__init__(params, ctx)
         unknown = [t for t in params.teachers if ctx.teachers and t not in ctx.teachers]
         if unknown:
             raise ValueError(f"token_fusion_kl: unknown teacher(s) {unknown}; the spec's teachers are {ctx.teachers}")
-        kl = TokenDistParams(teacher=FUSED, temperature=params.temperature, signal="topk",
-                             chunk_tokens=params.chunk_tokens, output=params.output)
+        kl = TokenDistParams(
+            teacher=FUSED,
+            temperature=params.temperature,
+            signal="topk",
+            chunk_tokens=params.chunk_tokens,
+            output=params.output,
+        )
         self.kl = ForwardKLLoss(kl, LossContext(ctx.num_classes, [FUSED], ctx.widths))
 
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from kdpipe.lm.token_fusion import fuse_topk
-        from kdpipe.lm.topk_codec import TopKBatch
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
         logits = student[self.p.output]
         self._check_same_tokens(batch)
@@ -60,16 +66,31 @@ class TokenFusionKLLoss(Loss):
         for tid in self.p.teachers:
             sig = TeacherSignal.from_batch(batch, tid, "topk")
             assert sig.topk_ids is not None and sig.topk_logp is not None and sig.tail_logp is not None
-            members.append(TopKBatch(sig.topk_ids.cpu().numpy(), sig.topk_logp.cpu().numpy(),
-                                     sig.tail_logp.cpu().numpy(), mask))
+            members.append(
+                TopKBatch(sig.topk_ids.cpu().numpy(), sig.topk_logp.cpu().numpy(), sig.tail_logp.cpu().numpy(), mask)
+            )
         k = max(m.ids.shape[-1] for m in members)
-        fused, w = fuse_topk(members, int(logits.shape[-1]), k, self.p.mode, self.p.weights, self.p.steps,
-                             self.p.sharpness, self.p.fusion_temperature)
+        fused, w = fuse_topk(
+            members,
+            int(logits.shape[-1]),
+            k,
+            self.p.mode,
+            self.p.weights,
+            self.p.steps,
+            self.p.sharpness,
+            self.p.fusion_temperature,
+        )
         ids, logp, tail = TeacherSignal.sparse_columns(FUSED)
         dev = logits.device
-        loss, parts = self.kl(student, {**batch, ids: torch.from_numpy(fused.ids).to(dev),
-                                        logp: torch.from_numpy(fused.logp).to(dev),
-                                        tail: torch.from_numpy(fused.tail_logp).to(dev)})
+        loss, parts = self.kl(
+            student,
+            {
+                **batch,
+                ids: torch.from_numpy(fused.ids).to(dev),
+                logp: torch.from_numpy(fused.logp).to(dev),
+                tail: torch.from_numpy(fused.tail_logp).to(dev),
+            },
+        )
         real = max(int(mask.sum()), 1)
         for i, tid in enumerate(self.p.teachers):  # each teacher's mean weight over the batch's real tokens
             parts[f"w_{tid}"] = torch.tensor(float(w[..., i][mask].sum()) / real, device=dev)
@@ -80,6 +101,7 @@ class TokenFusionKLLoss(Loss):
         for tid in self.p.teachers[1:]:
             a, b = batch.get(f"{first}.input_ids"), batch.get(f"{tid}.input_ids")
             if a is not None and b is not None and not torch.equal(a, b):
-                raise ValueError(f"token_fusion_kl: teachers '{first}' and '{tid}' tokenised the same rows differently; "
-                                 "fuse teachers that share a tokenizer and `max_length`")
-
+                raise ValueError(
+                    f"token_fusion_kl: teachers '{first}' and '{tid}' tokenised the same rows differently; "
+                    "fuse teachers that share a tokenizer and `max_length`"
+                )

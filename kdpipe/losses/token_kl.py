@@ -30,8 +30,11 @@ class TokenDistParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     teacher: str | None = Field(None, description="teacher id (default: the only teacher)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature T applied to teacher and student")
-    signal: SignalKind = Field("auto", description="teacher signal: 'topk' cache columns, 'dense' logits, or "
-                                                    "'auto' (top-k when the batch has it, else dense)")
+    signal: SignalKind = Field(
+        "auto",
+        description="teacher signal: 'topk' cache columns, 'dense' logits, or "
+        "'auto' (top-k when the batch has it, else dense)",
+    )
     chunk_tokens: int = Field(4096, ge=1, description="real tokens per chunk: bounds the (chunk, V) temporaries")
     output: str = Field("logits", description="student output holding the (B, T, V) next-token logits")
 
@@ -59,17 +62,20 @@ class TokenDistributionLoss(Loss):
         """(n, V) fp32 student logits + n teacher rows -> (n,) per-token loss."""
         logp, logq = paired_logprobs(s, teacher, self.p.temperature)
         value = self.divergence(logp, logq)
-        return value * self.p.temperature ** 2 if self.scale_by_t2 else value
+        return value * self.p.temperature**2 if self.scale_by_t2 else value
 
-    def forward(self, student: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, student: dict[str, Any], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         tid = self.ctx.teacher(self.p.teacher)
         logits = student[self.p.output]
         signal = TeacherSignal.from_batch(batch, tid, self.p.signal)
         signal.check(tid, tuple(logits.shape[:2]), logits.shape[-1] if self.shares_vocab else None)
         positions = next_token_positions(batch["attention_mask"].to(logits.device))
         flat = signal.flat()
-        total = chunked_token_sum(logits, positions, lambda s, rows: self.token_values(s, flat.rows(rows)),
-                                  self.p.chunk_tokens)
+        total = chunked_token_sum(
+            logits, positions, lambda s, rows: self.token_values(s, flat.rows(rows)), self.p.chunk_tokens
+        )
         n = positions.numel()
         return total / max(n, 1), {"tokens": torch.tensor(float(n), device=logits.device)}
 

@@ -20,10 +20,18 @@ from kdpipe.losses.token_kl import TokenDistParams, TokenDistributionLoss
 
 
 class ULDParams(TokenDistParams):
-    top_k: int | None = Field(None, ge=1, description="compare only the k largest probabilities (default: the cache's k "
-                                                      "for a top-k teacher, every id for a dense one)")
-    teacher_vocab: int | None = Field(None, ge=1, description="teacher vocabulary size, used only to spread a top-k "
-                                                              "teacher's tail at temperature != 1 (default: the student's)")
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        description="compare only the k largest probabilities (default: the cache's k "
+        "for a top-k teacher, every id for a dense one)",
+    )
+    teacher_vocab: int | None = Field(
+        None,
+        ge=1,
+        description="teacher vocabulary size, used only to spread a top-k "
+        "teacher's tail at temperature != 1 (default: the student's)",
+    )
 
 
 @LOSSES.register("uld")
@@ -38,7 +46,9 @@ class ULDLoss(TokenDistributionLoss):
         T = self.p.temperature
         if teacher.is_sparse:
             assert teacher.topk_logp is not None and teacher.tail_logp is not None
-            p = sparse_sorted_probs(teacher.topk_logp, teacher.tail_logp, self.p.teacher_vocab or s.shape[1], T, self.p.top_k)
+            p = sparse_sorted_probs(
+                teacher.topk_logp, teacher.tail_logp, self.p.teacher_vocab or s.shape[1], T, self.p.top_k
+            )
             q = sorted_probs(s, T, p.shape[1])
         else:
             assert teacher.logits is not None
