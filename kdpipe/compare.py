@@ -19,6 +19,7 @@ import time
 import uuid
 from typing import Any
 
+from kdpipe import tracking
 from kdpipe.config import load_spec
 from kdpipe.evaluate import teacher_accuracy_ds
 from kdpipe.pipeline import distil, prepare, teach
@@ -135,8 +136,6 @@ def compare(
     address: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Run each variant x seed; return (markdown table, results dict with per-seed values and summaries)."""
-    from mlflow.tracking import MlflowClient
-
     overrides = dict(overrides or {})
     base = load_spec(spec_path, overrides)
     variants = variants if variants is not None else VARIANTS.get(base.name, {"spec": {}})
@@ -204,7 +203,7 @@ def compare(
     }
     table = markdown_table(results, base.name)
 
-    client = MlflowClient(uri)
+    client = tracking.client(uri)
     exp_id = ensure_experiment(client, base.tracking.experiment, uri)
     run = client.create_run(
         exp_id,

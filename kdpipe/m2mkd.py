@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdpipe import weights
+from kdpipe import tracking, weights
 from kdpipe.errors import KdpipeError
 from kdpipe.spec import PipelineConfig
 from kdpipe.train import StudentMeta, build_student, make_optimizer
@@ -148,7 +148,6 @@ def pretrain_modules(
     return the assembled student state dict (the `init_state` of the end-to-end fine-tune)."""
     import ray
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
     m = cfg.m2mkd
     assert m is not None
@@ -234,7 +233,7 @@ def pretrain_modules(
     results = sorted(ray.get(futures), key=lambda r: r["module"])
     wall = time.time() - t0
 
-    client = MlflowClient(tracking_uri)
+    client = tracking.client(tracking_uri)
     ts = int(time.time() * 1000)
     metrics = [
         Metric("m2mkd_wall_s", wall, ts, 0),
@@ -252,8 +251,7 @@ def pretrain_modules(
             f"kdpipe.m2mkd.module{j}",
             json.dumps({**plan[j], "pid": r["pid"], "start": r["start"], "end": r["end"], "cpus": cpus}),
         )
-    for i in range(0, len(metrics), 500):
-        client.log_batch(run_id, metrics=metrics[i : i + 500])
+    tracking.log_metric_batch(client, run_id, metrics)
     log.info(
         "m2mkd: %d modules trained in parallel in %.1f s (%s)",
         len(results),

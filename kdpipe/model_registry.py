@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdpipe import tracking
 from kdpipe.errors import KdpipeError
 from kdpipe.spec import GateConfig
 from kdpipe.train import StudentMeta, build_student
@@ -141,11 +142,10 @@ def log_and_register(
     from pathlib import Path
 
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     if hasattr(student, "hf_model"):
         return _log_transformers(run_id, student, model_name, tags)
-    client = MlflowClient()
+    client = tracking.client()
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "student"
         if columns:
@@ -311,10 +311,9 @@ def _log_transformers(run_id: str, student: nn.Module, model_name: str, tags: di
 
     import mlflow
     import mlflow.transformers
-    from mlflow.tracking import MlflowClient
 
     task = getattr(student, "hf_task", "text-generation")
-    client = MlflowClient()
+    client = tracking.client()
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "student"
         mlflow.transformers.save_model(
@@ -489,10 +488,9 @@ class RegisteredFactory:
 
     def __call__(self) -> nn.Module:
         import mlflow
-        from mlflow.tracking import MlflowClient
 
         mlflow.set_tracking_uri(self.uri)
-        return load_served(MlflowClient(self.uri).get_model_version(self.name, self.version))
+        return load_served(tracking.client(self.uri).get_model_version(self.name, self.version))
 
 
 def log_exit_models(client: Any, run_id: str, student: nn.Module) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe import model_registry as reg
+from kdpipe import tracking
 from kdpipe.config import load_spec
 from kdpipe.cycle_lock import CycleLock
 from kdpipe.errors import KdpipeError
@@ -28,11 +29,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 def evaluate_registered(cfg: PipelineConfig, alias: str | None = None, address: str | None = None) -> dict[str, Any]:
     """Score the registered model at `alias` on the spec's held-out test rows."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     source, uri = prepare(cfg, address)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    client = tracking.client(uri)
     alias = alias or cfg.tracking.alias
     version = reg.alias_version(client, cfg.tracking.model_name, alias)
     if version is None:
@@ -58,9 +58,7 @@ def evaluate_registered(cfg: PipelineConfig, alias: str | None = None, address: 
 
 def list_models(name: str, tracking_uri: str | None = None) -> str:
     """One line per registered version: aliases, gate metric, gates, lineage."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    client = tracking.client(resolve_tracking_uri(tracking_uri))
     model = client.get_registered_model(name)
     by_version: dict[str, list[str]] = {}
     for alias, v in (model.aliases or {}).items():
@@ -110,11 +108,9 @@ def retrain(
     trained and registered, and the alias moves only if it beats the champion re-scored on today's
     held-out rows, and still points at that champion.
     """
-    from mlflow.tracking import MlflowClient
-
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_reachable(uri)
-    with CycleLock(MlflowClient(uri), cfg.tracking.model_name) as lock:
+    with CycleLock(tracking.client(uri), cfg.tracking.model_name) as lock:
         if not lock.held:
             reason = f"lock held by {lock.holder} (another retrain cycle of {cfg.tracking.model_name} is running)"
             log.info("retrain: skipped: %s", reason)
@@ -123,10 +119,8 @@ def retrain(
 
 
 def _cycle(cfg: PipelineConfig, address: str | None, force: bool, warm_start: bool, lock: Any) -> CycleResult:
-    from mlflow.tracking import MlflowClient
-
     source, uri = prepare(cfg, address)
-    client = MlflowClient(uri)
+    client = tracking.client(uri)
     latest = last_complete_version(client, cfg.tracking.model_name)
     last_fp = (latest.tags or {}).get("kdpipe.source_fingerprint") if latest else None
     if last_fp == source.fingerprint and not force:
@@ -147,9 +141,7 @@ def _cycle(cfg: PipelineConfig, address: str | None, force: bool, warm_start: bo
 
 def promote_version(name: str, version: str, alias: str, tracking_uri: str | None = None, force: bool = False) -> str:
     """`kdpipe promote`: point `alias` at `version`; a version that failed its gates needs `force`."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    client = tracking.client(resolve_tracking_uri(tracking_uri))
     v = client.get_model_version(name, str(version))
     reg.check_promotable(v, force)
     reg.promote(client, name, str(version), alias)

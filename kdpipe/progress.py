@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+from kdpipe import tracking
 from kdpipe.cache import staged_files
 from kdpipe.storage import parquet_metadata
 
@@ -105,9 +106,7 @@ class EpochProgress(_Poller):
                 log.debug("progress poll failed: %s", e)
 
     def _poll_track(self, name: str, prefix: str, epochs: int) -> None:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(self.uri)
+        client = tracking.client(self.uri)
         history = client.get_metric_history(self.run_id, f"{prefix}train_loss")
         loss = {m.step: m.value for m in history}
         stamp = {m.step: m.timestamp / 1000 for m in history}

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mlflow.tracking import MlflowClient
+
 from kdpipe.errors import KdpipeError
 
 log = logging.getLogger("kdpipe.tracking")
@@ -61,6 +63,27 @@ def retrying(fn: Callable[[], T], what: str, attempts: int = 5) -> T:
     raise AssertionError("unreachable")
 
 
+METRICS_PER_BATCH = 500  # under MLflow's 1,000 metrics per log_batch request
+PARAMS_PER_BATCH = 100  # MLflow's limit of params per log_batch request
+
+
+def client(uri: str | None = None) -> Any:
+    """The MLflow client of a tracking URI: the one place kdpipe makes one (the default URI as
+    `resolve_tracking_uri` gives it)."""
+    return MlflowClient(resolve_tracking_uri(uri) if uri is None else uri)
+
+
+def log_metric_batch(mlflow_client: Any, run_id: str, metrics: list[Any]) -> None:
+    """`Metric`s in batches MLflow accepts; each batch sent once (a retry would send metrics twice)."""
+    for i in range(0, len(metrics), METRICS_PER_BATCH):
+        mlflow_client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
+
+
+def log_param_batch(mlflow_client: Any, run_id: str, params: list[Any]) -> None:
+    for i in range(0, len(params), PARAMS_PER_BATCH):
+        mlflow_client.log_batch(run_id, params=params[i : i + PARAMS_PER_BATCH])
+
+
 def resolve_tracking_uri(spec_uri: str | None) -> str:
     """Spec > $MLFLOW_TRACKING_URI > a sqlite store in the working directory."""
     uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -100,9 +123,7 @@ class MetricsLogger:
     metrics stay buffered (retried at the next epoch and at the end)."""
 
     def __init__(self, uri: str, run_id: str, prefix: str = "") -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(uri)
+        self.client = client(uri)
         self.run_id = run_id
         self.prefix = prefix
         self.buffer: list[Any] = []
@@ -129,8 +150,7 @@ class MetricsLogger:
         if not self.buffer:
             return
         try:
-            for i in range(0, len(self.buffer), 500):
-                self.client.log_batch(self.run_id, metrics=self.buffer[i : i + 500])
+            log_metric_batch(self.client, self.run_id, self.buffer)
             self.buffer.clear()
         except Exception as e:  # noqa: BLE001 - tracking must never kill training
             self.failures += 1
@@ -179,11 +199,10 @@ class TrackedRun:
 
     def __init__(self, uri: str, experiment: str, name: str, tags: dict[str, str], system_metrics: bool = True) -> None:
         import mlflow
-        from mlflow.tracking import MlflowClient
 
         mlflow.set_tracking_uri(uri)  # the fluent API (model logging) writes to this run's store
         self.uri = uri
-        self.client = MlflowClient(uri)
+        self.client = client(uri)
         self.lineage = dict(tags)
         exp_id = ensure_experiment(self.client, experiment, uri)
         self.run_id = self.client.create_run(exp_id, run_name=name, tags={**tags, "mlflow.runName": name}).info.run_id
@@ -216,15 +235,13 @@ class TrackedRun:
 
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+        log_metric_batch(self.client, self.run_id, items)
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        log_param_batch(self.client, self.run_id, items)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():

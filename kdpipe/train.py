@@ -9,18 +9,20 @@ import os
 import tempfile
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from kdpipe import tracking
 from kdpipe.lm.padding import trim_to_longest
 from kdpipe.losses import LossContext
 from kdpipe.losses.suite import LossSuite
 from kdpipe.progress import EpochProgress
 from kdpipe.runtime import default_cpus_per_worker
+from kdpipe.spec import TrainConfig
 from kdpipe.tracking import MetricsLogger
 from kdpipe.views import small_materialised
 from students import STUDENTS
@@ -120,10 +122,10 @@ def init_from_first_batch(student: nn.Module, batches: Any, device: torch.device
     return (it if first is None else itertools.chain([first], it)), int(rows or 0)
 
 
-def starts_fresh(student: nn.Module, job: dict[str, Any], start_epoch: int) -> bool:
+def starts_fresh(student: nn.Module, job: Job, start_epoch: int) -> bool:
     """Whether the job's first epoch may run the student's `data_init`: only a student starting
     from its constructor's weights; a resumed or warm-started one carries trained weights."""
-    return start_epoch == 0 and not job.get("init_state") and callable(getattr(student, "data_init", None))
+    return start_epoch == 0 and not job.init_state and callable(getattr(student, "data_init", None))
 
 
 def epoch_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, epoch: int, rank: int) -> Any:
@@ -227,7 +229,7 @@ class EpochReplay:
                 yield {k: v.index_select(0, idx.to(v.device)) for k, v in self.columns.items()}  # kept on the GPU
 
 
-def steps_per_epoch(ds: Any, train_cfg: Any) -> int:
+def steps_per_epoch(ds: Any, train_cfg: TrainConfig) -> int:
     """Optimizer steps of one worker in one epoch (what the lr schedule spans); the views are
     materialised, so counting costs no pass over the data. Only needed by a non-constant schedule."""
     if train_cfg.lr_schedule == "constant" and not train_cfg.warmup_ratio:
@@ -242,12 +244,12 @@ def make_optimizer(params: Any, lr: float, weight_decay: float = 0.01) -> torch.
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def make_schedule(opt: torch.optim.Optimizer, config: dict[str, Any], job: dict[str, Any]) -> Any:
+def make_schedule(opt: torch.optim.Optimizer, train: TrainConfig, job: Job) -> Any:
     """The lr multiplier per optimizer step: linear warm-up over `warmup_ratio` of the job's steps,
     then constant or linear decay to 0 at its last step (the job's steps come from its rows)."""
-    total = max(1, int(job.get("steps_per_epoch") or 1) * int(job["epochs"]))
-    warm = int(config.get("warmup_ratio", 0.0) * total)
-    linear = config.get("lr_schedule", "constant") == "linear"
+    total = max(1, job.steps_per_epoch * job.epochs)
+    warm = int(train.warmup_ratio * total)
+    linear = train.lr_schedule == "linear"
 
     def factor(step: int) -> float:
         if step < warm:
@@ -268,73 +270,70 @@ def train_loop(config: dict[str, Any]) -> None:
     # (7 with back-off by default): one try, a short timeout, and the logger buffers until next epoch
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    meta = StudentMeta(**config["meta"])
+    loop: LoopConfig = config["loop"].checked()
     # metrics rank 0 could not send yet travel in the checkpoints; the driver sends them at the end
-    stats: dict[str, Any] = {"tracking_failures": 0, "unsent": []}
+    stats: dict[str, Any] = {"tracking_failures": 0, "unsent": [], "env": {}}
     done: dict[str, dict[str, torch.Tensor]] = {}  # finished jobs' student weights (in every checkpoint)
-    resume = None
+    resume: TrainState | None = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            resume = torch.load(Path(d) / "state.pt", weights_only=True, map_location="cpu")
+            resume = TrainState.load(Path(d) / "state.pt")
         if ray.train.get_context().get_world_rank() == 0:
-            note_restart(config["tracking_uri"], config["run_id"], ckpt.path, resume)
-        done = dict(resume["done"])
-        stats["unsent"] = list(resume.get("unsent", []))
-        stats["env"] = dict(resume.get("env", {}))
+            note_restart(loop.tracking_uri, loop.run_id, ckpt.path, resume)
+        done = dict(resume.done)
+        stats["unsent"] = list(resume.unsent)
+        stats["env"] = dict(resume.env)
     shards: dict[str, EpochReplay] = {}  # by dataset name: the student and its twin share the val shard (and
-    for j, job in enumerate(config["jobs"]):  # the train shard when the twin reads all train rows)
-        if job["name"] not in done:
-            at = resume if resume is not None and resume["job"] == j else None
-            done[job["name"]] = train_job(
-                config, meta, j, job, done, at, resumed=ckpt is not None, stats=stats, shards=shards
-            )
+    for j, job in enumerate(loop.jobs):  # the train shard when the twin reads all train rows)
+        if job.name not in done:
+            at = resume if resume is not None and resume.job == j else None
+            done[job.name] = train_job(loop, j, job, done, at, resumed=ckpt is not None, stats=stats, shards=shards)
 
 
 def train_job(
-    config: dict[str, Any],
-    meta: StudentMeta,
+    loop: LoopConfig,
     j: int,
-    job: dict[str, Any],
+    job: Job,
     done: dict[str, dict[str, torch.Tensor]],
-    resume: dict[str, Any] | None,
+    resume: TrainState | None,
     resumed: bool,
     stats: dict[str, Any],
     shards: dict[str, EpochReplay] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One student's epochs on this worker's shard of `job["dataset"]`; returns its weights."""
+    """One student's epochs on this worker's shard of `job.dataset`; returns its weights."""
     import ray.train
     import ray.train.torch
 
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(config["seed"])
-    student = build_student(config["student_kind"], job["student_params"], meta)
-    losses = LossSuite(job["losses"], LossContext(meta.num_classes, meta.teachers, meta.widths))
+    train, meta = loop.train, loop.meta
+    torch.manual_seed(loop.seed)
+    student = build_student(loop.student_kind, job.student_params, meta)
+    losses = LossSuite(job.losses, LossContext(meta.num_classes, meta.teachers, meta.widths))
     module = DistilModule(student, losses)
-    if job.get("init_state"):  # warm start / m2mKD modules; numpy across the Ray boundary
-        module.student.load_state_dict({k: torch.as_tensor(v) for k, v in job["init_state"].items()})
+    if job.init_state:  # warm start / m2mKD modules
+        module.student.load_state_dict({k: torch.as_tensor(v) for k, v in job.init_state.items()})
     model = ray.train.torch.prepare_model(module)  # moves it to this worker's device (a GPU with use_gpu)
     device = ray.train.torch.get_device()
-    amp = autocast_dtype(config.get("precision", "auto"), device)
-    stats.setdefault("env", {})[job["name"]] = {"device": device.type, "precision": precision_name(amp)}
+    amp = autocast_dtype(train.precision, device)
+    stats["env"][job.name] = {"device": device.type, "precision": precision_name(amp)}
     if rank == 0:
-        log.info("training %s on %s (%s)", job["name"], device, precision_name(amp))
-    opt = make_optimizer(model.parameters(), config["lr"], config["weight_decay"])
-    sched = make_schedule(opt, config, job)
+        log.info("training %s on %s (%s)", job.name, device, precision_name(amp))
+    opt = make_optimizer(model.parameters(), train.lr, train.weight_decay)
+    sched = make_schedule(opt, train, job)
     start = 0
     if resume is not None:
-        _unwrap(model).load_state_dict(resume["module"])
-        opt.load_state_dict(resume["opt"])
-        if "sched" in resume:
-            sched.load_state_dict(resume["sched"])
-        start = int(resume["epoch"]) + 1
-    tracker = MetricsLogger(config["tracking_uri"], config["run_id"], prefix=job["prefix"]) if rank == 0 else None
+        _unwrap(model).load_state_dict(resume.module)
+        opt.load_state_dict(resume.opt)
+        sched.load_state_dict(resume.sched)
+        start = resume.epoch + 1
+    tracker = MetricsLogger(loop.tracking_uri, loop.run_id, prefix=job.prefix) if rank == 0 else None
     if tracker is not None and resumed:  # epochs replayed after a restart: MLflow holds the first run of them
         tracker.skip_through = tracker.last_step("train_loss")
     shards = {} if shards is None else shards
-    limit = float(config.get("keep_in_memory_mb", 0)) * 2**20
-    world, whole = ray.train.get_context().get_world_size(), config.get("whole", {})
-    for name in (job["dataset"], "val"):
+    limit = train.keep_in_memory_mb * 2**20
+    world, whole = ray.train.get_context().get_world_size(), loop.whole
+    for name in (job.dataset, "val"):
         if name not in shards:  # a view every worker reads whole (`fits_whole`), or this worker's split of it
             shard = ray.train.get_dataset_shard(name)
             shards[name] = (
@@ -342,60 +341,58 @@ def train_job(
                 if name in whole
                 else EpochReplay(shard, limit, device)
             )
-    train_shard, val_shard = shards[job["dataset"]], shards["val"]
-    epochs = job["epochs"]
+    train_shard, val_shard = shards[job.dataset], shards["val"]
+    epochs = job.epochs
     fresh = starts_fresh(student, job, start)
     for epoch in range(start, epochs):
         metrics = run_epoch(
-            model, opt, train_shard, val_shard, config, epoch, rank, device, amp, sched, init=fresh and epoch == 0
+            model, opt, train_shard, val_shard, loop, epoch, rank, device, amp, sched, init=fresh and epoch == 0
         )
         if tracker is not None:
             tracker.log(metrics, step=epoch)
-        # `ray.train.report` is a barrier across workers (~1.7 s on 2 CPUs), so report only with checkpoints.
-        if epoch == epochs - 1 or (epoch + 1) % config["checkpoint_every"] == 0:
+        # `ray.train.report` is a barrier across workers, so report only with checkpoints.
+        if epoch == epochs - 1 or (epoch + 1) % train.checkpoint_every == 0:
             finished = dict(done)
             if epoch == epochs - 1:
-                finished[job["name"]] = _student_state(model)
+                finished[job.name] = _student_state(model)
             unsent = stats["unsent"] + (_as_tuples(tracker.buffer) if tracker is not None else [])
-            state = {
-                "job": j,
-                "epoch": epoch,
-                "module": _cpu(_unwrap(model).state_dict()),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-                "done": finished,
-                "unsent": unsent,
-                "env": dict(stats["env"]),
-            }
+            state = TrainState(
+                j,
+                epoch,
+                _cpu(_unwrap(model).state_dict()),
+                opt.state_dict(),
+                sched.state_dict(),
+                finished,
+                unsent,
+                dict(stats["env"]),
+            )
             failures = stats["tracking_failures"] + (tracker.failures if tracker is not None else 0)
-            report(state, {**metrics, "job": job["name"], "tracking_failures": failures}, rank)
+            report(state, {**metrics, "job": job.name, "tracking_failures": failures}, rank)
     if tracker is not None:
         stats["tracking_failures"] += tracker.failures
         stats["unsent"] += _as_tuples(tracker.buffer)
     return _student_state(model)
 
 
-def note_restart(tracking_uri: str, run_id: str, checkpoint: str, resume: dict[str, Any]) -> None:
+def note_restart(tracking_uri: str, run_id: str, checkpoint: str, resume: TrainState) -> None:
     """Rank 0 after a worker-group restart: the run says it restarted and from which checkpoint
     (`kdpipe.train.restarts`, `kdpipe.train.resumed_from`), which the driver reports when the fit ends."""
-    from mlflow.tracking import MlflowClient
-
     try:
-        client = MlflowClient(tracking_uri)
+        client = tracking.client(tracking_uri)
         tags = client.get_run(run_id).data.tags
         client.set_tag(run_id, "kdpipe.train.restarts", str(int(tags.get("kdpipe.train.restarts", "0")) + 1))
         client.set_tag(
             run_id,
             "kdpipe.train.resumed_from",
-            f"{checkpoint} (job {resume.get('job')}, after epoch {resume.get('epoch')})",
+            f"{checkpoint} (job {resume.job}, after epoch {resume.epoch})",
         )
     except Exception as e:  # noqa: BLE001 - tracking must never stop a resumed training
         log.warning("could not record the restart in MLflow: %s", e)
     log.warning(
         "training restarted: resumed from %s (job %s, after epoch %s)",
         checkpoint,
-        resume.get("job"),
-        resume.get("epoch"),
+        resume.job,
+        resume.epoch,
     )
 
 
@@ -408,12 +405,10 @@ def send_unsent(tracking_uri: str, run_id: str, unsent: list[Any]) -> None:
     the driver with MLflow's own retries; if MLflow is still down this raises, and the run fails
     with the error instead of finishing with a hole in its history."""
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
     metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in unsent]
-    client = MlflowClient(tracking_uri)
-    for i in range(0, len(metrics), 500):
-        client.log_batch(run_id, metrics=metrics[i : i + 500])
+    client = tracking.client(tracking_uri)
+    tracking.log_metric_batch(client, run_id, metrics)
     log.warning(
         "sent %d per-epoch metrics that the training workers could not deliver while MLflow was down", len(metrics)
     )
@@ -421,9 +416,7 @@ def send_unsent(tracking_uri: str, run_id: str, unsent: list[Any]) -> None:
 
 def report_restarts(tracking_uri: str, run_id: str) -> None:
     """On the driver's console: a fit that survived a worker failure says so, and from where it resumed."""
-    from mlflow.tracking import MlflowClient
-
-    tags = MlflowClient(tracking_uri).get_run(run_id).data.tags
+    tags = tracking.client(tracking_uri).get_run(run_id).data.tags
     if tags.get("kdpipe.train.restarts"):
         log.warning(
             "training restarted %s time(s) after a worker failure; it resumed from %s",
@@ -456,7 +449,7 @@ def run_epoch(
     opt: torch.optim.Optimizer,
     train_shard: EpochReplay,
     val_shard: EpochReplay,
-    config: dict[str, Any],
+    loop: LoopConfig,
     epoch: int,
     rank: int,
     device: torch.device,
@@ -470,7 +463,7 @@ def run_epoch(
     model.train()
     trim = trim_to_longest if getattr(_unwrap(model).student, "pads_to_longest", False) else (lambda b: b)
     sums: dict[str, float] = defaultdict(float)
-    batches = train_shard.batches(config["batch_size"], config.get("shuffle_buffer", 0), config["seed"], epoch, rank)
+    batches = train_shard.batches(loop.train.batch_size, loop.train.shuffle_buffer, loop.seed, epoch, rank)
     init_rows = None
     if init:
         batches, init_rows = init_from_first_batch(_unwrap(model).student, batches, device)
@@ -506,7 +499,7 @@ def run_epoch(
     return metrics
 
 
-def report(state: dict[str, Any], metrics: dict[str, Any], rank: int) -> None:
+def report(state: TrainState, metrics: dict[str, Any], rank: int) -> None:
     """`ray.train.report` on every rank; rank 0 attaches the checkpoint (its weights = everyone's)."""
     import ray.train
 
@@ -514,7 +507,7 @@ def report(state: dict[str, Any], metrics: dict[str, Any], rank: int) -> None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        torch.save(state, Path(d) / "state.pt")
+        state.save(Path(d) / "state.pt")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -559,18 +552,62 @@ class Job:
     losses: list[dict[str, Any]]
     epochs: int
     prefix: str = ""
-    init_state: dict[str, Any] | None = None
+    init_state: dict[str, Any] | None = None  # warm start / m2mKD modules: numpy across the Ray boundary
+    steps_per_epoch: int = 1  # one worker's optimizer steps per epoch (what the lr schedule spans)
 
-    def as_config(self) -> dict[str, Any]:
-        state = self.init_state
-        return {
-            **self.__dict__,
-            "init_state": {
-                k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in state.items()
+    def __post_init__(self) -> None:
+        if self.init_state:
+            self.init_state = {
+                k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in self.init_state.items()
             }
-            if state
-            else None,
-        }
+        if self.epochs < 1 or self.steps_per_epoch < 1:
+            raise ValueError(
+                f"job {self.name}: epochs {self.epochs} and steps per epoch {self.steps_per_epoch} must be >= 1"
+            )
+
+
+@dataclass
+class LoopConfig:
+    """Everything the training workers need, typed: built once on the driver from the validated
+    spec, checked again in every worker (`checked`), so no setting is restated with another default
+    on the way."""
+
+    train: TrainConfig
+    meta: StudentMeta
+    student_kind: str
+    jobs: list[Job]
+    seed: int
+    tracking_uri: str
+    run_id: str
+    whole: dict[str, int] = field(default_factory=dict)  # views every worker reads whole, with their rows
+
+    def checked(self) -> LoopConfig:
+        """The config as a worker received it, revalidated (the train section through its pydantic model)."""
+        return replace(
+            self, train=TrainConfig.model_validate(self.train.model_dump()), jobs=[replace(j) for j in self.jobs]
+        )
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds: where the run was (job, epoch), the module, optimizer and schedule
+    states, the finished jobs' weights, the metrics rank 0 could not send yet, and where each job trained."""
+
+    job: int
+    epoch: int
+    module: dict[str, torch.Tensor]
+    opt: dict[str, Any]
+    sched: dict[str, Any]
+    done: dict[str, dict[str, torch.Tensor]]
+    unsent: list[tuple[str, float, int, int]]
+    env: dict[str, dict[str, str]]
+
+    def save(self, path: Path) -> None:
+        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> TrainState:
+        return cls(**torch.load(path, weights_only=True, map_location="cpu"))
 
 
 @dataclass
@@ -596,7 +633,7 @@ def fit(
     jobs: list[Job],
     meta: StudentMeta,
     student_kind: str,
-    train_cfg: Any,
+    train_cfg: TrainConfig,
     seed: int,
     tracking_uri: str,
     run_id: str,
@@ -612,28 +649,19 @@ def fit(
     cpus = train_cfg.cpus_per_worker or default_cpus_per_worker(train_cfg.num_workers)
     # views small enough for every worker to read whole, with their row counts (metadata: they are materialised)
     whole = {k: ds.count() for k, ds in datasets.items() if fits_whole(ds, train_cfg.keep_in_memory_mb * 2**20)}
+    loop = LoopConfig(
+        train=train_cfg,
+        meta=meta,
+        student_kind=student_kind,
+        jobs=[replace(j, steps_per_epoch=steps_per_epoch(datasets[j.dataset], train_cfg)) for j in jobs],
+        seed=seed,
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        whole=whole,
+    )
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={
-            "meta": meta.as_dict(),
-            "student_kind": student_kind,
-            "jobs": [
-                {**j.as_config(), "steps_per_epoch": steps_per_epoch(datasets[j.dataset], train_cfg)} for j in jobs
-            ],
-            "lr": train_cfg.lr,
-            "weight_decay": train_cfg.weight_decay,
-            "batch_size": train_cfg.batch_size,
-            "lr_schedule": train_cfg.lr_schedule,
-            "warmup_ratio": train_cfg.warmup_ratio,
-            "seed": seed,
-            "tracking_uri": tracking_uri,
-            "run_id": run_id,
-            "checkpoint_every": train_cfg.checkpoint_every,
-            "shuffle_buffer": train_cfg.shuffle_buffer,
-            "keep_in_memory_mb": train_cfg.keep_in_memory_mb,
-            "precision": train_cfg.precision,
-            "whole": whole,
-        },
+        train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(
             num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu, resources_per_worker={"CPU": cpus}
         ),
@@ -666,12 +694,11 @@ def fit(
             failures,
         )
     with result.checkpoint.as_directory() as d:
-        final = torch.load(Path(d) / "state.pt", weights_only=True, map_location="cpu")
-    done = final["done"]
-    if final.get("unsent"):
-        send_unsent(tracking_uri, run_id, final["unsent"])
+        final = TrainState.load(Path(d) / "state.pt")
+    done = final.done
+    if final.unsent:
+        send_unsent(tracking_uri, run_id, final.unsent)
     missing = [j.name for j in jobs if j.name not in done]
     if missing:
         raise RuntimeError(f"training '{name}' finished without weights for {missing}: {result.error}")
-    env = final.get("env", {})
-    return {j.name: FitResult(done[j.name], env.get(j.name, {})) for j in jobs}
+    return {j.name: FitResult(done[j.name], final.env.get(j.name, {})) for j in jobs}
