@@ -12,22 +12,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from mlflow.entities.model_registry import ModelVersion
+from ray.data import Dataset
 
 from kdpipe import figures, storage
 from kdpipe import model_registry as reg
+from kdpipe.cycle_lock import CycleLock
 from kdpipe.data import SourceData, load_source
 from kdpipe.errors import KdpipeError
-from kdpipe.evaluate import evaluate_models, float_batch, results_table, serving_example, teacher_prefix
+from kdpipe.evaluate import ModelFactory, evaluate_models, float_batch, results_table, serving_example, teacher_prefix
 from kdpipe.fuse_stage import fuse_caches
 from kdpipe.lm.corpus import default_tokenizer
 from kdpipe.losses import vocabulary_bound
 from kdpipe.m2mkd import pretrain_modules as m2m
+from kdpipe.model_registry import GateResult
 from kdpipe.runtime import check_storage, init_ray
 from kdpipe.spec import PipelineConfig
 from kdpipe.teach import TeachResult, cache_of, teach_all
 from kdpipe.tracking import DatasetRef, TrackedRun, check_reachable, flatten, git_commit, resolve_tracking_uri
-from kdpipe.train import Job, StudentFactory, StudentMeta, build_student, fit, fits_whole
-from kdpipe.views import build_views, count_labeled, labeled_only
+from kdpipe.train import FitResult, Job, StudentFactory, StudentMeta, build_student, fit, fits_whole
+from kdpipe.views import SplitViews, build_views, count_labeled, labeled_only
 from teachers.hf_causal_lm import check_vocab_compatible, model_dir
 
 log = logging.getLogger("kdpipe")
@@ -152,7 +156,7 @@ def locate_caches(cfg: PipelineConfig, source: SourceData) -> dict[str, TeachRes
 # ------------------------------------------------------------------ distil: the stages
 
 
-def student_meta(cfg: PipelineConfig, source: SourceData, train: Any) -> Any:
+def student_meta(cfg: PipelineConfig, source: SourceData, train: Dataset) -> StudentMeta:
     """What the student and its losses are built from: input width, classes, teachers, and the
     widths of the cached columns and of the student's own outputs (one forward on two rows)."""
     import torch
@@ -181,7 +185,7 @@ def student_meta(cfg: PipelineConfig, source: SourceData, train: Any) -> Any:
 
 def open_run(
     cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult], uri: str, extra_tags: dict[str, str] | None
-) -> Any:
+) -> TrackedRun:
     """The cycle's MLflow run, tagged with its lineage: spec, source, caches, code."""
 
     lineage = {
@@ -195,7 +199,9 @@ def open_run(
     return TrackedRun(uri, cfg.tracking.experiment, cfg.name, lineage)
 
 
-def log_inputs(run: Any, cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult], views: Any) -> None:
+def log_inputs(
+    run: TrackedRun, cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult], views: SplitViews
+) -> None:
     """Spec, params, cache manifests, quarantined rows and row counts: what this run read."""
 
     run.log_params(flatten(cfg.model_dump(mode="json")))
@@ -228,7 +234,7 @@ def log_inputs(run: Any, cfg: PipelineConfig, source: SourceData, taught: dict[s
     run.log_datasets(dataset_inputs(cfg, source, taught))
 
 
-def dataset_inputs(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult]) -> list[Any]:
+def dataset_inputs(cfg: PipelineConfig, source: SourceData, taught: dict[str, TeachResult]) -> list[DatasetRef]:
     """The source and each teacher cache as MLflow dataset inputs, with their columns and row counts."""
 
     src = cfg.source
@@ -282,7 +288,9 @@ def dataset_inputs(cfg: PipelineConfig, source: SourceData, taught: dict[str, Te
     return out
 
 
-def pretrain_modules(cfg: PipelineConfig, meta: Any, views: Any, run: Any) -> dict[str, Any] | None:
+def pretrain_modules(
+    cfg: PipelineConfig, meta: StudentMeta, views: SplitViews, run: TrackedRun
+) -> dict[str, Any] | None:
     """m2mKD: module-to-module pre-training, whose weights the end-to-end training starts from."""
     if cfg.m2mkd is None:
         return None
@@ -291,8 +299,8 @@ def pretrain_modules(cfg: PipelineConfig, meta: Any, views: Any, run: Any) -> di
 
 
 def train_students(
-    cfg: PipelineConfig, meta: Any, views: Any, run: Any, init_state: dict[str, Any] | None
-) -> dict[str, Any]:
+    cfg: PipelineConfig, meta: StudentMeta, views: SplitViews, run: TrackedRun, init_state: dict[str, Any] | None
+) -> dict[str, FitResult]:
     """The distilled student and, with `evaluate.baseline`, its label-only twin (same student,
     same data budget, its own losses: what KD must beat), trained one after the other in one
     Ray Train run. Returns their weights by job name ("student", "baseline")."""
@@ -333,7 +341,9 @@ def baseline_params(cfg: PipelineConfig) -> dict[str, Any]:
     return {**cfg.student.params, **cfg.evaluate.baseline_student_params}
 
 
-def contenders(cfg: PipelineConfig, meta: Any, run: Any, fits: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+def contenders(
+    cfg: PipelineConfig, meta: StudentMeta, run: TrackedRun, fits: dict[str, FitResult]
+) -> tuple[dict[str, ModelFactory], ModelVersion | None]:
     """What the test split scores, by metric prefix: the student, its twin, and the current
     champion (re-evaluated on today's held-out rows, not its old score); and the champion's version."""
 
@@ -356,7 +366,12 @@ def id_scheme(cfg: PipelineConfig) -> str:
 
 
 def score(
-    cfg: PipelineConfig, meta: Any, views: Any, taught: dict[str, TeachResult], factories: dict[str, Any], champ_v: Any
+    cfg: PipelineConfig,
+    meta: StudentMeta,
+    views: SplitViews,
+    taught: dict[str, TeachResult],
+    factories: dict[str, ModelFactory],
+    champ_v: ModelVersion | None,
 ) -> Scores:
     """Every contender and every cached teacher on the test view, in one `map_batches` pass."""
 
@@ -397,7 +412,11 @@ def score(
 
 
 def log_figures(
-    cfg: PipelineConfig, run: Any, fits: dict[str, Any], scores: Scores, class_names: list[str] | None = None
+    cfg: PipelineConfig,
+    run: TrackedRun,
+    fits: dict[str, FitResult],
+    scores: Scores,
+    class_names: list[str] | None = None,
 ) -> None:
     """The run page's pictures: training curves of every loss part, every model on the gate
     metric, and the task's own (confusion matrix and reliability diagram for classifiers, cosine
@@ -422,7 +441,7 @@ def log_figures(
             log.warning("could not draw %s: %s", path, e)
 
 
-def describe(cfg: PipelineConfig, run: Any, version: Any, gate: Any, table: str) -> None:
+def describe(cfg: PipelineConfig, run: TrackedRun, version: ModelVersion, gate: GateResult, table: str) -> None:
     """The run page's Description: who taught whom, the results, and what the gates decided."""
     teachers = ", ".join(f"`{t.id}` ({t.kind})" for t in cfg.teachers)
     fused = f", fused ({cfg.teach.fusion.mode} weights)" if cfg.teach.fusion else ""
@@ -437,8 +456,14 @@ def describe(cfg: PipelineConfig, run: Any, version: Any, gate: Any, table: str)
 
 
 def ship(
-    cfg: PipelineConfig, meta: Any, views: Any, run: Any, student: Any, scores: Scores, lock: Any = None
-) -> tuple[Any, Any]:
+    cfg: PipelineConfig,
+    meta: StudentMeta,
+    views: SplitViews,
+    run: TrackedRun,
+    student: FitResult,
+    scores: Scores,
+    lock: CycleLock | None = None,
+) -> tuple[ModelVersion, GateResult]:
     """Register the student with its lineage, promote the alias only past the gates (and only if
     the alias still points where this run read it, and the cycle still holds its lock), then mark
     the cycle complete (a version without that tag came from a cycle that crashed half-way)."""
@@ -502,7 +527,7 @@ def distil(
     uri: str,
     init_state: dict[str, Any] | None = None,
     extra_tags: dict[str, str] | None = None,
-    lock: Any = None,
+    lock: CycleLock | None = None,
 ) -> RunResult:
     """One MLflow run: views -> student (+ twin) -> scores (with the champion) -> ship."""
 

@@ -39,12 +39,15 @@ def no_pickles_registered(tmp_path_factory):
 
 
 def tiny_overrides(tmp: Path, **extra: Any) -> dict[str, Any]:
-    """Small, fast settings for pipelines/digits_kd.yaml, every output under `tmp`."""
+    """Small, fast settings for pipelines/digits_kd.yaml, every output under `tmp`. One training
+    worker: a worker process costs seconds to start on 2 cores; the tests of data-parallel training
+    (the demo's two workers, each rank's share) ask for two."""
     o = {
         "storage": str(tmp),
         "teachers.0.params.epochs": 40,
         "teachers.0.params.hidden": [128],
         "train.epochs": 4,
+        "train.num_workers": 1,
         "train.checkpoint_every": 2,
         "evaluate.baseline_epochs": 2,
         "tracking.tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}",

@@ -216,6 +216,7 @@ class S3Server:
 
     def __init__(self, root: Path, bucket: str = "kdpipe-test") -> None:
         root.mkdir(parents=True, exist_ok=True)
+        self.root = root
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.bucket = bucket
@@ -238,6 +239,10 @@ class S3Server:
         except BaseException:
             self.stop()
             raise
+
+    def log_lines(self) -> list[str]:
+        """The server's request log so far (one line per HTTP request)."""
+        return (self.root / "s3.log").read_text(errors="replace").splitlines()
 
     def filesystem(self):
         import pyarrow.fs as pafs

@@ -151,3 +151,123 @@ def _ran_on_worker_node(cluster: RayCluster) -> list[str]:
         address=cluster.dashboard, filters=[("node_id", "=", worker[0])], limit=10_000, raise_on_missing_output=False
     )
     return sorted({t.name for t in tasks} | {a.class_name for a in actors})
+
+
+@pytest.mark.slow  # a causal LM pretrained once by the job, then taught and distilled across the nodes (~3 min)
+def test_a_tiny_language_model_spec_submitted_the_same_way(world) -> None:
+    """The LM pipeline as the README says to submit it: the job's driver pretrains the teacher once
+    into the bucket, the teach actors and the training workers fetch it once per node, and the
+    student is registered as a Hugging Face model; a second submission teaches nothing."""
+    cluster, s3, mlflow, env = world
+    tiny = {
+        "layers": 1,
+        "hidden": 32,
+        "heads": 2,
+        "intermediate": 64,
+        "max_length": 32,
+        "steps": 25,
+        "batch_size": 8,
+        "lr": 1e-2,
+        "warmup_steps": 2,
+        "limit": 300,
+        "eval_glosses": 40,
+    }
+    sets = {
+        "storage": f"s3://{s3.bucket}/kdpipe-lm",
+        "source.limit": 120,
+        "teachers.0.params.pretrain": tiny,
+        "teachers.0.params.max_length": 24,
+        "teachers.0.topk": 16,
+        "student.params": {"tokens_from": "lm", "num_layers": 1, "init_from_teacher_layers": [0]},
+        "train.epochs": 1,
+        "train.num_workers": 1,
+        "evaluate.baseline": False,
+    }
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+
+    def lm_submit() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "kdpipe"), "submit", "pipelines/lm_distill.yaml", "--address", cluster.dashboard, *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+
+    first = lm_submit()
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    assert "registered model: models:/lm-student/1" in first.stdout and "taught" in first.stdout
+    second = lm_submit()
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    assert "(reused, fingerprint" in second.stdout and "models:/lm-student/2" in second.stdout
+    assert not [p for d in cluster.job_dirs() for p in d.rglob(".kdpipe")]
+
+
+@pytest.mark.slow  # a head of its own, with Ray's token authentication on
+def test_a_cluster_that_wants_a_token_gets_a_one_line_error(tmp_path: Path) -> None:
+    from tests.servers import free_port, wait_http
+
+    port, dash = free_port(), free_port()
+    tmp = Path("/tmp") / f"kdtok{os.getpid()}{port}"
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")},
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": "a" * 32,
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+    }
+    subprocess.run(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={tmp}",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{dash}/api/version")
+        user = {
+            **{k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_ADDRESS")},
+            "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
+            "RAY_AUTH_MODE": "disabled",
+        }
+        out = subprocess.run(
+            [
+                str(BIN / "kdpipe"),
+                "submit",
+                "pipelines/digits_kd.yaml",
+                "--address",
+                f"http://127.0.0.1:{dash}",
+                "--set",
+                "storage=s3://bucket/kdpipe",
+            ],
+            cwd=ROOT,
+            env=user,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "refused the request" in out.stderr and "RAY_AUTH_TOKEN" in out.stderr
+        assert "Traceback" not in out.stderr
+    finally:
+        import psutil
+
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if str(tmp) in " ".join(p.info["cmdline"] or []) or f"127.0.0.1:{port}" in " ".join(
+                    p.info["cmdline"] or []
+                ):
+                    p.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass

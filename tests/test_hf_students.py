@@ -435,7 +435,8 @@ def test_the_train_loop_runs_data_init_once_on_a_fresh_students_first_batch(tmp_
     and still steps on every batch; a resumed or warm-started student is not re-initialised."""
     from kdpipe.losses.base import LossContext
     from kdpipe.losses.suite import LossSuite
-    from kdpipe.train import DistilModule, run_epoch, starts_fresh
+    from kdpipe.spec import TrainConfig
+    from kdpipe.train import DistilModule, Job, LoopConfig, run_epoch, starts_fresh
 
     d = _classifier_teacher(tmp_path)
     meta = StudentMeta(in_dim=None, num_classes=45, teachers=["clf"], widths={})
@@ -455,27 +456,30 @@ def test_the_train_loop_runs_data_init_once_on_a_fresh_students_first_batch(tmp_
 
     model = DistilModule(s, LossSuite([{"name": "ce"}], LossContext(45, ["clf"])))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    metrics = run_epoch(
-        model, opt, Shard(), Shard(), {"batch_size": 4, "seed": 0}, 0, 0, torch.device("cpu"), None, init=True
-    )
+    loop = LoopConfig(TrainConfig(batch_size=4), meta, "hf_classifier", [], 0, "", "")
+    metrics = run_epoch(model, opt, Shard(), Shard(), loop, 0, 0, torch.device("cpu"), None, init=True)
     assert seen == [4] and steps[:2] == [4, 2]  # data_init saw the first batch; both were trained on
     assert metrics["data_init_rows"] == 4
-    assert "data_init_rows" not in run_epoch(
-        model, opt, Shard(), Shard(), {"batch_size": 4, "seed": 0}, 1, 0, torch.device("cpu"), None
-    )
-    assert starts_fresh(s, {"init_state": None}, 0)
-    assert not starts_fresh(s, {"init_state": {"w": 1}}, 0) and not starts_fresh(s, {}, 3)
-    assert not starts_fresh(torch.nn.Linear(2, 2), {}, 0)  # students without data_init
+    assert "data_init_rows" not in run_epoch(model, opt, Shard(), Shard(), loop, 1, 0, torch.device("cpu"), None)
+
+    def job(init_state=None):
+        return Job("student", "train", {}, [], 1, init_state=init_state)
+
+    assert starts_fresh(s, job(), 0)
+    assert not starts_fresh(s, job({"w": torch.zeros(1)}), 0) and not starts_fresh(s, job(), 3)
+    assert not starts_fresh(torch.nn.Linear(2, 2), job(), 0)  # students without data_init
 
 
 def test_lr_schedule_warms_up_then_decays_linearly_to_zero() -> None:
     """BERT-style fine-tuning's schedule (`train.lr_schedule: linear`, `warmup_ratio`): the lr rises
     from lr/warm to lr over the warm-up steps, then falls linearly to 0 at the job's last step."""
-    from kdpipe.train import make_schedule
+    from kdpipe.spec import TrainConfig
+    from kdpipe.train import Job, make_schedule
 
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
-    sched = make_schedule(opt, {"lr_schedule": "linear", "warmup_ratio": 0.1}, {"steps_per_epoch": 25, "epochs": 4})
+    job = Job("student", "train", {}, [], epochs=4, steps_per_epoch=25)
+    sched = make_schedule(opt, TrainConfig(lr_schedule="linear", warmup_ratio=0.1), job)
     lrs = []
     for _ in range(100):
         lrs.append(opt.param_groups[0]["lr"])
@@ -484,5 +488,5 @@ def test_lr_schedule_warms_up_then_decays_linearly_to_zero() -> None:
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # 10 warm-up steps of 100
     assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5) and lrs[99] == pytest.approx(1 / 90)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    const = make_schedule(torch.optim.SGD([p], lr=1.0), {}, {"epochs": 3})
+    const = make_schedule(torch.optim.SGD([p], lr=1.0), TrainConfig(), Job("student", "train", {}, [], epochs=3))
     assert const.get_last_lr() == [1.0]

@@ -132,7 +132,8 @@ def test_the_train_loop_steps_on_trimmed_batches(student_and_batch) -> None:
     """`run_epoch` cuts a causal-LM student's batches, in training and in validation."""
     from kdpipe.losses.base import LossContext
     from kdpipe.losses.suite import LossSuite
-    from kdpipe.train import DistilModule, run_epoch
+    from kdpipe.spec import TrainConfig
+    from kdpipe.train import DistilModule, LoopConfig, StudentMeta, run_epoch
 
     student, batch = student_and_batch
     widths: list[int] = []
@@ -146,7 +147,8 @@ def test_the_train_loop_steps_on_trimmed_batches(student_and_batch) -> None:
     model = DistilModule(student, LossSuite([{"name": "forward_kl"}, {"name": "lm_ce"}], LossContext(0, ["lm"])))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     try:
-        metrics = run_epoch(model, opt, Shard(), Shard(), {"batch_size": 3, "seed": 0}, 0, 0, torch.device("cpu"), None)
+        loop = LoopConfig(TrainConfig(batch_size=3), StudentMeta(None, 0, ["lm"], {}), "causal_lm", [], 0, "", "")
+        metrics = run_epoch(model, opt, Shard(), Shard(), loop, 0, 0, torch.device("cpu"), None)
     finally:
         del student.forward
     assert widths == [max(LENGTHS), max(LENGTHS)]  # the training step, then validation

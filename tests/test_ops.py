@@ -163,7 +163,6 @@ def test_retrain_cycles_incremental_cache_and_gates(ray_local, mlflow_server, tm
 def test_unreachable_tracking_server_fails_before_compute(tmp_path: Path, monkeypatch) -> None:
     """The tracking check comes first: no source row is read and Ray never starts."""
     import kdpipe.pipeline as pipeline
-    import kdpipe.runtime as runtime
     from kdpipe.tracking import TrackingUnavailableError
     from tests.servers import free_port
 
@@ -178,8 +177,8 @@ def test_unreachable_tracking_server_fails_before_compute(tmp_path: Path, monkey
             or SimpleNamespace(bad_rows=0, split_rows={}, labeled_rows={}, num_rows=0, describe_rows=lambda: "")
         ),
     )
-    monkeypatch.setattr(runtime, "check_storage", lambda *a, **k: None)
-    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: calls.append("init_ray"))
+    monkeypatch.setattr(pipeline, "check_storage", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline, "init_ray", lambda *a, **k: calls.append("init_ray"))
     cfg = load_spec(
         "pipelines/digits_kd.yaml",
         tiny_overrides(tmp_path, **{"tracking.tracking_uri": f"http://127.0.0.1:{free_port()}"}),

@@ -190,3 +190,51 @@ def test_remote_source_is_indexed_and_its_bad_rows_quarantined_in_the_bucket(s3_
     assert bad["file"] == f"s3://{b}/src/b.jsonl" and "field 'text' (source.text) is missing" in bad["reason"]
     with pytest.raises(BadInputError, match=f"s3://{b}/nothing"):
         load_source(SourceConfig(kind="jsonl", path=f"s3://{b}/nothing", text="text"), f"s3://{b}/kd/quarantine")
+
+
+@pytest.mark.slow  # two teach runs of their own Ray (~40 s)
+def test_teacher_weights_in_a_bucket_are_fetched_once_per_node(tmp_path: Path, s3: S3Server) -> None:
+    """Two teacher actors on one node load the teacher kdpipe trained into the bucket: one download
+    into the node's cache (keyed by the weights' digest), shared by both; a later run on the same
+    node downloads nothing."""
+    fs, b = s3.filesystem(), s3.bucket
+    pq.write_table(_digits_rows(0, 900), f"{b}/once/data/a.parquet", filesystem=fs)
+    work = tmp_path / "work"
+    work.mkdir()
+    node_cache = tmp_path / "node-cache"
+    o = tiny_overrides(
+        work,
+        **{
+            "source": {"kind": "parquet", "path": f"s3://{b}/once/data", "features": "pixels", "label": "digit"},
+            "storage": f"s3://{b}/once/kd",
+            "teach.concurrency": 2,
+            "teach.num_cpus": 0.5,
+            "teach.batch_size": 64,
+        },
+    )
+    sets = [a for k, v in o.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    env = {**os.environ, **s3.env, "RAY_ADDRESS": "", "KDPIPE_NODE_CACHE": str(node_cache)}
+
+    def teach() -> str:
+        out = subprocess.run(
+            [str(BIN / "kdpipe"), "teach", str(ROOT / "pipelines" / "digits_kd.yaml"), *sets],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+        return out.stdout
+
+    def weight_gets() -> int:
+        return sum(
+            1 for line in s3.log_lines() if '"GET ' in line and "/teachers/" in line and "model.safetensors" in line
+        )
+
+    teach()
+    assert weight_gets() == 1  # two actors, one download
+    assert len([d for d in node_cache.iterdir() if d.is_dir() and not d.name.startswith(".")]) == 1
+    pq.write_table(_digits_rows(900, 1797), f"{b}/once/data/b.parquet", filesystem=fs)
+    assert "taught" in teach()
+    assert weight_gets() == 1  # the node's copy served the second run's actors
