@@ -26,7 +26,7 @@ from kdpipe.lm.corpus import default_tokenizer
 from kdpipe.losses import vocabulary_bound
 from kdpipe.m2mkd import pretrain_modules as m2m
 from kdpipe.model_registry import GateResult
-from kdpipe.runtime import check_storage, init_ray
+from kdpipe.runtime import check_job_folder, check_storage, init_ray
 from kdpipe.spec import PipelineConfig
 from kdpipe.teach import TeachResult, cache_of, teach_all
 from kdpipe.tracking import DatasetRef, TrackedRun, check_reachable, flatten, git_commit, resolve_tracking_uri
@@ -76,6 +76,7 @@ def prepare(cfg: PipelineConfig, address: str | None = None) -> tuple[SourceData
 
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_reachable(uri)
+    check_job_folder(cfg.storage)  # before the data index and quarantine are written under it
     source = load_source(cfg.source, quarantine_dir(cfg), storage.Layout(cfg.storage).index)
     if source.bad_rows:
         log.warning("%d bad input rows skipped; quarantined to %s", source.bad_rows, source.quarantine_path)

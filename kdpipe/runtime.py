@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -62,22 +63,39 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
         ctx.use_datasource_v2 = False
 
 
-def check_storage(root: str) -> None:
-    """Refuse, before anything runs, a storage root that this Ray cluster's nodes cannot all use:
-    a path inside a Ray job's working directory (deleted with the job, and another folder on every
-    node), or, on a multi-node cluster, a root that some node cannot read and write (a node-local
-    path; a bucket a node has no credentials for) — checked by a probe task on every node."""
-    import ray
-
-    if not ray.is_initialized():
+def check_job_folder(root: str) -> None:
+    """Refuse a local storage root inside the working directory of the Ray job this driver runs in:
+    Ray deletes that folder when the job ends, and it is another folder on every node. Read from the
+    job config Ray hands the entrypoint, so it runs before anything (data index, quarantine) is written."""
+    if storage.is_remote(root):
         return
-    if not storage.is_remote(root) and _inside_job_folder(storage.local(root)):
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "") or "{}")
+    except ValueError:
+        return
+    if not (job.get("runtime_env") or {}).get("working_dir"):
+        return
+    cwd = os.path.realpath(os.getcwd())
+    path = os.path.realpath(storage.local(root))
+    if path == cwd or path.startswith(cwd + os.sep):
         raise StorageError(
             f"storage: '{root}' is inside this Ray job's working directory, which Ray deletes when the job "
             "ends (and which is another folder on every node): every cache and trained teacher would be "
             "lost. Set `storage:` to a URI every node reaches (s3://bucket/kdpipe, gs://…) or a shared "
             "filesystem path (an NFS mount or a PVC mounted on every node)"
         )
+
+
+def check_storage(root: str) -> None:
+    """Refuse, before anything runs, a storage root that this Ray cluster's nodes cannot all use:
+    a path inside a Ray job's working directory, or, on a multi-node cluster, a root that some node
+    cannot read and write (a node-local path; a bucket a node has no credentials for) — checked by a
+    probe task on every node."""
+    import ray
+
+    check_job_folder(root)
+    if not ray.is_initialized():
+        return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
         return
@@ -107,21 +125,6 @@ def check_storage(root: str) -> None:
             "to a URI every node reaches (s3://bucket/kdpipe, gs://…) with its credentials on every "
             "node, or to a filesystem mounted at the same path on every node"
         )
-
-
-def _inside_job_folder(path: str) -> bool:
-    """Whether `path` lies in the unpacked working_dir of the Ray job this driver runs in."""
-    import ray
-
-    try:
-        env = ray.get_runtime_context().runtime_env
-        working_dir = env.get("working_dir") if env else None
-    except Exception:  # noqa: BLE001 - not in a job
-        return False
-    if not working_dir:
-        return False
-    cwd = os.path.realpath(os.getcwd())
-    return os.path.realpath(path) == cwd or os.path.realpath(path).startswith(cwd + os.sep)
 
 
 def _probe(probe_dir: str, token: str, node: str) -> str:
