@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kdpipe.errors import KdpipeError, SpecError
-from kdpipe.spec import PipelineConfig, parse_override, read_spec
+from kdpipe.spec import PipelineConfig, check_source_found, parse_override, read_spec
 
 HELP_TEXT = {
     "spec": "pipeline spec YAML, e.g. pipelines/digits_kd.yaml (data paths in it are relative to its folder)",
@@ -36,7 +36,10 @@ def _spec_args(p: argparse.ArgumentParser, address: bool = True) -> None:
 def read(args: argparse.Namespace) -> PipelineConfig:
     """The spec's schema and plugin names: fast, no heavy import (see the module docstring)."""
     overrides = dict(parse_override(o) for o in args.overrides)
-    return read_spec(args.spec, overrides)
+    spec = read_spec(args.spec, overrides)
+    if args.cmd != "submit":  # a submitted spec's data may be at a path only the cluster has
+        check_source_found(spec, origin=args.spec)
+    return spec
 
 
 def checked(spec: PipelineConfig, args: argparse.Namespace) -> PipelineConfig:

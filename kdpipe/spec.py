@@ -13,6 +13,7 @@ live under the storage root `storage:`, which resolves against the working direc
 from __future__ import annotations
 
 import copy
+import glob
 import hashlib
 import json
 import os
@@ -548,6 +549,20 @@ def resolve_paths(cfg: PipelineConfig, spec_dir: Path, cwd: Path | None = None) 
     if is_uri(cfg.storage):
         cfg.storage = cfg.storage.rstrip("/")
     return cfg
+
+
+def check_source_found(cfg: PipelineConfig, origin: str = "<spec>") -> None:
+    """A local `source.path` that names nothing is a spec error, found before anything starts. URIs
+    are left to the run (reaching a bucket needs its filesystem and credentials)."""
+    loc = cfg.source.path
+    if loc is None or is_uri(loc):
+        return
+    found = glob.glob(loc, recursive=True) if glob.has_magic(loc) else ([loc] if os.path.exists(loc) else [])
+    if not found:
+        raise SpecError(
+            f"{origin}: source.path: '{loc}' not found (relative paths are read from the spec file's "
+            "folder); point it at a file, a directory or a glob that matches files"
+        )
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -89,6 +89,23 @@ def test_cli_reports_spec_error_before_ray(tmp_path, capsys) -> None:
     assert ray.is_initialized() == was_up  # failed before starting Ray
 
 
+def test_a_data_path_that_names_nothing_is_a_spec_error_relative_to_the_spec(tmp_path, capsys) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rows.csv").write_text("a,label\n0.5,1\n")
+    spec = tmp_path / "mine.yaml"
+    body = "name: x\nsource: {{kind: csv, path: {path}, features: [a], label: label}}\nteachers: [{{id: t, kind: mlp_classifier}}]\nstudent: {{kind: mlp}}\nlosses: [{{name: kd}}]\ntracking: {{model_name: m}}\n"
+    from kdpipe.cli import main
+
+    for found in ("data/rows.csv", "data/*.csv", "data"):
+        spec.write_text(body.format(path=found))
+        assert main(["validate", str(spec)]) == 0, found
+    for missing in ("rows.csv", "data/*.parquet"):
+        spec.write_text(body.format(path=missing))
+        assert main(["validate", str(spec)]) == 2
+        err = capsys.readouterr().err
+        assert "source.path" in err and "not found" in err and str(tmp_path) in err
+
+
 def test_loss_needs_the_cached_columns_it_reads(digits_spec_raw) -> None:
     msg = _err(digits_spec_raw, {"teachers.0.outputs": ["topk"]})
     assert "losses[0] (kd)" in msg and "use_topk: true" in msg
