@@ -22,14 +22,20 @@ log = logging.getLogger("kdpipe.progress")
 
 
 class _Poller:
-    """A context manager that calls `poll` every `every_s` seconds on a thread, and once at exit."""
+    """A context manager that calls `poll` every `every_s` seconds on a thread, and once at exit;
+    when nothing was said for `quiet_s` seconds it says what is still running (`waiting`), so that
+    a person never watches a silent console for long."""
 
-    def __init__(self, every_s: float) -> None:
-        self.every_s = every_s
-        self._start = time.monotonic()
+    def __init__(self, every_s: float, quiet_s: float = 8.0) -> None:
+        self.every_s, self.quiet_s = every_s, quiet_s
+        self._start = self._said = time.monotonic()
+
+    def say(self, msg: str, *args: Any) -> None:
+        log.info(msg, *args)
+        self._said = time.monotonic()
 
     def __enter__(self) -> Any:
-        self._start = time.monotonic()
+        self._start = self._said = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kdpipe-progress", daemon=True)
         self._thread.start()
@@ -43,8 +49,14 @@ class _Poller:
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
             self.poll()
+            if time.monotonic() - self._said >= self.quiet_s:
+                self.say("%s", self.waiting(time.monotonic() - self._start))
 
     def poll(self) -> None:
+        raise NotImplementedError
+
+    def waiting(self, elapsed: float) -> str:
+        """One line on what is still running, `elapsed` seconds into the stage."""
         raise NotImplementedError
 
 
@@ -52,8 +64,8 @@ class TeachProgress(_Poller):
     """Context manager around a teach stage's write: logs `<label>: done/total rows (rows/s, ETA)`
     whenever more output files have landed in `staging` (a path or URI)."""
 
-    def __init__(self, label: str, staging: Any, total: int, every_s: float = 5.0) -> None:
-        super().__init__(every_s)
+    def __init__(self, label: str, staging: Any, total: int, every_s: float = 4.0, quiet_s: float = 8.0) -> None:
+        super().__init__(every_s, quiet_s)
         self.label, self.staging, self.total = label, str(staging), total
         self.rows: dict[str, int] = {}  # rows per finished file (a footer is read once)
         self.shown = 0
@@ -71,7 +83,11 @@ class TeachProgress(_Poller):
         elapsed = max(time.monotonic() - self._start, 1e-9)
         rate = done / elapsed
         eta = f", ETA {(self.total - done) / rate:.0f} s" if done < self.total else ""
-        log.info("%s: %d/%d rows (%.0f rows/s%s)", self.label, done, self.total, rate, eta)
+        self.say("%s: %d/%d rows (%.0f rows/s%s)", self.label, done, self.total, rate, eta)
+
+    def waiting(self, elapsed: float) -> str:
+        what = "starting the teacher pool" if not self.shown else "teaching"
+        return f"{self.label}: {self.shown}/{self.total} rows written, {what} ({elapsed:.0f} s)"
 
     def _count(self) -> None:
 
@@ -90,9 +106,14 @@ class EpochProgress(_Poller):
     the last one."""
 
     def __init__(
-        self, tracking_uri: str, run_id: str, tracks: list[tuple[str, str, int]], every_s: float = 3.0
+        self,
+        tracking_uri: str,
+        run_id: str,
+        tracks: list[tuple[str, str, int]],
+        every_s: float = 3.0,
+        quiet_s: float = 8.0,
     ) -> None:
-        super().__init__(every_s)
+        super().__init__(every_s, quiet_s)
         self.uri, self.run_id, self.tracks = tracking_uri, run_id, tracks
         self.shown = {prefix: -1 for _, prefix, _ in tracks}
 
@@ -123,5 +144,13 @@ class EpochProgress(_Poller):
             pace = f"{per:.2f} s/epoch, ETA {per * (epochs - done):.0f} s"
         else:
             pace = f"first epoch, {time.monotonic() - self._start:.0f} s into the run"
-        log.info("%s epoch %d/%d: train_loss %.4f %s (%s)", name, done, epochs, loss[step], vals, pace)
+        self.say("%s epoch %d/%d: train_loss %.4f %s (%s)", name, done, epochs, loss[step], vals, pace)
         self.shown[prefix] = step
+
+    def waiting(self, elapsed: float) -> str:
+        for name, prefix, epochs in self.tracks:
+            if self.shown[prefix] + 1 < epochs:
+                if self.shown[prefix] < 0:
+                    return f"{name}: Ray Train workers starting and reading the cache ({elapsed:.0f} s)"
+                return f"{name}: epoch {self.shown[prefix] + 2}/{epochs} running ({elapsed:.0f} s)"
+        return f"Ray Train finishing: the last checkpoint ({elapsed:.0f} s)"

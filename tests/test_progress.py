@@ -71,6 +71,30 @@ def test_teach_progress_counts_the_rows_of_files_that_landed(tmp_path: Path, cap
     assert "ETA" in lines[0] and "ETA" not in lines[1]
 
 
+def test_a_quiet_stage_says_what_is_still_running(tmp_path: Path, caplog) -> None:
+    """Nothing recorded for `quiet_s`: the poller says which step is running instead of staying silent;
+    once an epoch is recorded, the next quiet line names the epoch that runs."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("q")).info.run_id
+    caplog.set_level(logging.INFO, logger="kdpipe.progress")
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "kdpipe.progress"]
+
+    with EpochProgress(uri, run_id, [("student", "", 3)], every_s=0.05, quiet_s=0.2):
+        deadline = time.monotonic() + 30
+        while not any("workers starting" in line for line in lines()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.log_metric(run_id, "train_loss", 1.0, step=0)
+        while not any("epoch 2/3 running" in line for line in lines()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    said = lines()
+    assert said[0].startswith("student: Ray Train workers starting and reading the cache ("), said
+    assert any(line.startswith("student epoch 1/3: train_loss 1.0000") for line in said), said
+    assert any(line.startswith("student: epoch 2/3 running (") for line in said), said
+
+
 def test_local_ray_starts_with_ray_train_settings_its_processes_inherit(ray_local) -> None:
     """The embedded cluster's processes (Train's controller among them) see kdpipe's local Ray
     Train settings: a 0.2 s poll, so that a checkpointed epoch is not held ~2 s by Ray's default
