@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,35 +36,50 @@ def _files(module: str) -> list[Path]:
     return [origin]
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=256)
+def _registered_in(path: str, mtime_ns: int) -> tuple[tuple[str, str], ...]:
+    """(registry variable, name) pairs a file registers, read from its source; cached per file
+    version so a plugin file added to a long-lived process (a notebook, a test session) is seen."""
+    text = Path(path).read_text()
+    if ".register(" not in text:
+        return ()
+    out = []
+    for node in ast.walk(ast.parse(text)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "register"
+            and isinstance(node.func.value, ast.Name)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            out.append((node.func.value.id, node.args[0].value))
+    return tuple(out)
+
+
 def declared() -> dict[str, frozenset[str]]:
     """Registry variable -> the names its plugin files register, read from their source."""
     out: dict[str, set[str]] = {name: set() for name in REGISTRIES}
     for var, (_, modules) in REGISTRIES.items():
         for module in modules:
             for f in _files(module):
-                text = f.read_text()
-                if ".register(" not in text:
-                    continue
-                for node in ast.walk(ast.parse(text)):
-                    if (
-                        isinstance(node, ast.Call)
-                        and isinstance(node.func, ast.Attribute)
-                        and node.func.attr == "register"
-                        and isinstance(node.func.value, ast.Name)
-                        and node.func.value.id == var
-                        and node.args
-                        and isinstance(node.args[0], ast.Constant)
-                        and isinstance(node.args[0].value, str)
-                    ):
-                        out[var].add(node.args[0].value)
+                out[var].update(n for v, n in _registered_in(str(f), f.stat().st_mtime_ns) if v == var)
     return {k: frozenset(v) for k, v in out.items()}
+
+
+def _imported(var: str, name: str) -> bool:
+    """True when the registry is already imported in this process and holds `name` (a plugin
+    registered some other way than a decorator in the package's files)."""
+    module = sys.modules.get(REGISTRIES[var][1][0])
+    registry = getattr(module, var, None)
+    return registry is not None and name in registry.names()
 
 
 def unknown(var: str, name: Any, where: str) -> str | None:
     """An error naming `where` when `name` is not a declared plugin of registry `var`; None when it is."""
     names = declared()[var]
-    if not names or not isinstance(name, str) or name in names:
+    if not names or not isinstance(name, str) or name in names or _imported(var, name):
         return None  # nothing found (an unusual install): the registries decide later
     kind = REGISTRIES[var][0]
     return f"{where}: unknown {kind} '{name}'; available: {', '.join(sorted(names))}"

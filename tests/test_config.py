@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kdpipe.config import SpecError, load_spec, parse_spec
+from tests.conftest import ROOT
 
 
 def _err(raw, overrides=None) -> str:
@@ -130,3 +131,20 @@ def test_every_shipped_pipeline_spec_validates(spec: str) -> None:
     """Users copy these: each must load, with its teachers, students and losses resolved."""
     cfg = load_spec(Path(__file__).resolve().parent.parent / "pipelines" / spec)
     assert cfg.name == spec.removesuffix(".yaml") and cfg.teachers and cfg.losses
+
+
+def test_the_plugin_name_index_sees_a_file_added_to_a_running_process() -> None:
+    """A notebook or a test session checks a spec, then drops a loss file in: the next check finds it."""
+    import uuid
+
+    from kdpipe.plugins import unknown
+
+    name = f"late_loss_{uuid.uuid4().hex[:6]}"
+    assert unknown("LOSSES", name, "losses[0].name") is not None  # fills any cache this process keeps
+    plugin = ROOT / "kdpipe" / "losses" / f"{name}.py"
+    plugin.write_text(f'from kdpipe.losses import LOSSES\n\n\n@LOSSES.register("{name}")\nclass Late:\n    pass\n')
+    try:
+        assert unknown("LOSSES", name, "losses[0].name") is None
+    finally:
+        plugin.unlink(missing_ok=True)
+    assert unknown("LOSSES", name, "losses[0].name") is not None
