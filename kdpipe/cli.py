@@ -43,7 +43,8 @@ def read(args: argparse.Namespace) -> PipelineConfig:
 
 
 def checked(spec: PipelineConfig, args: argparse.Namespace) -> PipelineConfig:
-    """The spec checked against the plugins (their params, what each loss reads)."""
+    """The spec checked against the plugins (their params, what each loss reads): imports torch and
+    the plugin modules, not Ray or MLflow, so these errors too come before the heavy start-up."""
     from kdpipe.config import check_spec
 
     return check_spec(spec, origin=args.spec)
@@ -52,8 +53,7 @@ def checked(spec: PipelineConfig, args: argparse.Namespace) -> PipelineConfig:
 # ------------------------------------------------------------------ commands
 
 
-def cmd_validate(args: argparse.Namespace, spec: PipelineConfig) -> int:
-    cfg = checked(spec, args)
+def cmd_validate(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     teachers = ", ".join(f"{t.id} ({t.kind})" for t in cfg.teachers)
     losses = " + ".join(f"{l.weight:g}·{l.name}" for l in cfg.losses)
     print(
@@ -66,7 +66,7 @@ def cmd_validate(args: argparse.Namespace, spec: PipelineConfig) -> int:
 def cmd_run(args: argparse.Namespace, spec: PipelineConfig) -> int:
     from kdpipe.pipeline import run
 
-    res = run(checked(spec, args), address=args.address)
+    res = run(spec, address=args.address)
     _print_result(res)
     return 0
 
@@ -86,10 +86,9 @@ def _print_result(res: Any) -> None:
     print(res.table)
 
 
-def cmd_teach(args: argparse.Namespace, spec: PipelineConfig) -> int:
+def cmd_teach(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     from kdpipe.pipeline import prepare, teach
 
-    cfg = checked(spec, args)
     source, _ = prepare(cfg, args.address)
     for tid, r in teach(cfg, source).items():
         m = r.manifest()
@@ -100,10 +99,9 @@ def cmd_teach(args: argparse.Namespace, spec: PipelineConfig) -> int:
     return 0
 
 
-def cmd_distil(args: argparse.Namespace, spec: PipelineConfig) -> int:
+def cmd_distil(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     from kdpipe.pipeline import distil, locate_caches, prepare
 
-    cfg = checked(spec, args)
     source, uri = prepare(cfg, args.address)
     res = distil(cfg, source, locate_caches(cfg, source), uri)
     _print_result(res)
@@ -113,7 +111,7 @@ def cmd_distil(args: argparse.Namespace, spec: PipelineConfig) -> int:
 def cmd_eval(args: argparse.Namespace, spec: PipelineConfig) -> int:
     from kdpipe.ops import evaluate_registered
 
-    for k, v in evaluate_registered(checked(spec, args), args.alias, args.address).items():
+    for k, v in evaluate_registered(spec, args.alias, args.address).items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     return 0
 
@@ -135,7 +133,7 @@ def cmd_models(args: argparse.Namespace, spec: None) -> int:
 def cmd_retrain(args: argparse.Namespace, spec: PipelineConfig) -> int:
     from kdpipe.ops import retrain
 
-    res = retrain(checked(spec, args), address=args.address, force=args.force, warm_start=args.warm_start)
+    res = retrain(spec, address=args.address, force=args.force, warm_start=args.warm_start)
     if res.skipped:
         print(f"retrain: skipped: {res.reason}")
     else:
@@ -146,7 +144,6 @@ def cmd_retrain(args: argparse.Namespace, spec: PipelineConfig) -> int:
 def cmd_schedule(args: argparse.Namespace, spec: PipelineConfig) -> int:
     from kdpipe.ops import build_scheduler
 
-    checked(spec, args)
     overrides = dict(parse_override(o) for o in args.overrides)
     sched = build_scheduler(args.spec, args.cron, overrides, args.address, args.warm_start, args.timezone)
     print(
@@ -159,10 +156,9 @@ def cmd_schedule(args: argparse.Namespace, spec: PipelineConfig) -> int:
     return 0
 
 
-def cmd_submit(args: argparse.Namespace, spec: PipelineConfig) -> int:
+def cmd_submit(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     from kdpipe.ops import submit
 
-    cfg = checked(spec, args)  # validated here, before anything is shipped
     job_id, status = submit(
         args.spec,
         args.address,
@@ -181,7 +177,6 @@ def cmd_compare(args: argparse.Namespace, spec: PipelineConfig) -> int:
 
     from kdpipe.compare import compare
 
-    checked(spec, args)
     overrides = dict(parse_override(o) for o in args.overrides)
     table, results = compare(args.spec, args.seeds, overrides, address=args.address)
     print(table)
@@ -198,10 +193,9 @@ def cmd_plugins(args: argparse.Namespace, spec: None) -> int:
     return 0
 
 
-def cmd_cache(args: argparse.Namespace, spec: PipelineConfig) -> int:
+def cmd_cache(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     from kdpipe.cache_ops import repair_caches, verify_caches
 
-    cfg = checked(spec, args)
     if args.action == "verify":
         report = verify_caches(cfg, address=args.address)
         print(report.text())
@@ -226,12 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def add(
-        name: str, fn: Callable[..., int], help: str, spec: bool = True, address: bool = True
+        name: str, fn: Callable[..., int], help: str, spec: bool = True, address: bool = True, local: bool = False
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         if spec:
             _spec_args(p, address)
-        p.set_defaults(fn=fn, needs_spec=spec)
+        p.set_defaults(fn=fn, needs_spec=spec, local=local)  # local: touches neither Ray nor MLflow
         return p
 
     add(
@@ -239,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_validate,
         "check a spec (schema, plugins and their params) without running anything",
         address=False,
+        local=True,
     )
     add("run", cmd_run, "teach (reusing caches), distil, evaluate, register, gate and promote")
     add("teach", cmd_teach, "run the teachers over the source and fill the Parquet cache")
@@ -292,7 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
     p.add_argument("--force", action="store_true", help="promote even a version whose gates failed")
     p.add_argument("--tracking-uri", default=None, help=HELP_TEXT["tracking_uri"])
-    add("plugins", cmd_plugins, "list the teacher kinds, students, losses and evaluators a spec can name", spec=False)
+    add(
+        "plugins",
+        cmd_plugins,
+        "list the teacher kinds, students, losses and evaluators a spec can name",
+        spec=False,
+        local=True,
+    )
     p = add("models", cmd_models, "list registered versions with their metrics, gates and aliases", spec=False)
     p.add_argument("name", help="the registered model's name")
     p.add_argument("--tracking-uri", default=None, help=HELP_TEXT["tracking_uri"])
@@ -306,9 +307,13 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(args: argparse.Namespace) -> int:
     try:
         spec = read(args) if args.needs_spec else None  # before any heavy import: a typo costs no start-up
+        # then against the plugins (torch, the plugin modules), still before Ray, MLflow and the console set-up
+        spec = checked(spec, args) if spec is not None else None
     except SpecError as e:
         print(f"kdpipe: spec error: {e}", file=sys.stderr)
         return 2
+    if args.local:
+        return int(args.fn(args, spec) or 0)
     from kdpipe.runtime import embedded_loopback
 
     embedded_loopback(os.environ, getattr(args, "address", None))  # before Ray is imported
@@ -353,6 +358,9 @@ def entry() -> None:
         native.start()
     try:
         rc = run_command(args)
+    except BrokenPipeError:  # `kdpipe plugins | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        rc = 0
     finally:
         native.stop()
     gc.freeze()

@@ -24,7 +24,9 @@ class TabularModel(mlflow.pyfunc.PythonModel):
         self.program = torch.export.load(context.artifacts["program"]).module()
         self.outputs = list((context.model_config or {}).get("outputs") or [])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # a DataFrame hint: MLflow reads the schema from the saved signature (the feature columns), not
+    # from the hint (with `Any` or no hint it warns on every save)
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import torch
 
         x = torch.from_numpy(np.array(model_input, dtype=np.float32))  # a copy: pandas' arrays may be read-only

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, tiny_overrides
 from tests.servers import BIN
 
@@ -99,6 +101,7 @@ def test_native_stderr_filter_drops_only_the_benign_line_and_keeps_a_crashing_pr
     assert "[a native line cut short by the crash" in err  # held back (it could have been Ray's) until the end
 
 
+@pytest.mark.slow  # the default suite checks the same console on `kdpipe run`: tests/test_plugin_one_file.py
 def test_the_kdpipe_command_keeps_rays_benign_native_line_off_the_console(tmp_path: Path) -> None:
     """`kdpipe teach` as a user runs it: its teacher pool makes Ray's core worker log the line, and
     the command's console does not show it."""
