@@ -314,8 +314,9 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     if args.local:
         return int(args.fn(args, spec) or 0)
-    from kdpipe.runtime import embedded_loopback
+    from kdpipe.runtime import embedded_loopback, no_phone_home
 
+    no_phone_home(os.environ)
     embedded_loopback(os.environ, getattr(args, "address", None))  # before Ray is imported
     from kdpipe.console import configure
 

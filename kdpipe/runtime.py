@@ -23,6 +23,20 @@ LOOPBACK_ENV = {
 }
 
 
+NO_PHONE_HOME_ENV = {
+    # the libraries' own opt-outs of usage reporting: a kdpipe run talks to the storage, tracking
+    # server and cluster the user named, nothing else (MLflow would call config.mlflow-telemetry.io)
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def no_phone_home(environ: Any) -> None:
+    """Before MLflow or Ray is imported; a value the user exported wins."""
+    for key, value in NO_PHONE_HOME_ENV.items():
+        environ.setdefault(key, value)
+
+
 def embedded_loopback(environ: Any, address: str | None) -> None:
     """Before Ray is imported: an embedded local Ray (no address given, none in `RAY_ADDRESS`)
     listens on loopback only; a value the user exported wins."""

@@ -140,7 +140,7 @@ class ClassAspectTeacher(Teacher):
 
     @torch.no_grad()
     def forward(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = torch.as_tensor(batch["x"], dtype=torch.float32, device=self.device)
+        x = torch.as_tensor(np.require(batch["x"], np.float32, "W"), device=self.device)  # Arrow-backed: read-only
         z = self.classifier.net(x).float()
         if self.masks is None:
             masks = torch.zeros(len(self.p.aspects), z.shape[1], dtype=torch.bool, device=z.device)

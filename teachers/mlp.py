@@ -331,5 +331,5 @@ class MLPTeacher(Teacher):
 
     @torch.no_grad()
     def forward(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = torch.as_tensor(batch["x"], dtype=torch.float32, device=self.device)
+        x = torch.as_tensor(np.require(batch["x"], np.float32, "W"), device=self.device)  # Arrow-backed: read-only
         return {"logits": self.net(x).float().cpu().numpy()}

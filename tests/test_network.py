@@ -29,3 +29,27 @@ def test_cluster_manifests_keep_the_jobs_api_off_the_network() -> None:
         if r is not dashboard[0]
         for p in r["ports"]
     )
+
+
+def test_the_kdpipe_command_turns_off_the_libraries_usage_reporting() -> None:
+    """Outside CI (where MLflow stays quiet by itself), MLflow would call its telemetry host from a
+    user's run: the opt-out kdpipe sets before importing it is the one this MLflow reads. A shell
+    that set the variable itself keeps its value."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import os; from kdpipe.runtime import no_phone_home; no_phone_home(os.environ); "
+        "from mlflow.telemetry.utils import is_telemetry_disabled; "
+        "print(is_telemetry_disabled(), os.environ['RAY_USAGE_STATS_ENABLED'])"
+    )
+    ci = ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
+    env = {k: v for k, v in os.environ.items() if k not in ci}
+    bare = "import os; from mlflow.telemetry.utils import is_telemetry_disabled; print(is_telemetry_disabled())"
+    run = [sys.executable, "-c"]
+    assert subprocess.run([*run, bare], env=env, capture_output=True, text=True).stdout.split() == ["False"]
+    out = subprocess.run([*run, probe], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "0"], out.stderr[-2000:]
+    mine = subprocess.run([*run, probe], env={**env, "RAY_USAGE_STATS_ENABLED": "1"}, capture_output=True, text=True)
+    assert mine.stdout.split() == ["True", "1"], mine.stderr[-2000:]
