@@ -312,8 +312,19 @@ def run_command(args: argparse.Namespace) -> int:
     except SpecError as e:
         print(f"kdpipe: spec error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # a plugin file that does not import (kdpipe.registry.PluginImportError)
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"kdpipe: error: {e}", file=sys.stderr)
+        return 1
     if args.local:
-        return int(args.fn(args, spec) or 0)
+        try:
+            return int(args.fn(args, spec) or 0)
+        except ImportError as e:
+            print(f"kdpipe: error: {e}", file=sys.stderr)
+            return 1
     from kdpipe.runtime import embedded_loopback, no_phone_home
 
     no_phone_home(os.environ)

@@ -8,6 +8,11 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+class PluginImportError(ImportError):
+    """A plugin file that does not import (a syntax error, a missing package), named with its file.
+    Here, not in `kdpipe.errors`: the registry is a floor that imports nothing of the project."""
+
+
 class Registry(Generic[T]):
     """Maps names to classes; lookups of unknown names list what exists."""
 
@@ -56,4 +61,15 @@ def import_submodules(package: str) -> None:
     pkg = importlib.import_module(package)
     for info in pkgutil.iter_modules(pkg.__path__):
         if not info.name.startswith("_"):
-            importlib.import_module(f"{package}.{info.name}")
+            name = f"{package}.{info.name}"
+            try:
+                importlib.import_module(name)
+            except PluginImportError:
+                raise
+            except Exception as e:  # a user's new plugin file: say which file and what, not a traceback
+                where = f"{pkg.__path__[0]}/{info.name}.py"
+                line = f", line {e.lineno}" if isinstance(e, SyntaxError) and e.lineno else ""
+                raise PluginImportError(
+                    f"plugin module {name} ({where}{line}) does not import: {type(e).__name__}: {e}; "
+                    "fix the file or move it out of the package (`-v` shows the traceback)"
+                ) from e

@@ -21,13 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 240.0) -> None:
+def wait_http(url: str, timeout: float = 240.0, headers: dict[str, str] | None = None) -> None:
     """Until `url` answers 200. The bound is generous: an `mlflow server` starting beside a busy
     benchmark on 2 cores took more than 90 s to answer its first health check."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:

@@ -235,7 +235,8 @@ def test_a_cluster_that_wants_a_token_gets_a_one_line_error(tmp_path: Path) -> N
         capture_output=True,
     )
     try:
-        wait_http(f"http://127.0.0.1:{dash}/api/version")
+        # the dashboard answers 401 without the token: up, and guarded
+        wait_http(f"http://127.0.0.1:{dash}/api/version", headers={"Authorization": f"Bearer {'a' * 32}"})
         user = {
             **{k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_ADDRESS")},
             "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",

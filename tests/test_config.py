@@ -148,3 +148,24 @@ def test_the_plugin_name_index_sees_a_file_added_to_a_running_process() -> None:
     finally:
         plugin.unlink(missing_ok=True)
     assert unknown("LOSSES", name, "losses[0].name") is not None
+
+
+def test_a_plugin_file_that_does_not_import_is_named_in_one_line(tmp_path: Path) -> None:
+    """A user's new loss file with a typo: `kdpipe validate` names the file and the line, no traceback."""
+    import subprocess
+    import sys
+    import uuid
+
+    name = f"broken_{uuid.uuid4().hex[:6]}"
+    plugin = ROOT / "kdpipe" / "losses" / f"{name}.py"
+    plugin.write_text("from kdpipe.losses import LOSSES\n\n\ndef oops(:\n    pass\n")
+    try:
+        kdpipe = Path(sys.executable).with_name("kdpipe")
+        out = subprocess.run(
+            [str(kdpipe), "validate", "pipelines/digits_kd.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+    finally:
+        plugin.unlink(missing_ok=True)
+    assert out.returncode == 1, out.stderr
+    assert f"kdpipe.losses.{name}" in out.stderr and "line 4" in out.stderr and "SyntaxError" in out.stderr
+    assert "Traceback" not in out.stderr
