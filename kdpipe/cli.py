@@ -304,6 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(build_parser().parse_args(argv))
 
 
+def _one_line(e: BaseException, verbose: bool) -> int:
+    if verbose:
+        import traceback
+
+        traceback.print_exception(e)
+    print(f"kdpipe: error: {e}", file=sys.stderr)
+    return 1
+
+
 def run_command(args: argparse.Namespace) -> int:
     try:
         spec = read(args) if args.needs_spec else None  # before any heavy import: a typo costs no start-up
@@ -313,18 +322,12 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"kdpipe: spec error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:  # a plugin file that does not import (kdpipe.registry.PluginImportError)
-        if args.verbose:
-            import traceback
-
-            traceback.print_exc()
-        print(f"kdpipe: error: {e}", file=sys.stderr)
-        return 1
+        return _one_line(e, args.verbose)
     if args.local:
         try:
             return int(args.fn(args, spec) or 0)
         except ImportError as e:
-            print(f"kdpipe: error: {e}", file=sys.stderr)
-            return 1
+            return _one_line(e, args.verbose)
     from kdpipe.runtime import embedded_loopback, no_phone_home
 
     no_phone_home(os.environ)
