@@ -43,8 +43,12 @@ def _registered_in(path: str, mtime_ns: int) -> tuple[tuple[str, str], ...]:
     text = Path(path).read_text()
     if ".register(" not in text:
         return ()
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return ()  # importing the file reports it, with its line (`kdpipe.registry.import_submodules`)
     out = []
-    for node in ast.walk(ast.parse(text)):
+    for node in ast.walk(tree):
         if (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)

@@ -158,7 +158,7 @@ def test_a_plugin_file_that_does_not_import_is_named_in_one_line(tmp_path: Path)
 
     name = f"broken_{uuid.uuid4().hex[:6]}"
     plugin = ROOT / "kdpipe" / "losses" / f"{name}.py"
-    plugin.write_text("from kdpipe.losses import LOSSES\n\n\ndef oops(:\n    pass\n")
+    plugin.write_text(f'from kdpipe.losses import LOSSES\n\n\n@LOSSES.register("{name}")\ndef oops(:\n    pass\n')
     try:
         kdpipe = Path(sys.executable).with_name("kdpipe")
         out = subprocess.run(
@@ -167,5 +167,5 @@ def test_a_plugin_file_that_does_not_import_is_named_in_one_line(tmp_path: Path)
     finally:
         plugin.unlink(missing_ok=True)
     assert out.returncode == 1, out.stderr
-    assert f"kdpipe.losses.{name}" in out.stderr and "line 4" in out.stderr and "SyntaxError" in out.stderr
+    assert f"kdpipe.losses.{name}" in out.stderr and "line 5" in out.stderr and "SyntaxError" in out.stderr
     assert "Traceback" not in out.stderr
