@@ -305,11 +305,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(e: BaseException, verbose: bool) -> int:
+    """A user error as one line (exit 1); `-v` adds the traceback."""
     if verbose:
         import traceback
 
         traceback.print_exception(e)
-    print(f"kdpipe: error: {e}", file=sys.stderr)
+    where = f" ({e.filename})" if isinstance(e, FileNotFoundError) and e.filename else ""
+    print(f"kdpipe: error: {e}{where}", file=sys.stderr)
     return 1
 
 
@@ -346,13 +348,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"kdpipe: spec error: {e}", file=sys.stderr)
         return 2
     except (KdpipeError, FileNotFoundError, TimeoutError, MlflowException) as e:
-        if args.verbose:
-            import traceback
-
-            traceback.print_exc()
-        where = f" ({e.filename})" if isinstance(e, FileNotFoundError) and e.filename else ""
-        print(f"kdpipe: error: {e}{where}", file=sys.stderr)
-        return 1
+        return _one_line(e, args.verbose)
     finally:
         if started_here and not args.verbose:  # with -v, Ray's exit hook stops it after the workers' last lines
             stop_local_ray()

@@ -80,9 +80,10 @@ def _imported(var: str, name: str) -> bool:
     return registry is not None and name in registry.names()
 
 
-def unknown(var: str, name: Any, where: str) -> str | None:
-    """An error naming `where` when `name` is not a declared plugin of registry `var`; None when it is."""
-    names = declared()[var]
+def unknown(var: str, name: Any, where: str, index: dict[str, frozenset[str]] | None = None) -> str | None:
+    """An error naming `where` when `name` is not a declared plugin of registry `var`; None when it is.
+    `index`: `declared()`, read once by a caller that asks about several names."""
+    names = (index or declared())[var]
     if not names or not isinstance(name, str) or name in names or _imported(var, name):
         return None  # nothing found (an unusual install): the registries decide later
     kind = REGISTRIES[var][0]
@@ -93,26 +94,27 @@ def name_errors(raw: Any) -> list[str]:
     """Unknown plugin names in a raw spec mapping, each naming its YAML key (best effort on any shape)."""
     if not isinstance(raw, dict):
         return []
+    index = declared()
     errs: list[str | None] = []
     for i, t in enumerate(raw.get("teachers") or [] if isinstance(raw.get("teachers"), list) else []):
         if isinstance(t, dict) and "kind" in t:
-            errs.append(unknown("TEACHERS", t["kind"], f"teachers[{i}].kind"))
+            errs.append(unknown("TEACHERS", t["kind"], f"teachers[{i}].kind", index))
     student = raw.get("student")
     if isinstance(student, dict) and "kind" in student:
-        errs.append(unknown("STUDENTS", student["kind"], "student.kind"))
+        errs.append(unknown("STUDENTS", student["kind"], "student.kind", index))
     for key in ("losses",):
         for i, loss in enumerate(raw.get(key) or [] if isinstance(raw.get(key), list) else []):
             if isinstance(loss, dict) and "name" in loss:
-                errs.append(unknown("LOSSES", loss["name"], f"{key}[{i}].name"))
+                errs.append(unknown("LOSSES", loss["name"], f"{key}[{i}].name", index))
     ev = raw.get("evaluate")
     if isinstance(ev, dict):
         if "task" in ev:
-            errs.append(unknown("EVALUATORS", ev["task"], "evaluate.task"))
+            errs.append(unknown("EVALUATORS", ev["task"], "evaluate.task", index))
         for i, loss in enumerate(
             ev.get("baseline_losses") or [] if isinstance(ev.get("baseline_losses"), list) else []
         ):
             if isinstance(loss, dict) and "name" in loss:
-                errs.append(unknown("LOSSES", loss["name"], f"evaluate.baseline_losses[{i}].name"))
+                errs.append(unknown("LOSSES", loss["name"], f"evaluate.baseline_losses[{i}].name", index))
     return [e for e in errs if e]
 
 

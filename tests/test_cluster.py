@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT
 from tests.servers import BIN, MlflowServer, RayCluster, S3Server
+from tests.test_lm_models import TINY
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -159,23 +160,10 @@ def test_a_tiny_language_model_spec_submitted_the_same_way(world) -> None:
     into the bucket, the teach actors and the training workers fetch it once per node, and the
     student is registered as a Hugging Face model; a second submission teaches nothing."""
     cluster, s3, mlflow, env = world
-    tiny = {
-        "layers": 1,
-        "hidden": 32,
-        "heads": 2,
-        "intermediate": 64,
-        "max_length": 32,
-        "steps": 25,
-        "batch_size": 8,
-        "lr": 1e-2,
-        "warmup_steps": 2,
-        "limit": 300,
-        "eval_glosses": 40,
-    }
     sets = {
         "storage": f"s3://{s3.bucket}/kdpipe-lm",
         "source.limit": 120,
-        "teachers.0.params.pretrain": tiny,
+        "teachers.0.params.pretrain": TINY,
         "teachers.0.params.max_length": 24,
         "teachers.0.topk": 16,
         "student.params": {"tokens_from": "lm", "num_layers": 1, "init_from_teacher_layers": [0]},
